@@ -1,0 +1,249 @@
+//! The `[agent]` section of a berth config file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use berth_proto::Validator;
+
+use crate::static_inventory::StaticInventory;
+pub use berth_proto::node::{CapacityType, TaintEffect};
+
+/// Most labels and taints per node; the scheduler indexes them.
+pub const MAX_LABELS: usize = 64;
+/// Most taints per node.
+pub const MAX_TAINTS: usize = 16;
+
+/// Node agent configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Node id, unique in the cluster (DNS-label style, at most 63 characters).
+    pub node_id: String,
+    /// Scheduler replicas to try, `host:port`; the agent follows leader hints from there.
+    pub schedulers: Vec<String>,
+    /// Cloud or site the node runs in ("aws", "gcp", "local", ...).
+    pub provider: String,
+    /// Provider region.
+    pub region: String,
+    /// Provider zone; may be empty.
+    pub zone: String,
+    /// Provider instance type ("p5.48xlarge").
+    pub instance_type: String,
+    /// On-demand or spot.
+    pub capacity_type: CapacityType,
+    /// What the node costs per hour, for the autoscaler and reports.
+    pub price_per_hour_usd: f64,
+    /// Where the GPU list comes from.
+    pub inventory: InventorySource,
+    /// How sandboxes are isolated.
+    pub runtime: RuntimeKind,
+    /// Path of the `runsc` binary for the gvisor runtime.
+    pub runsc_path: String,
+    /// Local state, so a restarted agent re-adopts its running sandboxes.
+    pub state_dir: String,
+    /// CPU kept back from sandboxes for the host and the agent.
+    pub reserved_cpu_milli: u64,
+    /// Memory kept back from sandboxes.
+    pub reserved_memory_mib: u64,
+    /// Seconds between NVML re-fingerprints (health, XID events).
+    pub inventory_refresh_s: u64,
+    /// Cap on each sandbox's captured stdout and stderr, in bytes each.
+    pub max_output_bytes: u64,
+    /// Node labels used by placement constraints.
+    pub labels: BTreeMap<String, String>,
+    /// Taints; sandboxes must tolerate them.
+    pub taints: Vec<TaintConfig>,
+}
+
+/// Source of the GPU inventory: `inventory = "nvml"` or `inventory = { static = "PATH" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InventorySource {
+    /// Ask the NVIDIA driver through NVML; with no driver, the node has no GPUs.
+    Nvml,
+    /// Read a TOML list of GPUs (dev mode, the local provider, machines without a driver).
+    /// A relative path is relative to the config file.
+    Static(PathBuf),
+}
+
+/// Sandbox isolation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeKind {
+    /// gVisor `runsc`: a user-space kernel between the sandbox and the host.
+    Gvisor,
+    /// A plain child process: no isolation, for development only.
+    Process,
+}
+
+/// A node taint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaintConfig {
+    /// Key.
+    pub key: String,
+    /// Value; may be empty.
+    #[serde(default)]
+    pub value: String,
+    /// Effect.
+    pub effect: TaintEffect,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            node_id: String::new(),
+            schedulers: vec!["127.0.0.1:7070".into()],
+            provider: "local".into(),
+            region: "local".into(),
+            zone: String::new(),
+            instance_type: "local".into(),
+            capacity_type: CapacityType::OnDemand,
+            price_per_hour_usd: 0.0,
+            inventory: InventorySource::Nvml,
+            runtime: RuntimeKind::Gvisor,
+            runsc_path: "runsc".into(),
+            state_dir: "berth-data/agent".into(),
+            reserved_cpu_milli: 500,
+            reserved_memory_mib: 1024,
+            inventory_refresh_s: 30,
+            max_output_bytes: 8 * 1024 * 1024,
+            labels: BTreeMap::new(),
+            taints: Vec::new(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Records every problem; `config_dir` resolves a relative static inventory path.
+    pub fn validate(&self, v: &mut Validator, config_dir: &Path) {
+        v.identifier("node_id", &self.node_id, 63);
+        v.check(!self.schedulers.is_empty(), "schedulers", || {
+            "must list at least one".into()
+        });
+        for (i, address) in self.schedulers.iter().enumerate() {
+            v.address(&format!("schedulers[{i}]"), address);
+        }
+        v.identifier("provider", &self.provider, 63);
+        v.identifier("region", &self.region, 63);
+        if !self.zone.is_empty() {
+            v.identifier("zone", &self.zone, 63);
+        }
+        v.check(
+            !self.instance_type.trim().is_empty(),
+            "instance_type",
+            || "must be set".into(),
+        );
+        v.check(
+            self.price_per_hour_usd.is_finite() && self.price_per_hour_usd >= 0.0,
+            "price_per_hour_usd",
+            || format!("{} must be a finite number >= 0", self.price_per_hour_usd),
+        );
+        if let Some(path) = self.static_inventory_path(config_dir) {
+            if let Err(e) = StaticInventory::load(&path) {
+                v.error("inventory.static", e.to_string());
+            }
+        }
+        if self.runtime == RuntimeKind::Gvisor {
+            v.check(!self.runsc_path.trim().is_empty(), "runsc_path", || {
+                "must be set".into()
+            });
+        }
+        v.check(!self.state_dir.trim().is_empty(), "state_dir", || {
+            "must be set".into()
+        });
+        v.check(
+            (1..=3600).contains(&self.inventory_refresh_s),
+            "inventory_refresh_s",
+            || format!("{} is outside 1..=3600", self.inventory_refresh_s),
+        );
+        v.check(
+            (4096..=1024 * 1024 * 1024).contains(&self.max_output_bytes),
+            "max_output_bytes",
+            || format!("{} is outside 4096..=1073741824", self.max_output_bytes),
+        );
+        v.check(self.labels.len() <= MAX_LABELS, "labels", || {
+            format!("{} labels; the limit is {MAX_LABELS}", self.labels.len())
+        });
+        for (key, value) in &self.labels {
+            v.check(label_ok(key), &format!("labels.{key}"), || {
+                "label keys are 1..=63 characters of letters, digits, '-', '_', '.' and '/'".into()
+            });
+            v.check(value.len() <= 253, &format!("labels.{key}"), || {
+                format!("value is {} characters; the limit is 253", value.len())
+            });
+        }
+        v.check(self.taints.len() <= MAX_TAINTS, "taints", || {
+            format!("{} taints; the limit is {MAX_TAINTS}", self.taints.len())
+        });
+        for (i, taint) in self.taints.iter().enumerate() {
+            v.check(label_ok(&taint.key), &format!("taints[{i}].key"), || {
+                format!("{:?} is not a valid key", taint.key)
+            });
+        }
+    }
+
+    /// The static inventory file, resolved against the config file's folder.
+    pub fn static_inventory_path(&self, config_dir: &Path) -> Option<PathBuf> {
+        match &self.inventory {
+            InventorySource::Static(path) if path.is_relative() => Some(config_dir.join(path)),
+            InventorySource::Static(path) => Some(path.clone()),
+            InventorySource::Nvml => None,
+        }
+    }
+}
+
+fn label_ok(key: &str) -> bool {
+    (1..=63).contains(&key.len())
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inventory_source_reads_both_forms() {
+        let nvml: AgentConfig =
+            toml::from_str("node_id = \"a\"\ninventory = \"nvml\"").expect("nvml");
+        assert_eq!(nvml.inventory, InventorySource::Nvml);
+        let file: AgentConfig =
+            toml::from_str("node_id = \"a\"\ninventory = { static = \"gpus.toml\" }")
+                .expect("static");
+        assert_eq!(file.inventory, InventorySource::Static("gpus.toml".into()));
+        assert!(toml::from_str::<AgentConfig>("inventory = \"cuda\"").is_err());
+    }
+
+    #[test]
+    fn problems_are_collected() {
+        let config = AgentConfig {
+            node_id: "Node_1".into(),
+            price_per_hour_usd: f64::NAN,
+            inventory: InventorySource::Static("does-not-exist.toml".into()),
+            labels: [("bad key!".to_string(), "v".to_string())].into(),
+            ..AgentConfig::default()
+        };
+        let mut v = Validator::new();
+        config.validate(&mut v, Path::new("/nonexistent"));
+        let fields: Vec<String> = v
+            .finish()
+            .expect_err("bad")
+            .0
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "node_id",
+                "price_per_hour_usd",
+                "inventory.static",
+                "labels.bad key!"
+            ]
+        );
+    }
+}

@@ -1,0 +1,230 @@
+//! Field-path validation errors, shared by config files and gRPC requests.
+//!
+//! A [`Validator`] collects every problem instead of stopping at the first, each with the
+//! dotted path of the field (`autoscaler.node_groups[2].max_nodes`), so an operator fixes a
+//! file in one pass and a client is told exactly which field of a request is wrong.
+
+use std::fmt;
+
+/// One problem with one field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Dotted path, with `[i]` for list elements.
+    pub field: String,
+    /// What is wrong, in words.
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for FieldError {}
+
+/// All problems found, in the order they were found; never empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldErrors(pub Vec<FieldError>);
+
+impl fmt::Display for FieldErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for FieldErrors {}
+
+/// Collects [`FieldError`]s under a path prefix.
+#[derive(Debug, Default)]
+pub struct Validator {
+    prefix: Vec<String>,
+    errors: Vec<FieldError>,
+}
+
+impl Validator {
+    /// A validator with no prefix.
+    pub fn new() -> Validator {
+        Validator::default()
+    }
+
+    /// Full path of `field` under the current prefix.
+    pub fn path(&self, field: &str) -> String {
+        let mut path = self.prefix.join(".");
+        if !field.is_empty() {
+            if !path.is_empty() && !field.starts_with('[') {
+                path.push('.');
+            }
+            path.push_str(field);
+        }
+        path
+    }
+
+    /// Records a problem with `field`.
+    pub fn error(&mut self, field: &str, message: impl Into<String>) {
+        let field = self.path(field);
+        self.errors.push(FieldError {
+            field,
+            message: message.into(),
+        });
+    }
+
+    /// Records `message` against `field` unless `ok`.
+    pub fn check(&mut self, ok: bool, field: &str, message: impl FnOnce() -> String) {
+        if !ok {
+            self.error(field, message());
+        }
+    }
+
+    /// Runs `f` with `segment` appended to the prefix (`"raft"`, `"node_groups[2]"`).
+    pub fn nested<T>(
+        &mut self,
+        segment: impl Into<String>,
+        f: impl FnOnce(&mut Validator) -> T,
+    ) -> T {
+        let segment = segment.into();
+        // "[2]" attaches to the previous segment rather than starting a new one.
+        let pushed = if segment.starts_with('[') && !self.prefix.is_empty() {
+            let last = self.prefix.len() - 1;
+            let before = self.prefix[last].len();
+            self.prefix[last].push_str(&segment);
+            Some(before)
+        } else {
+            self.prefix.push(segment);
+            None
+        };
+        let out = f(self);
+        match pushed {
+            Some(len) => {
+                let last = self.prefix.len() - 1;
+                self.prefix[last].truncate(len);
+            }
+            None => {
+                self.prefix.pop();
+            }
+        }
+        out
+    }
+
+    /// Checks a `host:port` address: a non-empty host and a port in 1..=65535.
+    pub fn address(&mut self, field: &str, value: &str) {
+        let ok = match value.rsplit_once(':') {
+            Some((host, port)) => {
+                !host.is_empty()
+                    && !host.contains(char::is_whitespace)
+                    && port.parse::<u16>().is_ok_and(|p| p > 0)
+            }
+            None => false,
+        };
+        self.check(ok, field, || {
+            format!("{value:?} is not a host:port address (e.g. \"127.0.0.1:7070\")")
+        });
+    }
+
+    /// Checks an identifier: 1..=`max_len` characters of `[a-z0-9-.]`, starting and ending
+    /// with a letter or digit (DNS-label style, safe in paths, metrics and URLs).
+    pub fn identifier(&mut self, field: &str, value: &str, max_len: usize) {
+        let chars_ok = value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        let ends_ok = value
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+            && value
+                .bytes()
+                .last()
+                .is_some_and(|b| b.is_ascii_alphanumeric());
+        if value.is_empty() {
+            self.error(field, "must be set");
+        } else if value.len() > max_len {
+            self.error(
+                field,
+                format!("is {} characters long; the limit is {max_len}", value.len()),
+            );
+        } else if !chars_ok || !ends_ok {
+            self.error(
+                field,
+                format!("{value:?} must be lowercase letters, digits, '-' and '.', starting and ending with a letter or digit"),
+            );
+        }
+    }
+
+    /// Whether nothing has been recorded.
+    pub fn is_ok(&self) -> bool {
+        self.errors.is_empty()
+    }
+
+    /// `Ok` when nothing was recorded, else every problem.
+    pub fn finish(self) -> Result<(), FieldErrors> {
+        if self.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(FieldErrors(self.errors))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_and_identifiers() {
+        let mut v = Validator::new();
+        v.address("a", "127.0.0.1:7070");
+        v.address("b", "scheduler-0.berth:7070");
+        v.address("c", "[::1]:7070");
+        v.identifier("d", "h100-node-1.us-east", 63);
+        assert!(v.is_ok());
+        v.address("e", "localhost");
+        v.address("f", "host:0");
+        v.identifier("g", "Bad_Name", 63);
+        v.identifier("h", "", 63);
+        v.identifier("i", "-x", 63);
+        v.identifier("j", &"a".repeat(64), 63);
+        let fields: Vec<String> = v
+            .finish()
+            .expect_err("bad")
+            .0
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
+        assert_eq!(fields, ["e", "f", "g", "h", "i", "j"]);
+    }
+
+    #[test]
+    fn collects_every_error_with_its_path() {
+        let mut v = Validator::new();
+        v.nested("autoscaler", |v| {
+            v.check(false, "interval_ms", || "must be > 0".into());
+            v.nested("node_groups", |v| {
+                v.nested("[2]", |v| v.error("max_nodes", "below min_nodes"));
+                v.error("[3]", "duplicate name");
+            });
+            v.check(true, "never", String::new);
+        });
+        v.error("top", "bad");
+        let errors = v.finish().expect_err("three errors");
+        let paths: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "autoscaler.interval_ms",
+                "autoscaler.node_groups[2].max_nodes",
+                "autoscaler.node_groups[3]",
+                "top"
+            ]
+        );
+        assert_eq!(
+            errors.to_string().lines().nth(1),
+            Some("autoscaler.node_groups[2].max_nodes: below min_nodes")
+        );
+    }
+}

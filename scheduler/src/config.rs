@@ -1,0 +1,452 @@
+//! The `[scheduler]` section of a berth config file.
+//!
+//! Every field has a default suited to a single-machine development cluster; production
+//! deployments set at least `node_id`, `peers`, `listen_address` and `data_dir`. Durations
+//! are integers with their unit in the name.
+
+use serde::{Deserialize, Serialize};
+
+use berth_proto::Validator;
+
+/// Scheduler replica configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// This replica's Raft id: non-zero, and one of `peers`.
+    pub node_id: u64,
+    /// Name of the cluster; replicas refuse Raft traffic from another cluster.
+    pub cluster_id: String,
+    /// gRPC address served to clients, agents and peers.
+    pub listen_address: String,
+    /// HTTP address of Prometheus `/metrics`.
+    pub metrics_address: String,
+    /// Directory of the Raft log, hard state and snapshots (created if missing).
+    pub data_dir: String,
+    /// Where replicated state lives.
+    pub backend: Backend,
+    /// Every voting replica at bootstrap, this one included.
+    pub peers: Vec<PeerConfig>,
+    /// Raft timing and limits.
+    pub raft: RaftConfig,
+    /// Create batching on the leader's hot path.
+    pub batching: BatchingConfig,
+    /// Placement policy.
+    pub placement: PlacementConfig,
+    /// Node heartbeats.
+    pub liveness: LivenessConfig,
+    /// The etcd backend; required when `backend = "etcd"`.
+    pub etcd: Option<EtcdConfig>,
+}
+
+/// Which store holds the replicated state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// Embedded Raft among the scheduler replicas (no external service).
+    Raft,
+    /// An external etcd cluster (cargo feature `etcd`).
+    Etcd,
+}
+
+/// One scheduler replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Raft id, non-zero and unique.
+    pub id: u64,
+    /// Its gRPC `host:port`.
+    pub address: String,
+}
+
+/// Raft timing (in ticks of `tick_ms`) and limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftConfig {
+    /// Length of one Raft tick.
+    pub tick_ms: u64,
+    /// Ticks without a leader before a follower campaigns (randomised up to twice this).
+    pub election_ticks: usize,
+    /// Ticks between leader heartbeats; must be below `election_ticks`.
+    pub heartbeat_ticks: usize,
+    /// Take a state-machine snapshot and compact the log every this many applied entries.
+    pub snapshot_every_entries: u64,
+    /// Most in-flight append messages per follower.
+    pub max_inflight_messages: usize,
+    /// Largest append message in bytes.
+    pub max_message_bytes: u64,
+}
+
+/// How the leader batches creates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchingConfig {
+    /// Most sandboxes placed and proposed in one log entry.
+    pub max_batch_sandboxes: usize,
+    /// Longest a create waits for its batch to fill, in microseconds.
+    pub max_batch_wait_us: u64,
+    /// Creates queued on the leader before new ones get `ResourceExhausted`.
+    pub max_queued_creates: usize,
+}
+
+/// Placement policy names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyName {
+    /// Uniformly random feasible node (baseline).
+    Random,
+    /// Tightest fit (baseline).
+    Bestfit,
+    /// Fragmentation Gradient Descent, USENIX ATC '23 (baseline).
+    Fgd,
+    /// berth's own default.
+    Berth,
+}
+
+/// Placement settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlacementConfig {
+    /// The policy that ranks feasible nodes.
+    pub policy: PolicyName,
+    /// Serve a GPU option written without `!` with a strictly better model when the
+    /// requested one is not free.
+    pub allow_gpu_upgrade: bool,
+    /// Seed of the policy's tie-breaking randomness (placement stays deterministic).
+    pub seed: u64,
+}
+
+/// Node liveness.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LivenessConfig {
+    /// How often agents heartbeat.
+    pub heartbeat_interval_ms: u64,
+    /// A node with no heartbeat for this long is marked Down; at least 3 intervals.
+    pub node_ttl_ms: u64,
+    /// After a leader change, no node is marked Down for this long (agents reconnect).
+    pub leader_grace_ms: u64,
+}
+
+/// The etcd backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// Client endpoints, `host:port`.
+    pub endpoints: Vec<String>,
+    /// Key prefix under which berth keeps its state.
+    pub prefix: String,
+    /// Leader-election lease TTL in seconds.
+    pub lease_ttl_s: u64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            node_id: 1,
+            cluster_id: "berth-dev".into(),
+            listen_address: "127.0.0.1:7070".into(),
+            metrics_address: "127.0.0.1:9090".into(),
+            data_dir: "berth-data/scheduler-1".into(),
+            backend: Backend::Raft,
+            peers: vec![PeerConfig {
+                id: 1,
+                address: "127.0.0.1:7070".into(),
+            }],
+            raft: RaftConfig::default(),
+            batching: BatchingConfig::default(),
+            placement: PlacementConfig::default(),
+            liveness: LivenessConfig::default(),
+            etcd: None,
+        }
+    }
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            tick_ms: 100,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            snapshot_every_entries: 50_000,
+            max_inflight_messages: 256,
+            max_message_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        BatchingConfig {
+            max_batch_sandboxes: 512,
+            max_batch_wait_us: 1000,
+            max_queued_creates: 65_536,
+        }
+    }
+}
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        PlacementConfig {
+            policy: PolicyName::Berth,
+            allow_gpu_upgrade: false,
+            seed: 0,
+        }
+    }
+}
+
+impl Default for LivenessConfig {
+    fn default() -> Self {
+        LivenessConfig {
+            heartbeat_interval_ms: 1000,
+            node_ttl_ms: 10_000,
+            leader_grace_ms: 15_000,
+        }
+    }
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        EtcdConfig {
+            endpoints: vec!["127.0.0.1:2379".into()],
+            prefix: "/berth".into(),
+            lease_ttl_s: 5,
+        }
+    }
+}
+
+/// Upper bounds that keep a typo from exhausting memory.
+const MAX_PEERS: usize = 7;
+const MAX_BATCH_SANDBOXES: usize = 65_536;
+const MAX_QUEUED_CREATES: usize = 10_000_000;
+const MAX_MESSAGE_BYTES: u64 = 256 * 1024 * 1024;
+
+impl SchedulerConfig {
+    /// Records every problem under the validator's current path.
+    pub fn validate(&self, v: &mut Validator) {
+        v.check(self.node_id != 0, "node_id", || "must be non-zero".into());
+        v.identifier("cluster_id", &self.cluster_id, 63);
+        v.address("listen_address", &self.listen_address);
+        v.address("metrics_address", &self.metrics_address);
+        v.check(!self.data_dir.trim().is_empty(), "data_dir", || {
+            "must be set".into()
+        });
+
+        if self.peers.is_empty() {
+            v.error("peers", "must list at least this replica");
+        } else if self.peers.len() > MAX_PEERS {
+            v.error(
+                "peers",
+                format!("{} peers; the limit is {MAX_PEERS}", self.peers.len()),
+            );
+        }
+        for (i, peer) in self.peers.iter().enumerate() {
+            v.nested("peers", |v| {
+                v.nested(format!("[{i}]"), |v| {
+                    v.check(peer.id != 0, "id", || "must be non-zero".into());
+                    if let Some(first) = self.peers[..i].iter().position(|p| p.id == peer.id) {
+                        v.error(
+                            "id",
+                            format!("{} is also the id of peers[{first}]", peer.id),
+                        );
+                    }
+                    v.address("address", &peer.address);
+                });
+            });
+        }
+        if !self.peers.is_empty() && !self.peers.iter().any(|p| p.id == self.node_id) {
+            v.error(
+                "node_id",
+                format!("{} is not among peers[].id", self.node_id),
+            );
+        }
+        if self.peers.len() == 2 || self.peers.len() == 4 || self.peers.len() == 6 {
+            v.error(
+                "peers",
+                format!(
+                    "{} replicas tolerate no more failures than {}; use an odd number",
+                    self.peers.len(),
+                    self.peers.len() - 1
+                ),
+            );
+        }
+
+        v.nested("raft", |v| self.raft.validate(v));
+        v.nested("batching", |v| self.batching.validate(v));
+        v.nested("liveness", |v| self.liveness.validate(v));
+        match (&self.etcd, self.backend) {
+            (Some(etcd), _) => v.nested("etcd", |v| etcd.validate(v)),
+            (None, Backend::Etcd) => v.error("etcd", "must be set when backend = \"etcd\""),
+            (None, Backend::Raft) => {}
+        }
+    }
+}
+
+impl RaftConfig {
+    fn validate(&self, v: &mut Validator) {
+        v.check((1..=10_000).contains(&self.tick_ms), "tick_ms", || {
+            format!("{} is outside 1..=10000", self.tick_ms)
+        });
+        v.check(self.heartbeat_ticks >= 1, "heartbeat_ticks", || {
+            "must be at least 1".into()
+        });
+        v.check(
+            self.election_ticks > self.heartbeat_ticks,
+            "election_ticks",
+            || {
+                format!(
+                    "{} must be greater than heartbeat_ticks ({})",
+                    self.election_ticks, self.heartbeat_ticks
+                )
+            },
+        );
+        v.check(
+            self.snapshot_every_entries >= 100,
+            "snapshot_every_entries",
+            || {
+                format!(
+                    "{} is below the minimum of 100",
+                    self.snapshot_every_entries
+                )
+            },
+        );
+        v.check(
+            (1..=4096).contains(&self.max_inflight_messages),
+            "max_inflight_messages",
+            || format!("{} is outside 1..=4096", self.max_inflight_messages),
+        );
+        v.check(
+            (64 * 1024..=MAX_MESSAGE_BYTES).contains(&self.max_message_bytes),
+            "max_message_bytes",
+            || {
+                format!(
+                    "{} is outside 65536..={MAX_MESSAGE_BYTES}",
+                    self.max_message_bytes
+                )
+            },
+        );
+    }
+}
+
+impl BatchingConfig {
+    fn validate(&self, v: &mut Validator) {
+        v.check(
+            (1..=MAX_BATCH_SANDBOXES).contains(&self.max_batch_sandboxes),
+            "max_batch_sandboxes",
+            || {
+                format!(
+                    "{} is outside 1..={MAX_BATCH_SANDBOXES}",
+                    self.max_batch_sandboxes
+                )
+            },
+        );
+        v.check(
+            self.max_batch_wait_us <= 100_000,
+            "max_batch_wait_us",
+            || format!("{} is above 100000 (100 ms)", self.max_batch_wait_us),
+        );
+        v.check(
+            self.max_queued_creates >= self.max_batch_sandboxes
+                && self.max_queued_creates <= MAX_QUEUED_CREATES,
+            "max_queued_creates",
+            || {
+                format!(
+                    "{} must be between max_batch_sandboxes ({}) and {MAX_QUEUED_CREATES}",
+                    self.max_queued_creates, self.max_batch_sandboxes
+                )
+            },
+        );
+    }
+}
+
+impl LivenessConfig {
+    fn validate(&self, v: &mut Validator) {
+        v.check(
+            self.heartbeat_interval_ms >= 10,
+            "heartbeat_interval_ms",
+            || format!("{} is below the minimum of 10", self.heartbeat_interval_ms),
+        );
+        v.check(
+            self.node_ttl_ms >= self.heartbeat_interval_ms.saturating_mul(3),
+            "node_ttl_ms",
+            || {
+                format!(
+                    "{} must be at least 3 heartbeat intervals ({})",
+                    self.node_ttl_ms,
+                    self.heartbeat_interval_ms.saturating_mul(3)
+                )
+            },
+        );
+    }
+}
+
+impl EtcdConfig {
+    fn validate(&self, v: &mut Validator) {
+        v.check(!self.endpoints.is_empty(), "endpoints", || {
+            "must list at least one".into()
+        });
+        for (i, endpoint) in self.endpoints.iter().enumerate() {
+            v.address(&format!("endpoints[{i}]"), endpoint);
+        }
+        v.check(self.prefix.starts_with('/'), "prefix", || {
+            format!("{:?} must start with '/'", self.prefix)
+        });
+        v.check((1..=300).contains(&self.lease_ttl_s), "lease_ttl_s", || {
+            format!("{} is outside 1..=300", self.lease_ttl_s)
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(config: &SchedulerConfig) -> Vec<String> {
+        let mut v = Validator::new();
+        config.validate(&mut v);
+        v.finish().map_or_else(
+            |e| e.0.into_iter().map(|e| e.to_string()).collect(),
+            |()| vec![],
+        )
+    }
+
+    #[test]
+    fn default_is_valid() {
+        assert_eq!(errors(&SchedulerConfig::default()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let mut config = SchedulerConfig {
+            node_id: 9,
+            backend: Backend::Etcd,
+            ..SchedulerConfig::default()
+        };
+        config.peers.push(PeerConfig {
+            id: 1,
+            address: "nowhere".into(),
+        });
+        config.raft.election_ticks = 2;
+        let found = errors(&config);
+        assert_eq!(
+            found,
+            [
+                "peers[1].id: 1 is also the id of peers[0]",
+                "peers[1].address: \"nowhere\" is not a host:port address (e.g. \"127.0.0.1:7070\")",
+                "node_id: 9 is not among peers[].id",
+                "peers: 2 replicas tolerate no more failures than 1; use an odd number",
+                "raft.election_ticks: 2 must be greater than heartbeat_ticks (2)",
+                "etcd: must be set when backend = \"etcd\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err =
+            toml::from_str::<SchedulerConfig>("[raft]\nelection_tiks = 3\n").expect_err("typo");
+        assert!(
+            err.to_string().contains("unknown field `election_tiks`"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,127 @@
+//! The `berth` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config_file::ConfigFile;
+use crate::logging::LogFormat;
+
+/// Exit code of a command that failed (an invalid config, an unreachable cluster).
+pub(crate) const EXIT_FAILURE: u8 = 1;
+/// Exit code of a usage error (bad flags, a bad log filter).
+pub(crate) const EXIT_USAGE: u8 = 2;
+/// Exit code of a subcommand that is not built yet (sysexits' EX_UNAVAILABLE).
+pub(crate) const EXIT_NOT_BUILT: u8 = 69;
+
+/// berth: control plane for GPU sandbox platforms.
+///
+/// A Raft-replicated scheduler places sandboxes on a multi-cloud pool of GPU nodes; node
+/// agents run them under gVisor; an autoscaler grows and shrinks the pool; a simulator
+/// replays real traces for capacity planning.
+#[derive(Debug, Parser)]
+#[command(name = "berth", version, propagate_version = true)]
+pub(crate) struct Cli {
+    /// Log level (error, warn, info, debug, trace) or a filter such as
+    /// "info,berth_scheduler=debug". RUST_LOG, when set, takes precedence.
+    #[arg(long, global = true, default_value = "info", value_name = "FILTER")]
+    pub(crate) log_level: String,
+    /// Log line format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub(crate) log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a scheduler replica.
+    Scheduler(NotBuilt),
+    /// Run a node agent.
+    Agent(NotBuilt),
+    /// Run the autoscaler.
+    Autoscaler(NotBuilt),
+    /// Run a whole development cluster on this machine (schedulers, agents, autoscaler).
+    Dev(NotBuilt),
+    /// Capacity-planning simulations (openb trace replay, scenarios).
+    Sim(NotBuilt),
+    /// Create, list, inspect and delete sandboxes.
+    Sandbox(NotBuilt),
+    /// List, cordon and drain nodes.
+    Node(NotBuilt),
+    /// Cluster status and Raft membership.
+    Cluster(NotBuilt),
+    /// Benchmarks: placement latency, create throughput.
+    Bench(NotBuilt),
+    /// Work with config files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// Arguments of a subcommand that is not built yet: accepted, then refused with a message.
+#[derive(Debug, Args)]
+struct NotBuilt {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    args: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Parse and validate config files; report every problem with its field path.
+    Check {
+        /// TOML files with [scheduler], [agent] and/or [autoscaler] sections.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+impl Cli {
+    /// Runs the chosen subcommand.
+    pub(crate) fn run(self) -> ExitCode {
+        let (name, issue) = match self.command {
+            Command::Config(ConfigCommand::Check { files }) => return config_check(&files),
+            Command::Scheduler(_) => ("scheduler", 4),
+            Command::Agent(_) => ("agent", 5),
+            Command::Autoscaler(_) => ("autoscaler", 6),
+            Command::Dev(_) => ("dev", 5),
+            Command::Sim(_) => ("sim", 3),
+            Command::Sandbox(_) => ("sandbox", 5),
+            Command::Node(_) => ("node", 5),
+            Command::Cluster(_) => ("cluster", 4),
+            Command::Bench(_) => ("bench", 3),
+        };
+        eprintln!("berth {name}: not built yet (tracked in issue #{issue})");
+        ExitCode::from(EXIT_NOT_BUILT)
+    }
+}
+
+fn config_check(files: &[PathBuf]) -> ExitCode {
+    let mut failed = 0;
+    for path in files {
+        match ConfigFile::load(path) {
+            Ok(file) => println!("{}: ok ({})", path.display(), file.sections().join(", ")),
+            Err(e) => {
+                failed += 1;
+                eprintln!("{e}");
+            }
+        }
+    }
+    if failed > 0 {
+        eprintln!("{failed} of {} config files invalid", files.len());
+        ExitCode::from(EXIT_FAILURE)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

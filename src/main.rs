@@ -1,0 +1,23 @@
+//! `berth`: one binary for every role of the berth control plane.
+//!
+//! # Layout
+//! - `cli`: the command line (clap), one subcommand per role or tool.
+//! - `config_file`: reading and validating berth TOML config files.
+//! - `logging`: tracing setup for `--log-level` and `--log-format`.
+
+mod cli;
+mod config_file;
+mod logging;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    if let Err(e) = logging::init(&cli.log_level, cli.log_format) {
+        eprintln!("berth: {e:#}");
+        return ExitCode::from(cli::EXIT_USAGE);
+    }
+    cli.run()
+}

@@ -1,0 +1,141 @@
+//! The `berth` binary as an operator uses it: help, config checking, exit codes.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn berth(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run berth")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn help_lists_every_subcommand() {
+    let out = berth(&["--help"]);
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    for sub in [
+        "scheduler",
+        "agent",
+        "autoscaler",
+        "dev",
+        "sim",
+        "sandbox",
+        "node",
+        "cluster",
+        "bench",
+        "config",
+    ] {
+        assert!(
+            help.lines().any(|l| l.trim_start().starts_with(sub)),
+            "{sub} missing from:\n{help}"
+        );
+    }
+    assert!(help.contains("--log-level") && help.contains("--log-format"));
+}
+
+#[test]
+fn example_configs_pass() {
+    let mut examples: Vec<String> = std::fs::read_dir(Path::new("deploy/examples"))
+        .expect("deploy/examples")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .map(|p| p.display().to_string())
+        .collect();
+    examples.sort();
+    assert!(examples.len() >= 4, "{examples:?}");
+    let mut args = vec!["config", "check"];
+    args.extend(examples.iter().map(String::as_str));
+    let out = berth(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).lines().count(), examples.len());
+}
+
+#[test]
+fn a_config_with_two_mistakes_names_both_fields() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[scheduler]\nnode_id = 1\nlisten_address = \"no-port\"\n\n[scheduler.raft]\nelection_ticks = 1\nheartbeat_ticks = 1\n",
+    )
+    .expect("write");
+    let good = Path::new("deploy/examples/scheduler.toml");
+    let out = berth(&[
+        "config",
+        "check",
+        good.to_str().expect("utf-8"),
+        bad.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("scheduler.listen_address: \"no-port\" is not a host:port address"),
+        "{stderr}"
+    );
+    assert!(
+        stderr
+            .contains("scheduler.raft.election_ticks: 1 must be greater than heartbeat_ticks (1)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("1 of 2 config files invalid"), "{stderr}");
+    // The good file is still reported as good.
+    assert!(text(&out.stdout).contains("scheduler.toml: ok (scheduler)"));
+}
+
+#[test]
+fn a_typo_in_a_field_name_is_refused_with_the_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("typo.toml");
+    std::fs::write(&path, "[agent]\nnode_id = \"a\"\nregoin = \"us-east-1\"\n").expect("write");
+    let out = berth(&["config", "check", path.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("unknown field `regoin`"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn unbuilt_subcommands_say_so_and_fail() {
+    let out = berth(&["scheduler", "--config", "x.toml"]);
+    assert_eq!(out.status.code(), Some(69));
+    assert!(text(&out.stderr).contains("berth scheduler: not built yet"));
+    assert!(out.stdout.is_empty(), "no fake output");
+}
+
+#[test]
+fn a_bad_log_filter_is_a_usage_error() {
+    for filter in ["loud", "info,[=x"] {
+        let out = berth(&[
+            "--log-level",
+            filter,
+            "config",
+            "check",
+            "deploy/examples/dev.toml",
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{filter}");
+        assert!(
+            text(&out.stderr).contains("--log-level"),
+            "{}",
+            text(&out.stderr)
+        );
+        assert!(out.stdout.is_empty(), "nothing runs after a usage error");
+    }
+    let out = berth(&[
+        "--log-level",
+        "warn,berth=debug",
+        "config",
+        "check",
+        "deploy/examples/dev.toml",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
