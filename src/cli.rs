@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::commands::bench::BenchCommand;
+use crate::commands::sim::SimCommand;
 use crate::config_file::ConfigFile;
 use crate::logging::LogFormat;
 
@@ -45,7 +47,8 @@ enum Command {
     /// Run a whole development cluster on this machine (schedulers, agents, autoscaler).
     Dev(NotBuilt),
     /// Capacity-planning simulations (openb trace replay, scenarios).
-    Sim(NotBuilt),
+    #[command(subcommand)]
+    Sim(SimCommand),
     /// Create, list, inspect and delete sandboxes.
     Sandbox(NotBuilt),
     /// List, cordon and drain nodes.
@@ -53,7 +56,8 @@ enum Command {
     /// Cluster status and Raft membership.
     Cluster(NotBuilt),
     /// Benchmarks: placement latency, create throughput.
-    Bench(NotBuilt),
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Work with config files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -61,7 +65,7 @@ enum Command {
 
 /// Arguments of a subcommand that is not built yet: accepted, then refused with a message.
 #[derive(Debug, Args)]
-struct NotBuilt {
+pub(crate) struct NotBuilt {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
     args: Vec<String>,
 }
@@ -85,15 +89,20 @@ impl Cli {
             Command::Agent(_) => ("agent", 5),
             Command::Autoscaler(_) => ("autoscaler", 6),
             Command::Dev(_) => ("dev", 5),
-            Command::Sim(_) => ("sim", 3),
+            Command::Sim(command) => return command.run(),
             Command::Sandbox(_) => ("sandbox", 5),
             Command::Node(_) => ("node", 5),
             Command::Cluster(_) => ("cluster", 4),
-            Command::Bench(_) => ("bench", 3),
+            Command::Bench(command) => return command.run(),
         };
-        eprintln!("berth {name}: not built yet (tracked in issue #{issue})");
-        ExitCode::from(EXIT_NOT_BUILT)
+        not_built(name, issue)
     }
+}
+
+/// Says a subcommand is not built yet and returns its exit code.
+pub(crate) fn not_built(name: &str, issue: u32) -> ExitCode {
+    eprintln!("berth {name}: not built yet (tracked in issue #{issue})");
+    ExitCode::from(EXIT_NOT_BUILT)
 }
 
 fn config_check(files: &[PathBuf]) -> ExitCode {

@@ -2,10 +2,12 @@
 //!
 //! # Layout
 //! - `cli`: the command line (clap), one subcommand per role or tool.
+//! - `commands`: subcommands with more than a few lines (`sim`).
 //! - `config_file`: reading and validating berth TOML config files.
 //! - `logging`: tracing setup for `--log-level` and `--log-format`.
 
 mod cli;
+mod commands;
 mod config_file;
 mod logging;
 

@@ -1,9 +1,10 @@
-//! berth's capacity-planning simulator: replays workloads (the Alibaba openb traces,
-//! synthetic generators) against the real placement engine and autoscaler policy in virtual
-//! time.
-//!
-//! Nothing is built here yet: the openb replay comes with issue #3 and the scenario
-//! simulator with issue #7. `berth sim` says so and exits non-zero.
+//! berth's capacity-planning simulator: replays workloads against the real placement
+//! engine and state machine (and, with issue #7, the autoscaler policy) in virtual time.
 //!
 //! # Layout
-//! (no modules yet)
+//! - [`openb`]: the FGD paper's placement experiment on the Alibaba openb traces
+//!   (`berth sim openb`).
+//! - [`synthetic`]: seeded synthetic fleets and sandbox mixes (benchmarks, tests).
+
+pub mod openb;
+pub mod synthetic;

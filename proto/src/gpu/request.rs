@@ -1,8 +1,9 @@
 //! GPU requests in Modal's spec language.
 //!
 //! ```text
-//! option := model ['!'] [':' amount]
-//! model  := 'any' | a catalog name or alias (any case) | any other name, kept verbatim
+//! option := models ['!'] [':' amount]
+//! models := 'any' | model ('|' model)*     several models: any of them, equally preferred
+//! model  := a catalog name or alias (any case) | any other name, kept verbatim
 //! amount := count            whole GPUs on one node, 1..=16 (default 1)
 //!         | milli 'm'        a share of ONE GPU, 1m..=999m, stacked with other shares
 //! ```
@@ -39,6 +40,19 @@ pub enum GpuModelSelector {
     Any,
     /// This model (or, unless exact, a strictly better catalog model when allowed).
     Model(GpuModelName),
+    /// Any of these models (two or more, sorted), equally preferred: `"V100M16|V100M32"`.
+    AnyOf(Vec<GpuModelName>),
+}
+
+impl GpuModelSelector {
+    /// The named models (empty for `Any`).
+    pub fn models(&self) -> &[GpuModelName] {
+        match self {
+            GpuModelSelector::Any => &[],
+            GpuModelSelector::Model(m) => std::slice::from_ref(m),
+            GpuModelSelector::AnyOf(models) => models,
+        }
+    }
 }
 
 /// How much GPU an option asks for.
@@ -171,6 +185,26 @@ pub enum GpuSpecError {
         /// The spec.
         spec: String,
     },
+    /// `"A||B"`, `"A|"`.
+    #[error("GPU spec {spec:?} has an empty model name between '|'")]
+    EmptyAlternative {
+        /// The spec.
+        spec: String,
+    },
+    /// `"A|A"`.
+    #[error("GPU spec {spec:?} lists model {model} twice")]
+    DuplicateAlternative {
+        /// The spec.
+        spec: String,
+        /// The model.
+        model: String,
+    },
+    /// `"any|H100"`.
+    #[error("GPU spec {spec:?}: 'any' cannot be combined with other models")]
+    AnyInAlternatives {
+        /// The spec.
+        spec: String,
+    },
     /// A character outside the allowed set in the model name.
     #[error(
         "GPU spec {spec:?}: model name has {ch:?}; allowed are letters, digits, space, '-', '_' and '.'"
@@ -262,11 +296,31 @@ impl GpuOption {
         }
         if let Some(ch) = name
             .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, ' ' | '-' | '_' | '.')))
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, ' ' | '-' | '_' | '.' | '|')))
         {
             return Err(GpuSpecError::InvalidModelChar { spec: owned(), ch });
         }
-        let model = if name.eq_ignore_ascii_case("any") {
+        let model = if name.contains('|') {
+            let mut models: Vec<GpuModelName> = Vec::new();
+            for part in name.split('|').map(str::trim) {
+                if part.is_empty() {
+                    return Err(GpuSpecError::EmptyAlternative { spec: owned() });
+                }
+                if part.eq_ignore_ascii_case("any") {
+                    return Err(GpuSpecError::AnyInAlternatives { spec: owned() });
+                }
+                let model = GpuModelName::resolve(part);
+                if models.contains(&model) {
+                    return Err(GpuSpecError::DuplicateAlternative {
+                        spec: owned(),
+                        model: model.to_string(),
+                    });
+                }
+                models.push(model);
+            }
+            models.sort();
+            GpuModelSelector::AnyOf(models)
+        } else if name.eq_ignore_ascii_case("any") {
             if exact {
                 return Err(GpuSpecError::ExactAny { spec: owned() });
             }
@@ -289,18 +343,18 @@ impl GpuOption {
     /// Whether a GPU of `model` satisfies this option; `allow_upgrade` is the operator's
     /// switch for serving a non-exact option with a strictly better catalog model.
     pub fn accepts(&self, model: &GpuModelName, allow_upgrade: bool) -> bool {
-        match &self.model {
-            GpuModelSelector::Any => true,
-            GpuModelSelector::Model(wanted) if wanted == model => true,
-            GpuModelSelector::Model(wanted) => {
-                allow_upgrade
+        if self.model == GpuModelSelector::Any {
+            return true;
+        }
+        self.model.models().iter().any(|wanted| {
+            wanted == model
+                || (allow_upgrade
                     && !self.exact
                     && match (wanted.known(), model.known()) {
                         (Some(wanted), Some(offered)) => offered.strictly_better_than(wanted),
                         _ => false,
-                    }
-            }
-        }
+                    })
+        })
     }
 }
 
@@ -360,7 +414,7 @@ impl GpuRequest {
                 .map_err(|source| GpuRequestError::Option { index, source })?;
             if let Some(first) = options.iter().position(|o| o.model == option.model) {
                 return Err(GpuRequestError::DuplicateModel {
-                    model: selector_name(&option.model).to_owned(),
+                    model: selector_name(&option.model),
                     first,
                     second: index,
                 });
@@ -405,16 +459,21 @@ impl GpuRequest {
     }
 }
 
-fn selector_name(selector: &GpuModelSelector) -> &str {
+fn selector_name(selector: &GpuModelSelector) -> String {
     match selector {
-        GpuModelSelector::Any => "any",
-        GpuModelSelector::Model(m) => m.as_str(),
+        GpuModelSelector::Any => "any".to_owned(),
+        GpuModelSelector::Model(m) => m.as_str().to_owned(),
+        GpuModelSelector::AnyOf(models) => models
+            .iter()
+            .map(GpuModelName::as_str)
+            .collect::<Vec<_>>()
+            .join("|"),
     }
 }
 
 impl fmt::Display for GpuOption {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(selector_name(&self.model))?;
+        f.write_str(&selector_name(&self.model))?;
         if self.exact {
             f.write_str("!")?;
         }
@@ -469,6 +528,15 @@ mod tests {
                 GpuAmount::Shared(250),
             ),
             ("any:16", GpuModelSelector::Any, false, GpuAmount::Whole(16)),
+            (
+                "V100M32|V100M16:2",
+                GpuModelSelector::AnyOf(vec![
+                    GpuModelName::Other("V100M16".into()),
+                    GpuModelName::Other("V100M32".into()),
+                ]),
+                false,
+                GpuAmount::Whole(2),
+            ),
             (
                 "V100M16:2",
                 GpuModelSelector::Model(GpuModelName::Other("V100M16".into())),
@@ -552,6 +620,15 @@ mod tests {
                 "GPU spec \"any!\": '!' (exactly this model) cannot be combined with 'any'",
             ),
             (
+                "H100||A10",
+                "GPU spec \"H100||A10\" has an empty model name between '|'",
+            ),
+            ("H100|h100", "GPU spec \"H100|h100\" lists model H100 twice"),
+            (
+                "any|H100",
+                "GPU spec \"any|H100\": 'any' cannot be combined with other models",
+            ),
+            (
                 "H@100",
                 "GPU spec \"H@100\": model name has '@'; allowed are letters, digits, space, '-', '_' and '.'",
             ),
@@ -619,6 +696,11 @@ mod tests {
         assert!(other.accepts(&GpuModelName::Other("G2".into()), true));
         assert!(!other.accepts(&GpuModelName::Other("G3".into()), true));
         assert!(one("any").accepts(&GpuModelName::Other("G3".into()), false));
+        let set = one("G2|T4");
+        assert!(set.accepts(&T4.into(), false));
+        assert!(set.accepts(&GpuModelName::Other("G2".into()), false));
+        assert!(!set.accepts(&L4.into(), false));
+        assert_eq!(set.to_string(), "T4|G2");
     }
 
     proptest::proptest! {

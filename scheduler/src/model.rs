@@ -1,0 +1,477 @@
+//! Domain types the scheduler keeps in its replicated state: nodes with their GPUs,
+//! sandboxes with their bindings, tenant quotas. All are plain data (`Serialize` for
+//! snapshots, `Eq` so `restore(snapshot(s)) == s` can be asserted); behaviour lives in
+//! [`crate::state`] and [`crate::placement`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use berth_proto::gpu::GpuRequest;
+use berth_proto::node::{CapacityType, TaintEffect};
+use berth_proto::{GpuModelName, Validator};
+
+/// Bounds on what one sandbox spec may carry (documented in `types.proto`).
+pub mod limits {
+    /// Longest tenant name.
+    pub const TENANT_LEN: usize = 63;
+    /// Longest request id.
+    pub const REQUEST_ID_LEN: usize = 128;
+    /// Longest image reference.
+    pub const IMAGE_LEN: usize = 512;
+    /// Most argv entries.
+    pub const COMMAND_ARGS: usize = 256;
+    /// Most environment variables.
+    pub const ENV_VARS: usize = 256;
+    /// Most bytes of argv or of env, each.
+    pub const TEXT_BYTES: usize = 64 * 1024;
+    /// Most labels on a sandbox, and required node labels in a constraint.
+    pub const LABELS: usize = 32;
+    /// Most providers in an allow-list.
+    pub const PROVIDERS: usize = 16;
+    /// Most regions in an allow-list.
+    pub const REGIONS: usize = 64;
+    /// Most tolerations.
+    pub const TOLERATIONS: usize = 16;
+    /// Priority range.
+    pub const PRIORITY: std::ops::RangeInclusive<i32> = -1000..=1000;
+    /// Largest CPU request: 1024 cores.
+    pub const CPU_MILLI: u64 = 1024 * 1000;
+    /// Largest memory request: 16 TiB.
+    pub const MEMORY_MIB: u64 = 16 * 1024 * 1024;
+    /// Longest timeout: 30 days.
+    pub const TIMEOUT_MS: u64 = 30 * 24 * 3600 * 1000;
+}
+
+/// A node's id: the agent's configured `node_id`.
+pub type NodeId = String;
+
+/// A sandbox's id, assigned by the state machine in apply order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SandboxId(pub u64);
+
+impl fmt::Display for SandboxId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sbx-{:010}", self.0)
+    }
+}
+
+impl std::str::FromStr for SandboxId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.strip_prefix("sbx-")
+            .and_then(|n| n.parse().ok())
+            .map(SandboxId)
+            .ok_or_else(|| format!("{s:?} is not a sandbox id (sbx-NNNNNNNNNN)"))
+    }
+}
+
+/// One GPU of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuDevice {
+    /// NVML index.
+    pub index: u32,
+    /// NVML UUID.
+    pub uuid: String,
+    /// Catalog model or verbatim name.
+    pub model: GpuModelName,
+    /// Memory as reported.
+    pub memory_mib: u64,
+    /// False after a fatal XID or uncorrectable ECC error: no new sandboxes.
+    pub healthy: bool,
+}
+
+/// A taint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Taint {
+    /// Key.
+    pub key: String,
+    /// Value.
+    pub value: String,
+    /// Effect.
+    pub effect: TaintEffect,
+}
+
+/// What a node reports about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSpec {
+    /// Unique id.
+    pub id: NodeId,
+    /// Provider.
+    pub provider: String,
+    /// Region.
+    pub region: String,
+    /// Zone.
+    pub zone: String,
+    /// Instance type.
+    pub instance_type: String,
+    /// On-demand or spot.
+    pub capacity_type: CapacityType,
+    /// Price in micro-dollars per hour (integers keep the state exactly comparable).
+    pub price_micro_usd_per_hour: u64,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Taints.
+    pub taints: Vec<Taint>,
+    /// Allocatable CPU.
+    pub cpu_milli: u64,
+    /// Allocatable memory.
+    pub memory_mib: u64,
+    /// GPUs, in index order.
+    pub gpus: Vec<GpuDevice>,
+}
+
+impl NodeSpec {
+    /// A node with no labels or taints, on-demand and free: the shape tests and traces use.
+    pub fn simple(
+        id: impl Into<NodeId>,
+        cpu_milli: u64,
+        memory_mib: u64,
+        gpus: Vec<GpuDevice>,
+    ) -> NodeSpec {
+        NodeSpec {
+            id: id.into(),
+            provider: "local".into(),
+            region: "local".into(),
+            zone: String::new(),
+            instance_type: String::new(),
+            capacity_type: CapacityType::OnDemand,
+            price_micro_usd_per_hour: 0,
+            labels: BTreeMap::new(),
+            taints: Vec::new(),
+            cpu_milli,
+            memory_mib,
+            gpus,
+        }
+    }
+
+    /// `count` healthy GPUs of one model with synthetic UUIDs derived from the node id.
+    pub fn uniform_gpus(
+        node_id: &str,
+        model: &GpuModelName,
+        memory_mib: u64,
+        count: u32,
+    ) -> Vec<GpuDevice> {
+        (0..count)
+            .map(|index| GpuDevice {
+                index,
+                uuid: format!("GPU-{node_id}-{index}"),
+                model: model.clone(),
+                memory_mib,
+                healthy: true,
+            })
+            .collect()
+    }
+
+    /// Records every problem with the spec (bounds, duplicate GPU indices).
+    pub fn validate(&self, v: &mut Validator) {
+        v.identifier("id", &self.id, 63);
+        v.check(self.gpus.len() <= 16, "gpus", || {
+            format!("{} GPUs; the limit is 16 per node", self.gpus.len())
+        });
+        for (i, gpu) in self.gpus.iter().enumerate() {
+            v.check(gpu.index as usize == i, &format!("gpus[{i}].index"), || {
+                format!("is {}; GPUs must be listed in index order 0..n", gpu.index)
+            });
+        }
+        v.check(self.labels.len() <= 64, "labels", || {
+            format!("{} labels; the limit is 64", self.labels.len())
+        });
+        v.check(self.taints.len() <= 16, "taints", || {
+            format!("{} taints; the limit is 16", self.taints.len())
+        });
+    }
+}
+
+/// Scheduling status of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum NodeStatus {
+    /// Accepting sandboxes.
+    Ready,
+    /// No new sandboxes; running ones continue.
+    Cordoned,
+    /// Cordoned, to be removed once empty.
+    Draining,
+    /// Missed its heartbeats; its sandboxes are Lost.
+    Down,
+}
+
+/// A toleration of a taint key (and value, when non-empty).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Toleration {
+    /// Key.
+    pub key: String,
+    /// Value; empty tolerates any value.
+    pub value: String,
+}
+
+/// Where a sandbox may run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Constraints {
+    /// Allowed providers; empty = any.
+    pub providers: Vec<String>,
+    /// Allowed regions; empty = any.
+    pub regions: Vec<String>,
+    /// Required node labels.
+    pub node_labels: BTreeMap<String, String>,
+    /// Tolerated taints.
+    pub tolerations: Vec<Toleration>,
+    /// Required capacity type; `None` = either.
+    pub capacity_type: Option<CapacityType>,
+}
+
+impl Constraints {
+    /// Whether the sandbox tolerates a taint.
+    pub fn tolerates(&self, taint: &Taint) -> bool {
+        self.tolerations
+            .iter()
+            .any(|t| t.key == taint.key && (t.value.is_empty() || t.value == taint.value))
+    }
+}
+
+/// What a client asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SandboxSpec {
+    /// Owner; quotas apply per tenant.
+    pub tenant: String,
+    /// OCI image.
+    pub image: String,
+    /// argv.
+    pub command: Vec<String>,
+    /// Environment.
+    pub env: BTreeMap<String, String>,
+    /// CPU request.
+    pub cpu_milli: u64,
+    /// Memory request.
+    pub memory_mib: u64,
+    /// GPU request; `None` = CPU-only.
+    pub gpu: Option<GpuRequest>,
+    /// Placement constraints.
+    pub constraints: Constraints,
+    /// Higher first within a batch.
+    pub priority: i32,
+    /// Wall-clock limit once running; 0 = none.
+    pub timeout_ms: u64,
+    /// Network allowed.
+    pub network: bool,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl SandboxSpec {
+    /// A spec with only resources set: the shape traces and benchmarks use.
+    pub fn resources(
+        tenant: &str,
+        cpu_milli: u64,
+        memory_mib: u64,
+        gpu: Option<GpuRequest>,
+    ) -> SandboxSpec {
+        SandboxSpec {
+            tenant: tenant.into(),
+            image: String::new(),
+            command: Vec::new(),
+            env: BTreeMap::new(),
+            cpu_milli,
+            memory_mib,
+            gpu,
+            constraints: Constraints::default(),
+            priority: 0,
+            timeout_ms: 0,
+            network: false,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    /// Records every problem with the spec, with field paths relative to the spec.
+    pub fn validate(&self, v: &mut Validator) {
+        use limits::*;
+        v.identifier("tenant", &self.tenant, TENANT_LEN);
+        v.check(self.image.len() <= IMAGE_LEN, "image", || {
+            format!("is {} bytes; the limit is {IMAGE_LEN}", self.image.len())
+        });
+        v.check(self.command.len() <= COMMAND_ARGS, "command", || {
+            format!(
+                "{} arguments; the limit is {COMMAND_ARGS}",
+                self.command.len()
+            )
+        });
+        let argv_bytes: usize = self.command.iter().map(String::len).sum();
+        v.check(argv_bytes <= TEXT_BYTES, "command", || {
+            format!("{argv_bytes} bytes; the limit is {TEXT_BYTES}")
+        });
+        v.check(self.env.len() <= ENV_VARS, "env", || {
+            format!("{} variables; the limit is {ENV_VARS}", self.env.len())
+        });
+        let env_bytes: usize = self.env.iter().map(|(k, v)| k.len() + v.len()).sum();
+        v.check(env_bytes <= TEXT_BYTES, "env", || {
+            format!("{env_bytes} bytes; the limit is {TEXT_BYTES}")
+        });
+        v.check(
+            (1..=CPU_MILLI).contains(&self.cpu_milli),
+            "resources.cpu_milli",
+            || format!("{} is outside 1..={CPU_MILLI}", self.cpu_milli),
+        );
+        v.check(
+            (1..=MEMORY_MIB).contains(&self.memory_mib),
+            "resources.memory_mib",
+            || format!("{} is outside 1..={MEMORY_MIB}", self.memory_mib),
+        );
+        let c = &self.constraints;
+        v.check(
+            c.providers.len() <= PROVIDERS,
+            "constraints.providers",
+            || format!("{} entries; the limit is {PROVIDERS}", c.providers.len()),
+        );
+        v.check(c.regions.len() <= REGIONS, "constraints.regions", || {
+            format!("{} entries; the limit is {REGIONS}", c.regions.len())
+        });
+        v.check(
+            c.node_labels.len() <= LABELS,
+            "constraints.node_labels",
+            || format!("{} entries; the limit is {LABELS}", c.node_labels.len()),
+        );
+        v.check(
+            c.tolerations.len() <= TOLERATIONS,
+            "constraints.tolerations",
+            || {
+                format!(
+                    "{} entries; the limit is {TOLERATIONS}",
+                    c.tolerations.len()
+                )
+            },
+        );
+        v.check(PRIORITY.contains(&self.priority), "priority", || {
+            format!("{} is outside -1000..=1000", self.priority)
+        });
+        v.check(self.timeout_ms <= TIMEOUT_MS, "timeout_ms", || {
+            format!("{} is above 30 days", self.timeout_ms)
+        });
+        v.check(self.labels.len() <= LABELS, "labels", || {
+            format!("{} labels; the limit is {LABELS}", self.labels.len())
+        });
+    }
+
+    /// Milli-GPUs this spec takes if bound with `option` of its request.
+    pub fn gpu_milli(&self, option: usize) -> u64 {
+        self.gpu
+            .as_ref()
+            .and_then(|g| g.options.get(option))
+            .map_or(0, |o| o.amount.total_milli())
+    }
+}
+
+/// Lifecycle state of a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SandboxState {
+    /// Waiting for placement.
+    Pending,
+    /// Bound to a node; not yet reported running.
+    Scheduled,
+    /// Running on its node.
+    Running,
+    /// Its process ended.
+    Exited {
+        /// Exit code.
+        code: i32,
+    },
+    /// Could not run, or was stopped by berth.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+    /// Its node went down.
+    Lost {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl SandboxState {
+    /// Exited, Failed or Lost.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            SandboxState::Exited { .. } | SandboxState::Failed { .. } | SandboxState::Lost { .. }
+        )
+    }
+
+    /// Scheduled or Running: holds resources on a node.
+    pub fn holds_resources(&self) -> bool {
+        matches!(self, SandboxState::Scheduled | SandboxState::Running)
+    }
+
+    /// Stable short name for metrics and counters.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SandboxState::Pending => "pending",
+            SandboxState::Scheduled => "scheduled",
+            SandboxState::Running => "running",
+            SandboxState::Exited { .. } => "exited",
+            SandboxState::Failed { .. } => "failed",
+            SandboxState::Lost { .. } => "lost",
+        }
+    }
+}
+
+/// Where a sandbox is placed: the output of placement, re-checked by `apply`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Placement {
+    /// Node.
+    pub node: NodeId,
+    /// The node epoch the plan was made against; a re-registered node rejects it.
+    pub epoch: u64,
+    /// Index of the GPU request option used (0 when CPU-only).
+    pub option: u32,
+    /// Bound GPU indices (empty when CPU-only).
+    pub gpu_indices: Vec<u32>,
+    /// Milli-GPU taken on each bound GPU.
+    pub gpu_milli_per_gpu: u32,
+}
+
+/// A sandbox's binding once `apply` accepted a placement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    /// The placement.
+    pub placement: Placement,
+    /// Model of the bound GPUs.
+    pub gpu_model: Option<GpuModelName>,
+    /// Revision at which it was bound.
+    pub bound_revision: u64,
+}
+
+/// A sandbox in the replicated state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sandbox {
+    /// Id.
+    pub id: SandboxId,
+    /// Client idempotency key.
+    pub request_id: String,
+    /// Spec.
+    pub spec: SandboxSpec,
+    /// State.
+    pub state: SandboxState,
+    /// Binding while Scheduled or Running (kept, for the record, once terminal).
+    pub binding: Option<Binding>,
+    /// Why it is still Pending, from the last placement attempt.
+    pub pending_reason: Option<String>,
+    /// Revision of the command that created it (quota checks use it).
+    pub created_revision: u64,
+    /// Times (ms since the unix epoch, as proposed by the leader).
+    pub created_ms: u64,
+    /// When bound.
+    pub scheduled_ms: Option<u64>,
+    /// When reported running.
+    pub started_ms: Option<u64>,
+    /// When it became terminal.
+    pub finished_ms: Option<u64>,
+}
+
+/// Limits on one tenant.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantQuota {
+    /// Most sandboxes not yet terminal; `None` = unlimited.
+    pub max_concurrent_sandboxes: Option<u32>,
+    /// Most milli-GPUs held per model (1000 per whole GPU); absent models are unlimited.
+    pub max_gpu_milli_per_model: BTreeMap<GpuModelName, u64>,
+}

@@ -1,0 +1,344 @@
+//! Scoring policies: given a feasible node and the GPUs of one model on it, say how good a
+//! home it is (higher is better) and which GPUs to take.
+//!
+//! - [`Random`], [`BestFit`] and [`Fgd`] re-implement the baselines of the FGD paper's
+//!   artifact exactly (integer scores, GPU selection, tie-breaking by node rank), so the
+//!   simulator reproduces its published numbers.
+//! - [`Berth`] is berth's default; see its docs for how it differs from FGD and why.
+
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::Rng;
+
+use berth_proto::GpuModelName;
+
+use super::fragmentation::TypicalWorkload;
+use super::view::NodeView;
+use crate::config::PolicyName;
+use crate::model::SandboxSpec;
+
+/// GPUs wanted from one node, for one option of the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuAsk {
+    /// Model to take.
+    pub model: GpuModelName,
+    /// How many GPUs.
+    pub count: u32,
+    /// Milli on each (1000 = whole).
+    pub milli: u32,
+    /// Minimum memory per GPU.
+    pub min_memory_mib: Option<u64>,
+}
+
+impl GpuAsk {
+    /// Indices of the node's GPUs this ask may use (model and memory), in index order.
+    pub fn eligible<'a>(&'a self, node: &'a NodeView) -> impl Iterator<Item = (usize, u32)> + 'a {
+        node.spec
+            .gpus
+            .iter()
+            .zip(&node.gpu_milli_free)
+            .enumerate()
+            .filter_map(move |(i, (gpu, free))| {
+                let memory_ok = self.min_memory_mib.is_none_or(|min| gpu.memory_mib >= min);
+                (gpu.model == self.model && memory_ok).then_some((i, *free))
+            })
+    }
+
+    /// Whether the node has room for the ask.
+    pub fn fits(&self, node: &NodeView) -> bool {
+        self.eligible(node)
+            .filter(|(_, free)| *free >= self.milli)
+            .count() as u32
+            >= self.count
+    }
+
+    /// The lowest-index GPUs with enough free (for whole GPUs: the fully free ones).
+    pub fn lowest_index(&self, node: &NodeView) -> Option<Vec<u32>> {
+        let gpus: Vec<u32> = self
+            .eligible(node)
+            .filter(|(_, free)| *free >= self.milli)
+            .take(self.count as usize)
+            .map(|(i, _)| i as u32)
+            .collect();
+        (gpus.len() as u32 == self.count).then_some(gpus)
+    }
+
+    /// For a share: the GPU with the least free milli that still fits (lowest index on ties).
+    pub fn best_fit_share(&self, node: &NodeView) -> Option<u32> {
+        self.eligible(node)
+            .filter(|(_, free)| *free >= self.milli)
+            .min_by_key(|(i, free)| (*free, *i))
+            .map(|(i, _)| i as u32)
+    }
+}
+
+/// What a policy needs besides the node.
+pub struct ScoreContext<'a> {
+    /// The sandbox.
+    pub spec: &'a SandboxSpec,
+    /// The workload fragmentation is measured against.
+    pub typical: &'a TypicalWorkload,
+}
+
+/// A node's score and the GPUs the policy would take there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scored {
+    /// Higher is better.
+    pub score: f64,
+    /// Compared only between equal scores; higher is better.
+    pub tie: f64,
+    /// GPU indices (empty for CPU-only).
+    pub gpus: Vec<u32>,
+}
+
+/// A scoring policy.
+pub trait Policy: Send + Sync {
+    /// Its name in configs and reports.
+    fn name(&self) -> &'static str;
+    /// Scores a feasible node; `None` when the GPUs cannot be chosen after all.
+    fn score(
+        &self,
+        ctx: &ScoreContext<'_>,
+        node: &NodeView,
+        ask: Option<&GpuAsk>,
+        rng: &mut ChaCha8Rng,
+    ) -> Option<Scored>;
+}
+
+/// The policy of a name.
+pub fn policy(name: PolicyName) -> Box<dyn Policy> {
+    match name {
+        PolicyName::Random => Box::new(Random),
+        PolicyName::Bestfit => Box::new(BestFit),
+        PolicyName::Fgd => Box::new(Fgd),
+        PolicyName::Berth => Box::new(Berth::default()),
+    }
+}
+
+/// Uniformly random among feasible nodes (each gets a random score); a share goes to a
+/// uniformly random fitting GPU; whole GPUs are the lowest-index free ones.
+pub struct Random;
+
+impl Policy for Random {
+    fn name(&self) -> &'static str {
+        "random"
+    }
+
+    fn score(
+        &self,
+        _: &ScoreContext<'_>,
+        node: &NodeView,
+        ask: Option<&GpuAsk>,
+        rng: &mut ChaCha8Rng,
+    ) -> Option<Scored> {
+        let gpus = match ask {
+            None => Vec::new(),
+            Some(ask) if ask.milli < 1000 => {
+                let fitting: Vec<usize> = ask
+                    .eligible(node)
+                    .filter(|(_, f)| *f >= ask.milli)
+                    .map(|(i, _)| i)
+                    .collect();
+                if fitting.is_empty() {
+                    return None;
+                }
+                vec![fitting[(rng.next_u64() % fitting.len() as u64) as usize] as u32]
+            }
+            Some(ask) => ask.lowest_index(node)?,
+        };
+        Some(Scored {
+            score: (rng.next_u64() >> 11) as f64,
+            tie: 0.0,
+            gpus,
+        })
+    }
+}
+
+/// The artifact's best fit: `⌊100 · (1 − ½·(cpu_free − cpu)/128000 − ½·(gpu_free − gpu)/8000)⌋`
+/// over free CPU and total free GPU milli; a share takes the fullest GPU that fits.
+pub struct BestFit;
+
+/// Normalisers of the artifact's best-fit and dot-product scores.
+const MAX_SPEC_CPU_MILLI: f64 = 128_000.0;
+const MAX_SPEC_GPU_MILLI: f64 = 8_000.0;
+
+impl Policy for BestFit {
+    fn name(&self) -> &'static str {
+        "bestfit"
+    }
+
+    fn score(
+        &self,
+        ctx: &ScoreContext<'_>,
+        node: &NodeView,
+        ask: Option<&GpuAsk>,
+        _: &mut ChaCha8Rng,
+    ) -> Option<Scored> {
+        let gpus = choose_best_fit(node, ask)?;
+        let gpu_request = ask.map_or(0, |a| u64::from(a.milli) * u64::from(a.count));
+        let cpu_left = node.cpu_milli_free.saturating_sub(ctx.spec.cpu_milli) as f64;
+        let gpu_left = node.gpu_milli_free_total().saturating_sub(gpu_request) as f64;
+        let raw = 1.0 - 0.5 * cpu_left / MAX_SPEC_CPU_MILLI - 0.5 * gpu_left / MAX_SPEC_GPU_MILLI;
+        // Go's int64() truncates toward zero.
+        Some(Scored {
+            score: (raw * 100.0).trunc(),
+            tie: 0.0,
+            gpus,
+        })
+    }
+}
+
+fn choose_best_fit(node: &NodeView, ask: Option<&GpuAsk>) -> Option<Vec<u32>> {
+    match ask {
+        None => Some(Vec::new()),
+        Some(ask) if ask.milli < 1000 => ask.best_fit_share(node).map(|g| vec![g]),
+        Some(ask) => ask.lowest_index(node),
+    }
+}
+
+/// Fragmentation Gradient Descent: `⌊100 · sigmoid((F_before − F_after) / 1000)⌋`, where F is
+/// the node's fragmentation against the typical workload. A share goes to the GPU with the
+/// best such score (lowest index on ties); whole GPUs are the lowest-index free ones.
+pub struct Fgd;
+
+impl Policy for Fgd {
+    fn name(&self) -> &'static str {
+        "fgd"
+    }
+
+    fn score(
+        &self,
+        ctx: &ScoreContext<'_>,
+        node: &NodeView,
+        ask: Option<&GpuAsk>,
+        _: &mut ChaCha8Rng,
+    ) -> Option<Scored> {
+        let before =
+            ctx.typical
+                .node_fragmentation(node, node.cpu_milli_free, &node.gpu_milli_free);
+        let cpu_after = node.cpu_milli_free.saturating_sub(ctx.spec.cpu_milli);
+        let score_of = |after: f64| (100.0 * sigmoid((before - after) / 1000.0)).trunc();
+        let mut free = node.gpu_milli_free.clone();
+        match ask {
+            Some(ask) if ask.milli < 1000 => {
+                let mut best: Option<Scored> = None;
+                for (i, f) in ask.eligible(node) {
+                    if f < ask.milli {
+                        continue;
+                    }
+                    free[i] -= ask.milli;
+                    let score = score_of(ctx.typical.node_fragmentation(node, cpu_after, &free));
+                    free[i] += ask.milli;
+                    if best.as_ref().is_none_or(|b| score > b.score) {
+                        best = Some(Scored {
+                            score,
+                            tie: 0.0,
+                            gpus: vec![i as u32],
+                        });
+                    }
+                }
+                best
+            }
+            _ => {
+                let gpus = choose_best_fit(node, ask)?;
+                for g in &gpus {
+                    free[*g as usize] -= ask.map_or(0, |a| a.milli);
+                }
+                Some(Scored {
+                    tie: 0.0,
+                    score: score_of(ctx.typical.node_fragmentation(node, cpu_after, &free)),
+                    gpus,
+                })
+            }
+        }
+    }
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// berth's default policy (experimental knobs while it is designed).
+#[derive(Debug, Clone)]
+pub struct Berth {
+    knobs: [f64; 4],
+}
+
+impl Default for Berth {
+    fn default() -> Self {
+        let mut knobs = [1.0, 0.0, 0.0, 0.0];
+        for (i, k) in knobs.iter_mut().enumerate() {
+            if let Ok(v) = std::env::var(format!("BERTH_K{i}")) {
+                *k = v.parse().unwrap_or(*k);
+            }
+        }
+        Berth { knobs }
+    }
+}
+
+impl Policy for Berth {
+    fn name(&self) -> &'static str {
+        "berth"
+    }
+
+    fn score(
+        &self,
+        ctx: &ScoreContext<'_>,
+        node: &NodeView,
+        ask: Option<&GpuAsk>,
+        _: &mut ChaCha8Rng,
+    ) -> Option<Scored> {
+        let [quantum, pack, surplus, _] = self.knobs;
+        let before =
+            ctx.typical
+                .node_fragmentation(node, node.cpu_milli_free, &node.gpu_milli_free);
+        let cpu_after = node.cpu_milli_free.saturating_sub(ctx.spec.cpu_milli);
+        let mut free = node.gpu_milli_free.clone();
+        let evaluate = |free: &[u32]| -> (f64, f64) {
+            let delta = ctx.typical.node_fragmentation(node, cpu_after, free) - before;
+            let primary = if quantum > 0.0 {
+                -(delta / quantum).round()
+            } else {
+                -delta
+            };
+            let gpu_left: f64 = free.iter().map(|f| f64::from(*f)).sum::<f64>() / 1000.0;
+            let cpu_surplus = (cpu_after as f64
+                - ctx.typical.cpu_milli_per_gpu_milli() * gpu_left * 1000.0)
+                / 1000.0;
+            (primary, -pack * gpu_left + surplus * cpu_surplus)
+        };
+        match ask {
+            Some(ask) if ask.milli < 1000 => {
+                let mut best: Option<Scored> = None;
+                for (i, f) in ask.eligible(node) {
+                    if f < ask.milli {
+                        continue;
+                    }
+                    free[i] -= ask.milli;
+                    let (score, tie) = evaluate(&free);
+                    // Prefer the fullest GPU among equals (best fit).
+                    let tie = tie - f64::from(f) * 1e-6;
+                    free[i] += ask.milli;
+                    if best
+                        .as_ref()
+                        .is_none_or(|b| (score, tie) > (b.score, b.tie))
+                    {
+                        best = Some(Scored {
+                            score,
+                            tie,
+                            gpus: vec![i as u32],
+                        });
+                    }
+                }
+                best
+            }
+            _ => {
+                let gpus = choose_best_fit(node, ask)?;
+                for g in &gpus {
+                    free[*g as usize] -= ask.map_or(0, |a| a.milli);
+                }
+                let (score, tie) = evaluate(&free);
+                Some(Scored { score, tie, gpus })
+            }
+        }
+    }
+}

@@ -1,0 +1,681 @@
+//! The transitions of the state machine.
+
+use berth_proto::gpu::{
+    GpuAmount, GpuModelSelector, GpuRequest,
+    request::{MAX_GPU_OPTIONS, MAX_GPUS_PER_SANDBOX},
+};
+use berth_proto::{GpuModelName, Validator};
+
+use super::command::{
+    Command, ItemOutcome, MAX_BATCH_ITEMS, Rejection, StatusChange, StatusUpdate, Submission,
+};
+use super::{NodeRecord, State};
+use crate::model::{
+    Binding, NodeSpec, NodeStatus, Placement, Sandbox, SandboxId, SandboxSpec, SandboxState,
+};
+
+impl State {
+    /// Applies one command at time `now_ms` (the leader's clock, carried in the entry) and
+    /// returns one outcome per item. Never panics on any input: a malformed item is
+    /// rejected and changes nothing.
+    pub fn apply(&mut self, command: &Command, now_ms: u64) -> Vec<ItemOutcome> {
+        self.revision += 1;
+        if command.items() > MAX_BATCH_ITEMS {
+            return vec![ItemOutcome::Rejected(Rejection::BatchTooLarge(
+                command.items(),
+            ))];
+        }
+        let one = |r: Result<(), Rejection>| {
+            vec![r.map_or_else(ItemOutcome::Rejected, |()| ItemOutcome::Applied)]
+        };
+        match command {
+            Command::RegisterNode { spec } => one(self.register_node(spec, now_ms)),
+            Command::SetNodeStatus {
+                node,
+                status,
+                reason,
+            } => one(self.set_node_status(node, *status, reason, now_ms)),
+            Command::RemoveNode { node } => one(self.remove_node(node)),
+            Command::SubmitSandboxes { items } => {
+                items.iter().map(|item| self.submit(item, now_ms)).collect()
+            }
+            Command::BindSandboxes { items } => items
+                .iter()
+                .map(|(id, placement)| match self.bind(*id, placement, now_ms) {
+                    Ok(()) => ItemOutcome::Applied,
+                    Err(e) => ItemOutcome::Rejected(e),
+                })
+                .collect(),
+            Command::SetPendingReasons { items } => items
+                .iter()
+                .map(|(id, reason)| match self.sandboxes.get_mut(id) {
+                    Some(s) if s.state == SandboxState::Pending => {
+                        s.pending_reason = Some(truncate(reason, 1024));
+                        ItemOutcome::Applied
+                    }
+                    Some(s) => ItemOutcome::Rejected(Rejection::InvalidTransition {
+                        id: *id,
+                        state: s.state.name(),
+                        what: "a pending reason",
+                    }),
+                    None => ItemOutcome::Rejected(Rejection::UnknownSandbox(*id)),
+                })
+                .collect(),
+            Command::UpdateSandboxes { items } => items
+                .iter()
+                .map(|u| one(self.update(u, now_ms)).remove(0))
+                .collect(),
+            Command::DeleteSandboxes { items } => items
+                .iter()
+                .map(|id| one(self.delete(*id)).remove(0))
+                .collect(),
+            Command::ExpireTerminal { finished_before_ms } => {
+                let expired: Vec<SandboxId> = self
+                    .sandboxes
+                    .values()
+                    .filter(|s| {
+                        s.state.is_terminal()
+                            && s.finished_ms.is_some_and(|t| t < *finished_before_ms)
+                    })
+                    .map(|s| s.id)
+                    .collect();
+                for id in expired {
+                    let _ = self.delete(id);
+                }
+                vec![ItemOutcome::Applied]
+            }
+            Command::SetTenantQuota { tenant, quota } => {
+                let mut v = Validator::new();
+                v.identifier("tenant", tenant, crate::model::limits::TENANT_LEN);
+                match v.finish() {
+                    Err(e) => vec![ItemOutcome::Rejected(Rejection::InvalidSpec(e.to_string()))],
+                    Ok(()) => {
+                        let revision = self.revision;
+                        let record = self.tenants.entry(tenant.clone()).or_default();
+                        record.quota = quota.clone();
+                        record.quota_revision = revision;
+                        vec![ItemOutcome::Applied]
+                    }
+                }
+            }
+        }
+    }
+
+    fn register_node(&mut self, spec: &NodeSpec, now_ms: u64) -> Result<(), Rejection> {
+        let mut v = Validator::new();
+        spec.validate(&mut v);
+        v.finish()
+            .map_err(|e| Rejection::InvalidSpec(e.to_string()))?;
+        let Some(existing) = self.nodes.get_mut(&spec.id) else {
+            self.nodes.insert(
+                spec.id.clone(),
+                NodeRecord {
+                    spec: spec.clone(),
+                    status: NodeStatus::Ready,
+                    status_reason: String::new(),
+                    epoch: 1,
+                    cpu_milli_allocated: 0,
+                    memory_mib_allocated: 0,
+                    gpu_milli_allocated: vec![0; spec.gpus.len()],
+                    sandboxes: Default::default(),
+                },
+            );
+            return Ok(());
+        };
+        existing.epoch += 1;
+        existing.spec = spec.clone();
+        if existing.status == NodeStatus::Down {
+            existing.status = NodeStatus::Ready;
+            existing.status_reason = "re-registered".into();
+        }
+        // Re-adopt what still fits the new inventory; what does not is Lost.
+        let held: Vec<SandboxId> = existing.sandboxes.iter().copied().collect();
+        existing.cpu_milli_allocated = 0;
+        existing.memory_mib_allocated = 0;
+        existing.gpu_milli_allocated = vec![0; spec.gpus.len()];
+        existing.sandboxes.clear();
+        for id in held {
+            // Tenant usage is recomputed along with the node's: released here, re-held below.
+            self.release_tenant_gpus(id);
+            let Some(sandbox) = self.sandboxes.get(&id) else {
+                continue;
+            };
+            let node = self.nodes.get(&spec.id);
+            let fits = match (&sandbox.binding, node) {
+                (Some(b), Some(node)) => {
+                    b.placement.gpu_indices.iter().all(|i| {
+                        node.gpu_milli_free(*i as usize) >= b.placement.gpu_milli_per_gpu
+                            && spec.gpus.get(*i as usize).map(|g| &g.model) == b.gpu_model.as_ref()
+                    }) && node.cpu_milli_free() >= sandbox.spec.cpu_milli
+                        && node.memory_mib_free() >= sandbox.spec.memory_mib
+                }
+                _ => false,
+            };
+            if fits {
+                self.hold(id);
+            } else {
+                let reason = format!(
+                    "node {} re-registered without the resources it was bound to",
+                    spec.id
+                );
+                self.finish(id, SandboxState::Lost { reason }, now_ms, false);
+            }
+        }
+        Ok(())
+    }
+
+    fn set_node_status(
+        &mut self,
+        id: &str,
+        status: NodeStatus,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<(), Rejection> {
+        let node = self
+            .nodes
+            .get_mut(id)
+            .ok_or_else(|| Rejection::UnknownNode(id.to_owned()))?;
+        if node.status == NodeStatus::Down && status != NodeStatus::Down {
+            return Err(Rejection::MustReregister(id.to_owned()));
+        }
+        node.status = status;
+        node.status_reason = truncate(reason, 1024);
+        if status == NodeStatus::Down {
+            let held: Vec<SandboxId> = node.sandboxes.iter().copied().collect();
+            for sandbox in held {
+                self.finish(
+                    sandbox,
+                    SandboxState::Lost {
+                        reason: format!("node {id} is down: {reason}"),
+                    },
+                    now_ms,
+                    true,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_node(&mut self, id: &str) -> Result<(), Rejection> {
+        let node = self
+            .nodes
+            .get(id)
+            .ok_or_else(|| Rejection::UnknownNode(id.to_owned()))?;
+        if !node.sandboxes.is_empty() {
+            return Err(Rejection::NodeNotEmpty {
+                node: id.to_owned(),
+                count: node.sandboxes.len(),
+            });
+        }
+        self.nodes.remove(id);
+        Ok(())
+    }
+
+    fn submit(&mut self, item: &Submission, now_ms: u64) -> ItemOutcome {
+        let key = (item.spec.tenant.clone(), item.request_id.clone());
+        if let Some(id) = self.request_ids.get(&key) {
+            return ItemOutcome::Duplicate { id: *id };
+        }
+        let mut v = Validator::new();
+        v.check(
+            !item.request_id.is_empty()
+                && item.request_id.len() <= crate::model::limits::REQUEST_ID_LEN,
+            "request_id",
+            || format!("must be 1..={} bytes", crate::model::limits::REQUEST_ID_LEN),
+        );
+        v.nested("spec", |v| {
+            item.spec.validate(v);
+            if let Some(gpu) = &item.spec.gpu {
+                v.nested("resources.gpu", |v| validate_gpu_request(gpu, v));
+            }
+        });
+        if let Err(e) = v.finish() {
+            return ItemOutcome::Rejected(Rejection::InvalidSpec(e.to_string()));
+        }
+        let tenant = self.tenants.entry(item.spec.tenant.clone()).or_default();
+        if let Some(max) = tenant.quota.max_concurrent_sandboxes {
+            if tenant.active_sandboxes >= max {
+                return ItemOutcome::Rejected(Rejection::ConcurrencyQuota {
+                    tenant: item.spec.tenant.clone(),
+                    max,
+                });
+            }
+        }
+        tenant.active_sandboxes += 1;
+        let id = SandboxId(self.next_sandbox_id);
+        self.next_sandbox_id += 1;
+        self.request_ids.insert(key, id);
+        self.sandboxes.insert(
+            id,
+            Sandbox {
+                id,
+                request_id: item.request_id.clone(),
+                spec: item.spec.clone(),
+                state: SandboxState::Pending,
+                binding: None,
+                pending_reason: None,
+                created_revision: self.revision,
+                created_ms: now_ms,
+                scheduled_ms: None,
+                started_ms: None,
+                finished_ms: None,
+            },
+        );
+        self.count_state("pending", 1);
+        let (bound, bind_rejected) = match &item.placement {
+            None => (false, None),
+            Some(placement) => match self.bind(id, placement, now_ms) {
+                Ok(()) => (true, None),
+                Err(e) => {
+                    if let Some(s) = self.sandboxes.get_mut(&id) {
+                        s.pending_reason = Some(e.to_string());
+                    }
+                    (false, Some(e))
+                }
+            },
+        };
+        ItemOutcome::Created {
+            id,
+            bound,
+            bind_rejected,
+        }
+    }
+
+    /// Binds a pending sandbox after re-checking that the placement fits now.
+    fn bind(&mut self, id: SandboxId, placement: &Placement, now_ms: u64) -> Result<(), Rejection> {
+        let sandbox = self
+            .sandboxes
+            .get(&id)
+            .ok_or(Rejection::UnknownSandbox(id))?;
+        if sandbox.state != SandboxState::Pending {
+            return Err(Rejection::InvalidTransition {
+                id,
+                state: sandbox.state.name(),
+                what: "binding",
+            });
+        }
+        let node = self
+            .nodes
+            .get(&placement.node)
+            .ok_or_else(|| Rejection::UnknownNode(placement.node.clone()))?;
+        let gpu_model = check_fit(&sandbox.spec, node, placement)?;
+        if let Some(model) = &gpu_model {
+            let tenant = &sandbox.spec.tenant;
+            if let Some(record) = self.tenants.get(tenant) {
+                if let Some(max) = record.quota.max_gpu_milli_per_model.get(model) {
+                    let held = record.gpu_milli_by_model.get(model).copied().unwrap_or(0);
+                    let add =
+                        u64::from(placement.gpu_milli_per_gpu) * placement.gpu_indices.len() as u64;
+                    if held + add > *max {
+                        return Err(Rejection::GpuQuota {
+                            tenant: tenant.clone(),
+                            model: model.to_string(),
+                            would_hold: held + add,
+                            max: *max,
+                        });
+                    }
+                }
+            }
+        }
+        let revision = self.revision;
+        if let Some(sandbox) = self.sandboxes.get_mut(&id) {
+            sandbox.binding = Some(Binding {
+                placement: placement.clone(),
+                gpu_model,
+                bound_revision: revision,
+            });
+            sandbox.state = SandboxState::Scheduled;
+            sandbox.scheduled_ms = Some(now_ms);
+            sandbox.pending_reason = None;
+        }
+        self.count_state("pending", -1);
+        self.count_state("scheduled", 1);
+        self.hold(id);
+        Ok(())
+    }
+
+    fn update(&mut self, update: &StatusUpdate, now_ms: u64) -> Result<(), Rejection> {
+        let sandbox = self
+            .sandboxes
+            .get_mut(&update.sandbox)
+            .ok_or(Rejection::UnknownSandbox(update.sandbox))?;
+        let here = sandbox
+            .binding
+            .as_ref()
+            .is_some_and(|b| b.placement.node == update.node);
+        if !here || !sandbox.state.holds_resources() {
+            if !sandbox.state.holds_resources() {
+                return Err(Rejection::InvalidTransition {
+                    id: update.sandbox,
+                    state: sandbox.state.name(),
+                    what: "a status report",
+                });
+            }
+            return Err(Rejection::NotBoundHere {
+                id: update.sandbox,
+                node: update.node.clone(),
+            });
+        }
+        match &update.change {
+            StatusChange::Running => {
+                if sandbox.state == SandboxState::Scheduled {
+                    sandbox.state = SandboxState::Running;
+                    sandbox.started_ms = Some(now_ms);
+                    self.count_state("scheduled", -1);
+                    self.count_state("running", 1);
+                }
+                Ok(())
+            }
+            StatusChange::Exited { code } => {
+                self.finish(
+                    update.sandbox,
+                    SandboxState::Exited { code: *code },
+                    now_ms,
+                    true,
+                );
+                Ok(())
+            }
+            StatusChange::Failed { reason } => {
+                self.finish(
+                    update.sandbox,
+                    SandboxState::Failed {
+                        reason: truncate(reason, 1024),
+                    },
+                    now_ms,
+                    true,
+                );
+                Ok(())
+            }
+        }
+    }
+
+    fn delete(&mut self, id: SandboxId) -> Result<(), Rejection> {
+        let Some(sandbox) = self.sandboxes.get(&id) else {
+            return Err(Rejection::UnknownSandbox(id));
+        };
+        if !sandbox.state.is_terminal() {
+            let held = sandbox.state.holds_resources();
+            self.finish(
+                id,
+                SandboxState::Failed {
+                    reason: "deleted".into(),
+                },
+                sandbox.created_ms,
+                held,
+            );
+        }
+        if let Some(sandbox) = self.sandboxes.remove(&id) {
+            self.request_ids
+                .remove(&(sandbox.spec.tenant.clone(), sandbox.request_id.clone()));
+            self.count_state(sandbox.state.name(), -1);
+        }
+        Ok(())
+    }
+
+    /// Moves a sandbox to a terminal state, releasing what it holds (when `release`).
+    fn finish(&mut self, id: SandboxId, state: SandboxState, now_ms: u64, release: bool) {
+        let Some(sandbox) = self.sandboxes.get_mut(&id) else {
+            return;
+        };
+        if sandbox.state.is_terminal() {
+            return;
+        }
+        let before = sandbox.state.name();
+        let held = sandbox.state.holds_resources();
+        sandbox.state = state;
+        sandbox.finished_ms = Some(now_ms);
+        let after = sandbox.state.name();
+        let tenant = sandbox.spec.tenant.clone();
+        self.count_state(before, -1);
+        self.count_state(after, 1);
+        if let Some(record) = self.tenants.get_mut(&tenant) {
+            record.active_sandboxes = record.active_sandboxes.saturating_sub(1);
+        }
+        // Without `release` the caller has already taken the sandbox off its node and tenant.
+        if held && release {
+            self.release(id);
+        }
+    }
+
+    /// Adds a bound sandbox's resources to its node and tenant.
+    fn hold(&mut self, id: SandboxId) {
+        let Some(sandbox) = self.sandboxes.get(&id) else {
+            return;
+        };
+        let Some(binding) = &sandbox.binding else {
+            return;
+        };
+        let p = &binding.placement;
+        if let Some(node) = self.nodes.get_mut(&p.node) {
+            node.cpu_milli_allocated += sandbox.spec.cpu_milli;
+            node.memory_mib_allocated += sandbox.spec.memory_mib;
+            for i in &p.gpu_indices {
+                if let Some(used) = node.gpu_milli_allocated.get_mut(*i as usize) {
+                    *used += p.gpu_milli_per_gpu;
+                }
+            }
+            node.sandboxes.insert(id);
+        }
+        if let Some(model) = &binding.gpu_model {
+            let milli = u64::from(p.gpu_milli_per_gpu) * p.gpu_indices.len() as u64;
+            let record = self.tenants.entry(sandbox.spec.tenant.clone()).or_default();
+            *record.gpu_milli_by_model.entry(model.clone()).or_default() += milli;
+        }
+    }
+
+    fn release(&mut self, id: SandboxId) {
+        let Some(sandbox) = self.sandboxes.get(&id) else {
+            return;
+        };
+        let Some(binding) = &sandbox.binding else {
+            return;
+        };
+        let p = &binding.placement;
+        if let Some(node) = self.nodes.get_mut(&p.node) {
+            if node.sandboxes.remove(&id) {
+                node.cpu_milli_allocated = node
+                    .cpu_milli_allocated
+                    .saturating_sub(sandbox.spec.cpu_milli);
+                node.memory_mib_allocated = node
+                    .memory_mib_allocated
+                    .saturating_sub(sandbox.spec.memory_mib);
+                for i in &p.gpu_indices {
+                    if let Some(used) = node.gpu_milli_allocated.get_mut(*i as usize) {
+                        *used = used.saturating_sub(p.gpu_milli_per_gpu);
+                    }
+                }
+            }
+        }
+        self.release_tenant_gpus(id);
+    }
+
+    fn release_tenant_gpus(&mut self, id: SandboxId) {
+        let Some(sandbox) = self.sandboxes.get(&id) else {
+            return;
+        };
+        let Some(binding) = &sandbox.binding else {
+            return;
+        };
+        let Some(model) = &binding.gpu_model else {
+            return;
+        };
+        let milli = u64::from(binding.placement.gpu_milli_per_gpu)
+            * binding.placement.gpu_indices.len() as u64;
+        if let Some(record) = self.tenants.get_mut(&sandbox.spec.tenant) {
+            if let Some(held) = record.gpu_milli_by_model.get_mut(model) {
+                *held = held.saturating_sub(milli);
+                if *held == 0 {
+                    record.gpu_milli_by_model.remove(model);
+                }
+            }
+        }
+    }
+
+    fn count_state(&mut self, name: &str, delta: i64) {
+        let count = self.sandboxes_by_state.entry(name.to_owned()).or_default();
+        *count = count.saturating_add_signed(delta);
+        if *count == 0 {
+            self.sandboxes_by_state.remove(name);
+        }
+    }
+}
+
+/// Checks that a GPU request read from a log entry is well formed (the wire parser already
+/// guarantees this for requests that came through the API; entries are checked anyway).
+fn validate_gpu_request(gpu: &GpuRequest, v: &mut Validator) {
+    v.check(
+        (1..=MAX_GPU_OPTIONS).contains(&gpu.options.len()),
+        "options",
+        || {
+            format!(
+                "{} options; 1..={MAX_GPU_OPTIONS} allowed",
+                gpu.options.len()
+            )
+        },
+    );
+    for (i, option) in gpu.options.iter().enumerate() {
+        let ok = match option.amount {
+            GpuAmount::Whole(n) => (1..=MAX_GPUS_PER_SANDBOX).contains(&n),
+            GpuAmount::Shared(m) => (1..1000).contains(&m),
+        };
+        v.check(ok, &format!("options[{i}]"), || {
+            format!("{option} has an amount out of range")
+        });
+    }
+}
+
+/// Re-checks a placement against the node as it is now. Returns the bound GPU model.
+pub(crate) fn check_fit(
+    spec: &SandboxSpec,
+    node: &NodeRecord,
+    placement: &Placement,
+) -> Result<Option<GpuModelName>, Rejection> {
+    let node_id = &node.spec.id;
+    if placement.epoch != node.epoch {
+        return Err(Rejection::StaleEpoch {
+            node: node_id.clone(),
+            planned: placement.epoch,
+            current: node.epoch,
+        });
+    }
+    if node.status != NodeStatus::Ready {
+        return Err(Rejection::NodeNotReady {
+            node: node_id.clone(),
+            status: node.status,
+        });
+    }
+    check_constraints(spec, &node.spec)?;
+    for (resource, free, need) in [
+        ("cpu_milli", node.cpu_milli_free(), spec.cpu_milli),
+        ("memory_mib", node.memory_mib_free(), spec.memory_mib),
+    ] {
+        if free < need {
+            return Err(Rejection::Insufficient {
+                node: node_id.clone(),
+                resource,
+                free,
+                need,
+            });
+        }
+    }
+    let Some(request) = &spec.gpu else {
+        if !placement.gpu_indices.is_empty() {
+            return Err(Rejection::PlanMismatch(
+                "a CPU-only sandbox was given GPUs".into(),
+            ));
+        }
+        return Ok(None);
+    };
+    let option = request
+        .options
+        .get(placement.option as usize)
+        .ok_or_else(|| {
+            Rejection::PlanMismatch(format!("option {} does not exist", placement.option))
+        })?;
+    if placement.gpu_indices.len() != option.amount.gpu_count() as usize {
+        return Err(Rejection::PlanMismatch(format!(
+            "{} GPUs given; {option} asks for {}",
+            placement.gpu_indices.len(),
+            option.amount.gpu_count()
+        )));
+    }
+    if placement.gpu_milli_per_gpu != option.amount.milli_per_gpu() {
+        return Err(Rejection::PlanMismatch(format!(
+            "{} milli per GPU given; {option} asks for {}",
+            placement.gpu_milli_per_gpu,
+            option.amount.milli_per_gpu()
+        )));
+    }
+    let mut model: Option<&GpuModelName> = None;
+    for (k, index) in placement.gpu_indices.iter().enumerate() {
+        let gpu_err = |why: String| Rejection::Gpu {
+            node: node_id.clone(),
+            index: *index,
+            why,
+        };
+        if placement.gpu_indices[..k].contains(index) {
+            return Err(gpu_err("listed twice".into()));
+        }
+        let gpu = node
+            .spec
+            .gpus
+            .get(*index as usize)
+            .ok_or_else(|| gpu_err("does not exist".into()))?;
+        if !gpu.healthy {
+            return Err(gpu_err("is unhealthy".into()));
+        }
+        // The state machine enforces `!` and the model ladder; whether upgrades are wanted
+        // at all is the placement engine's (operator-configured) choice.
+        if !option.accepts(&gpu.model, true) {
+            return Err(gpu_err(format!(
+                "is a {}, which {option} does not accept",
+                gpu.model
+            )));
+        }
+        if model.is_some_and(|m| m != &gpu.model) {
+            return Err(gpu_err(
+                "is a different model from the other GPUs in the plan".into(),
+            ));
+        }
+        model = Some(&gpu.model);
+        if let Some(min) = request.min_memory_mib {
+            if gpu.memory_mib < min {
+                return Err(gpu_err(format!(
+                    "has {} MiB; the request needs {min}",
+                    gpu.memory_mib
+                )));
+            }
+        }
+        let free = node.gpu_milli_free(*index as usize);
+        if free < placement.gpu_milli_per_gpu {
+            return Err(gpu_err(format!(
+                "has {free} milli free; the sandbox needs {}",
+                placement.gpu_milli_per_gpu
+            )));
+        }
+    }
+    if matches!(option.model, GpuModelSelector::Model(_)) && model.is_none() {
+        return Err(Rejection::PlanMismatch("no GPUs given".into()));
+    }
+    Ok(model.cloned())
+}
+
+/// Hard constraints of a sandbox against a node: the placement engine's own inventory
+/// filters, so placement and `apply` agree on what fits.
+pub(crate) fn check_constraints(spec: &SandboxSpec, node: &NodeSpec) -> Result<(), Rejection> {
+    crate::placement::filters::check_spec(spec, node).map_err(|reason| Rejection::Constraint {
+        node: node.id.clone(),
+        why: reason.to_string(),
+    })
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}

@@ -1,0 +1,265 @@
+//! Commands the state machine applies, and what each item of a command came to.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::model::{NodeId, NodeSpec, NodeStatus, Placement, SandboxId, SandboxSpec, TenantQuota};
+
+/// Most items in one batched command; a bigger batch is refused whole.
+pub const MAX_BATCH_ITEMS: usize = 65_536;
+
+/// One replicated command. Batches carry many items and yield one outcome per item.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Register a node or re-register it with a new inventory (its epoch increases).
+    RegisterNode {
+        /// The inventory.
+        spec: NodeSpec,
+    },
+    /// Operator or liveness change of a node's status. `Down` turns its sandboxes Lost.
+    SetNodeStatus {
+        /// Node.
+        node: NodeId,
+        /// New status.
+        status: NodeStatus,
+        /// Why, for the record.
+        reason: String,
+    },
+    /// Forget a node that holds no sandboxes.
+    RemoveNode {
+        /// Node.
+        node: NodeId,
+    },
+    /// Create sandboxes, each optionally with a placement (the leader's hot path proposes
+    /// both in one entry).
+    SubmitSandboxes {
+        /// The creates.
+        items: Vec<Submission>,
+    },
+    /// Bind pending sandboxes.
+    BindSandboxes {
+        /// Sandbox and where.
+        items: Vec<(SandboxId, Placement)>,
+    },
+    /// Record why pending sandboxes could not be placed.
+    SetPendingReasons {
+        /// Sandbox and reason.
+        items: Vec<(SandboxId, String)>,
+    },
+    /// Status reported by agents (or decided by the leader, e.g. a timeout).
+    UpdateSandboxes {
+        /// The updates.
+        items: Vec<StatusUpdate>,
+    },
+    /// Delete sandboxes, releasing what they hold.
+    DeleteSandboxes {
+        /// Ids.
+        items: Vec<SandboxId>,
+    },
+    /// Forget terminal sandboxes that finished before a time (bounds the state's size).
+    ExpireTerminal {
+        /// Cut-off in ms.
+        finished_before_ms: u64,
+    },
+    /// Set or replace a tenant's quota.
+    SetTenantQuota {
+        /// Tenant.
+        tenant: String,
+        /// Quota.
+        quota: TenantQuota,
+    },
+}
+
+impl Command {
+    /// Number of items; a non-batch command counts as one.
+    pub fn items(&self) -> usize {
+        match self {
+            Command::SubmitSandboxes { items } => items.len(),
+            Command::BindSandboxes { items } => items.len(),
+            Command::SetPendingReasons { items } => items.len(),
+            Command::UpdateSandboxes { items } => items.len(),
+            Command::DeleteSandboxes { items } => items.len(),
+            _ => 1,
+        }
+    }
+}
+
+/// One create.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Submission {
+    /// Idempotency key, unique per tenant.
+    pub request_id: String,
+    /// Spec.
+    pub spec: SandboxSpec,
+    /// Where to bind it right away, if the leader placed it.
+    pub placement: Option<Placement>,
+}
+
+/// A sandbox status change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusUpdate {
+    /// Sandbox.
+    pub sandbox: SandboxId,
+    /// The node reporting it; a report from another node is stale.
+    pub node: NodeId,
+    /// What happened.
+    pub change: StatusChange,
+}
+
+/// The changes an agent can report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StatusChange {
+    /// It started.
+    Running,
+    /// It exited.
+    Exited {
+        /// Exit code.
+        code: i32,
+    },
+    /// It failed to start or was killed (timeout, OOM).
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What one item of a command came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ItemOutcome {
+    /// A sandbox was created; `bound` when its placement was accepted too.
+    Created {
+        /// New id.
+        id: SandboxId,
+        /// Whether it is Scheduled.
+        bound: bool,
+        /// Why its placement was refused, when one was given and refused.
+        bind_rejected: Option<Rejection>,
+    },
+    /// The request id was seen before; this is the original sandbox.
+    Duplicate {
+        /// The original.
+        id: SandboxId,
+    },
+    /// Done.
+    Applied,
+    /// Refused; nothing changed for this item.
+    Rejected(Rejection),
+}
+
+/// Why `apply` refused an item. The message says what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Rejection {
+    /// The spec breaks a bound or rule.
+    #[error("invalid spec: {0}")]
+    InvalidSpec(String),
+    /// The batch is above [`MAX_BATCH_ITEMS`].
+    #[error("batch of {0} items is above the limit of {MAX_BATCH_ITEMS}")]
+    BatchTooLarge(usize),
+    /// Tenant at its concurrent-sandbox quota.
+    #[error("tenant {tenant} is at its quota of {max} concurrent sandboxes")]
+    ConcurrencyQuota {
+        /// Tenant.
+        tenant: String,
+        /// Its quota.
+        max: u32,
+    },
+    /// Tenant at its GPU quota for a model.
+    #[error("tenant {tenant} would hold {would_hold} milli-GPUs of {model}; its quota is {max}")]
+    GpuQuota {
+        /// Tenant.
+        tenant: String,
+        /// Model.
+        model: String,
+        /// Usage after the bind.
+        would_hold: u64,
+        /// Quota.
+        max: u64,
+    },
+    /// No such node.
+    #[error("node {0} is not registered")]
+    UnknownNode(String),
+    /// The plan was made against an older registration of the node.
+    #[error("node {node} is at epoch {current}; the placement was made for epoch {planned}")]
+    StaleEpoch {
+        /// Node.
+        node: String,
+        /// Epoch in the plan.
+        planned: u64,
+        /// Current epoch.
+        current: u64,
+    },
+    /// The node is cordoned, draining or down.
+    #[error("node {node} is {status:?}")]
+    NodeNotReady {
+        /// Node.
+        node: String,
+        /// Status.
+        status: NodeStatus,
+    },
+    /// Not enough CPU or memory left.
+    #[error("node {node} has {free} {resource} free; the sandbox needs {need}")]
+    Insufficient {
+        /// Node.
+        node: String,
+        /// "cpu_milli" or "memory_mib".
+        resource: &'static str,
+        /// Free.
+        free: u64,
+        /// Needed.
+        need: u64,
+    },
+    /// A GPU in the plan does not exist, is unhealthy, is too small, is listed twice, or
+    /// has too little free.
+    #[error("node {node} GPU {index}: {why}")]
+    Gpu {
+        /// Node.
+        node: String,
+        /// GPU index.
+        index: u32,
+        /// What is wrong.
+        why: String,
+    },
+    /// The plan does not match the request (option index, count, milli, model).
+    #[error("placement does not match the request: {0}")]
+    PlanMismatch(String),
+    /// The node does not satisfy a hard constraint of the sandbox.
+    #[error("node {node} breaks a constraint: {why}")]
+    Constraint {
+        /// Node.
+        node: String,
+        /// Which.
+        why: String,
+    },
+    /// No such sandbox.
+    #[error("sandbox {0} does not exist")]
+    UnknownSandbox(SandboxId),
+    /// The sandbox is not in a state that allows this.
+    #[error("sandbox {id} is {state}; {what} is not allowed")]
+    InvalidTransition {
+        /// Sandbox.
+        id: SandboxId,
+        /// Its state name.
+        state: &'static str,
+        /// The attempted change.
+        what: &'static str,
+    },
+    /// A status report from a node the sandbox is not bound to.
+    #[error("sandbox {id} is not bound to node {node}")]
+    NotBoundHere {
+        /// Sandbox.
+        id: SandboxId,
+        /// Reporting node.
+        node: String,
+    },
+    /// A down node must re-register to become Ready.
+    #[error("node {0} is down; it becomes ready by registering again")]
+    MustReregister(String),
+    /// A node holding sandboxes cannot be removed.
+    #[error("node {node} still holds {count} sandboxes; drain it first")]
+    NodeNotEmpty {
+        /// Node.
+        node: String,
+        /// Sandboxes on it.
+        count: usize,
+    },
+}

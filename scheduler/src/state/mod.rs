@@ -1,0 +1,154 @@
+//! The replicated state machine: `apply(command, now_ms) -> outcomes`, deterministic and
+//! free of I/O, clocks and randomness.
+//!
+//! `apply` is the single writer. It re-checks every placement against the current state
+//! and refuses what no longer fits (Nomad's plan applier), which is what guarantees that no
+//! CPU, memory or GPU is ever double-allocated, whatever the leader's view was. Iteration is
+//! over `BTreeMap`s only, so two replicas that apply the same commands hold byte-identical
+//! state.
+//!
+//! # Layout
+//! - [`command`]: commands and per-item outcomes.
+//! - `apply`: the transitions.
+//! - [`snapshot`]: compact binary snapshot and restore.
+
+mod apply;
+pub mod command;
+pub mod snapshot;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use berth_proto::GpuModelName;
+
+use crate::model::{NodeId, NodeSpec, NodeStatus, Sandbox, SandboxId, SandboxState, TenantQuota};
+
+pub use command::{Command, ItemOutcome, Rejection, StatusChange, StatusUpdate, Submission};
+
+/// A node and what is allocated on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Inventory.
+    pub spec: NodeSpec,
+    /// Status.
+    pub status: NodeStatus,
+    /// Why it has that status.
+    pub status_reason: String,
+    /// Incremented at every registration.
+    pub epoch: u64,
+    /// CPU held by its Scheduled/Running sandboxes.
+    pub cpu_milli_allocated: u64,
+    /// Memory held.
+    pub memory_mib_allocated: u64,
+    /// Milli-GPU held per GPU index (0..=1000).
+    pub gpu_milli_allocated: Vec<u32>,
+    /// Scheduled/Running sandboxes bound here.
+    pub sandboxes: BTreeSet<SandboxId>,
+}
+
+impl NodeRecord {
+    /// Free CPU.
+    pub fn cpu_milli_free(&self) -> u64 {
+        self.spec.cpu_milli.saturating_sub(self.cpu_milli_allocated)
+    }
+
+    /// Free memory.
+    pub fn memory_mib_free(&self) -> u64 {
+        self.spec
+            .memory_mib
+            .saturating_sub(self.memory_mib_allocated)
+    }
+
+    /// Free milli-GPU of GPU `index` (0 for an unknown index).
+    pub fn gpu_milli_free(&self, index: usize) -> u32 {
+        self.gpu_milli_allocated
+            .get(index)
+            .map_or(0, |used| 1000u32.saturating_sub(*used))
+    }
+}
+
+/// A tenant's quota and usage.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantRecord {
+    /// Quota.
+    pub quota: TenantQuota,
+    /// Revision at which the quota was last set.
+    pub quota_revision: u64,
+    /// Sandboxes not terminal.
+    pub active_sandboxes: u32,
+    /// Milli-GPU held per model by Scheduled/Running sandboxes.
+    pub gpu_milli_by_model: BTreeMap<GpuModelName, u64>,
+}
+
+/// The whole replicated state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub(crate) revision: u64,
+    pub(crate) next_sandbox_id: u64,
+    pub(crate) nodes: BTreeMap<NodeId, NodeRecord>,
+    pub(crate) sandboxes: BTreeMap<SandboxId, Sandbox>,
+    pub(crate) request_ids: BTreeMap<(String, String), SandboxId>,
+    pub(crate) tenants: BTreeMap<String, TenantRecord>,
+    pub(crate) sandboxes_by_state: BTreeMap<String, u64>,
+}
+
+impl State {
+    /// An empty state at revision 0.
+    pub fn new() -> State {
+        State::default()
+    }
+
+    /// Number of commands applied.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// Nodes by id.
+    pub fn nodes(&self) -> &BTreeMap<NodeId, NodeRecord> {
+        &self.nodes
+    }
+
+    /// One node.
+    pub fn node(&self, id: &str) -> Option<&NodeRecord> {
+        self.nodes.get(id)
+    }
+
+    /// Sandboxes by id.
+    pub fn sandboxes(&self) -> &BTreeMap<SandboxId, Sandbox> {
+        &self.sandboxes
+    }
+
+    /// One sandbox.
+    pub fn sandbox(&self, id: SandboxId) -> Option<&Sandbox> {
+        self.sandboxes.get(&id)
+    }
+
+    /// The sandbox created with this tenant's request id.
+    pub fn by_request_id(&self, tenant: &str, request_id: &str) -> Option<SandboxId> {
+        self.request_ids
+            .get(&(tenant.to_owned(), request_id.to_owned()))
+            .copied()
+    }
+
+    /// Tenants with a quota or usage.
+    pub fn tenants(&self) -> &BTreeMap<String, TenantRecord> {
+        &self.tenants
+    }
+
+    /// Count of sandboxes per state name, kept by `apply` (the invariant checker recounts).
+    pub fn sandboxes_by_state(&self) -> &BTreeMap<String, u64> {
+        &self.sandboxes_by_state
+    }
+
+    /// Pending sandboxes, highest priority first, then oldest first.
+    pub fn pending(&self) -> Vec<&Sandbox> {
+        let mut pending: Vec<&Sandbox> = self
+            .sandboxes
+            .values()
+            .filter(|s| s.state == SandboxState::Pending)
+            .collect();
+        pending.sort_by_key(|s| (std::cmp::Reverse(s.spec.priority), s.id));
+        pending
+    }
+}

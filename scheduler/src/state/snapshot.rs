@@ -1,0 +1,62 @@
+//! Snapshots: the whole state in a compact binary form (postcard), behind a magic and a
+//! format version so an incompatible file is refused rather than misread.
+
+use thiserror::Error;
+
+use super::State;
+use crate::invariants;
+
+const MAGIC: &[u8; 6] = b"BERTH\0";
+const FORMAT_VERSION: u8 = 1;
+
+/// Why a snapshot could not be restored.
+#[derive(Debug, Error)]
+pub enum SnapshotError {
+    /// Not a berth snapshot.
+    #[error("not a berth state snapshot (bad magic)")]
+    BadMagic,
+    /// Written by an incompatible version.
+    #[error("snapshot format {0} is not supported (this build reads {FORMAT_VERSION})")]
+    UnsupportedVersion(u8),
+    /// Truncated or corrupt.
+    #[error("snapshot is corrupt: {0}")]
+    Decode(#[from] postcard::Error),
+    /// Decoded, but the state breaks an invariant.
+    #[error("snapshot state breaks invariants: {0}")]
+    Invalid(String),
+}
+
+impl State {
+    /// Serialises the state.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.sandboxes.len() * 128);
+        out.extend_from_slice(MAGIC);
+        out.push(FORMAT_VERSION);
+        // Serialising plain data into a Vec cannot fail; an empty body would be refused on
+        // restore rather than silently accepted.
+        if let Ok(body) = postcard::to_stdvec(self) {
+            out.extend_from_slice(&body);
+        }
+        out
+    }
+
+    /// Restores a state written by [`State::snapshot`], and checks its invariants.
+    pub fn restore(bytes: &[u8]) -> Result<State, SnapshotError> {
+        let body = bytes
+            .strip_prefix(MAGIC.as_slice())
+            .ok_or(SnapshotError::BadMagic)?;
+        let (&version, body) = body.split_first().ok_or(SnapshotError::BadMagic)?;
+        if version != FORMAT_VERSION {
+            return Err(SnapshotError::UnsupportedVersion(version));
+        }
+        let state: State = postcard::from_bytes(body)?;
+        let violations = invariants::check(&state);
+        if let Some(first) = violations.first() {
+            return Err(SnapshotError::Invalid(format!(
+                "{} violations, first: {first}",
+                violations.len()
+            )));
+        }
+        Ok(state)
+    }
+}

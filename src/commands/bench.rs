@@ -1,0 +1,179 @@
+//! `berth bench …`: benchmarks that print figures comparable across runs.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Args, Subcommand};
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::SeedableRng;
+use serde::Serialize;
+
+use berth_scheduler::config::PolicyName;
+use berth_scheduler::placement::fragmentation::TypicalWorkload;
+use berth_scheduler::placement::view::ClusterView;
+use berth_scheduler::placement::{DEFAULT_CANDIDATE_LIMIT, Placer, PlacerConfig};
+use berth_scheduler::state::{Command, State};
+use berth_sim::synthetic;
+
+use crate::cli::{EXIT_FAILURE, NotBuilt, not_built};
+
+/// Benchmarks.
+#[derive(Debug, Subcommand)]
+pub(crate) enum BenchCommand {
+    /// Placement decision latency on a synthetic multi-cloud pool (T4 … B200), half full.
+    Place(PlaceArgs),
+    /// Create throughput through a local Raft cluster of real scheduler processes.
+    Create(NotBuilt),
+}
+
+/// Arguments of `berth bench place`.
+#[derive(Debug, Args)]
+pub(crate) struct PlaceArgs {
+    /// Nodes in the pool.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    nodes: u32,
+    /// Sandboxes placed and timed.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    sandboxes: u32,
+    /// Placement policy.
+    #[arg(long, default_value = "berth")]
+    policy: PolicyName,
+    /// GPU allocation % to fill the pool to before timing.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=95))]
+    fill_pct: u32,
+    /// Feasible nodes scored per decision.
+    #[arg(long, default_value_t = DEFAULT_CANDIDATE_LIMIT)]
+    candidate_limit: usize,
+    /// Seed of the pool and the mix.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct PlaceReport {
+    nodes: u32,
+    policy: &'static str,
+    sandboxes: u32,
+    placed: u64,
+    unplaceable: u64,
+    p50_us: f64,
+    p99_us: f64,
+    max_us: f64,
+    placements_per_s: f64,
+}
+
+impl BenchCommand {
+    pub(crate) fn run(self) -> ExitCode {
+        match self {
+            BenchCommand::Place(args) => place(&args),
+            BenchCommand::Create(_) => not_built("bench create", 4),
+        }
+    }
+}
+
+fn place(args: &PlaceArgs) -> ExitCode {
+    let mut state = State::new();
+    for node in synthetic::pool(args.nodes as usize, args.seed) {
+        state.apply(&Command::RegisterNode { spec: node }, 0);
+    }
+    let mut view = ClusterView::from_state(&state, args.seed);
+    let gpu_capacity: u64 = view
+        .nodes()
+        .iter()
+        .map(|n| n.spec.gpus.len() as u64 * 1000)
+        .sum();
+    let mix = synthetic::sandboxes(args.sandboxes as usize + 1, args.seed);
+    let typical = TypicalWorkload::from_specs(&mix);
+    let placer = Placer::new(
+        PlacerConfig {
+            policy: args.policy,
+            allow_gpu_upgrade: true,
+            candidate_limit: Some(args.candidate_limit.max(1)),
+        },
+        typical,
+    );
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+
+    // Fill to the target allocation with the same mix, untimed.
+    let target = gpu_capacity * u64::from(args.fill_pct) / 100;
+    let mut filled = 0u64;
+    let mut fill = synthetic::sandboxes(
+        usize::MAX.min(50 * args.nodes as usize + 1000),
+        args.seed.wrapping_add(1),
+    )
+    .into_iter();
+    let mut misses = 0;
+    while filled < target && misses < 1000 {
+        let Some(spec) = fill.next() else { break };
+        match placer.place(&view, &spec, &mut rng).placement {
+            Some(p) => {
+                filled += u64::from(p.gpu_milli_per_gpu) * p.gpu_indices.len() as u64;
+                view.reserve(&spec, &p);
+            }
+            None => misses += 1,
+        }
+    }
+
+    let mut latencies_ns: Vec<u64> = Vec::with_capacity(args.sandboxes as usize);
+    let (mut placed, mut unplaceable) = (0u64, 0u64);
+    let started = Instant::now();
+    for spec in mix.iter().take(args.sandboxes as usize) {
+        let t = Instant::now();
+        let decision = placer.place(&view, spec, &mut rng);
+        if let Some(p) = &decision.placement {
+            view.reserve(spec, p);
+        }
+        latencies_ns.push(t.elapsed().as_nanos() as u64);
+        match decision.placement {
+            Some(p) => {
+                placed += 1;
+                // Keep the pool near its fill level: what lands leaves again.
+                view.release(spec, &p);
+            }
+            None => unplaceable += 1,
+        }
+    }
+    let total = started.elapsed().as_secs_f64();
+    latencies_ns.sort_unstable();
+    let quantile = |q: f64| {
+        latencies_ns[((latencies_ns.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0
+    };
+    let report = PlaceReport {
+        nodes: args.nodes,
+        policy: args.policy.as_str(),
+        sandboxes: args.sandboxes,
+        placed,
+        unplaceable,
+        p50_us: quantile(0.5),
+        p99_us: quantile(0.99),
+        max_us: quantile(1.0),
+        placements_per_s: f64::from(args.sandboxes) / total.max(1e-9),
+    };
+    if args.json {
+        match serde_json::to_string(&report) {
+            Ok(json) => println!("{json}"),
+            Err(e) => {
+                eprintln!("berth bench place: {e}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        }
+    } else {
+        println!(
+            "{} nodes, policy {}, {} sandboxes ({} placed, {} unplaceable; pool {}% GPU-allocated)\n  per-sandbox decision: p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs\n  {:.0} placements/s on one core",
+            report.nodes,
+            report.policy,
+            report.sandboxes,
+            report.placed,
+            report.unplaceable,
+            args.fill_pct,
+            report.p50_us,
+            report.p99_us,
+            report.max_us,
+            report.placements_per_s
+        );
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,135 @@
+//! `berth sim …`: capacity-planning simulations.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+
+use berth_scheduler::config::PolicyName;
+use berth_sim::openb::{MAX_SEEDS, OpenbRun};
+
+use crate::cli::{EXIT_FAILURE, NotBuilt, not_built};
+
+/// Simulations.
+#[derive(Debug, Subcommand)]
+pub(crate) enum SimCommand {
+    /// The FGD paper's placement experiment on an Alibaba openb trace: pods arrive in a
+    /// seeded random order up to 130 % of GPU capacity; report unallocated GPU % at 100 %.
+    Openb(OpenbArgs),
+    /// Run a scenario file (pool, autoscaler, workload) in virtual time.
+    Run(NotBuilt),
+    /// Run one workload on two scenario files, side by side.
+    Compare(NotBuilt),
+}
+
+/// Arguments of `berth sim openb`.
+#[derive(Debug, Args)]
+pub(crate) struct OpenbArgs {
+    /// Pod list CSV (openb_pod_list_*.csv).
+    #[arg(long)]
+    pods: PathBuf,
+    /// Node list CSV [default: openb_node_list_gpu_node.csv beside --pods].
+    #[arg(long)]
+    nodes: Option<PathBuf>,
+    /// Placement policy: random, bestfit, fgd (the paper's baselines) or berth.
+    #[arg(long, default_value = "berth")]
+    policy: PolicyName,
+    /// Seeds: "42..51" (inclusive), "7", or "1,2,3".
+    #[arg(long, default_value = "42..51", value_parser = parse_seeds)]
+    seeds: Seeds,
+    /// Feasible nodes scored per decision ("all" is the paper's setting; the scheduler's
+    /// default is 64).
+    #[arg(long, default_value = "all", value_parser = parse_limit)]
+    candidate_limit: Limit,
+    /// Worker threads [default: one per core].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Check every state invariant after each seed.
+    #[arg(long)]
+    check_invariants: bool,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Seeds(Vec<u64>);
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limit(Option<usize>);
+
+fn parse_seeds(text: &str) -> Result<Seeds, String> {
+    let seeds: Vec<u64> = if let Some((a, b)) = text.split_once("..") {
+        let a: u64 = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("{a:?} is not a seed"))?;
+        let b: u64 = b
+            .trim()
+            .trim_start_matches('=')
+            .parse()
+            .map_err(|_| format!("{b:?} is not a seed"))?;
+        if b < a {
+            return Err(format!("empty range {text:?}"));
+        }
+        if b - a >= MAX_SEEDS as u64 {
+            return Err(format!("{text:?} is more than {MAX_SEEDS} seeds"));
+        }
+        (a..=b).collect()
+    } else {
+        text.split(',')
+            .map(|s| s.trim().parse().map_err(|_| format!("{s:?} is not a seed")))
+            .collect::<Result<_, _>>()?
+    };
+    if seeds.is_empty() || seeds.len() > MAX_SEEDS {
+        return Err(format!("give 1..={MAX_SEEDS} seeds"));
+    }
+    Ok(Seeds(seeds))
+}
+
+fn parse_limit(text: &str) -> Result<Limit, String> {
+    if text == "all" {
+        return Ok(Limit(None));
+    }
+    match text.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(Limit(Some(n))),
+        _ => Err(format!("{text:?} is not a positive number or \"all\"")),
+    }
+}
+
+impl SimCommand {
+    pub(crate) fn run(self) -> ExitCode {
+        match self {
+            SimCommand::Openb(args) => openb(args),
+            SimCommand::Run(_) => not_built("sim run", 7),
+            SimCommand::Compare(_) => not_built("sim compare", 7),
+        }
+    }
+}
+
+fn openb(args: OpenbArgs) -> ExitCode {
+    let mut run = OpenbRun::new(&args.pods, args.policy);
+    if let Some(nodes) = args.nodes {
+        run.nodes = nodes;
+    }
+    run.seeds = args.seeds.0;
+    run.candidate_limit = args.candidate_limit.0;
+    run.check_invariants = args.check_invariants;
+    if let Some(threads) = args.threads {
+        run.threads = threads.max(1);
+    }
+    match run.run() {
+        Ok(report) => {
+            if args.json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.to_text());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("berth sim openb: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
