@@ -70,6 +70,8 @@ impl Shape {
 pub struct TypicalWorkload {
     /// (shape, probability); probabilities sum to 1.
     pub shapes: Vec<(Shape, f64)>,
+    /// Mean memory of each shape's sandboxes (same order as `shapes`).
+    pub memory_mib: Vec<u64>,
 }
 
 impl TypicalWorkload {
@@ -78,10 +80,22 @@ impl TypicalWorkload {
     /// ordered larger-first (CPU, then milli, count, models), as the FGD artifact does.
     pub fn from_specs<'a>(specs: impl IntoIterator<Item = &'a SandboxSpec>) -> TypicalWorkload {
         let mut counts: BTreeMap<Shape, u64> = BTreeMap::new();
+        let mut memory: BTreeMap<Shape, u64> = BTreeMap::new();
         for spec in specs {
-            *counts.entry(Shape::of(spec)).or_default() += 1;
+            let shape = Shape::of(spec);
+            *memory.entry(shape.clone()).or_default() += spec.memory_mib;
+            *counts.entry(shape).or_default() += 1;
         }
-        TypicalWorkload::from_counts(counts)
+        let mut workload = TypicalWorkload::from_counts(counts.clone());
+        workload.memory_mib = workload
+            .shapes
+            .iter()
+            .map(|(shape, _)| {
+                memory.get(shape).copied().unwrap_or(0)
+                    / counts.get(shape).copied().unwrap_or(1).max(1)
+            })
+            .collect();
+        workload
     }
 
     /// As [`TypicalWorkload::from_specs`], from counted shapes.
@@ -107,6 +121,7 @@ impl TypicalWorkload {
                 .into_iter()
                 .map(|(s, c)| (s, c as f64 / covered as f64))
                 .collect(),
+            memory_mib: Vec::new(),
         }
     }
 
@@ -123,6 +138,32 @@ impl TypicalWorkload {
             },
         );
         if gpu > 0.0 { cpu / gpu } else { 0.0 }
+    }
+
+    /// As [`TypicalWorkload::node_fragmentation`], but a shape whose mean memory does not fit
+    /// the node's free memory cannot use its GPUs either.
+    pub fn node_fragmentation_with_memory(
+        &self,
+        node: &NodeView,
+        cpu_free: u64,
+        memory_free: u64,
+        gpu_free: &[u32],
+    ) -> f64 {
+        let total: u64 = gpu_free.iter().map(|g| u64::from(*g)).sum();
+        if total == 0 {
+            return 0.0;
+        }
+        let mut frag = 0.0;
+        for (i, (shape, p)) in self.shapes.iter().enumerate() {
+            let memory_ok = self.memory_mib.get(i).is_none_or(|m| *m <= memory_free);
+            let f = if memory_ok {
+                shape_fragmentation(shape, node.gpu_model.as_ref(), cpu_free, gpu_free, total)
+            } else {
+                total
+            };
+            frag += p * f as f64;
+        }
+        frag
     }
 
     /// `F_n` in milli-GPU for a node whose free resources are `cpu_free` and `gpu_free`.
@@ -208,6 +249,7 @@ mod tests {
                 (shape(8000, 1000, 2, None), 0.25),
                 (shape(2000, 0, 0, None), 0.25),
             ],
+            memory_mib: Vec::new(),
         };
         let n = node("T4", 2);
         // Free [1000, 300]: the half-GPU shape fits (300 is a fragment), the 2-GPU shape does

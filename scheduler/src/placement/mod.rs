@@ -40,7 +40,10 @@ use crate::model::{Placement, SandboxId, SandboxSpec};
 use filters::Reason;
 use fragmentation::TypicalWorkload;
 use policy::{GpuAsk, Policy, ScoreContext};
-use view::{ClusterView, NodeIndex};
+use view::{ClusterView, Location, NodeIndex};
+
+/// Fewest feasible nodes scored per model or location when the candidate limit is split.
+const MIN_CANDIDATES_PER_MODEL: usize = 4;
 
 /// How many top-scored nodes an explanation keeps.
 const TOP_SCORES_KEPT: usize = 3;
@@ -267,30 +270,41 @@ impl Placer {
         explanation: &mut Explanation,
     ) -> Option<Best> {
         let mut best = Best::default();
-        let mut feasible = 0usize;
+        let allowed = allowed_locations(
+            ctx.spec,
+            view.by_cpu_free.iter(),
+            |set| set.len() as u32,
+            explanation,
+        );
+        let limit = split_limit(self.config.candidate_limit, allowed.len());
+        let mut feasible_total = 0usize;
         let mut in_range = 0u32;
-        for &(_, index) in view.by_cpu_free.range((ctx.spec.cpu_milli, 0)..) {
-            in_range += 1;
-            explanation.nodes_evaluated += 1;
-            let node = view.node(index);
-            if let Err(reason) = self.node_filters(ctx.spec, view, index) {
-                explanation.count(reason, 1);
-                continue;
-            }
-            if let Some(scored) = self.policy.score(ctx, node, None, rng) {
-                best.offer(index, node.rank, scored, None);
-                feasible += 1;
-                if self
-                    .config
-                    .candidate_limit
-                    .is_some_and(|limit| feasible >= limit)
-                {
-                    break;
+        for set in allowed {
+            let mut feasible = 0usize;
+            for &(_, index) in set.range((ctx.spec.cpu_milli, 0)..) {
+                in_range += 1;
+                explanation.nodes_evaluated += 1;
+                let node = view.node(index);
+                if let Err(reason) = self.node_filters(ctx.spec, view, index) {
+                    explanation.count(reason, 1);
+                    continue;
+                }
+                if let Some(scored) = self.policy.score(ctx, node, None, rng) {
+                    best.offer(index, node.rank, scored, None);
+                    feasible += 1;
+                    if limit.is_some_and(|limit| feasible >= limit) {
+                        break;
+                    }
                 }
             }
+            feasible_total += feasible;
         }
-        if feasible == 0 {
-            explanation.count(Reason::InsufficientCpu, view.len() as u32 - in_range);
+        if feasible_total == 0 {
+            let counted: u32 = explanation.filtered.values().sum();
+            explanation.count(
+                Reason::InsufficientCpu,
+                (view.len() as u32).saturating_sub(counted.max(in_range)),
+            );
         }
         best.into_option()
     }
@@ -307,59 +321,62 @@ impl Placer {
         let mut best = Best::default();
         let (count, milli) = (tier.amount.gpu_count(), tier.amount.milli_per_gpu());
         let mut nodes_with_model = 0u32;
+        // The limit is shared by the tier's models ("any" spans them all) and locations, so
+        // a decision scores about `candidate_limit` nodes however the pool is split.
+        let per_model_limit = split_limit(self.config.candidate_limit, tier.models.len());
         for model in &tier.models {
-            let Some(index) = view.models.get(model) else {
+            let Some(locations) = view.models.get(model) else {
                 continue;
             };
-            nodes_with_model += index.nodes;
-            let range: Box<dyn Iterator<Item = &(u32, NodeIndex)>> = if milli == 1000 {
-                Box::new(index.by_free_whole.range((count, 0)..))
-            } else {
-                Box::new(index.by_max_share.range((milli, 0)..))
-            };
+            nodes_with_model += locations.values().map(|i| i.nodes).sum::<u32>();
+            let allowed = allowed_locations(ctx.spec, locations.iter(), |i| i.nodes, explanation);
+            let limit = split_limit(per_model_limit, allowed.len());
             let ask = GpuAsk {
                 model: model.clone(),
                 count,
                 milli,
                 min_memory_mib,
             };
-            let mut feasible = 0usize;
-            let mut in_range = 0u32;
-            for &(_, node_index) in range {
-                in_range += 1;
-                explanation.nodes_evaluated += 1;
-                let node = view.node(node_index);
-                if let Err(reason) = self.node_filters(ctx.spec, view, node_index) {
-                    explanation.count(reason, 1);
-                    continue;
-                }
-                if !ask.fits(node) {
-                    explanation.count(Reason::GpuMemoryTooSmall, 1);
-                    continue;
-                }
-                if self.over_gpu_quota(view, ctx.spec, &ask) {
-                    explanation.count(Reason::TenantGpuQuota, 1);
-                    continue;
-                }
-                if let Some(scored) = self.policy.score(ctx, node, Some(&ask), rng) {
-                    best.offer(node_index, node.rank, scored, Some(model));
-                    feasible += 1;
-                    if self
-                        .config
-                        .candidate_limit
-                        .is_some_and(|limit| feasible >= limit)
-                    {
-                        break;
+            for index in allowed {
+                let range: Box<dyn Iterator<Item = &(u32, NodeIndex)>> = if milli == 1000 {
+                    Box::new(index.by_free_whole.range((count, 0)..))
+                } else {
+                    Box::new(index.by_max_share.range((milli, 0)..))
+                };
+                let mut feasible = 0usize;
+                let mut in_range = 0u32;
+                for &(_, node_index) in range {
+                    in_range += 1;
+                    explanation.nodes_evaluated += 1;
+                    let node = view.node(node_index);
+                    if let Err(reason) = self.node_filters(ctx.spec, view, node_index) {
+                        explanation.count(reason, 1);
+                        continue;
+                    }
+                    if !ask.fits(node) {
+                        explanation.count(Reason::GpuMemoryTooSmall, 1);
+                        continue;
+                    }
+                    if self.over_gpu_quota(view, ctx.spec, &ask) {
+                        explanation.count(Reason::TenantGpuQuota, 1);
+                        continue;
+                    }
+                    if let Some(scored) = self.policy.score(ctx, node, Some(&ask), rng) {
+                        best.offer(node_index, node.rank, scored, Some(model));
+                        feasible += 1;
+                        if limit.is_some_and(|limit| feasible >= limit) {
+                            break;
+                        }
                     }
                 }
-            }
-            let short = if milli == 1000 {
-                Reason::InsufficientFreeGpus
-            } else {
-                Reason::InsufficientGpuShare
-            };
-            if feasible == 0 {
-                explanation.count(short, index.nodes.saturating_sub(in_range));
+                if feasible == 0 {
+                    let short = if milli == 1000 {
+                        Reason::InsufficientFreeGpus
+                    } else {
+                        Reason::InsufficientGpuShare
+                    };
+                    explanation.count(short, index.nodes.saturating_sub(in_range));
+                }
             }
         }
         if best.node.is_none() && !tier.upgraded {
@@ -395,6 +412,33 @@ impl Placer {
             + u64::from(ask.milli) * u64::from(ask.count)
             > *max
     }
+}
+
+/// The sub-indexes at locations the sandbox allows; nodes elsewhere are counted as rejected
+/// by location in one go.
+fn allowed_locations<'a, T>(
+    spec: &SandboxSpec,
+    locations: impl Iterator<Item = (&'a Location, &'a T)>,
+    nodes: impl Fn(&T) -> u32,
+    explanation: &mut Explanation,
+) -> Vec<&'a T> {
+    let c = &spec.constraints;
+    let mut allowed = Vec::new();
+    for ((provider, region), index) in locations {
+        if !c.providers.is_empty() && !c.providers.contains(provider) {
+            explanation.count(Reason::ProviderNotAllowed, nodes(index));
+        } else if !c.regions.is_empty() && !c.regions.contains(region) {
+            explanation.count(Reason::RegionNotAllowed, nodes(index));
+        } else {
+            allowed.push(index);
+        }
+    }
+    allowed
+}
+
+/// Splits a candidate limit over `parts` (at least [`MIN_CANDIDATES_PER_MODEL`] each).
+fn split_limit(limit: Option<usize>, parts: usize) -> Option<usize> {
+    limit.map(|limit| limit.div_ceil(parts.max(1)).max(MIN_CANDIDATES_PER_MODEL))
 }
 
 /// The best candidate so far, and the runners-up for the explanation.

@@ -62,6 +62,10 @@ impl NodeView {
     }
 }
 
+/// Where a node is: (provider, region). Indexes are split by location so a sandbox pinned
+/// to a provider or region visits only nodes there.
+pub type Location = (String, String);
+
 #[derive(Debug, Default, Clone)]
 pub(crate) struct ModelIndex {
     pub(crate) by_free_whole: BTreeSet<(u32, NodeIndex)>,
@@ -74,8 +78,8 @@ pub(crate) struct ModelIndex {
 pub struct ClusterView {
     pub(crate) nodes: Vec<NodeView>,
     pub(crate) by_id: HashMap<String, NodeIndex>,
-    pub(crate) models: BTreeMap<GpuModelName, ModelIndex>,
-    pub(crate) by_cpu_free: BTreeSet<(u64, NodeIndex)>,
+    pub(crate) models: BTreeMap<GpuModelName, BTreeMap<Location, ModelIndex>>,
+    pub(crate) by_cpu_free: BTreeMap<Location, BTreeSet<(u64, NodeIndex)>>,
     pub(crate) tenant_quota: HashMap<String, TenantQuota>,
     pub(crate) tenant_gpu_milli: HashMap<(String, GpuModelName), u64>,
 }
@@ -87,7 +91,7 @@ impl ClusterView {
             nodes: Vec::new(),
             by_id: HashMap::new(),
             models: BTreeMap::new(),
-            by_cpu_free: BTreeSet::new(),
+            by_cpu_free: BTreeMap::new(),
             tenant_quota: HashMap::new(),
             tenant_gpu_milli: HashMap::new(),
         }
@@ -158,8 +162,14 @@ impl ClusterView {
             gpu_model,
             rank: index,
         });
+        let location = self.location(index);
         for model in self.node_models(index) {
-            self.models.entry(model).or_default().nodes += 1;
+            self.models
+                .entry(model)
+                .or_default()
+                .entry(location.clone())
+                .or_default()
+                .nodes += 1;
         }
         self.index(index);
         index
@@ -207,7 +217,15 @@ impl ClusterView {
 
     /// GPU models present, with their node counts.
     pub fn models(&self) -> impl Iterator<Item = (&GpuModelName, u32)> {
-        self.models.iter().map(|(m, i)| (m, i.nodes))
+        self.models
+            .iter()
+            .map(|(m, locations)| (m, locations.values().map(|i| i.nodes).sum()))
+    }
+
+    /// A node's location.
+    pub fn location(&self, index: NodeIndex) -> Location {
+        let spec = &self.nodes[index as usize].spec;
+        (spec.provider.clone(), spec.region.clone())
     }
 
     /// Milli-GPU of `model` the tenant holds (only tracked for tenants with a GPU quota).
@@ -284,14 +302,22 @@ impl ClusterView {
     }
 
     fn index(&mut self, index: NodeIndex) {
+        let location = self.location(index);
         let node = &self.nodes[index as usize];
-        self.by_cpu_free.insert((node.cpu_milli_free, index));
+        self.by_cpu_free
+            .entry(location.clone())
+            .or_default()
+            .insert((node.cpu_milli_free, index));
         if node.spec.gpus.is_empty() {
             return;
         }
         for model in self.node_models(index) {
             let (whole, share) = self.model_free(index, &model);
-            if let Some(entry) = self.models.get_mut(&model) {
+            if let Some(entry) = self
+                .models
+                .get_mut(&model)
+                .and_then(|l| l.get_mut(&location))
+            {
                 entry.by_free_whole.insert((whole, index));
                 entry.by_max_share.insert((share, index));
             }
@@ -299,14 +325,21 @@ impl ClusterView {
     }
 
     fn unindex(&mut self, index: NodeIndex) {
+        let location = self.location(index);
         let node = &self.nodes[index as usize];
-        self.by_cpu_free.remove(&(node.cpu_milli_free, index));
+        if let Some(set) = self.by_cpu_free.get_mut(&location) {
+            set.remove(&(node.cpu_milli_free, index));
+        }
         if node.spec.gpus.is_empty() {
             return;
         }
         for model in self.node_models(index) {
             let (whole, share) = self.model_free(index, &model);
-            if let Some(entry) = self.models.get_mut(&model) {
+            if let Some(entry) = self
+                .models
+                .get_mut(&model)
+                .and_then(|l| l.get_mut(&location))
+            {
                 entry.by_free_whole.remove(&(whole, index));
                 entry.by_max_share.remove(&(share, index));
             }

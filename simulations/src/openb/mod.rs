@@ -195,6 +195,8 @@ pub struct SeedSummary {
     pub frag_pct_at_100: f64,
     /// Pods dropped.
     pub pods_failed: u64,
+    /// GPU milli of the pods dropped before 100 % arrived, by kind.
+    pub failed_milli_before_100: std::collections::BTreeMap<String, u64>,
 }
 
 /// One point of the curve.
@@ -232,6 +234,7 @@ impl Report {
                     unallocated_pct_at_end: r.unallocated_pct_at_end,
                     frag_pct_at_100: r.frag_pct_at_100,
                     pods_failed: r.pods_failed,
+                    failed_milli_before_100: r.failed_milli_before_100.clone(),
                 })
                 .collect(),
             curve,

@@ -44,6 +44,9 @@ pub struct SeedResult {
     pub pods_failed: u64,
     /// Pods that arrived.
     pub pods_arrived: u64,
+    /// GPU milli of pods that failed before 100 % arrived, by kind ("cpu", "share",
+    /// "gpu-1", "gpu-8", … with "+spec" for model-constrained ones).
+    pub failed_milli_before_100: std::collections::BTreeMap<String, u64>,
     /// Mean allocation % per arrived-% bucket (`None` where no arrival rounded to it).
     pub curve: Vec<Option<f64>>,
 }
@@ -119,6 +122,7 @@ impl Experiment<'_> {
         let (mut arrived, mut allocated, mut failed) = (0u64, 0u64, 0u64);
         let mut buckets = vec![(0.0f64, 0u32); CURVE_BUCKETS];
         let mut frag_at_100 = (0.0f64, 0u32);
+        let mut failed_before_100 = std::collections::BTreeMap::new();
         let mut placer_rng = ChaCha8Rng::seed_from_u64(rng.next_u64());
         for (i, pod) in workload.iter().enumerate() {
             arrived += pod.gpu_milli_total();
@@ -155,7 +159,13 @@ impl Experiment<'_> {
                         node_frag[index as usize] = f;
                     }
                 }
-                None => failed += 1,
+                None => {
+                    failed += 1;
+                    if 100.0 * arrived as f64 / capacity < 100.5 {
+                        *failed_before_100.entry(pod_kind(pod)).or_default() +=
+                            pod.gpu_milli_total().max(1);
+                    }
+                }
             }
             let arrived_pct = 100.0 * arrived as f64 / capacity;
             let alloc_pct = 100.0 * allocated as f64 / capacity;
@@ -195,8 +205,24 @@ impl Experiment<'_> {
             },
             pods_failed: failed,
             pods_arrived: workload.len() as u64,
+            failed_milli_before_100: failed_before_100,
             curve,
         })
+    }
+}
+
+fn pod_kind(pod: &TracePod) -> String {
+    let Some(option) = pod.spec.gpu.as_ref().and_then(|g| g.options.first()) else {
+        return "cpu".into();
+    };
+    let kind = match option.amount {
+        berth_proto::gpu::GpuAmount::Shared(_) => "share".to_owned(),
+        berth_proto::gpu::GpuAmount::Whole(n) => format!("gpu-{n}"),
+    };
+    if option.model == berth_proto::gpu::GpuModelSelector::Any {
+        kind
+    } else {
+        format!("{kind}+spec")
     }
 }
 

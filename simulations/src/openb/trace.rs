@@ -182,8 +182,9 @@ pub fn load_pods(path: &Path) -> Result<Vec<TracePod>, TraceError> {
                     .map(str::trim)
                     .filter(|m| seen.insert(*m))
                     .collect();
-                let option = GpuOption::parse(&format!("{}{}", models.join("|"), amount_suffix(amount)))
-                    .map_err(|e| row_err(e.to_string()))?;
+                let option =
+                    GpuOption::parse(&format!("{}{}", models.join("|"), amount_suffix(amount)))
+                        .map_err(|e| row_err(e.to_string()))?;
                 Some(GpuRequest {
                     options: vec![option],
                     min_memory_mib: None,
