@@ -139,3 +139,71 @@ fn a_bad_log_filter_is_a_usage_error() {
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+#[test]
+fn sim_openb_prints_the_documented_json() {
+    let dir = std::env::var("BERTH_OPENB_DIR").unwrap_or_else(|_| "../shared/data/openb".into());
+    let pods = format!("{dir}/openb_pod_list_multigpu20.csv");
+    let out = berth(&[
+        "sim", "openb", "--pods", &pods, "--policy", "bestfit", "--seeds", "42", "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(json["policy"], "bestfit");
+    assert!(
+        json["mean_unallocated_pct_at_100"]
+            .as_f64()
+            .is_some_and(|v| (0.0..100.0).contains(&v))
+    );
+    let table = berth(&[
+        "sim", "openb", "--pods", &pods, "--policy", "bestfit", "--seeds", "42",
+    ]);
+    assert!(text(&table.stdout).contains("published (FGD paper, unallocated @100%)"));
+}
+
+#[test]
+fn sim_openb_rejects_bad_arguments_clearly() {
+    let out = berth(&["sim", "openb", "--pods", "nowhere.csv", "--policy", "best"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("unknown policy \"best\""),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = berth(&["sim", "openb", "--pods", "nowhere.csv", "--seeds", "9..3"]);
+    assert!(
+        text(&out.stderr).contains("empty range"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = berth(&["sim", "openb", "--pods", "nowhere.csv"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("nowhere"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn bench_place_prints_latency_json() {
+    let out = berth(&[
+        "bench",
+        "place",
+        "--nodes",
+        "300",
+        "--sandboxes",
+        "2000",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for key in ["nodes", "policy", "p50_us", "p99_us", "placements_per_s"] {
+        assert!(json.get(key).is_some(), "{key} missing from {json}");
+    }
+    assert_eq!(json["nodes"], 300);
+    assert!(
+        json["placed"].as_u64().is_some_and(|n| n > 1000),
+        "most of the mix fits a half-full pool: {json}"
+    );
+}

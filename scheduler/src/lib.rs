@@ -10,12 +10,14 @@
 //! - [`state`]: the state machine (`apply`), its commands, snapshots.
 //! - [`invariants`]: the named invariant catalog, checked from scratch.
 //! - [`placement`]: filters, scorers and policies that turn pending sandboxes into a plan.
+//! - [`testing`]: small fixtures and a checked `apply` for tests, benches and the simulator.
 
 pub mod config;
 pub mod invariants;
 pub mod model;
 pub mod placement;
 pub mod state;
+pub mod testing;
 
 pub use config::SchedulerConfig;
 pub use state::State;

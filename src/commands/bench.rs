@@ -100,11 +100,8 @@ fn place(args: &PlaceArgs) -> ExitCode {
     // Fill to the target allocation with the same mix, untimed.
     let target = gpu_capacity * u64::from(args.fill_pct) / 100;
     let mut filled = 0u64;
-    let mut fill = synthetic::sandboxes(
-        usize::MAX.min(50 * args.nodes as usize + 1000),
-        args.seed.wrapping_add(1),
-    )
-    .into_iter();
+    let mut fill = synthetic::sandboxes(50 * args.nodes as usize + 1000, args.seed.wrapping_add(1))
+        .into_iter();
     let mut misses = 0;
     while filled < target && misses < 1000 {
         let Some(spec) = fill.next() else { break };

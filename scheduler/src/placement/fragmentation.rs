@@ -264,7 +264,24 @@ mod tests {
         // A model constraint that excludes the node makes all of it a fragment too.
         let pinned = TypicalWorkload {
             shapes: vec![(shape(1000, 500, 1, Some(&["V100M16"])), 1.0)],
+            memory_mib: Vec::new(),
         };
+        assert!((pinned.node_fragmentation(&n, 64_000, &[1000, 300]) - 1300.0).abs() < 1e-9);
+        // With memory: a shape whose memory does not fit counts every free GPU.
+        let memory = TypicalWorkload {
+            shapes: vec![(shape(1000, 500, 1, None), 1.0)],
+            memory_mib: vec![300_000],
+        };
+        assert!(
+            (memory.node_fragmentation_with_memory(&n, 64_000, 512_000, &[1000, 300]) - 300.0)
+                .abs()
+                < 1e-9
+        );
+        assert!(
+            (memory.node_fragmentation_with_memory(&n, 64_000, 100_000, &[1000, 300]) - 1300.0)
+                .abs()
+                < 1e-9
+        );
         assert!((pinned.node_fragmentation(&n, 64_000, &[1000, 300]) - 1300.0).abs() < 1e-9);
     }
 

@@ -276,6 +276,7 @@ impl Placer {
             |set| set.len() as u32,
             explanation,
         );
+        let allowed_nodes: u32 = allowed.iter().map(|set| set.len() as u32).sum();
         let limit = split_limit(self.config.candidate_limit, allowed.len());
         let mut feasible_total = 0usize;
         let mut in_range = 0u32;
@@ -300,10 +301,10 @@ impl Placer {
             feasible_total += feasible;
         }
         if feasible_total == 0 {
-            let counted: u32 = explanation.filtered.values().sum();
+            // Allowed nodes outside the range have too little CPU.
             explanation.count(
                 Reason::InsufficientCpu,
-                (view.len() as u32).saturating_sub(counted.max(in_range)),
+                allowed_nodes.saturating_sub(in_range),
             );
         }
         best.into_option()
@@ -441,10 +442,19 @@ fn split_limit(limit: Option<usize>, parts: usize) -> Option<usize> {
     limit.map(|limit| limit.div_ceil(parts.max(1)).max(MIN_CANDIDATES_PER_MODEL))
 }
 
+/// A scored node: highest (score, tie) wins, then the lowest rank.
+struct Candidate {
+    index: NodeIndex,
+    rank: u32,
+    key: (f64, f64),
+    gpus: Vec<u32>,
+    model: Option<GpuModelName>,
+}
+
 /// The best candidate so far, and the runners-up for the explanation.
 #[derive(Default)]
 struct Best {
-    node: Option<(NodeIndex, u32, (f64, f64), Vec<u32>, Option<GpuModelName>)>,
+    node: Option<Candidate>,
     top: Vec<(NodeIndex, u32, f64)>,
 }
 
@@ -458,9 +468,9 @@ impl Best {
     ) {
         let better = match &self.node {
             None => true,
-            Some((_, best_rank, best_score, _, _)) => {
+            Some(best) => {
                 let key = (scored.score, scored.tie);
-                key > *best_score || (key == *best_score && rank < *best_rank)
+                key > best.key || (key == best.key && rank < best.rank)
             }
         };
         self.top.push((index, rank, scored.score));
@@ -468,13 +478,13 @@ impl Best {
             self.trim();
         }
         if better {
-            self.node = Some((
+            self.node = Some(Candidate {
                 index,
                 rank,
-                (scored.score, scored.tie),
-                scored.gpus,
-                model.cloned(),
-            ));
+                key: (scored.score, scored.tie),
+                gpus: scored.gpus,
+                model: model.cloned(),
+            });
         }
     }
 
@@ -509,7 +519,10 @@ fn finish(
         .iter()
         .map(|(i, _, s)| (view.node(*i).spec.id.clone(), *s))
         .collect();
-    let Some((index, _, _, gpus, model)) = best.node else {
+    let Some(Candidate {
+        index, gpus, model, ..
+    }) = best.node
+    else {
         return Decision {
             placement: None,
             explanation,

@@ -302,44 +302,40 @@ impl ClusterView {
     }
 
     fn index(&mut self, index: NodeIndex) {
-        let location = self.location(index);
-        let node = &self.nodes[index as usize];
-        self.by_cpu_free
-            .entry(location.clone())
-            .or_default()
-            .insert((node.cpu_milli_free, index));
-        if node.spec.gpus.is_empty() {
-            return;
-        }
-        for model in self.node_models(index) {
-            let (whole, share) = self.model_free(index, &model);
-            if let Some(entry) = self
-                .models
-                .get_mut(&model)
-                .and_then(|l| l.get_mut(&location))
-            {
-                entry.by_free_whole.insert((whole, index));
-                entry.by_max_share.insert((share, index));
-            }
-        }
+        self.update_index(index, true);
     }
 
     fn unindex(&mut self, index: NodeIndex) {
+        self.update_index(index, false);
+    }
+
+    /// Adds a node's current free amounts to the indexes, or removes them.
+    fn update_index(&mut self, index: NodeIndex, add: bool) {
         let location = self.location(index);
         let node = &self.nodes[index as usize];
-        if let Some(set) = self.by_cpu_free.get_mut(&location) {
-            set.remove(&(node.cpu_milli_free, index));
+        let cpu = self.by_cpu_free.entry(location.clone()).or_default();
+        let key = (node.cpu_milli_free, index);
+        if add {
+            cpu.insert(key);
+        } else {
+            cpu.remove(&key);
         }
         if node.spec.gpus.is_empty() {
             return;
         }
         for model in self.node_models(index) {
             let (whole, share) = self.model_free(index, &model);
-            if let Some(entry) = self
+            let Some(entry) = self
                 .models
                 .get_mut(&model)
                 .and_then(|l| l.get_mut(&location))
-            {
+            else {
+                continue;
+            };
+            if add {
+                entry.by_free_whole.insert((whole, index));
+                entry.by_max_share.insert((share, index));
+            } else {
                 entry.by_free_whole.remove(&(whole, index));
                 entry.by_max_share.remove(&(share, index));
             }

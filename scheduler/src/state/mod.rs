@@ -15,6 +15,8 @@
 mod apply;
 pub mod command;
 pub mod snapshot;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -69,9 +69,20 @@ impl OpenbRun {
         if self.seeds.is_empty() || self.seeds.len() > MAX_SEEDS {
             return Err(format!("{} seeds; give 1..={MAX_SEEDS}", self.seeds.len()));
         }
-        let nodes = trace::load_nodes(&self.nodes).map_err(|e| e.to_string())?;
-        let nodes: Vec<_> = nodes.into_iter().filter(|n| !n.gpus.is_empty()).collect();
         let pods = trace::load_pods(&self.pods).map_err(|e| e.to_string())?;
+        let default_nodes = self
+            .pods
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(DEFAULT_NODE_LIST);
+        let nodes = trace::load_nodes(&self.nodes).map_err(|e| {
+            if self.nodes == default_nodes {
+                format!("{e} (the node list is looked for beside --pods; give --nodes)")
+            } else {
+                e.to_string()
+            }
+        })?;
+        let nodes: Vec<_> = nodes.into_iter().filter(|n| !n.gpus.is_empty()).collect();
         if nodes.is_empty() || pods.is_empty() {
             return Err("the node list has no GPU nodes, or the pod list no pods".into());
         }

@@ -1,0 +1,306 @@
+//! The placement engine's behaviour on small clusters, through the public API.
+
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::SeedableRng;
+
+use berth_proto::GpuModel;
+use berth_proto::gpu::GpuRequest;
+use berth_proto::node::TaintEffect;
+use berth_scheduler::config::PolicyName;
+use berth_scheduler::model::{SandboxId, SandboxSpec, Taint, TenantQuota, Toleration};
+use berth_scheduler::placement::filters::Reason;
+use berth_scheduler::placement::fragmentation::TypicalWorkload;
+use berth_scheduler::placement::view::ClusterView;
+use berth_scheduler::placement::{Decision, Placer, PlacerConfig};
+use berth_scheduler::state::{Command, State};
+use berth_scheduler::testing::{apply_checked, gpu_node, spec};
+
+fn cluster(nodes: Vec<berth_scheduler::model::NodeSpec>) -> State {
+    let mut state = State::new();
+    for node in nodes {
+        apply_checked(&mut state, &Command::RegisterNode { spec: node }, 0);
+    }
+    state
+}
+
+fn placer(policy: PolicyName, upgrade: bool) -> Placer {
+    Placer::new(
+        PlacerConfig {
+            policy,
+            allow_gpu_upgrade: upgrade,
+            candidate_limit: Some(64),
+        },
+        TypicalWorkload::default(),
+    )
+}
+
+fn decide(state: &State, placer: &Placer, spec: &SandboxSpec) -> Decision {
+    let view = ClusterView::from_state(state, 7);
+    placer.place(&view, spec, &mut ChaCha8Rng::seed_from_u64(1))
+}
+
+#[test]
+fn fallback_options_are_used_in_order_only_when_earlier_ones_are_full() {
+    let state = cluster(vec![
+        gpu_node("h100", GpuModel::H100, 1),
+        gpu_node("a100", GpuModel::A100_80GB, 2),
+    ]);
+    for policy in [
+        PolicyName::Berth,
+        PolicyName::Fgd,
+        PolicyName::Bestfit,
+        PolicyName::Random,
+    ] {
+        let p = placer(policy, false);
+        let first = decide(&state, &p, &spec(&["H100", "A100-80GB:2"]));
+        let placement = first.placement.expect("fits");
+        assert_eq!(
+            (placement.node.as_str(), placement.option),
+            ("h100", 0),
+            "{policy:?}"
+        );
+        // H100 full: option 1 on the A100 node, with both of its GPUs.
+        let mut view = ClusterView::from_state(&state, 7);
+        view.reserve(&spec(&["H100"]), &placement);
+        let second = p.place(
+            &view,
+            &spec(&["H100", "A100-80GB:2"]),
+            &mut ChaCha8Rng::seed_from_u64(1),
+        );
+        let placement = second.placement.expect("fallback fits");
+        assert_eq!(
+            (
+                placement.node.as_str(),
+                placement.option,
+                placement.gpu_indices.clone()
+            ),
+            ("a100", 1, vec![0, 1])
+        );
+        assert_eq!(second.explanation.tier, Some((1, None)));
+    }
+}
+
+#[test]
+fn upgrades_need_the_operator_switch_and_no_bang() {
+    let state = cluster(vec![gpu_node("h200", GpuModel::H200, 8)]);
+    let strict = placer(PolicyName::Berth, false);
+    let lenient = placer(PolicyName::Berth, true);
+    let refused = decide(&state, &strict, &spec(&["H100"]));
+    assert!(refused.placement.is_none());
+    assert_eq!(
+        refused.explanation.filtered.get(&Reason::GpuModelMismatch),
+        Some(&1)
+    );
+    let upgraded = decide(&state, &lenient, &spec(&["H100"]));
+    assert_eq!(upgraded.placement.map(|p| p.node), Some("h200".to_owned()));
+    assert_eq!(
+        upgraded.explanation.tier,
+        Some((0, Some(GpuModel::H200.into())))
+    );
+    assert!(
+        decide(&state, &lenient, &spec(&["H100!"]))
+            .placement
+            .is_none(),
+        "'!' is never upgraded"
+    );
+    // Never a downgrade.
+    assert!(
+        decide(&state, &lenient, &spec(&["B200"]))
+            .placement
+            .is_none()
+    );
+}
+
+#[test]
+fn minimum_gpu_memory_and_fractions() {
+    let state = cluster(vec![
+        gpu_node("t4", GpuModel::T4, 1),
+        gpu_node("l40s", GpuModel::L40S, 1),
+    ]);
+    let p = placer(PolicyName::Berth, false);
+    let mut big = spec(&["any"]);
+    big.gpu = Some(GpuRequest::parse(&["any"], Some(40 * 1024)).expect("valid"));
+    assert_eq!(
+        decide(&state, &p, &big).placement.map(|p| p.node),
+        Some("l40s".to_owned())
+    );
+    big.gpu = Some(GpuRequest::parse(&["T4"], Some(40 * 1024)).expect("valid"));
+    let d = decide(&state, &p, &big);
+    assert!(d.placement.is_none());
+    assert_eq!(
+        d.explanation.filtered.get(&Reason::GpuMemoryTooSmall),
+        Some(&1)
+    );
+    // Two 600m shares cannot share a GPU; the second goes to the other node.
+    let mut view = ClusterView::from_state(&state, 7);
+    let batch = [
+        (SandboxId(0), &spec(&["any:600m"])),
+        (SandboxId(1), &spec(&["any:600m"])),
+    ];
+    let plan = p.place_batch(&mut view, &batch, 1);
+    let nodes: Vec<String> = plan
+        .iter()
+        .filter_map(|(_, d)| d.placement.as_ref().map(|p| p.node.clone()))
+        .collect();
+    assert_eq!(nodes.len(), 2);
+    assert_ne!(nodes[0], nodes[1]);
+}
+
+#[test]
+fn constraints_filter_and_explain() {
+    let mut aws = gpu_node("aws-1", GpuModel::L4, 1);
+    aws.provider = "aws".into();
+    aws.region = "us-east-1".into();
+    let mut gcp = gpu_node("gcp-1", GpuModel::L4, 1);
+    gcp.provider = "gcp".into();
+    gcp.region = "us-central1".into();
+    gcp.taints.push(Taint {
+        key: "dedicated".into(),
+        value: "ml".into(),
+        effect: TaintEffect::NoSchedule,
+    });
+    gcp.labels.insert("pool".into(), "ml".into());
+    let state = cluster(vec![aws, gcp]);
+    let p = placer(PolicyName::Berth, false);
+
+    let mut pinned = spec(&["L4"]);
+    pinned.constraints.providers = vec!["gcp".into()];
+    let d = decide(&state, &p, &pinned);
+    assert!(d.placement.is_none(), "gcp node is tainted");
+    assert_eq!(
+        d.explanation.filtered.get(&Reason::ProviderNotAllowed),
+        Some(&1)
+    );
+    assert_eq!(
+        d.explanation.filtered.get(&Reason::TaintNotTolerated),
+        Some(&1)
+    );
+    assert!(
+        d.explanation.summary().contains("1 taint not tolerated"),
+        "{}",
+        d.explanation.summary()
+    );
+
+    pinned.constraints.tolerations.push(Toleration {
+        key: "dedicated".into(),
+        value: String::new(),
+    });
+    assert_eq!(
+        decide(&state, &p, &pinned).placement.map(|p| p.node),
+        Some("gcp-1".to_owned())
+    );
+
+    let mut labelled = spec(&["L4"]);
+    labelled
+        .constraints
+        .node_labels
+        .insert("pool".into(), "web".into());
+    let d = decide(&state, &p, &labelled);
+    // Neither node has pool=web (the gcp one has pool=ml).
+    assert_eq!(d.explanation.filtered.get(&Reason::LabelMismatch), Some(&2));
+
+    let mut region = spec(&[]);
+    region.constraints.regions = vec!["us-east-1".into()];
+    assert_eq!(
+        decide(&state, &p, &region).placement.map(|p| p.node),
+        Some("aws-1".to_owned())
+    );
+}
+
+#[test]
+fn higher_priority_goes_first_within_a_batch() {
+    let state = cluster(vec![gpu_node("only", GpuModel::H100, 1)]);
+    let p = placer(PolicyName::Berth, false);
+    let low = spec(&["H100"]);
+    let mut high = spec(&["H100"]);
+    high.priority = 10;
+    let mut view = ClusterView::from_state(&state, 7);
+    let plan = p.place_batch(&mut view, &[(SandboxId(1), &low), (SandboxId(2), &high)], 1);
+    let placed: Vec<SandboxId> = plan
+        .iter()
+        .filter(|(_, d)| d.placement.is_some())
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(placed, [SandboxId(2)]);
+    let refused = plan
+        .iter()
+        .find(|(id, _)| *id == SandboxId(1))
+        .map(|(_, d)| d.explanation.summary());
+    assert_eq!(
+        refused.as_deref(),
+        Some("no node fits (0 evaluated): 1 not enough free GPUs")
+    );
+}
+
+#[test]
+fn tenant_gpu_quota_is_a_filter() {
+    let mut state = cluster(vec![gpu_node("n", GpuModel::A10, 4)]);
+    let quota = TenantQuota {
+        max_concurrent_sandboxes: None,
+        max_gpu_milli_per_model: [(GpuModel::A10.into(), 1000)].into(),
+    };
+    apply_checked(
+        &mut state,
+        &Command::SetTenantQuota {
+            tenant: "t".into(),
+            quota,
+        },
+        0,
+    );
+    let p = placer(PolicyName::Berth, false);
+    let mut view = ClusterView::from_state(&state, 7);
+    let (a, b) = (spec(&["A10"]), spec(&["A10"]));
+    let plan = p.place_batch(&mut view, &[(SandboxId(1), &a), (SandboxId(2), &b)], 1);
+    assert!(plan[0].1.placement.is_some());
+    assert!(plan[1].1.placement.is_none());
+    assert_eq!(
+        plan[1].1.explanation.filtered.get(&Reason::TenantGpuQuota),
+        Some(&1)
+    );
+}
+
+#[test]
+fn unhealthy_gpus_and_cordoned_nodes_get_nothing() {
+    let mut sick = gpu_node("sick", GpuModel::H100, 1);
+    sick.gpus[0].healthy = false;
+    let mut state = cluster(vec![sick, gpu_node("cordoned", GpuModel::H100, 1)]);
+    apply_checked(
+        &mut state,
+        &Command::SetNodeStatus {
+            node: "cordoned".into(),
+            status: berth_scheduler::model::NodeStatus::Cordoned,
+            reason: "maintenance".into(),
+        },
+        1,
+    );
+    let d = decide(&state, &placer(PolicyName::Berth, false), &spec(&["H100"]));
+    assert!(d.placement.is_none());
+    assert_eq!(d.explanation.filtered.get(&Reason::NodeNotReady), Some(&1));
+    assert_eq!(
+        d.explanation.filtered.get(&Reason::InsufficientFreeGpus),
+        Some(&1)
+    );
+}
+
+#[test]
+fn a_cpu_only_sandbox_that_fits_nowhere_says_why() {
+    let state = cluster(vec![
+        gpu_node("a", GpuModel::T4, 1),
+        gpu_node("b", GpuModel::T4, 1),
+    ]);
+    let mut huge = spec(&[]);
+    huge.cpu_milli = 100_000;
+    let d = decide(&state, &placer(PolicyName::Berth, false), &huge);
+    assert!(d.placement.is_none());
+    assert_eq!(
+        d.explanation.summary(),
+        "no node fits (0 evaluated): 2 insufficient CPU"
+    );
+    let mut hungry = spec(&[]);
+    hungry.memory_mib = 1024 * 1024;
+    let d = decide(&state, &placer(PolicyName::Berth, false), &hungry);
+    assert_eq!(
+        d.explanation.filtered.get(&Reason::InsufficientMemory),
+        Some(&2)
+    );
+}
