@@ -304,3 +304,32 @@ fn a_cpu_only_sandbox_that_fits_nowhere_says_why() {
         Some(&2)
     );
 }
+
+#[test]
+fn releasing_onto_an_unhealthy_gpu_does_not_make_it_free() {
+    let mut node = gpu_node("n", GpuModel::H100, 2);
+    node.gpus[1].healthy = false;
+    let state = cluster(vec![node]);
+    let mut view = ClusterView::from_state(&state, 1);
+    let index = view.index_of("n").expect("node");
+    assert_eq!(view.node(index).gpu_milli_free, vec![1000, 0]);
+    let plan = berth_scheduler::model::Placement {
+        node: "n".into(),
+        epoch: 1,
+        option: 0,
+        gpu_indices: vec![0, 1],
+        gpu_milli_per_gpu: 1000,
+    };
+    view.reserve(&spec(&["H100:2"]), &plan);
+    view.release(&spec(&["H100:2"]), &plan);
+    assert_eq!(view.node(index).gpu_milli_free, vec![1000, 0]);
+    assert!(
+        decide(
+            &state,
+            &placer(PolicyName::Berth, false),
+            &spec(&["H100:2"])
+        )
+        .placement
+        .is_none()
+    );
+}

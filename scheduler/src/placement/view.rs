@@ -280,7 +280,9 @@ impl ClusterView {
         node.cpu_milli_free = (node.cpu_milli_free + spec.cpu_milli).min(node.spec.cpu_milli);
         node.memory_mib_free = (node.memory_mib_free + spec.memory_mib).min(node.spec.memory_mib);
         for i in &placement.gpu_indices {
-            if let Some(free) = node.gpu_milli_free.get_mut(*i as usize) {
+            // An unhealthy GPU stays at 0 free in the view: nothing new may land on it.
+            let healthy = node.spec.gpus.get(*i as usize).is_some_and(|g| g.healthy);
+            if let (Some(free), true) = (node.gpu_milli_free.get_mut(*i as usize), healthy) {
                 *free = (*free + placement.gpu_milli_per_gpu).min(1000);
             }
         }
