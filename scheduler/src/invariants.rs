@@ -37,6 +37,8 @@ pub enum Invariant {
     StateCountersConsistent,
     /// The request-id index maps exactly the live sandboxes.
     RequestIdIndexConsistent,
+    /// Every sandbox id is below the next id to be assigned (so no id is handed out twice).
+    SandboxIdsBelowNext,
 }
 
 /// One broken invariant.
@@ -85,6 +87,14 @@ pub fn check(state: &State) -> Vec<Violation> {
     let mut tenant_gpus: BTreeMap<&str, BTreeMap<&GpuModelName, u64>> = BTreeMap::new();
     let mut by_state: BTreeMap<String, u64> = BTreeMap::new();
 
+    if let Some(last) = state.sandboxes.keys().next_back() {
+        if last.0 >= state.next_sandbox_id {
+            fail(
+                Invariant::SandboxIdsBelowNext,
+                format!("{last} exists; the next id is {}", state.next_sandbox_id),
+            );
+        }
+    }
     for sandbox in state.sandboxes.values() {
         *by_state.entry(sandbox.state.name().to_owned()).or_default() += 1;
         if !sandbox.state.is_terminal() {
@@ -165,8 +175,8 @@ pub fn check(state: &State) -> Vec<Violation> {
             );
         }
         if let Some(u) = usage.get_mut(p.node.as_str()) {
-            u.cpu += sandbox.spec.cpu_milli;
-            u.memory += sandbox.spec.memory_mib;
+            u.cpu = u.cpu.saturating_add(sandbox.spec.cpu_milli);
+            u.memory = u.memory.saturating_add(sandbox.spec.memory_mib);
             u.count += 1;
             for index in &p.gpu_indices {
                 match (
@@ -174,7 +184,7 @@ pub fn check(state: &State) -> Vec<Violation> {
                     u.gpus.get_mut(*index as usize),
                 ) {
                     (Some(gpu), Some(used)) => {
-                        *used += u64::from(p.gpu_milli_per_gpu);
+                        *used = used.saturating_add(u64::from(p.gpu_milli_per_gpu));
                         if Some(&gpu.model) != binding.gpu_model.as_ref() {
                             fail(
                                 Invariant::BoundGpuExists,

@@ -333,3 +333,63 @@ fn releasing_onto_an_unhealthy_gpu_does_not_make_it_free() {
         .is_none()
     );
 }
+
+#[test]
+fn listed_models_are_tried_before_upgrades_and_counts_are_per_node() {
+    let state = cluster(vec![
+        gpu_node("h200", GpuModel::H200, 1),
+        gpu_node("b200", GpuModel::B200, 1),
+        gpu_node("a100", GpuModel::A100_80GB, 1),
+    ]);
+    let lenient = placer(PolicyName::Berth, true);
+    // H100 is nowhere; H200 is listed second, B200 would be an upgrade: H200 wins.
+    let d = decide(&state, &lenient, &spec(&["H100", "H200"]));
+    assert_eq!(
+        d.placement.as_ref().map(|p| (p.node.as_str(), p.option)),
+        Some(("h200", 1))
+    );
+    // The counts explain option 0 only: three nodes, three reasons, none twice.
+    assert_eq!(d.explanation.filtered.values().sum::<u32>(), 3);
+    assert_eq!(
+        d.explanation.filtered.get(&Reason::GpuModelMismatch),
+        Some(&3)
+    );
+}
+
+#[test]
+fn release_gives_back_tenant_gpu_usage() {
+    let mut state = cluster(vec![gpu_node("n", GpuModel::A10, 2)]);
+    let quota = TenantQuota {
+        max_concurrent_sandboxes: None,
+        max_gpu_milli_per_model: [(GpuModel::A10.into(), 1000)].into(),
+    };
+    apply_checked(
+        &mut state,
+        &Command::SetTenantQuota {
+            tenant: "t".into(),
+            quota,
+        },
+        0,
+    );
+    let p = placer(PolicyName::Berth, false);
+    let mut view = ClusterView::from_state(&state, 1);
+    let a10 = spec(&["A10"]);
+    let first = p
+        .place(&view, &a10, &mut ChaCha8Rng::seed_from_u64(1))
+        .placement
+        .expect("fits");
+    view.reserve(&a10, &first);
+    assert!(
+        p.place(&view, &a10, &mut ChaCha8Rng::seed_from_u64(1))
+            .placement
+            .is_none(),
+        "quota reached"
+    );
+    view.release(&a10, &first);
+    assert!(
+        p.place(&view, &a10, &mut ChaCha8Rng::seed_from_u64(1))
+            .placement
+            .is_some(),
+        "quota freed"
+    );
+}

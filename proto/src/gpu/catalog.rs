@@ -297,13 +297,12 @@ impl GpuModelName {
             )
     }
 
-    /// Resolves what NVML reported for a device: a known product name, else the product
-    /// name verbatim.
+    /// Resolves what NVML reported for a device: a known product name, else (as
+    /// [`GpuModelName::resolve`]) a catalog name, else the product name verbatim. An `Other`
+    /// never holds a name the catalog knows, so the serialised form round-trips.
     pub fn from_nvml_product_name(product_name: &str) -> GpuModelName {
-        GpuModel::from_nvml_product_name(product_name).map_or_else(
-            || GpuModelName::Other(product_name.trim().to_owned()),
-            GpuModelName::Known,
-        )
+        GpuModel::from_nvml_product_name(product_name)
+            .map_or_else(|| GpuModelName::resolve(product_name), GpuModelName::Known)
     }
 
     /// The catalog model, if any.
@@ -466,6 +465,24 @@ mod tests {
             for b in GpuModel::ALL {
                 assert!(!(a.strictly_better_than(b) && b.strictly_better_than(a)));
             }
+        }
+    }
+
+    #[test]
+    fn other_never_holds_a_catalog_name() {
+        // A catalog name given where a product name was expected still resolves, so the
+        // serialised form (a string, read back with `resolve`) round-trips.
+        assert_eq!(
+            GpuModelName::from_nvml_product_name("H100"),
+            GpuModelName::Known(GpuModel::H100)
+        );
+        for name in ["H100", "NVIDIA H100 PCIe", "G2", "Tesla V100-SXM2-16GB"] {
+            let model = GpuModelName::from_nvml_product_name(name);
+            assert_eq!(
+                GpuModelName::from(String::from(model.clone())),
+                model,
+                "{name}"
+            );
         }
     }
 

@@ -207,7 +207,7 @@ pub enum GpuSpecError {
     },
     /// A character outside the allowed set in the model name.
     #[error(
-        "GPU spec {spec:?}: model name has {ch:?}; allowed are letters, digits, space, '-', '_' and '.'"
+        "GPU spec {spec:?}: model name has {ch:?}; allowed are letters, digits, space and - _ . ( ) / +"
     )]
     InvalidModelChar {
         /// The spec.
@@ -238,8 +238,8 @@ pub enum GpuRequestError {
         #[source]
         source: GpuSpecError,
     },
-    /// The same model twice.
-    #[error("model {model} appears in options {first} and {second}; list each model once")]
+    /// The same option twice.
+    #[error("options {first} and {second} are both {model}; list each option once")]
     DuplicateModel {
         /// The model.
         model: String,
@@ -294,10 +294,10 @@ impl GpuOption {
         if name.is_empty() {
             return Err(GpuSpecError::MissingModel { spec: owned() });
         }
-        if let Some(ch) = name
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, ' ' | '-' | '_' | '.' | '|')))
-        {
+        if let Some(ch) = name.chars().find(|c| {
+            !(c.is_ascii_alphanumeric()
+                || matches!(c, ' ' | '-' | '_' | '.' | '|' | '(' | ')' | '/' | '+'))
+        }) {
             return Err(GpuSpecError::InvalidModelChar { spec: owned(), ch });
         }
         let model = if name.contains('|') {
@@ -412,9 +412,9 @@ impl GpuRequest {
         for (index, spec) in specs.iter().enumerate() {
             let option = GpuOption::parse(spec.as_ref())
                 .map_err(|source| GpuRequestError::Option { index, source })?;
-            if let Some(first) = options.iter().position(|o| o.model == option.model) {
+            if let Some(first) = options.iter().position(|o| *o == option) {
                 return Err(GpuRequestError::DuplicateModel {
-                    model: selector_name(&option.model),
+                    model: option.to_string(),
                     first,
                     second: index,
                 });
@@ -630,7 +630,7 @@ mod tests {
             ),
             (
                 "H@100",
-                "GPU spec \"H@100\": model name has '@'; allowed are letters, digits, space, '-', '_' and '.'",
+                "GPU spec \"H@100\": model name has '@'; allowed are letters, digits, space and - _ . ( ) / +",
             ),
         ];
         for (spec, message) in cases {
@@ -647,6 +647,9 @@ mod tests {
     #[test]
     fn fallback_lists() {
         let req = GpuRequest::parse(&["H100", "A100-80GB:2"], None).expect("valid");
+        // The same model with a smaller count is a sensible fallback.
+        assert!(GpuRequest::parse(&["H100:8", "H100:4"], None).is_ok());
+        assert!(GpuOption::parse("AMD Instinct MI250X / MI250").is_ok());
         assert_eq!(req.options.len(), 2);
         assert_eq!(req.options[1].amount, GpuAmount::Whole(2));
         assert_eq!(req.specs(), ["H100", "A100-80GB:2"]);
@@ -661,8 +664,8 @@ mod tests {
                 "GPU request has 9 options; the limit is 8",
             ),
             (
-                GpuRequest::parse(&["H100", "h100:2"], None),
-                "model H100 appears in options 0 and 1; list each model once",
+                GpuRequest::parse(&["H100:2", "h100:2"], None),
+                "options 0 and 1 are both H100:2; list each option once",
             ),
             (
                 GpuRequest::parse(&["any", "H100"], None),

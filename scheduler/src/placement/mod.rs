@@ -1,9 +1,10 @@
 //! The placement engine: turns pending sandboxes into placements, explaining every decision.
 //!
-//! For one sandbox, the request is walked in **tiers**: option 0 on its own model, option 0
-//! upgraded to strictly better models (only when the operator allows upgrades and the option
-//! has no `!`), option 1, and so on. The first tier with a feasible node wins, so a fallback
-//! is used only when every preferred choice is full. Within a tier:
+//! For one sandbox, the request is walked in **tiers**: every option on its own models, in
+//! order, then each option upgraded to strictly better models it does not list (only when
+//! the operator allows upgrades and the option has no `!`). The first tier with a feasible
+//! node wins, so a fallback is used only when every preferred choice is full, and a model the
+//! user listed is tried before one the operator would substitute. Within a tier:
 //!
 //! 1. **Candidates** come from the view's indexes: nodes with enough fully free GPUs (whole
 //!    requests), a GPU with enough free share (fractional), or enough CPU (CPU-only), visited
@@ -53,7 +54,7 @@ const TOP_SCORES_KEPT: usize = 3;
 pub struct Explanation {
     /// Nodes examined.
     pub nodes_evaluated: u32,
-    /// Rejections by reason.
+    /// Rejections by reason, for the most preferred choice (option 0 on its own models).
     pub filtered: BTreeMap<Reason, u32>,
     /// Best few (node, score), best first.
     pub top_scores: Vec<(String, f64)>,
@@ -199,15 +200,23 @@ impl Placer {
             let best = self.place_cpu_only(view, &ctx, rng, &mut explanation);
             return finish(view, best, None, explanation, 0, false);
         };
-        for tier in self.tiers(view, &request.options) {
+        for (i, tier) in self.tiers(view, &request.options).into_iter().enumerate() {
+            // Rejection counts describe the most preferred choice (option 0 on its own
+            // models), so each node is counted once and the reasons answer "why not what I
+            // asked for first"; later tiers only add to the nodes evaluated.
+            let mut tier_explanation = Explanation::default();
             let best = self.place_tier(
                 view,
                 &ctx,
                 &tier,
                 request.min_memory_mib,
                 rng,
-                &mut explanation,
+                &mut tier_explanation,
             );
+            explanation.nodes_evaluated += tier_explanation.nodes_evaluated;
+            if i == 0 {
+                explanation.filtered = tier_explanation.filtered;
+            }
             if best.is_some() {
                 let option = tier.option;
                 return finish(view, best, Some(&tier), explanation, option, tier.upgraded);
@@ -217,7 +226,11 @@ impl Placer {
     }
 
     fn tiers(&self, view: &ClusterView, options: &[GpuOption]) -> Vec<Tier> {
+        // Every option as written comes first, in order; upgrades only after all of them,
+        // so a model the user listed is tried before one the operator would substitute.
         let mut tiers = Vec::new();
+        let mut upgrades = Vec::new();
+        let listed: Vec<&GpuModelName> = options.iter().flat_map(|o| o.model.models()).collect();
         for (i, option) in options.iter().enumerate() {
             let option_index = i as u32;
             match &option.model {
@@ -239,7 +252,7 @@ impl Placer {
                         let wanted: Vec<_> = named.iter().filter_map(GpuModelName::known).collect();
                         let models: Vec<GpuModelName> = view
                             .models()
-                            .filter(|(m, _)| !named.contains(m))
+                            .filter(|(m, _)| !listed.contains(m))
                             .filter(|(m, _)| {
                                 m.known().is_some_and(|k| {
                                     wanted.iter().any(|w| k.strictly_better_than(*w))
@@ -248,7 +261,7 @@ impl Placer {
                             .map(|(m, _)| m.clone())
                             .collect();
                         if !models.is_empty() {
-                            tiers.push(Tier {
+                            upgrades.push(Tier {
                                 option: option_index,
                                 upgraded: true,
                                 models,
@@ -259,6 +272,7 @@ impl Placer {
                 }
             }
         }
+        tiers.extend(upgrades);
         tiers
     }
 

@@ -275,6 +275,18 @@ impl ClusterView {
         let Some(index) = self.index_of(&placement.node) else {
             return;
         };
+        let model = placement
+            .gpu_indices
+            .first()
+            .and_then(|i| self.nodes[index as usize].spec.gpus.get(*i as usize))
+            .map(|g| g.model.clone());
+        if let Some(held) =
+            model.and_then(|m| self.tenant_gpu_milli.get_mut(&(spec.tenant.clone(), m)))
+        {
+            *held = held.saturating_sub(
+                u64::from(placement.gpu_milli_per_gpu) * placement.gpu_indices.len() as u64,
+            );
+        }
         self.unindex(index);
         let node = &mut self.nodes[index as usize];
         node.cpu_milli_free = (node.cpu_milli_free + spec.cpu_milli).min(node.spec.cpu_milli);

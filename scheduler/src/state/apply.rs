@@ -113,7 +113,9 @@ impl State {
                     spec: spec.clone(),
                     status: NodeStatus::Ready,
                     status_reason: String::new(),
-                    epoch: 1,
+                    // The revision of the registration: unique and increasing even across a
+                    // remove and re-add, so a plan for an earlier registration is always stale.
+                    epoch: self.revision,
                     cpu_milli_allocated: 0,
                     memory_mib_allocated: 0,
                     gpu_milli_allocated: vec![0; spec.gpus.len()],
@@ -122,7 +124,7 @@ impl State {
             );
             return Ok(());
         };
-        existing.epoch += 1;
+        existing.epoch = self.revision;
         existing.spec = spec.clone();
         if existing.status == NodeStatus::Down {
             existing.status = NodeStatus::Ready;
@@ -178,8 +180,9 @@ impl State {
         if node.status == NodeStatus::Down && status != NodeStatus::Down {
             return Err(Rejection::MustReregister(id.to_owned()));
         }
+        let reason = truncate(reason, 1024);
         node.status = status;
-        node.status_reason = truncate(reason, 1024);
+        node.status_reason = reason.clone();
         if status == NodeStatus::Down {
             let held: Vec<SandboxId> = node.sandboxes.iter().copied().collect();
             for sandbox in held {
@@ -523,6 +526,15 @@ impl State {
 /// Checks that a GPU request read from a log entry is well formed (the wire parser already
 /// guarantees this for requests that came through the API; entries are checked anyway).
 fn validate_gpu_request(gpu: &GpuRequest, v: &mut Validator) {
+    // What the parser would build from this request's own spec strings must be this request:
+    // an entry can then hold nothing the API could not have accepted.
+    if GpuRequest::parse(&gpu.specs(), gpu.min_memory_mib).as_ref() != Ok(gpu) {
+        v.error(
+            "",
+            format!("{gpu} is not a request the GPU spec parser accepts"),
+        );
+        return;
+    }
     v.check(
         (1..=MAX_GPU_OPTIONS).contains(&gpu.options.len()),
         "options",

@@ -234,9 +234,10 @@ fn a_down_node_loses_its_sandboxes_and_must_reregister() {
         },
         7,
     );
+    // The epoch is the revision of the registration (the 5th command).
     assert_eq!(
         state.node("n1").map(|n| (n.epoch, n.status)),
-        Some((2, NodeStatus::Ready))
+        Some((5, NodeStatus::Ready))
     );
     let out = apply_checked(
         &mut state,
@@ -452,4 +453,90 @@ fn snapshots_round_trip_and_refuse_garbage() {
         State::restore(&future),
         Err(snapshot::SnapshotError::UnsupportedVersion(99))
     ));
+}
+
+#[test]
+fn a_plan_from_before_a_remove_and_readd_is_stale() {
+    let mut state = with_node(GpuModel::L4, 1);
+    apply_checked(&mut state, &Command::RemoveNode { node: "n1".into() }, 1);
+    apply_checked(
+        &mut state,
+        &Command::RegisterNode {
+            spec: gpu_node("n1", GpuModel::L4, 1),
+        },
+        2,
+    );
+    let out = apply_checked(
+        &mut state,
+        &submit("a", spec(&["L4"]), Some(placement("n1", 1, &[0], 1000))),
+        3,
+    );
+    assert!(
+        matches!(
+            &out[0],
+            ItemOutcome::Created {
+                bind_rejected: Some(Rejection::StaleEpoch {
+                    planned: 1,
+                    current: 3,
+                    ..
+                }),
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn log_entries_hold_only_what_the_parser_accepts() {
+    use berth_proto::gpu::{GpuAmount, GpuModelSelector, GpuOption, GpuRequest};
+    let mut state = with_node(GpuModel::L4, 1);
+    let mut bad = spec(&[]);
+    bad.gpu = Some(GpuRequest {
+        options: vec![GpuOption {
+            model: GpuModelSelector::AnyOf(vec![]),
+            exact: false,
+            amount: GpuAmount::Whole(1),
+        }],
+        min_memory_mib: None,
+    });
+    let out = apply_checked(&mut state, &submit("a", bad, None), 1);
+    assert!(
+        matches!(&out[0], ItemOutcome::Rejected(Rejection::InvalidSpec(m)) if m.contains("spec.resources.gpu")),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_long_down_reason_is_stored_truncated() {
+    let mut state = with_node(GpuModel::L4, 1);
+    let (id, _) = created(&apply_checked(
+        &mut state,
+        &submit("a", spec(&["L4"]), Some(placement("n1", 1, &[0], 1000))),
+        1,
+    ));
+    let reason = "x".repeat(1 << 20);
+    apply_checked(
+        &mut state,
+        &Command::SetNodeStatus {
+            node: "n1".into(),
+            status: NodeStatus::Down,
+            reason,
+        },
+        2,
+    );
+    let SandboxState::Lost { reason } = &state.sandbox(id).expect("kept").state else {
+        panic!("not lost")
+    };
+    assert!(reason.len() < 1200, "{} bytes", reason.len());
+}
+
+#[test]
+fn a_snapshot_with_an_id_past_next_is_refused() {
+    let mut state = with_node(GpuModel::L4, 1);
+    apply_checked(&mut state, &submit("a", spec(&[]), None), 1);
+    state.next_sandbox_id = 0;
+    assert!(
+        matches!(State::restore(&state.snapshot()), Err(snapshot::SnapshotError::Invalid(m)) if m.contains("SandboxIdsBelowNext"))
+    );
 }
