@@ -232,9 +232,9 @@ fn higher_priority_goes_first_within_a_batch() {
     );
 }
 
-#[test]
-fn tenant_gpu_quota_is_a_filter() {
-    let mut state = cluster(vec![gpu_node("n", GpuModel::A10, 4)]);
+/// One node of `gpus` A10s; tenant "t" may hold one whole A10.
+fn a10_cluster_with_one_gpu_quota(gpus: u32) -> State {
+    let mut state = cluster(vec![gpu_node("n", GpuModel::A10, gpus)]);
     let quota = TenantQuota {
         max_concurrent_sandboxes: None,
         max_gpu_milli_per_model: [(GpuModel::A10.into(), 1000)].into(),
@@ -247,6 +247,12 @@ fn tenant_gpu_quota_is_a_filter() {
         },
         0,
     );
+    state
+}
+
+#[test]
+fn tenant_gpu_quota_is_a_filter() {
+    let state = a10_cluster_with_one_gpu_quota(4);
     let p = placer(PolicyName::Berth, false);
     let mut view = ClusterView::from_state(&state, 7);
     let (a, b) = (spec(&["A10"]), spec(&["A10"]));
@@ -358,19 +364,7 @@ fn listed_models_are_tried_before_upgrades_and_counts_are_per_node() {
 
 #[test]
 fn release_gives_back_tenant_gpu_usage() {
-    let mut state = cluster(vec![gpu_node("n", GpuModel::A10, 2)]);
-    let quota = TenantQuota {
-        max_concurrent_sandboxes: None,
-        max_gpu_milli_per_model: [(GpuModel::A10.into(), 1000)].into(),
-    };
-    apply_checked(
-        &mut state,
-        &Command::SetTenantQuota {
-            tenant: "t".into(),
-            quota,
-        },
-        0,
-    );
+    let state = a10_cluster_with_one_gpu_quota(2);
     let p = placer(PolicyName::Berth, false);
     let mut view = ClusterView::from_state(&state, 1);
     let a10 = spec(&["A10"]);
