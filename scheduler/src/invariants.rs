@@ -154,7 +154,7 @@ pub fn check(state: &State) -> Vec<Violation> {
         if !holds {
             continue;
         }
-        if let (Some(model), true) = (&binding.gpu_model, holds) {
+        if let Some(model) = &binding.gpu_model {
             *tenant_gpus
                 .entry(&sandbox.spec.tenant)
                 .or_default()

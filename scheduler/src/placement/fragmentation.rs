@@ -125,28 +125,14 @@ impl TypicalWorkload {
         }
     }
 
-    /// Mean CPU milli-cores the typical GPU shapes ask per milli-GPU: how much CPU a node
-    /// should keep for each free milli-GPU so its GPUs stay usable.
-    pub fn cpu_milli_per_gpu_milli(&self) -> f64 {
-        let (cpu, gpu) = self.shapes.iter().filter(|(s, _)| s.gpu_milli > 0).fold(
-            (0.0, 0.0),
-            |(c, g), (s, p)| {
-                (
-                    c + p * s.cpu_milli as f64,
-                    g + p * f64::from(s.gpu_milli) * f64::from(s.gpu_count),
-                )
-            },
-        );
-        if gpu > 0.0 { cpu / gpu } else { 0.0 }
-    }
-
-    /// As [`TypicalWorkload::node_fragmentation`], but a shape whose mean memory does not fit
-    /// the node's free memory cannot use its GPUs either.
-    pub fn node_fragmentation_with_memory(
+    /// `F_n` in milli-GPU for a node whose free resources are `cpu_free` and `gpu_free`.
+    /// With `memory_free`, a shape whose mean memory does not fit counts every free GPU as a
+    /// fragment (berth's extension); without, memory plays no part (FGD's measure).
+    pub fn node_fragmentation(
         &self,
         node: &NodeView,
         cpu_free: u64,
-        memory_free: u64,
+        memory_free: Option<u64>,
         gpu_free: &[u32],
     ) -> f64 {
         let total: u64 = gpu_free.iter().map(|g| u64::from(*g)).sum();
@@ -155,28 +141,16 @@ impl TypicalWorkload {
         }
         let mut frag = 0.0;
         for (i, (shape, p)) in self.shapes.iter().enumerate() {
-            let memory_ok = self.memory_mib.get(i).is_none_or(|m| *m <= memory_free);
-            let f = if memory_ok {
+            let memory_fits = match (memory_free, self.memory_mib.get(i)) {
+                (Some(free), Some(needed)) => *needed <= free,
+                _ => true,
+            };
+            let f = if memory_fits {
                 shape_fragmentation(shape, node.gpu_model.as_ref(), cpu_free, gpu_free, total)
             } else {
                 total
             };
             frag += p * f as f64;
-        }
-        frag
-    }
-
-    /// `F_n` in milli-GPU for a node whose free resources are `cpu_free` and `gpu_free`.
-    pub fn node_fragmentation(&self, node: &NodeView, cpu_free: u64, gpu_free: &[u32]) -> f64 {
-        let total: u64 = gpu_free.iter().map(|g| u64::from(*g)).sum();
-        if total == 0 {
-            return 0.0;
-        }
-        let mut frag = 0.0;
-        for (shape, p) in &self.shapes {
-            frag +=
-                p * shape_fragmentation(shape, node.gpu_model.as_ref(), cpu_free, gpu_free, total)
-                    as f64;
         }
         frag
     }
@@ -254,35 +228,32 @@ mod tests {
         let n = node("T4", 2);
         // Free [1000, 300]: the half-GPU shape fits (300 is a fragment), the 2-GPU shape does
         // not (everything is a fragment), the CPU shape counts everything.
-        let frag = workload.node_fragmentation(&n, 64_000, &[1000, 300]);
+        let frag = workload.node_fragmentation(&n, 64_000, None, &[1000, 300]);
         assert!(
             (frag - (0.5 * 300.0 + 0.25 * 1300.0 + 0.25 * 1300.0)).abs() < 1e-9,
             "{frag}"
         );
         // No CPU left: nothing fits, all of it is a fragment.
-        assert!((workload.node_fragmentation(&n, 0, &[1000, 300]) - 1300.0).abs() < 1e-9);
+        assert!((workload.node_fragmentation(&n, 0, None, &[1000, 300]) - 1300.0).abs() < 1e-9);
         // A model constraint that excludes the node makes all of it a fragment too.
         let pinned = TypicalWorkload {
             shapes: vec![(shape(1000, 500, 1, Some(&["V100M16"])), 1.0)],
             memory_mib: Vec::new(),
         };
-        assert!((pinned.node_fragmentation(&n, 64_000, &[1000, 300]) - 1300.0).abs() < 1e-9);
+        assert!((pinned.node_fragmentation(&n, 64_000, None, &[1000, 300]) - 1300.0).abs() < 1e-9);
         // With memory: a shape whose memory does not fit counts every free GPU.
         let memory = TypicalWorkload {
             shapes: vec![(shape(1000, 500, 1, None), 1.0)],
             memory_mib: vec![300_000],
         };
         assert!(
-            (memory.node_fragmentation_with_memory(&n, 64_000, 512_000, &[1000, 300]) - 300.0)
-                .abs()
+            (memory.node_fragmentation(&n, 64_000, Some(512_000), &[1000, 300]) - 300.0).abs()
                 < 1e-9
         );
         assert!(
-            (memory.node_fragmentation_with_memory(&n, 64_000, 100_000, &[1000, 300]) - 1300.0)
-                .abs()
+            (memory.node_fragmentation(&n, 64_000, Some(100_000), &[1000, 300]) - 1300.0).abs()
                 < 1e-9
         );
-        assert!((pinned.node_fragmentation(&n, 64_000, &[1000, 300]) - 1300.0).abs() < 1e-9);
     }
 
     #[test]

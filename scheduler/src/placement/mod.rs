@@ -198,7 +198,7 @@ impl Placer {
         };
         let Some(request) = &spec.gpu else {
             let best = self.place_cpu_only(view, &ctx, rng, &mut explanation);
-            return finish(view, best, None, explanation, 0, false);
+            return finish(view, best, None, explanation);
         };
         for (i, tier) in self.tiers(view, &request.options).into_iter().enumerate() {
             // Rejection counts describe the most preferred choice (option 0 on its own
@@ -218,11 +218,10 @@ impl Placer {
                 explanation.filtered = tier_explanation.filtered;
             }
             if best.is_some() {
-                let option = tier.option;
-                return finish(view, best, Some(&tier), explanation, option, tier.upgraded);
+                return finish(view, best, Some(&tier), explanation);
             }
         }
-        finish(view, None, None, explanation, 0, false)
+        finish(view, None, None, explanation)
     }
 
     fn tiers(&self, view: &ClusterView, options: &[GpuOption]) -> Vec<Tier> {
@@ -518,9 +517,9 @@ fn finish(
     best: Option<Best>,
     tier: Option<&Tier>,
     mut explanation: Explanation,
-    option: u32,
-    upgraded: bool,
 ) -> Decision {
+    let option = tier.map_or(0, |t| t.option);
+    let upgraded = tier.is_some_and(|t| t.upgraded);
     let Some(mut best) = best else {
         return Decision {
             placement: None,

@@ -1,10 +1,10 @@
 //! Scoring policies: given a feasible node and the GPUs of one model on it, say how good a
 //! home it is (higher is better) and which GPUs to take.
 //!
-//! - [`Random`], [`BestFit`] and [`Fgd`] re-implement the baselines of the FGD paper's
+//! - [`Random`], [`BestFit`] and [`FGD`] re-implement the baselines of the FGD paper's
 //!   artifact exactly (integer scores, GPU selection, tie-breaking by node rank), so the
 //!   simulator reproduces its published numbers.
-//! - [`Berth`] is berth's default; see its docs for how it differs from FGD and why.
+//! - [`BERTH`] is berth's default; see its docs for how it differs from FGD and why.
 
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::Rng;
@@ -126,8 +126,8 @@ pub fn policy(name: PolicyName) -> Box<dyn Policy> {
     match name {
         PolicyName::Random => Box::new(Random),
         PolicyName::Bestfit => Box::new(BestFit),
-        PolicyName::Fgd => Box::new(Fgd),
-        PolicyName::Berth => Box::new(Berth),
+        PolicyName::Fgd => Box::new(FGD),
+        PolicyName::Berth => Box::new(BERTH),
     }
 }
 
@@ -212,64 +212,26 @@ fn choose_best_fit(node: &NodeView, ask: Option<&GpuAsk>) -> Option<Vec<u32>> {
     }
 }
 
-/// Fragmentation Gradient Descent: `⌊100 · sigmoid((F_before − F_after) / 1000)⌋`, where F is
-/// the node's fragmentation against the typical workload. A share goes to the GPU with the
-/// best such score (lowest index on ties); whole GPUs are the lowest-index free ones.
-pub struct Fgd;
-
-impl Policy for Fgd {
-    fn name(&self) -> &'static str {
-        "fgd"
-    }
-
-    fn score(
-        &self,
-        ctx: &ScoreContext<'_>,
-        node: &NodeView,
-        ask: Option<&GpuAsk>,
-        _: &mut ChaCha8Rng,
-    ) -> Option<Scored> {
-        let before =
-            ctx.typical
-                .node_fragmentation(node, node.cpu_milli_free, &node.gpu_milli_free);
-        let cpu_after = node.cpu_milli_free.saturating_sub(ctx.spec.cpu_milli);
-        let score_of = |after: f64| (100.0 * sigmoid((before - after) / 1000.0)).trunc();
-        let mut free = node.gpu_milli_free.clone();
-        match ask {
-            Some(ask) if ask.milli < 1000 => {
-                let mut best: Option<Scored> = None;
-                for (i, _) in ask.share_candidates(node) {
-                    free[i] -= ask.milli;
-                    let score = score_of(ctx.typical.node_fragmentation(node, cpu_after, &free));
-                    free[i] += ask.milli;
-                    if best.as_ref().is_none_or(|b| score > b.score) {
-                        best = Some(Scored {
-                            score,
-                            tie: 0.0,
-                            gpus: vec![i as u32],
-                        });
-                    }
-                }
-                best
-            }
-            _ => {
-                let gpus = choose_best_fit(node, ask)?;
-                for g in &gpus {
-                    free[*g as usize] -= ask.map_or(0, |a| a.milli);
-                }
-                Some(Scored {
-                    tie: 0.0,
-                    score: score_of(ctx.typical.node_fragmentation(node, cpu_after, &free)),
-                    gpus,
-                })
-            }
-        }
-    }
+/// Fragmentation gradient scoring: `⌊100 · sigmoid((F_before − F_after) / 1000)⌋`, where F
+/// is the node's fragmentation against the typical workload. A share goes to the GPU with
+/// the best such score (lowest index on ties); whole GPUs are the lowest-index free ones.
+/// [`FGD`] is the paper's policy as published; [`BERTH`] is berth's default, the same
+/// gradient with two changes.
+#[derive(Debug, Clone, Copy)]
+pub struct FragmentationGradient {
+    name: &'static str,
+    /// Count a typical shape as unable to use a node whose free memory is below its mean.
+    memory_aware: bool,
+    /// Break ties for CPU-only sandboxes toward the node with the least free GPU.
+    cpu_only_prefers_used_gpus: bool,
 }
 
-fn sigmoid(x: f64) -> f64 {
-    1.0 / (1.0 + (-x).exp())
-}
+/// Fragmentation Gradient Descent (Weng et al., USENIX ATC '23), as its artifact computes it.
+pub const FGD: FragmentationGradient = FragmentationGradient {
+    name: "fgd",
+    memory_aware: false,
+    cpu_only_prefers_used_gpus: false,
+};
 
 /// berth's default policy: FGD, made aware of memory and of what CPU-only sandboxes strand.
 ///
@@ -287,12 +249,15 @@ fn sigmoid(x: f64) -> f64 {
 ///
 /// On the openb traces (10 seeds, the paper's protocol) this is below FGD's published mean
 /// on all five; ARCHITECTURE.md has the figures and what else was tried.
-#[derive(Debug, Clone, Default)]
-pub struct Berth;
+pub const BERTH: FragmentationGradient = FragmentationGradient {
+    name: "berth",
+    memory_aware: true,
+    cpu_only_prefers_used_gpus: true,
+};
 
-impl Policy for Berth {
+impl Policy for FragmentationGradient {
     fn name(&self) -> &'static str {
-        "berth"
+        self.name
     }
 
     fn score(
@@ -302,25 +267,29 @@ impl Policy for Berth {
         ask: Option<&GpuAsk>,
         _: &mut ChaCha8Rng,
     ) -> Option<Scored> {
-        let typical = ctx.typical;
-        let cpu_after = node.cpu_milli_free.saturating_sub(ctx.spec.cpu_milli);
-        let memory_after = node.memory_mib_free.saturating_sub(ctx.spec.memory_mib);
-        let before = typical.node_fragmentation_with_memory(
-            node,
+        let memory = |free: u64| self.memory_aware.then_some(free);
+        let frag =
+            |cpu, memory, gpus: &[u32]| ctx.typical.node_fragmentation(node, cpu, memory, gpus);
+        let before = frag(
             node.cpu_milli_free,
-            node.memory_mib_free,
+            memory(node.memory_mib_free),
             &node.gpu_milli_free,
         );
-        let score_after = |free: &[u32]| {
-            let after = typical.node_fragmentation_with_memory(node, cpu_after, memory_after, free);
-            (100.0 * sigmoid((before - after) / 1000.0)).trunc()
+        let cpu_after = node.cpu_milli_free.saturating_sub(ctx.spec.cpu_milli);
+        let memory_after = memory(node.memory_mib_free.saturating_sub(ctx.spec.memory_mib));
+        let score_after = |gpus: &[u32]| {
+            (100.0 * sigmoid((before - frag(cpu_after, memory_after, gpus)) / 1000.0)).trunc()
         };
         let mut free = node.gpu_milli_free.clone();
         let Some(ask) = ask else {
-            let gpu_free_total = node.gpu_milli_free_total() as f64;
+            let tie = if self.cpu_only_prefers_used_gpus {
+                -(node.gpu_milli_free_total() as f64)
+            } else {
+                0.0
+            };
             return Some(Scored {
                 score: score_after(&free),
-                tie: -gpu_free_total,
+                tie,
                 gpus: Vec::new(),
             });
         };
@@ -351,4 +320,8 @@ impl Policy for Berth {
             gpus,
         })
     }
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
 }

@@ -46,16 +46,6 @@ pub struct NodeView {
 }
 
 impl NodeView {
-    /// Fully free GPUs.
-    pub fn free_whole_gpus(&self) -> u32 {
-        self.gpu_milli_free.iter().filter(|f| **f == 1000).count() as u32
-    }
-
-    /// Largest free milli on any one GPU.
-    pub fn max_share_free(&self) -> u32 {
-        self.gpu_milli_free.iter().copied().max().unwrap_or(0)
-    }
-
     /// Sum of free milli over GPUs.
     pub fn gpu_milli_free_total(&self) -> u64 {
         self.gpu_milli_free.iter().map(|f| u64::from(*f)).sum()
@@ -85,7 +75,7 @@ pub struct ClusterView {
 }
 
 impl ClusterView {
-    /// An empty view; `seed` fixes the tie-break ranks of the nodes added to it.
+    /// An empty view. Nodes are ranked in insertion order until [`ClusterView::shuffle_ranks`].
     pub fn new() -> ClusterView {
         ClusterView {
             nodes: Vec::new(),
@@ -171,7 +161,7 @@ impl ClusterView {
                 .or_default()
                 .nodes += 1;
         }
-        self.index(index);
+        self.update_index(index, true);
         index
     }
 
@@ -243,16 +233,42 @@ impl ClusterView {
 
     /// Takes a placement's resources off its node, so later decisions see them as used.
     pub fn reserve(&mut self, spec: &SandboxSpec, placement: &Placement) {
+        self.adjust(spec, placement, true);
+    }
+
+    /// Gives a placement's resources back (a sandbox ended, or a planned bind was refused).
+    pub fn release(&mut self, spec: &SandboxSpec, placement: &Placement) {
+        self.adjust(spec, placement, false);
+    }
+
+    /// Takes (`take`) or gives back a placement's resources, keeping the indexes and the
+    /// tenant's GPU usage in step. Amounts stay within 0..=capacity, and an unhealthy GPU
+    /// stays at 0 free: nothing new may land on it.
+    fn adjust(&mut self, spec: &SandboxSpec, placement: &Placement, take: bool) {
         let Some(index) = self.index_of(&placement.node) else {
             return;
         };
-        self.unindex(index);
+        self.update_index(index, false);
         let node = &mut self.nodes[index as usize];
-        node.cpu_milli_free = node.cpu_milli_free.saturating_sub(spec.cpu_milli);
-        node.memory_mib_free = node.memory_mib_free.saturating_sub(spec.memory_mib);
+        let step = |free: u64, amount: u64, capacity: u64| {
+            if take {
+                free.saturating_sub(amount)
+            } else {
+                (free + amount).min(capacity)
+            }
+        };
+        node.cpu_milli_free = step(node.cpu_milli_free, spec.cpu_milli, node.spec.cpu_milli);
+        node.memory_mib_free = step(node.memory_mib_free, spec.memory_mib, node.spec.memory_mib);
         for i in &placement.gpu_indices {
-            if let Some(free) = node.gpu_milli_free.get_mut(*i as usize) {
-                *free = free.saturating_sub(placement.gpu_milli_per_gpu);
+            let healthy = node.spec.gpus.get(*i as usize).is_some_and(|g| g.healthy);
+            if let (Some(free), true) = (node.gpu_milli_free.get_mut(*i as usize), healthy) {
+                // At most 1000, so the conversion back cannot fail.
+                *free = u32::try_from(step(
+                    u64::from(*free),
+                    u64::from(placement.gpu_milli_per_gpu),
+                    1000,
+                ))
+                .unwrap_or(0);
             }
         }
         let model = placement
@@ -260,45 +276,20 @@ impl ClusterView {
             .first()
             .and_then(|i| node.spec.gpus.get(*i as usize))
             .map(|g| g.model.clone());
-        self.index(index);
-        if let (Some(model), true) = (model, self.tenant_quota.contains_key(&spec.tenant)) {
-            let milli = u64::from(placement.gpu_milli_per_gpu) * placement.gpu_indices.len() as u64;
-            *self
-                .tenant_gpu_milli
-                .entry((spec.tenant.clone(), model))
-                .or_default() += milli;
-        }
-    }
-
-    /// Gives a placement's resources back (a sandbox ended, or a planned bind was refused).
-    pub fn release(&mut self, spec: &SandboxSpec, placement: &Placement) {
-        let Some(index) = self.index_of(&placement.node) else {
+        self.update_index(index, true);
+        let (Some(model), true) = (model, self.tenant_quota.contains_key(&spec.tenant)) else {
             return;
         };
-        let model = placement
-            .gpu_indices
-            .first()
-            .and_then(|i| self.nodes[index as usize].spec.gpus.get(*i as usize))
-            .map(|g| g.model.clone());
-        if let Some(held) =
-            model.and_then(|m| self.tenant_gpu_milli.get_mut(&(spec.tenant.clone(), m)))
-        {
-            *held = held.saturating_sub(
-                u64::from(placement.gpu_milli_per_gpu) * placement.gpu_indices.len() as u64,
-            );
-        }
-        self.unindex(index);
-        let node = &mut self.nodes[index as usize];
-        node.cpu_milli_free = (node.cpu_milli_free + spec.cpu_milli).min(node.spec.cpu_milli);
-        node.memory_mib_free = (node.memory_mib_free + spec.memory_mib).min(node.spec.memory_mib);
-        for i in &placement.gpu_indices {
-            // An unhealthy GPU stays at 0 free in the view: nothing new may land on it.
-            let healthy = node.spec.gpus.get(*i as usize).is_some_and(|g| g.healthy);
-            if let (Some(free), true) = (node.gpu_milli_free.get_mut(*i as usize), healthy) {
-                *free = (*free + placement.gpu_milli_per_gpu).min(1000);
-            }
-        }
-        self.index(index);
+        let milli = u64::from(placement.gpu_milli_per_gpu) * placement.gpu_indices.len() as u64;
+        let held = self
+            .tenant_gpu_milli
+            .entry((spec.tenant.clone(), model))
+            .or_default();
+        *held = if take {
+            *held + milli
+        } else {
+            held.saturating_sub(milli)
+        };
     }
 
     fn node_models(&self, index: NodeIndex) -> Vec<GpuModelName> {
@@ -313,14 +304,6 @@ impl ClusterView {
                 models
             }
         }
-    }
-
-    fn index(&mut self, index: NodeIndex) {
-        self.update_index(index, true);
-    }
-
-    fn unindex(&mut self, index: NodeIndex) {
-        self.update_index(index, false);
     }
 
     /// Adds a node's current free amounts to the indexes, or removes them.

@@ -25,9 +25,7 @@ impl State {
                 command.items(),
             ))];
         }
-        let one = |r: Result<(), Rejection>| {
-            vec![r.map_or_else(ItemOutcome::Rejected, |()| ItemOutcome::Applied)]
-        };
+        let one = |r| vec![outcome(r)];
         match command {
             Command::RegisterNode { spec } => one(self.register_node(spec, now_ms)),
             Command::SetNodeStatus {
@@ -41,10 +39,7 @@ impl State {
             }
             Command::BindSandboxes { items } => items
                 .iter()
-                .map(|(id, placement)| match self.bind(*id, placement, now_ms) {
-                    Ok(()) => ItemOutcome::Applied,
-                    Err(e) => ItemOutcome::Rejected(e),
-                })
+                .map(|(id, placement)| outcome(self.bind(*id, placement, now_ms)))
                 .collect(),
             Command::SetPendingReasons { items } => items
                 .iter()
@@ -63,12 +58,11 @@ impl State {
                 .collect(),
             Command::UpdateSandboxes { items } => items
                 .iter()
-                .map(|u| one(self.update(u, now_ms)).remove(0))
+                .map(|u| outcome(self.update(u, now_ms)))
                 .collect(),
-            Command::DeleteSandboxes { items } => items
-                .iter()
-                .map(|id| one(self.delete(*id)).remove(0))
-                .collect(),
+            Command::DeleteSandboxes { items } => {
+                items.iter().map(|id| outcome(self.delete(*id))).collect()
+            }
             Command::ExpireTerminal { finished_before_ms } => {
                 let expired: Vec<SandboxId> = self
                     .sandboxes
@@ -138,7 +132,7 @@ impl State {
         existing.sandboxes.clear();
         for id in held {
             // Tenant usage is recomputed along with the node's: released here, re-held below.
-            self.release_tenant_gpus(id);
+            self.account_tenant(id, false);
             let Some(sandbox) = self.sandboxes.get(&id) else {
                 continue;
             };
@@ -442,31 +436,20 @@ impl State {
 
     /// Adds a bound sandbox's resources to its node and tenant.
     fn hold(&mut self, id: SandboxId) {
-        let Some(sandbox) = self.sandboxes.get(&id) else {
-            return;
-        };
-        let Some(binding) = &sandbox.binding else {
-            return;
-        };
-        let p = &binding.placement;
-        if let Some(node) = self.nodes.get_mut(&p.node) {
-            node.cpu_milli_allocated += sandbox.spec.cpu_milli;
-            node.memory_mib_allocated += sandbox.spec.memory_mib;
-            for i in &p.gpu_indices {
-                if let Some(used) = node.gpu_milli_allocated.get_mut(*i as usize) {
-                    *used += p.gpu_milli_per_gpu;
-                }
-            }
-            node.sandboxes.insert(id);
-        }
-        if let Some(model) = &binding.gpu_model {
-            let milli = u64::from(p.gpu_milli_per_gpu) * p.gpu_indices.len() as u64;
-            let record = self.tenants.entry(sandbox.spec.tenant.clone()).or_default();
-            *record.gpu_milli_by_model.entry(model.clone()).or_default() += milli;
-        }
+        self.account_node(id, true);
+        self.account_tenant(id, true);
     }
 
+    /// Takes a bound sandbox's resources off its node and tenant.
     fn release(&mut self, id: SandboxId) {
+        self.account_node(id, false);
+        self.account_tenant(id, false);
+    }
+
+    /// Adds (`hold`) or removes a bound sandbox's CPU, memory and GPU share on its node. A
+    /// sandbox is counted exactly while it is in the node's set, so repeating either is a
+    /// no-op.
+    fn account_node(&mut self, id: SandboxId, hold: bool) {
         let Some(sandbox) = self.sandboxes.get(&id) else {
             return;
         };
@@ -474,25 +457,37 @@ impl State {
             return;
         };
         let p = &binding.placement;
-        if let Some(node) = self.nodes.get_mut(&p.node) {
-            if node.sandboxes.remove(&id) {
-                node.cpu_milli_allocated = node
-                    .cpu_milli_allocated
-                    .saturating_sub(sandbox.spec.cpu_milli);
-                node.memory_mib_allocated = node
-                    .memory_mib_allocated
-                    .saturating_sub(sandbox.spec.memory_mib);
-                for i in &p.gpu_indices {
-                    if let Some(used) = node.gpu_milli_allocated.get_mut(*i as usize) {
-                        *used = used.saturating_sub(p.gpu_milli_per_gpu);
-                    }
-                }
+        let Some(node) = self.nodes.get_mut(&p.node) else {
+            return;
+        };
+        let changed = if hold {
+            node.sandboxes.insert(id)
+        } else {
+            node.sandboxes.remove(&id)
+        };
+        if !changed {
+            return;
+        }
+        let step = |value: u64, amount: u64| {
+            if hold {
+                value + amount
+            } else {
+                value.saturating_sub(amount)
+            }
+        };
+        node.cpu_milli_allocated = step(node.cpu_milli_allocated, sandbox.spec.cpu_milli);
+        node.memory_mib_allocated = step(node.memory_mib_allocated, sandbox.spec.memory_mib);
+        for i in &p.gpu_indices {
+            if let Some(used) = node.gpu_milli_allocated.get_mut(*i as usize) {
+                // `apply` checked the fit, so a held GPU stays at or below 1000.
+                *used = u32::try_from(step(u64::from(*used), u64::from(p.gpu_milli_per_gpu)))
+                    .unwrap_or(u32::MAX);
             }
         }
-        self.release_tenant_gpus(id);
     }
 
-    fn release_tenant_gpus(&mut self, id: SandboxId) {
+    /// Adds (`hold`) or removes a bound sandbox's GPUs from its tenant's usage per model.
+    fn account_tenant(&mut self, id: SandboxId, hold: bool) {
         let Some(sandbox) = self.sandboxes.get(&id) else {
             return;
         };
@@ -504,13 +499,15 @@ impl State {
         };
         let milli = u64::from(binding.placement.gpu_milli_per_gpu)
             * binding.placement.gpu_indices.len() as u64;
-        if let Some(record) = self.tenants.get_mut(&sandbox.spec.tenant) {
-            if let Some(held) = record.gpu_milli_by_model.get_mut(model) {
-                *held = held.saturating_sub(milli);
-                if *held == 0 {
-                    record.gpu_milli_by_model.remove(model);
-                }
-            }
+        let record = self.tenants.entry(sandbox.spec.tenant.clone()).or_default();
+        let held = record.gpu_milli_by_model.entry(model.clone()).or_default();
+        *held = if hold {
+            *held + milli
+        } else {
+            held.saturating_sub(milli)
+        };
+        if *held == 0 {
+            record.gpu_milli_by_model.remove(model);
         }
     }
 
@@ -679,6 +676,11 @@ pub(crate) fn check_constraints(spec: &SandboxSpec, node: &NodeSpec) -> Result<(
         node: node.id.clone(),
         why: reason.to_string(),
     })
+}
+
+/// The outcome of an item whose transition either applied or was refused.
+fn outcome(result: Result<(), Rejection>) -> ItemOutcome {
+    result.map_or_else(ItemOutcome::Rejected, |()| ItemOutcome::Applied)
 }
 
 fn truncate(text: &str, max: usize) -> String {

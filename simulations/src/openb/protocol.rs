@@ -19,7 +19,7 @@ use berth_scheduler::invariants;
 use berth_scheduler::model::NodeSpec;
 use berth_scheduler::placement::Placer;
 use berth_scheduler::placement::fragmentation::TypicalWorkload;
-use berth_scheduler::placement::view::ClusterView;
+use berth_scheduler::placement::view::{ClusterView, NodeView};
 use berth_scheduler::state::{Command, ItemOutcome, State, Submission};
 
 use super::trace::TracePod;
@@ -42,8 +42,7 @@ pub struct SeedResult {
     pub frag_pct_at_100: f64,
     /// Pods that fit nowhere.
     pub pods_failed: u64,
-    /// Pods that arrived.
-    pub pods_arrived: u64,
+
     /// GPU milli of pods that failed before 100 % arrived, by kind ("cpu", "share",
     /// "gpu-1", "gpu-8", … with "+spec" for model-constrained ones).
     pub failed_milli_before_100: std::collections::BTreeMap<String, u64>,
@@ -109,14 +108,12 @@ impl Experiment<'_> {
         }
         let mut view = ClusterView::from_state(&state, rng.next_u64());
         let capacity = self.capacity_milli().max(1) as f64;
-        let mut node_frag: Vec<f64> = view
-            .nodes()
-            .iter()
-            .map(|n| {
-                self.typical
-                    .node_fragmentation(n, n.cpu_milli_free, &n.gpu_milli_free)
-            })
-            .collect();
+        // Reported fragmentation is FGD's own measure (no memory), whatever the policy.
+        let fragmentation = |n: &NodeView| {
+            self.typical
+                .node_fragmentation(n, n.cpu_milli_free, None, &n.gpu_milli_free)
+        };
+        let mut node_frag: Vec<f64> = view.nodes().iter().map(fragmentation).collect();
         let mut frag_total: f64 = node_frag.iter().sum();
 
         let (mut arrived, mut allocated, mut failed) = (0u64, 0u64, 0u64);
@@ -149,12 +146,7 @@ impl Experiment<'_> {
                     view.reserve(&pod.spec, &placement);
                     allocated += pod.gpu_milli_total();
                     if let Some(index) = view.index_of(&placement.node) {
-                        let node = view.node(index);
-                        let f = self.typical.node_fragmentation(
-                            node,
-                            node.cpu_milli_free,
-                            &node.gpu_milli_free,
-                        );
+                        let f = fragmentation(view.node(index));
                         frag_total += f - node_frag[index as usize];
                         node_frag[index as usize] = f;
                     }
@@ -204,7 +196,7 @@ impl Experiment<'_> {
                 f64::NAN
             },
             pods_failed: failed,
-            pods_arrived: workload.len() as u64,
+
             failed_milli_before_100: failed_before_100,
             curve,
         })

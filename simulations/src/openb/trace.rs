@@ -102,105 +102,103 @@ fn reader(path: &Path) -> Result<csv::Reader<std::fs::File>, TraceError> {
         })
 }
 
-/// Reads a node list. Nodes without GPUs are kept (the all-node list has them).
-pub fn load_nodes(path: &Path) -> Result<Vec<NodeSpec>, TraceError> {
+/// Reads every row of a CSV as `T` and converts it, naming the file and the 1-based row of
+/// the first bad one; at most [`MAX_ROWS`] rows.
+fn read_rows<T: serde::de::DeserializeOwned, U>(
+    path: &Path,
+    convert: impl Fn(T) -> Result<U, String>,
+) -> Result<Vec<U>, TraceError> {
     let name = path.display().to_string();
-    let mut nodes = Vec::new();
-    for (i, row) in reader(path)?.deserialize::<NodeRow>().enumerate() {
-        let row_err = |message: String| TraceError::Row {
+    let mut out = Vec::new();
+    for (i, row) in reader(path)?.deserialize::<T>().enumerate() {
+        if out.len() == MAX_ROWS {
+            return Err(TraceError::TooLarge { path: name });
+        }
+        let converted = row.map_err(|e| e.to_string()).and_then(&convert);
+        out.push(converted.map_err(|message| TraceError::Row {
             path: name.clone(),
             row: i + 1,
             message,
-        };
-        let row = row.map_err(|e| row_err(e.to_string()))?;
-        if nodes.len() == MAX_ROWS {
-            return Err(TraceError::TooLarge { path: name });
-        }
+        })?);
+    }
+    Ok(out)
+}
+
+/// Reads a node list. Nodes without GPUs are kept (the all-node list has them).
+pub fn load_nodes(path: &Path) -> Result<Vec<NodeSpec>, TraceError> {
+    read_rows(path, |row: NodeRow| {
         if row.gpu > 16 {
-            return Err(row_err(format!("{} GPUs; at most 16 per node", row.gpu)));
+            return Err(format!("{} GPUs; at most 16 per node", row.gpu));
         }
         let gpus = match (row.gpu, row.model.as_deref().map(str::trim)) {
             (0, _) => Vec::new(),
-            (_, None | Some("") | Some("nan")) => {
-                return Err(row_err("GPUs without a model".into()));
-            }
+            (_, None | Some("") | Some("nan")) => return Err("GPUs without a model".into()),
             (count, Some(model)) => {
                 let model = GpuModelName::resolve(model);
                 let memory = model.known().map_or(0, |m| m.info().memory_mib);
                 NodeSpec::uniform_gpus(&row.sn, &model, memory, count)
             }
         };
-        nodes.push(NodeSpec::simple(
+        Ok(NodeSpec::simple(
             row.sn.to_ascii_lowercase(),
             row.cpu_milli,
             row.memory_mib,
             gpus,
-        ));
-    }
-    Ok(nodes)
+        ))
+    })
 }
 
-/// Reads a pod list.
+/// Reads a pod list, sorted by name.
 pub fn load_pods(path: &Path) -> Result<Vec<TracePod>, TraceError> {
-    let name = path.display().to_string();
-    let mut pods = Vec::new();
-    for (i, row) in reader(path)?.deserialize::<PodRow>().enumerate() {
-        let row_err = |message: String| TraceError::Row {
-            path: name.clone(),
-            row: i + 1,
-            message,
-        };
-        let row = row.map_err(|e| row_err(e.to_string()))?;
-        if pods.len() == MAX_ROWS {
-            return Err(TraceError::TooLarge { path: name });
-        }
-        let gpu = match (row.num_gpu, row.gpu_milli) {
-            (0, _) => None,
-            (_, 0) => return Err(row_err(format!("num_gpu {} with gpu_milli 0", row.num_gpu))),
-            (1, milli) if milli < 1000 => Some(GpuAmount::Shared(milli)),
-            (n, milli) if milli >= 1000 && n <= 16 => Some(GpuAmount::Whole(n)),
-            (n, milli) => {
-                return Err(row_err(format!(
-                    "num_gpu {n} with gpu_milli {milli}: only one GPU can be shared"
-                )));
-            }
-        };
-        let spec_models = row
-            .gpu_spec
-            .as_deref()
-            .map(str::trim)
-            .filter(|s| !s.is_empty() && *s != "nan");
-        let gpu = match gpu {
-            None => None,
-            Some(amount) => {
-                // The trace repeats models now and then ("V100M16|V100M32|V100M32"); the
-                // artifact matches any of them, so repeats are dropped here.
-                let mut seen = std::collections::BTreeSet::new();
-                let models: Vec<&str> = spec_models
-                    .unwrap_or("any")
-                    .split('|')
-                    .map(str::trim)
-                    .filter(|m| seen.insert(*m))
-                    .collect();
-                let option =
-                    GpuOption::parse(&format!("{}{}", models.join("|"), amount_suffix(amount)))
-                        .map_err(|e| row_err(e.to_string()))?;
-                Some(GpuRequest {
-                    options: vec![option],
-                    min_memory_mib: None,
-                })
-            }
-        };
-        // The trace has pods with 0 CPU; berth requires at least 1 milli-core.
-        let spec =
-            SandboxSpec::resources("openb", row.cpu_milli.max(1), row.memory_mib.max(1), gpu);
-        pods.push(TracePod {
-            name: row.name,
-            spec,
-        });
-    }
+    let mut pods = read_rows(path, pod_from_row)?;
     pods.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(pods)
+}
+
+fn pod_from_row(row: PodRow) -> Result<TracePod, String> {
+    let amount = match (row.num_gpu, row.gpu_milli) {
+        (0, _) => None,
+        (_, 0) => return Err(format!("num_gpu {} with gpu_milli 0", row.num_gpu)),
+        (1, milli) if milli < 1000 => Some(GpuAmount::Shared(milli)),
+        (n, milli) if milli >= 1000 && n <= 16 => Some(GpuAmount::Whole(n)),
+        (n, milli) => {
+            return Err(format!(
+                "num_gpu {n} with gpu_milli {milli}: only one GPU can be shared"
+            ));
+        }
+    };
+    let gpu = match amount {
+        None => None,
+        Some(amount) => {
+            // The trace repeats models now and then ("V100M16|V100M32|V100M32"); the
+            // artifact matches any of them, so repeats are dropped here.
+            let spec_models = row
+                .gpu_spec
+                .as_deref()
+                .map(str::trim)
+                .filter(|s| !s.is_empty() && *s != "nan");
+            let mut seen = std::collections::BTreeSet::new();
+            let models: Vec<&str> = spec_models
+                .unwrap_or("any")
+                .split('|')
+                .map(str::trim)
+                .filter(|m| seen.insert(*m))
+                .collect();
+            let option =
+                GpuOption::parse(&format!("{}{}", models.join("|"), amount_suffix(amount)))
+                    .map_err(|e| e.to_string())?;
+            Some(GpuRequest {
+                options: vec![option],
+                min_memory_mib: None,
+            })
+        }
+    };
+    // The trace has pods with 0 CPU; berth requires at least 1 milli-core.
+    let spec = SandboxSpec::resources("openb", row.cpu_milli.max(1), row.memory_mib.max(1), gpu);
+    Ok(TracePod {
+        name: row.name,
+        spec,
+    })
 }
 
 fn amount_suffix(amount: GpuAmount) -> String {
