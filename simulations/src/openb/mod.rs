@@ -184,30 +184,13 @@ pub struct Report {
     /// Policy name.
     pub policy: String,
     /// Per seed.
-    pub seeds: Vec<SeedSummary>,
+    pub seeds: Vec<SeedResult>,
     /// Mean over seeds.
     pub mean_unallocated_pct_at_100: f64,
     /// Mean over seeds.
     pub mean_unallocated_pct_at_end: f64,
     /// Mean allocation % per arrived-% bucket, over the seeds that reached it.
     pub curve: Vec<CurvePoint>,
-}
-
-/// One seed in the report.
-#[derive(Debug, Clone, Serialize)]
-pub struct SeedSummary {
-    /// Seed.
-    pub seed: u64,
-    /// Unallocated GPU % at 100 % arrived.
-    pub unallocated_pct_at_100: f64,
-    /// Unallocated GPU % at the end.
-    pub unallocated_pct_at_end: f64,
-    /// Fragmented GPU % of capacity at 100 % arrived.
-    pub frag_pct_at_100: f64,
-    /// Pods dropped.
-    pub pods_failed: u64,
-    /// GPU milli of the pods dropped before 100 % arrived, by kind.
-    pub failed_milli_before_100: std::collections::BTreeMap<String, u64>,
 }
 
 /// One point of the curve.
@@ -237,17 +220,7 @@ impl Report {
             policy: policy.to_owned(),
             mean_unallocated_pct_at_100: mean(|r| r.unallocated_pct_at_100),
             mean_unallocated_pct_at_end: mean(|r| r.unallocated_pct_at_end),
-            seeds: results
-                .iter()
-                .map(|r| SeedSummary {
-                    seed: r.seed,
-                    unallocated_pct_at_100: r.unallocated_pct_at_100,
-                    unallocated_pct_at_end: r.unallocated_pct_at_end,
-                    frag_pct_at_100: r.frag_pct_at_100,
-                    pods_failed: r.pods_failed,
-                    failed_milli_before_100: r.failed_milli_before_100.clone(),
-                })
-                .collect(),
+            seeds: results,
             curve,
         }
     }

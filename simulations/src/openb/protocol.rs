@@ -29,8 +29,8 @@ pub const TUNE_RATIO: f64 = 1.3;
 /// Arrived-% buckets of the curve: 0..=130.
 pub const CURVE_BUCKETS: usize = 131;
 
-/// What one seed came to.
-#[derive(Debug, Clone, PartialEq)]
+/// What one seed came to (the report's `seeds[]`, without the per-seed curve).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct SeedResult {
     /// The seed.
     pub seed: u64,
@@ -47,6 +47,7 @@ pub struct SeedResult {
     /// "gpu-1", "gpu-8", … with "+spec" for model-constrained ones).
     pub failed_milli_before_100: std::collections::BTreeMap<String, u64>,
     /// Mean allocation % per arrived-% bucket (`None` where no arrival rounded to it).
+    #[serde(skip)]
     pub curve: Vec<Option<f64>>,
 }
 
