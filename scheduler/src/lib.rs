@@ -16,6 +16,7 @@ pub mod config;
 pub mod invariants;
 pub mod model;
 pub mod placement;
+pub mod replication;
 pub mod state;
 pub mod testing;
 
