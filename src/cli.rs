@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::commands::bench::BenchCommand;
+use crate::commands::scheduler::SchedulerArgs;
 use crate::commands::sim::SimCommand;
 use crate::config_file::ConfigFile;
 use crate::logging::LogFormat;
@@ -39,7 +40,7 @@ pub(crate) struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a scheduler replica.
-    Scheduler(NotBuilt),
+    Scheduler(SchedulerArgs),
     /// Run a node agent.
     Agent(NotBuilt),
     /// Run the autoscaler.
@@ -85,7 +86,7 @@ impl Cli {
     pub(crate) fn run(self) -> ExitCode {
         let (name, issue) = match self.command {
             Command::Config(ConfigCommand::Check { files }) => return config_check(&files),
-            Command::Scheduler(_) => ("scheduler", 4),
+            Command::Scheduler(args) => return crate::commands::scheduler::run(&args),
             Command::Agent(_) => ("agent", 5),
             Command::Autoscaler(_) => ("autoscaler", 6),
             Command::Dev(_) => ("dev", 5),

@@ -17,6 +17,7 @@ pub mod invariants;
 pub mod model;
 pub mod placement;
 pub mod replication;
+pub mod service;
 pub mod state;
 pub mod testing;
 

@@ -15,15 +15,16 @@ use berth_scheduler::placement::{DEFAULT_CANDIDATE_LIMIT, Placer, PlacerConfig};
 use berth_scheduler::state::{Command, State};
 use berth_sim::synthetic;
 
-use crate::cli::{EXIT_FAILURE, NotBuilt, not_built};
+use crate::cli::EXIT_FAILURE;
 
 /// Benchmarks.
 #[derive(Debug, Subcommand)]
 pub(crate) enum BenchCommand {
     /// Placement decision latency on a synthetic multi-cloud pool (T4 … B200), half full.
     Place(PlaceArgs),
-    /// Create throughput through a local Raft cluster of real scheduler processes.
-    Create(NotBuilt),
+    /// Create throughput and latency through a local Raft cluster of real scheduler
+    /// processes (fsync on), or through `--target`.
+    Create(super::bench_create::CreateArgs),
 }
 
 /// Arguments of `berth bench place`.
@@ -69,7 +70,7 @@ impl BenchCommand {
     pub(crate) fn run(self) -> ExitCode {
         match self {
             BenchCommand::Place(args) => place(&args),
-            BenchCommand::Create(_) => not_built("bench create", 4),
+            BenchCommand::Create(args) => super::bench_create::run(&args),
         }
     }
 }

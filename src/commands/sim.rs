@@ -16,6 +16,10 @@ pub(crate) enum SimCommand {
     /// The FGD paper's placement experiment on an Alibaba openb trace: pods arrive in a
     /// seeded random order up to 130 % of GPU capacity; report unallocated GPU % at 100 %.
     Openb(OpenbArgs),
+    /// Deterministic Raft chaos: replicas over a seeded faulty network with crashes; checks
+    /// that no acknowledged create is lost, nothing is double-allocated, replicas converge
+    /// and progress resumes. A failure prints SEED=… and replays exactly.
+    Chaos(ChaosArgs),
     /// Run a scenario file (pool, autoscaler, workload) in virtual time.
     Run(NotBuilt),
     /// Run one workload on two scenario files, side by side.
@@ -48,6 +52,32 @@ pub(crate) struct OpenbArgs {
     #[arg(long)]
     check_invariants: bool,
     /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `berth sim chaos`.
+#[derive(Debug, Args)]
+pub(crate) struct ChaosArgs {
+    /// Number of seeds to run.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    seeds: u64,
+    /// First seed.
+    #[arg(long, default_value_t = 0)]
+    start: u64,
+    /// Replicas per cluster (3 or 5).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(3..=7))]
+    replicas: u64,
+    /// Virtual milliseconds of faults per seed.
+    #[arg(long, default_value_t = 12_000)]
+    fault_ms: u64,
+    /// Worker threads [default: one per core].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print one line per seed, not only failures.
+    #[arg(long)]
+    verbose: bool,
+    /// Print a JSON summary.
     #[arg(long)]
     json: bool,
 }
@@ -101,6 +131,7 @@ impl SimCommand {
     pub(crate) fn run(self) -> ExitCode {
         match self {
             SimCommand::Openb(args) => openb(args),
+            SimCommand::Chaos(args) => chaos(&args),
             SimCommand::Run(_) => not_built("sim run", 7),
             SimCommand::Compare(_) => not_built("sim compare", 7),
         }
@@ -131,5 +162,90 @@ fn openb(args: OpenbArgs) -> ExitCode {
             eprintln!("berth sim openb: {e}");
             ExitCode::from(EXIT_FAILURE)
         }
+    }
+}
+
+fn chaos(args: &ChaosArgs) -> ExitCode {
+    use berth_scheduler::replication::harness::{self, ChaosConfig, ChaosReport};
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let cfg = ChaosConfig {
+        replicas: args.replicas as usize,
+        fault_ms: args.fault_ms,
+        ..ChaosConfig::default()
+    };
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
+    let next = AtomicU64::new(args.start);
+    let end = args.start.saturating_add(args.seeds);
+    let results: Mutex<Vec<ChaosReport>> = Mutex::new(Vec::new());
+    let started = std::time::Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..threads.max(1) {
+            scope.spawn(|| {
+                loop {
+                    let seed = next.fetch_add(1, Ordering::Relaxed);
+                    if seed >= end {
+                        return;
+                    }
+                    let report = harness::run(seed, &cfg);
+                    if args.verbose || !report.violations.is_empty() {
+                        println!("{}", report.summary());
+                    }
+                    if let Ok(mut r) = results.lock() {
+                        r.push(report);
+                    }
+                }
+            });
+        }
+    });
+    let results = results.into_inner().unwrap_or_default();
+    let failed: Vec<u64> = results
+        .iter()
+        .filter(|r| !r.violations.is_empty())
+        .map(|r| r.seed)
+        .collect();
+    let sum = |f: fn(&ChaosReport) -> u64| results.iter().map(f).sum::<u64>();
+    let summary = serde_json::json!({
+        "seeds": results.len(),
+        "replicas": args.replicas,
+        "failed_seeds": failed,
+        "acked_creates": sum(|r| r.acked_creates),
+        "acked_deletes": sum(|r| r.acked_deletes),
+        "crashes": sum(|r| r.crashes),
+        "lost_writes": sum(|r| r.lost_writes),
+        "partitions": sum(|r| r.partitions),
+        "messages_dropped": sum(|r| r.messages_dropped),
+        "elections": sum(|r| r.leader_changes),
+        "max_recovery_ms": results.iter().filter_map(|r| r.recovery_ms).max(),
+        "wall_s": started.elapsed().as_secs_f64(),
+    });
+    if args.json {
+        println!("{summary}");
+    } else {
+        println!(
+            "{} seeds, {} failed; {} creates acknowledged, {} crashes ({} mid-write), {} partitions, {} elections; {:.1} s",
+            results.len(),
+            failed.len(),
+            summary["acked_creates"],
+            summary["crashes"],
+            summary["lost_writes"],
+            summary["partitions"],
+            summary["elections"],
+            started.elapsed().as_secs_f64()
+        );
+    }
+    for seed in &failed {
+        eprintln!(
+            "SEED={seed} replays with: berth sim chaos --start {seed} --seeds 1 --replicas {} --verbose",
+            args.replicas
+        );
+    }
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILURE)
     }
 }

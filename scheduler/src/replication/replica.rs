@@ -912,6 +912,11 @@ impl<D: Durable> Replica<D> {
             .is_some_and(|n| *n > 0)
     }
 
+    /// Uncompacted log entries held in memory (metrics).
+    pub fn log_len(&self) -> usize {
+        self.raw.store().len()
+    }
+
     /// Placements in flight (metrics).
     pub fn inflight_entries(&self) -> usize {
         self.inflight.len()

@@ -1,0 +1,260 @@
+//! A client of a scheduler cluster that follows leader hints: the CLI, the benchmarks and
+//! the tests use it.
+//!
+//! A call goes to the replica believed to lead. A follower's FAILED_PRECONDITION with a
+//! `berth-leader` address moves the client there; UNAVAILABLE, a transport error, or "no
+//! leader yet" moves it to the next endpoint after a short backoff. Creates are safe to
+//! retry because they carry a request id.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use tonic::transport::Channel;
+use tonic::{Code, Response, Status};
+
+use berth_proto::pb::v1 as pb;
+use berth_proto::pb::v1::admin_service_client::AdminServiceClient;
+use berth_proto::pb::v1::node_service_client::NodeServiceClient;
+use berth_proto::pb::v1::sandbox_service_client::SandboxServiceClient;
+
+use super::driver::LEADER_METADATA;
+use super::transport::peer_channel;
+
+/// A cluster client.
+#[derive(Clone)]
+pub struct Client {
+    endpoints: Vec<String>,
+    current: String,
+    channels: HashMap<String, Channel>,
+    /// How long one call keeps retrying.
+    pub deadline: Duration,
+}
+
+/// Whether a status means "try another replica".
+fn retryable(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::FailedPrecondition | Code::Unknown | Code::Cancelled
+    ) && !status.message().starts_with("cluster_id")
+}
+
+impl Client {
+    /// A client over these `host:port` endpoints (any replica will do).
+    pub fn new(endpoints: Vec<String>) -> Client {
+        let current = endpoints.first().cloned().unwrap_or_default();
+        Client {
+            endpoints,
+            current,
+            channels: HashMap::new(),
+            deadline: Duration::from_secs(15),
+        }
+    }
+
+    /// The endpoint calls go to now.
+    pub fn current(&self) -> &str {
+        &self.current
+    }
+
+    fn channel(&mut self, address: &str) -> Result<Channel, Status> {
+        if let Some(c) = self.channels.get(address) {
+            return Ok(c.clone());
+        }
+        let channel = peer_channel(address).map_err(Status::invalid_argument)?;
+        self.channels.insert(address.to_owned(), channel.clone());
+        Ok(channel)
+    }
+
+    fn rotate(&mut self) {
+        let i = self
+            .endpoints
+            .iter()
+            .position(|e| *e == self.current)
+            .map_or(0, |i| (i + 1) % self.endpoints.len().max(1));
+        if let Some(next) = self.endpoints.get(i) {
+            self.current = next.clone();
+        }
+    }
+
+    /// Calls `f` on the leader, following hints and retrying until the deadline.
+    pub async fn call<T, F, Fut>(&mut self, mut f: F) -> Result<T, Status>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let current = self.current.clone();
+            let channel = self.channel(&current)?;
+            let status = match f(channel).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) => status,
+            };
+            if !retryable(&status) || started.elapsed() >= self.deadline {
+                return Err(status);
+            }
+            let hint = status
+                .metadata()
+                .get(LEADER_METADATA)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            match hint {
+                Some(leader) if leader != current => {
+                    self.current = leader;
+                    continue;
+                }
+                _ => self.rotate(),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(400));
+        }
+    }
+
+    /// Creates a sandbox (idempotent on `request_id`).
+    pub async fn create(
+        &mut self,
+        request_id: &str,
+        spec: pb::SandboxSpec,
+    ) -> Result<pb::CreateSandboxResponse, Status> {
+        let request = pb::CreateSandboxRequest {
+            request_id: request_id.to_owned(),
+            spec: Some(spec),
+        };
+        self.call(|c| {
+            let request = request.clone();
+            async move { SandboxServiceClient::new(c).create_sandbox(request).await }
+        })
+        .await
+    }
+
+    /// Deletes a sandbox.
+    pub async fn delete(&mut self, sandbox_id: &str) -> Result<bool, Status> {
+        let request = pb::DeleteSandboxRequest {
+            sandbox_id: sandbox_id.to_owned(),
+            grace_ms: 0,
+        };
+        self.call(|c| {
+            let request = request.clone();
+            async move { SandboxServiceClient::new(c).delete_sandbox(request).await }
+        })
+        .await
+        .map(|r| r.existed)
+    }
+
+    /// Reads a sandbox (linearizable, through the leader).
+    pub async fn get(&mut self, sandbox_id: &str) -> Result<pb::Sandbox, Status> {
+        let request = pb::GetSandboxRequest {
+            sandbox_id: sandbox_id.to_owned(),
+        };
+        self.call(|c| {
+            let request = request.clone();
+            async move { SandboxServiceClient::new(c).get_sandbox(request).await }
+        })
+        .await
+    }
+
+    /// Cluster status as the current endpoint sees it.
+    pub async fn status(&mut self) -> Result<pb::ClusterStatusResponse, Status> {
+        self.call(|c| async move {
+            AdminServiceClient::new(c)
+                .cluster_status(pb::ClusterStatusRequest {})
+                .await
+        })
+        .await
+    }
+
+    /// Adds a replica.
+    pub async fn add_peer(
+        &mut self,
+        peer_id: u64,
+        address: &str,
+        as_learner: bool,
+    ) -> Result<pb::MembershipResponse, Status> {
+        let request = pb::AddPeerRequest {
+            peer_id,
+            address: address.to_owned(),
+            as_learner,
+        };
+        self.call(|c| {
+            let request = request.clone();
+            async move { AdminServiceClient::new(c).add_peer(request).await }
+        })
+        .await
+    }
+
+    /// Registers a node the way an agent does (opens `NodeService.Connect`, sends
+    /// `Register`, waits for the ack) and closes the stream; returns the node's epoch.
+    pub async fn register_node(&mut self, inventory: pb::NodeInventory) -> Result<u64, Status> {
+        let message = pb::AgentMessage {
+            message: Some(pb::agent_message::Message::Register(pb::Register {
+                inventory: Some(inventory),
+                running: Vec::new(),
+                agent_version: env!("CARGO_PKG_VERSION").into(),
+            })),
+        };
+        let ack = self
+            .call(|c| {
+                let message = message.clone();
+                async move {
+                    let mut client = NodeServiceClient::new(c);
+                    let mut stream = client
+                        .connect(tokio_stream::iter(vec![message]))
+                        .await?
+                        .into_inner();
+                    let first = stream.message().await?.ok_or_else(|| {
+                        Status::unavailable("the scheduler closed the stream before answering")
+                    })?;
+                    match first.message {
+                        Some(pb::scheduler_message::Message::RegisterAck(ack)) => {
+                            Ok(Response::new(ack))
+                        }
+                        Some(pb::scheduler_message::Message::NotLeader(nl)) => Err(
+                            super::driver::not_leader_status(nl.leader_id, &nl.leader_address),
+                        ),
+                        _ => Err(Status::internal(
+                            "unexpected first message from the scheduler",
+                        )),
+                    }
+                }
+            })
+            .await?;
+        Ok(ack.epoch)
+    }
+
+    /// Removes a replica.
+    pub async fn remove_peer(&mut self, peer_id: u64) -> Result<pb::MembershipResponse, Status> {
+        self.call(|c| async move {
+            AdminServiceClient::new(c)
+                .remove_peer(pb::RemovePeerRequest { peer_id })
+                .await
+        })
+        .await
+    }
+}
+
+/// Reads every sandbox id in one replica's applied state (`berth-read: local`), following
+/// pages. Tests use it to check what each replica holds.
+pub async fn local_sandbox_ids(address: &str) -> Result<Vec<String>, Status> {
+    let channel = peer_channel(address).map_err(Status::invalid_argument)?;
+    let mut client = SandboxServiceClient::new(channel);
+    let mut ids = Vec::new();
+    let mut token = String::new();
+    loop {
+        let mut request = tonic::Request::new(pb::ListSandboxesRequest {
+            page_size: 1_000,
+            page_token: token.clone(),
+            ..Default::default()
+        });
+        request.metadata_mut().insert(
+            super::driver::READ_MODE_METADATA,
+            tonic::metadata::MetadataValue::from_static("local"),
+        );
+        let page = client.list_sandboxes(request).await?.into_inner();
+        ids.extend(page.sandboxes.into_iter().map(|s| s.id));
+        if page.next_page_token.is_empty() {
+            return Ok(ids);
+        }
+        token = page.next_page_token;
+    }
+}

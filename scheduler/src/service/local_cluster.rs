@@ -1,0 +1,225 @@
+//! A cluster of real `berth scheduler` processes on loopback, each with its own data
+//! directory: what `berth bench create` and the multi-process tests run against.
+//!
+//! Processes are killed with SIGKILL (`kill -9`) on [`LocalCluster::kill`] and on drop.
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use berth_proto::pb::v1 as pb;
+
+use super::client::Client;
+
+/// Settings of a local cluster.
+#[derive(Debug, Clone)]
+pub struct LocalClusterConfig {
+    /// The `berth` binary.
+    pub binary: PathBuf,
+    /// Replicas.
+    pub replicas: usize,
+    /// Raft tick.
+    pub tick_ms: u64,
+    /// Election timeout in ticks.
+    pub election_ticks: usize,
+    /// Log filter of the processes.
+    pub log_level: String,
+    /// Extra lines appended to every `[scheduler]` section (e.g. batching settings).
+    pub extra: String,
+}
+
+impl LocalClusterConfig {
+    /// Defaults: 3 replicas, 50 ms ticks, 10-tick elections (0.5–1 s).
+    pub fn new(binary: impl Into<PathBuf>) -> LocalClusterConfig {
+        LocalClusterConfig {
+            binary: binary.into(),
+            replicas: 3,
+            tick_ms: 50,
+            election_ticks: 10,
+            log_level: "warn".into(),
+            extra: String::new(),
+        }
+    }
+}
+
+/// One replica process.
+pub struct Member {
+    /// Raft id.
+    pub id: u64,
+    /// gRPC address.
+    pub address: String,
+    /// Metrics address.
+    pub metrics_address: String,
+    /// Config file.
+    pub config: PathBuf,
+    /// Log file (stderr of the process).
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+/// A running local cluster.
+pub struct LocalCluster {
+    cfg: LocalClusterConfig,
+    /// The replicas.
+    pub members: Vec<Member>,
+    dir: PathBuf,
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl LocalCluster {
+    /// Writes configs under `dir` and starts every replica.
+    pub fn start(cfg: LocalClusterConfig, dir: &Path) -> std::io::Result<LocalCluster> {
+        let mut members = Vec::new();
+        for id in 1..=cfg.replicas as u64 {
+            members.push(Member {
+                id,
+                address: format!("127.0.0.1:{}", free_port()?),
+                metrics_address: format!("127.0.0.1:{}", free_port()?),
+                config: dir.join(format!("scheduler-{id}.toml")),
+                log: dir.join(format!("scheduler-{id}.log")),
+                child: None,
+            });
+        }
+        let peers: Vec<String> = members
+            .iter()
+            .map(|m| format!("{{ id = {}, address = \"{}\" }}", m.id, m.address))
+            .collect();
+        for m in &members {
+            let text = format!(
+                "[scheduler]\nnode_id = {}\ncluster_id = \"local\"\nlisten_address = \"{}\"\n\
+                 metrics_address = \"{}\"\ndata_dir = \"{}\"\npeers = [{}]\n{}\n\
+                 [scheduler.raft]\ntick_ms = {}\nelection_ticks = {}\nheartbeat_ticks = 2\n",
+                m.id,
+                m.address,
+                m.metrics_address,
+                dir.join(format!("data-{}", m.id)).display(),
+                peers.join(", "),
+                cfg.extra,
+                cfg.tick_ms,
+                cfg.election_ticks,
+            );
+            fs::write(&m.config, text)?;
+        }
+        let mut cluster = LocalCluster {
+            cfg,
+            members,
+            dir: dir.to_path_buf(),
+        };
+        for i in 0..cluster.members.len() {
+            cluster.restart(i)?;
+        }
+        Ok(cluster)
+    }
+
+    /// The directory holding configs, logs and data.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Every replica's gRPC address.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.address.clone()).collect()
+    }
+
+    /// A client over every replica.
+    pub fn client(&self) -> Client {
+        Client::new(self.endpoints())
+    }
+
+    /// Starts (or restarts) replica `i` (0-based).
+    pub fn restart(&mut self, i: usize) -> std::io::Result<()> {
+        let m = &mut self.members[i];
+        if let Some(mut child) = m.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&m.log)?;
+        let child = Command::new(&self.cfg.binary)
+            .arg("--log-level")
+            .arg(&self.cfg.log_level)
+            .arg("scheduler")
+            .arg("--config")
+            .arg(&m.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        m.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILLs replica `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether replica `i` runs (and has not exited on its own).
+    pub fn alive(&mut self, i: usize) -> bool {
+        match self.members[i].child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// The last lines of replica `i`'s log, for failure messages.
+    pub fn log_tail(&self, i: usize, lines: usize) -> String {
+        let text = fs::read_to_string(&self.members[i].log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Index of the replica every live member agrees leads, waiting up to `timeout`.
+    pub async fn wait_for_leader(&mut self, timeout: Duration) -> Option<usize> {
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            let mut seen = Vec::new();
+            for i in 0..self.members.len() {
+                if !self.alive(i) {
+                    continue;
+                }
+                let mut c = Client::new(vec![self.members[i].address.clone()]);
+                c.deadline = Duration::from_millis(300);
+                if let Ok(s) = c.status().await {
+                    seen.push(s.leader_id);
+                }
+            }
+            if let Some(&leader) = seen.first() {
+                if leader != 0 && seen.iter().all(|l| *l == leader) {
+                    if let Some(i) = self.members.iter().position(|m| m.id == leader) {
+                        if self.alive(i) {
+                            return Some(i);
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
+    /// Status of replica `i`, read from it directly.
+    pub async fn status(&self, i: usize) -> Result<pb::ClusterStatusResponse, tonic::Status> {
+        let mut c = Client::new(vec![self.members[i].address.clone()]);
+        c.deadline = Duration::from_millis(500);
+        c.status().await
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}

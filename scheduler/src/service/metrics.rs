@@ -1,0 +1,222 @@
+//! Prometheus metrics of a scheduler replica, served as text on `/metrics`.
+//!
+//! Names start with `berth_`; every metric is registered once in a per-process registry
+//! (tests start several replicas in one process, so the global registry is not used).
+
+use std::net::SocketAddr;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Every metric a replica exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Current Raft term.
+    pub term: IntGauge,
+    /// Commit index.
+    pub commit_index: IntGauge,
+    /// Applied index.
+    pub applied_index: IntGauge,
+    /// 1 on the leader.
+    pub is_leader: IntGauge,
+    /// Leader changes seen.
+    pub leader_changes: IntCounter,
+    /// Proposals by kind (create_batch, bind, command, membership).
+    pub proposals: IntCounterVec,
+    /// Sandboxes per create batch.
+    pub batch_size: Histogram,
+    /// Time to apply one Ready's committed entries.
+    pub apply_seconds: Histogram,
+    /// Time to place one create batch (per batch).
+    pub placement_seconds: Histogram,
+    /// Time from a create's arrival to its answer (leader only).
+    pub create_seconds: Histogram,
+    /// Creates refused before proposal, by reason.
+    pub creates_refused: IntCounterVec,
+    /// Creates waiting for the leader's batcher.
+    pub create_queue: IntGauge,
+    /// Sandboxes by state.
+    pub sandboxes: IntGaugeVec,
+    /// Milli-GPU allocated by model.
+    pub gpu_allocated_milli: IntGaugeVec,
+    /// Milli-GPU in the pool by model.
+    pub gpu_total_milli: IntGaugeVec,
+    /// Nodes by status.
+    pub nodes: IntGaugeVec,
+    /// Invariant violations found by the periodic checker (must stay 0).
+    pub invariant_violations: IntCounter,
+    /// Raft messages dropped because a peer's queue was full or it was unreachable.
+    pub peer_messages_dropped: IntCounterVec,
+    /// Snapshots taken or installed.
+    pub log_entries_in_memory: IntGauge,
+}
+
+fn histogram(name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    // Names and buckets are constants of this file; building them cannot fail.
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .unwrap_or_else(|e| unreachable!("histogram {name}: {e}"))
+}
+
+fn latency_buckets() -> Vec<f64> {
+    prometheus::exponential_buckets(0.000_05, 2.0, 18).unwrap_or_default()
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let gauge = |name: &str, help: &str| {
+            IntGauge::new(name, help).unwrap_or_else(|e| unreachable!("gauge {name}: {e}"))
+        };
+        let counter = |name: &str, help: &str| {
+            IntCounter::new(name, help).unwrap_or_else(|e| unreachable!("counter {name}: {e}"))
+        };
+        let gauge_vec = |name: &str, help: &str, label: &str| {
+            IntGaugeVec::new(Opts::new(name, help), &[label])
+                .unwrap_or_else(|e| unreachable!("gauge {name}: {e}"))
+        };
+        let counter_vec = |name: &str, help: &str, label: &str| {
+            IntCounterVec::new(Opts::new(name, help), &[label])
+                .unwrap_or_else(|e| unreachable!("counter {name}: {e}"))
+        };
+        let m = Metrics {
+            term: gauge("berth_raft_term", "Current Raft term."),
+            commit_index: gauge("berth_raft_commit_index", "Raft commit index."),
+            applied_index: gauge("berth_raft_applied_index", "Raft applied index."),
+            is_leader: gauge("berth_raft_is_leader", "1 when this replica is the leader."),
+            leader_changes: counter(
+                "berth_raft_leader_changes_total",
+                "Leader changes seen by this replica.",
+            ),
+            proposals: counter_vec(
+                "berth_raft_proposals_total",
+                "Raft proposals by kind.",
+                "kind",
+            ),
+            batch_size: histogram(
+                "berth_create_batch_size",
+                "Sandboxes per create batch (one Raft entry).",
+                prometheus::exponential_buckets(1.0, 2.0, 14).unwrap_or_default(),
+            ),
+            apply_seconds: histogram(
+                "berth_apply_seconds",
+                "Time to apply the committed entries of one Raft Ready.",
+                latency_buckets(),
+            ),
+            placement_seconds: histogram(
+                "berth_placement_batch_seconds",
+                "Time to place one create batch against the leader's view.",
+                latency_buckets(),
+            ),
+            create_seconds: histogram(
+                "berth_create_seconds",
+                "Time from a create reaching the leader to its answer (committed and applied).",
+                latency_buckets(),
+            ),
+            creates_refused: counter_vec(
+                "berth_creates_refused_total",
+                "Creates refused before being proposed, by reason.",
+                "reason",
+            ),
+            create_queue: gauge(
+                "berth_create_queue_depth",
+                "Creates waiting for the leader's batcher.",
+            ),
+            sandboxes: gauge_vec("berth_sandboxes", "Sandboxes by state.", "state"),
+            gpu_allocated_milli: gauge_vec(
+                "berth_gpu_allocated_milli",
+                "Milli-GPU allocated, by model.",
+                "model",
+            ),
+            gpu_total_milli: gauge_vec(
+                "berth_gpu_total_milli",
+                "Milli-GPU in the pool (healthy GPUs on registered nodes), by model.",
+                "model",
+            ),
+            nodes: gauge_vec("berth_nodes", "Nodes by status.", "status"),
+            invariant_violations: counter(
+                "berth_invariant_violations_total",
+                "State invariant violations found by the periodic checker (must stay 0).",
+            ),
+            peer_messages_dropped: counter_vec(
+                "berth_peer_messages_dropped_total",
+                "Raft messages dropped on the way to a peer, by peer id.",
+                "peer",
+            ),
+            log_entries_in_memory: gauge(
+                "berth_raft_log_entries",
+                "Uncompacted Raft log entries held in memory.",
+            ),
+            registry,
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.term.clone()),
+            Box::new(m.commit_index.clone()),
+            Box::new(m.applied_index.clone()),
+            Box::new(m.is_leader.clone()),
+            Box::new(m.leader_changes.clone()),
+            Box::new(m.proposals.clone()),
+            Box::new(m.batch_size.clone()),
+            Box::new(m.apply_seconds.clone()),
+            Box::new(m.placement_seconds.clone()),
+            Box::new(m.create_seconds.clone()),
+            Box::new(m.creates_refused.clone()),
+            Box::new(m.create_queue.clone()),
+            Box::new(m.sandboxes.clone()),
+            Box::new(m.gpu_allocated_milli.clone()),
+            Box::new(m.gpu_total_milli.clone()),
+            Box::new(m.nodes.clone()),
+            Box::new(m.invariant_violations.clone()),
+            Box::new(m.peer_messages_dropped.clone()),
+            Box::new(m.log_entries_in_memory.clone()),
+        ];
+        for c in collectors {
+            // Each name is registered once, into a fresh registry.
+            let _ = m.registry.register(c);
+        }
+        m
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Serves `/metrics` on `listener` until the task is dropped.
+    pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let m = self.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        m.render(),
+                    )
+                }
+            }),
+        );
+        axum::serve(listener, app).await
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Binds the metrics address (port 0 picks a free one) and returns the bound address.
+pub async fn bind(address: &str) -> std::io::Result<(tokio::net::TcpListener, SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}

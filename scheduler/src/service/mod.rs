@@ -1,0 +1,16 @@
+//! A scheduler replica as a network service: the Raft thread ([`driver`]), Raft traffic
+//! between replicas ([`transport`]), the tonic services ([`grpc`]), conversions between the
+//! wire types and the model ([`convert`]), Prometheus metrics ([`metrics`]), and the
+//! process wiring ([`server`]).
+
+pub mod client;
+pub mod convert;
+pub mod driver;
+pub mod grpc;
+pub mod local_cluster;
+pub mod metrics;
+pub mod server;
+pub mod transport;
+
+pub use driver::ReplicaHandle;
+pub use server::{Running, start};

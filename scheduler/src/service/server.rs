@@ -1,0 +1,215 @@
+//! Wiring of one scheduler replica: the durable store, the Raft thread, the gRPC server
+//! (berth services, gRPC health and reflection) and the `/metrics` endpoint.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::oneshot;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use berth_proto::pb::v1::admin_service_server::AdminServiceServer;
+use berth_proto::pb::v1::node_service_server::NodeServiceServer;
+use berth_proto::pb::v1::peer_server::PeerServer;
+use berth_proto::pb::v1::sandbox_service_server::SandboxServiceServer;
+
+use super::driver::{self, DriverConfig, ReplicaHandle};
+use super::grpc::Services;
+use super::metrics::{self, Metrics};
+use super::transport::MAX_PEER_MESSAGE;
+use crate::config::{Backend, SchedulerConfig};
+use crate::placement::PlacerConfig;
+use crate::replication::engine::EngineDisk;
+use crate::replication::{Replica, ReplicaConfig, slog_bridge};
+
+/// Largest client request (a create with its argv and env is well below).
+pub const MAX_CLIENT_MESSAGE: usize = 4 << 20;
+
+/// A running replica.
+pub struct Running {
+    /// Where gRPC is served.
+    pub grpc_address: SocketAddr,
+    /// Where `/metrics` is served.
+    pub metrics_address: SocketAddr,
+    /// The replica.
+    pub handle: ReplicaHandle,
+    stop: Option<oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    metrics_task: tokio::task::JoinHandle<std::io::Result<()>>,
+    raft: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Waits until the server stops or the Raft thread fails; returns why.
+    pub async fn wait(&mut self) -> Result<(), String> {
+        loop {
+            if let Some(fatal) = self.handle.fatal() {
+                return Err(fatal);
+            }
+            if self.server.is_finished() {
+                return Err("the gRPC server stopped".into());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Stops serving, then stops the Raft thread.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.server).await;
+        self.metrics_task.abort();
+        self.handle.shutdown();
+        if let Some(raft) = self.raft.take() {
+            let _ = tokio::task::spawn_blocking(move || raft.join()).await;
+        }
+    }
+}
+
+/// The replica settings a config implies.
+pub fn replica_config(cfg: &SchedulerConfig) -> ReplicaConfig {
+    let mut r = ReplicaConfig::new(cfg.node_id);
+    r.election_tick = cfg.raft.election_ticks;
+    r.heartbeat_tick = cfg.raft.heartbeat_ticks;
+    r.snapshot_every_entries = cfg.raft.snapshot_every_entries;
+    r.max_inflight_msgs = cfg.raft.max_inflight_messages;
+    r.max_size_per_msg = cfg.raft.max_message_bytes;
+    r.placer = PlacerConfig {
+        policy: cfg.placement.policy,
+        allow_gpu_upgrade: cfg.placement.allow_gpu_upgrade,
+        ..PlacerConfig::default()
+    };
+    r.placement_seed = cfg.placement.seed;
+    r
+}
+
+/// Starts a replica: opens its data directory, starts Raft, binds and serves gRPC and
+/// metrics. Must run inside a tokio runtime.
+pub async fn start(cfg: &SchedulerConfig) -> Result<Running, String> {
+    if cfg.backend == Backend::Etcd {
+        return Err(
+            "scheduler.backend: \"etcd\" is not built yet; use \"raft\" (the embedded default)"
+                .into(),
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(&cfg.listen_address)
+        .await
+        .map_err(|e| format!("scheduler.listen_address {}: {e}", cfg.listen_address))?;
+    let grpc_address = listener
+        .local_addr()
+        .map_err(|e| format!("scheduler.listen_address: {e}"))?;
+    let (metrics_listener, metrics_address) = metrics::bind(&cfg.metrics_address)
+        .await
+        .map_err(|e| format!("scheduler.metrics_address {}: {e}", cfg.metrics_address))?;
+
+    let founders: BTreeMap<u64, String> = cfg
+        .peers
+        .iter()
+        .map(|p| (p.id, p.address.clone()))
+        .collect();
+    let replica_cfg = replica_config(cfg);
+    let data_dir = Path::new(&cfg.data_dir).to_path_buf();
+    let incarnation = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let log_level = if tracing::enabled!(tracing::Level::DEBUG) {
+        slog::Level::Debug
+    } else {
+        slog::Level::Info
+    };
+    let open = move || {
+        let disk = EngineDisk::open(&data_dir)
+            .map_err(|e| format!("scheduler.data_dir {}: {e}", data_dir.display()))?;
+        Replica::open(
+            replica_cfg,
+            disk,
+            Some(&founders),
+            incarnation,
+            &slog_bridge::logger(log_level),
+        )
+        .map_err(|e| format!("opening the replica in {}: {e}", data_dir.display()))
+    };
+    let metrics = Metrics::new();
+    let driver_cfg = DriverConfig {
+        tick: Duration::from_millis(cfg.raft.tick_ms),
+        max_batch: cfg.batching.max_batch_sandboxes,
+        max_batch_wait: Duration::from_micros(cfg.batching.max_batch_wait_us),
+        max_queued_creates: cfg.batching.max_queued_creates,
+        cluster_id: cfg.cluster_id.clone(),
+    };
+    let (handle, raft) = driver::spawn(
+        open,
+        cfg.node_id,
+        driver_cfg,
+        metrics.clone(),
+        tokio::runtime::Handle::current(),
+    )?;
+    let services = Services::new(
+        handle.clone(),
+        cfg.cluster_id.clone(),
+        cfg.liveness.heartbeat_interval_ms,
+    );
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<SandboxServiceServer<Services>>()
+        .await;
+    health_reporter
+        .set_serving::<AdminServiceServer<Services>>()
+        .await;
+    health_reporter
+        .set_serving::<NodeServiceServer<Services>>()
+        .await;
+    health_reporter.set_serving::<PeerServer<Services>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(berth_proto::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| format!("gRPC reflection: {e}"))?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let router = Server::builder()
+        .tcp_nodelay(true)
+        .concurrency_limit_per_connection(1_024)
+        .add_service(
+            SandboxServiceServer::new(services.clone())
+                .max_decoding_message_size(MAX_CLIENT_MESSAGE),
+        )
+        .add_service(
+            AdminServiceServer::new(services.clone()).max_decoding_message_size(MAX_CLIENT_MESSAGE),
+        )
+        .add_service(
+            NodeServiceServer::new(services.clone()).max_decoding_message_size(MAX_CLIENT_MESSAGE),
+        )
+        .add_service(
+            PeerServer::new(services)
+                .max_decoding_message_size(MAX_PEER_MESSAGE)
+                .max_encoding_message_size(MAX_PEER_MESSAGE),
+        )
+        .add_service(health)
+        .add_service(reflection);
+    let server = tokio::spawn(router.serve_with_incoming_shutdown(
+        TcpListenerStream::new(listener),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let metrics_task = tokio::spawn(metrics.serve(metrics_listener));
+    tracing::info!(
+        id = cfg.node_id,
+        grpc = %grpc_address,
+        metrics = %metrics_address,
+        data_dir = %cfg.data_dir,
+        peers = cfg.peers.len(),
+        "scheduler replica started"
+    );
+    Ok(Running {
+        grpc_address,
+        metrics_address,
+        handle,
+        stop: Some(stop),
+        server,
+        metrics_task,
+        raft: Some(raft),
+    })
+}

@@ -1,0 +1,334 @@
+//! `berth bench create`: create throughput and latency through a Raft cluster.
+//!
+//! Without `--target`, starts a local cluster of real `berth scheduler` processes (fsync on,
+//! each with its own data directory) and registers a synthetic multi-cloud pool through
+//! `NodeService`, as agents would. Then `--concurrency` workers create sandboxes through
+//! the gRPC API for `--duration`; each worker deletes its oldest sandboxes to keep the live
+//! count steady. With `--rate`, creates are sent open-loop at that total rate and latency is
+//! measured from each create's scheduled send time.
+
+use std::collections::VecDeque;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde::Serialize;
+use tokio::sync::Mutex;
+
+use berth_proto::pb::v1 as pb;
+use berth_scheduler::service::client::Client;
+use berth_scheduler::service::convert;
+use berth_scheduler::service::local_cluster::{LocalCluster, LocalClusterConfig};
+use berth_sim::synthetic;
+
+use crate::cli::EXIT_FAILURE;
+
+/// Arguments of `berth bench create`.
+#[derive(Debug, Args)]
+pub(crate) struct CreateArgs {
+    /// Replicas of the local cluster.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=7))]
+    replicas: u64,
+    /// How long to drive creates, e.g. 10s, 500ms, 1m.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Concurrent client workers.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    concurrency: u64,
+    /// Total creates per second, open-loop; unset = as fast as the cluster answers.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Sandboxes each worker keeps alive (older ones are deleted).
+    #[arg(long, default_value_t = 4)]
+    keep: usize,
+    /// Nodes in the synthetic pool registered on the local cluster.
+    #[arg(long, default_value_t = 1_000)]
+    nodes: usize,
+    /// An existing cluster (comma-separated host:port) instead of a local one; its pool is
+    /// used as it is.
+    #[arg(long, value_delimiter = ',')]
+    target: Vec<String>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, "s"), |i| text.split_at(i));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 10s, 500ms or 1m"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        _ => return Err(format!("{text:?}: unit must be ms, s or m")),
+    };
+    if d.is_zero() {
+        return Err("the duration must be positive".into());
+    }
+    Ok(d)
+}
+
+#[derive(Debug, Serialize)]
+struct CreateReport {
+    replicas: u64,
+    creates_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+    creates: u64,
+    deletes: u64,
+    duration_s: f64,
+    concurrency: u64,
+    rate: Option<u64>,
+    error_samples: Vec<String>,
+}
+
+#[derive(Default)]
+struct Tally {
+    latencies_us: Vec<u64>,
+    creates: u64,
+    deletes: u64,
+    errors: u64,
+    error_samples: Vec<String>,
+}
+
+pub(crate) fn run(args: &CreateArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("berth bench create: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(bench(args)) {
+        Ok(report) => {
+            if args.json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else {
+                println!(
+                    "{} replicas: {:.0} creates/s committed, p50 {:.2} ms, p99 {:.2} ms, {} errors \
+                     ({} creates, {} deletes in {:.1} s)",
+                    report.replicas,
+                    report.creates_per_s,
+                    report.p50_ms,
+                    report.p99_ms,
+                    report.errors,
+                    report.creates,
+                    report.deletes,
+                    report.duration_s
+                );
+                for e in &report.error_samples {
+                    println!("  error: {e}");
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("berth bench create: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+async fn bench(args: &CreateArgs) -> Result<CreateReport, String> {
+    let mut _cluster = None;
+    let mut _dir = None;
+    let (endpoints, replicas) = if args.target.is_empty() {
+        let dir = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
+        let binary = std::env::current_exe().map_err(|e| format!("locating berth: {e}"))?;
+        let mut cfg = LocalClusterConfig::new(binary);
+        cfg.replicas = args.replicas as usize;
+        let mut cluster = LocalCluster::start(cfg, dir.path())
+            .map_err(|e| format!("starting the local cluster: {e}"))?;
+        if cluster
+            .wait_for_leader(Duration::from_secs(20))
+            .await
+            .is_none()
+        {
+            return Err(format!(
+                "no leader within 20 s; last log lines:\n{}",
+                cluster.log_tail(0, 20)
+            ));
+        }
+        register_pool(&cluster, args.nodes).await?;
+        let endpoints = cluster.endpoints();
+        _cluster = Some(cluster);
+        _dir = Some(dir);
+        (endpoints, args.replicas)
+    } else {
+        let replicas = Client::new(args.target.clone())
+            .status()
+            .await
+            .map_err(|e| format!("{}: {}", args.target.join(","), e.message()))?
+            .replicas
+            .len() as u64;
+        (args.target.clone(), replicas)
+    };
+
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let started = Instant::now();
+    let end = started + args.duration;
+    let mut workers = Vec::new();
+    for w in 0..args.concurrency {
+        let mut client = Client::new(endpoints.clone());
+        client.deadline = Duration::from_secs(5);
+        let tally = tally.clone();
+        let interval = args
+            .rate
+            .map(|r| Duration::from_secs_f64(args.concurrency as f64 / r.max(1) as f64));
+        let keep = args.keep;
+        workers.push(tokio::spawn(async move {
+            let mut live: VecDeque<String> = VecDeque::new();
+            let mut local = Tally::default();
+            let mut n = 0u64;
+            // Spread open-loop workers over one interval.
+            let mut next =
+                started + interval.map_or(Duration::ZERO, |i| i.mul_f64(w as f64 / 1_000.0 % 1.0));
+            while Instant::now() < end {
+                if interval.is_some() {
+                    tokio::time::sleep_until(next.into()).await;
+                }
+                let sent = if interval.is_some() {
+                    next
+                } else {
+                    Instant::now()
+                };
+                if let Some(i) = interval {
+                    next += i;
+                }
+                n += 1;
+                let spec = bench_spec(n);
+                match client.create(&format!("bench-{w}-{n}"), spec).await {
+                    Ok(r) => {
+                        local.creates += 1;
+                        local.latencies_us.push(sent.elapsed().as_micros() as u64);
+                        if let Some(s) = r.sandbox {
+                            live.push_back(s.id);
+                        }
+                    }
+                    Err(e) => {
+                        local.errors += 1;
+                        if local.error_samples.len() < 3 {
+                            local
+                                .error_samples
+                                .push(format!("{:?}: {}", e.code(), e.message()));
+                        }
+                    }
+                }
+                while live.len() > keep {
+                    let Some(id) = live.pop_front() else { break };
+                    match client.delete(&id).await {
+                        Ok(_) => local.deletes += 1,
+                        Err(e) => {
+                            local.errors += 1;
+                            if local.error_samples.len() < 3 {
+                                local.error_samples.push(format!(
+                                    "delete {:?}: {}",
+                                    e.code(),
+                                    e.message()
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+            let mut t = tally.lock().await;
+            t.latencies_us.extend(local.latencies_us);
+            t.creates += local.creates;
+            t.deletes += local.deletes;
+            t.errors += local.errors;
+            for e in local.error_samples {
+                if t.error_samples.len() < 5 {
+                    t.error_samples.push(e);
+                }
+            }
+        }));
+    }
+    for w in workers {
+        let _ = w.await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut t = std::mem::take(&mut *tally.lock().await);
+    t.latencies_us.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if t.latencies_us.is_empty() {
+            return 0.0;
+        }
+        let i = ((t.latencies_us.len() as f64 * p) as usize).min(t.latencies_us.len() - 1);
+        t.latencies_us[i] as f64 / 1_000.0
+    };
+    Ok(CreateReport {
+        replicas,
+        creates_per_s: t.creates as f64 / elapsed,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        errors: t.errors,
+        creates: t.creates,
+        deletes: t.deletes,
+        duration_s: elapsed,
+        concurrency: args.concurrency,
+        rate: args.rate,
+        error_samples: t.error_samples,
+    })
+}
+
+/// A small CPU sandbox or a fractional/whole GPU one, cycling deterministically.
+fn bench_spec(n: u64) -> pb::SandboxSpec {
+    let gpu = match n % 8 {
+        0 => Some("H100"),
+        1 => Some("A100-80GB|H100"),
+        2 => Some("T4:500m"),
+        3 => Some("L4"),
+        _ => None,
+    };
+    pb::SandboxSpec {
+        tenant: "bench".into(),
+        image: "python:3.12".into(),
+        command: vec!["python".into(), "agent.py".into()],
+        resources: Some(pb::Resources {
+            cpu_milli: 500,
+            memory_mib: 1_024,
+            gpu: gpu.map(|g| pb::GpuRequest {
+                options: vec![g.into()],
+                min_memory_mib: 0,
+            }),
+        }),
+        ..Default::default()
+    }
+}
+
+async fn register_pool(cluster: &LocalCluster, nodes: usize) -> Result<(), String> {
+    let specs = synthetic::pool(nodes, 1);
+    let endpoints = cluster.endpoints();
+    let chunks: Vec<Vec<pb::NodeInventory>> = specs
+        .chunks(specs.len().div_ceil(32).max(1))
+        .map(|c| c.iter().map(convert::node_inventory_to_pb).collect())
+        .collect();
+    let mut tasks = Vec::new();
+    for chunk in chunks {
+        let mut client = Client::new(endpoints.clone());
+        tasks.push(tokio::spawn(async move {
+            for inventory in chunk {
+                let id = inventory.node_id.clone();
+                client
+                    .register_node(inventory)
+                    .await
+                    .map_err(|e| format!("registering {id}: {}", e.message()))?;
+            }
+            Ok::<(), String>(())
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())??;
+    }
+    Ok(())
+}
