@@ -174,12 +174,30 @@ async fn bench(args: &CreateArgs) -> Result<CreateReport, String> {
         (args.target.clone(), replicas)
     };
 
+    // Warm up: every worker connects and finds the leader with one untimed create, so the
+    // figures measure the cluster, not connection set-up and the first redirect.
+    let mut clients = Vec::new();
+    let mut warmups = Vec::new();
+    for w in 0..args.concurrency {
+        let mut client = Client::new(endpoints.clone());
+        client.deadline = Duration::from_secs(10);
+        warmups.push(tokio::spawn(async move {
+            let r = client.create(&format!("warmup-{w}"), bench_spec(4)).await;
+            if let Ok(Some(s)) = r.map(|r| r.sandbox) {
+                let _ = client.delete(&s.id).await;
+            }
+            client
+        }));
+    }
+    for w in warmups {
+        clients.push(w.await.map_err(|e| e.to_string())?);
+    }
     let tally = Arc::new(Mutex::new(Tally::default()));
     let started = Instant::now();
     let end = started + args.duration;
     let mut workers = Vec::new();
-    for w in 0..args.concurrency {
-        let mut client = Client::new(endpoints.clone());
+    for (w, mut client) in clients.into_iter().enumerate() {
+        let w = w as u64;
         client.deadline = Duration::from_secs(5);
         let tally = tally.clone();
         let interval = args

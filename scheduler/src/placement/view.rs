@@ -72,6 +72,11 @@ pub struct ClusterView {
     pub(crate) by_cpu_free: BTreeMap<Location, BTreeSet<(u64, NodeIndex)>>,
     pub(crate) tenant_quota: HashMap<String, TenantQuota>,
     pub(crate) tenant_gpu_milli: HashMap<(String, GpuModelName), u64>,
+    /// Reserved beyond what was free, per node (CPU, memory, per-GPU milli). Reservations
+    /// of plans that `apply` will refuse can exceed a node; counting the excess keeps
+    /// `reserve` then `release` an exact round trip, so a view kept up to date
+    /// incrementally never drifts. Sparse: almost always empty.
+    overdraft: HashMap<NodeIndex, (u64, u64, Vec<u64>)>,
 }
 
 impl ClusterView {
@@ -84,6 +89,7 @@ impl ClusterView {
             by_cpu_free: BTreeMap::new(),
             tenant_quota: HashMap::new(),
             tenant_gpu_milli: HashMap::new(),
+            overdraft: HashMap::new(),
         }
     }
 
@@ -250,26 +256,52 @@ impl ClusterView {
         };
         self.update_index(index, false);
         let node = &mut self.nodes[index as usize];
-        let step = |free: u64, amount: u64, capacity: u64| {
+        let gpus = node.spec.gpus.len();
+        let over = self
+            .overdraft
+            .entry(index)
+            .or_insert_with(|| (0, 0, vec![0; gpus]));
+        // Taking more than is free records the excess; giving back pays it off first.
+        let step = |free: u64, over: &mut u64, amount: u64, capacity: u64| {
             if take {
+                *over += amount.saturating_sub(free);
                 free.saturating_sub(amount)
             } else {
-                (free + amount).min(capacity)
+                let paid = amount.min(*over);
+                *over -= paid;
+                (free + amount - paid).min(capacity)
             }
         };
-        node.cpu_milli_free = step(node.cpu_milli_free, spec.cpu_milli, node.spec.cpu_milli);
-        node.memory_mib_free = step(node.memory_mib_free, spec.memory_mib, node.spec.memory_mib);
+        node.cpu_milli_free = step(
+            node.cpu_milli_free,
+            &mut over.0,
+            spec.cpu_milli,
+            node.spec.cpu_milli,
+        );
+        node.memory_mib_free = step(
+            node.memory_mib_free,
+            &mut over.1,
+            spec.memory_mib,
+            node.spec.memory_mib,
+        );
         for i in &placement.gpu_indices {
             let healthy = node.spec.gpus.get(*i as usize).is_some_and(|g| g.healthy);
-            if let (Some(free), true) = (node.gpu_milli_free.get_mut(*i as usize), healthy) {
+            let slot = over.2.get_mut(*i as usize);
+            if let (Some(free), Some(over), true) =
+                (node.gpu_milli_free.get_mut(*i as usize), slot, healthy)
+            {
                 // At most 1000, so the conversion back cannot fail.
                 *free = u32::try_from(step(
                     u64::from(*free),
+                    over,
                     u64::from(placement.gpu_milli_per_gpu),
                     1000,
                 ))
                 .unwrap_or(0);
             }
+        }
+        if over.0 == 0 && over.1 == 0 && over.2.iter().all(|g| *g == 0) {
+            self.overdraft.remove(&index);
         }
         let model = placement
             .gpu_indices

@@ -611,6 +611,19 @@ impl Sim {
         }
     }
 
+    fn check_views(&mut self) {
+        for slot in &self.slots {
+            if let Some(r) = &slot.replica {
+                if r.view_is_consistent() == Some(false) {
+                    self.report.violations.push(format!(
+                        "replica {}: the leader's placement view drifted from the state",
+                        r.id()
+                    ));
+                }
+            }
+        }
+    }
+
     fn run(mut self) -> ChaosReport {
         let mut registered = false;
         let mut next_fault = 1_000 + self.below(self.cfg.mean_fault_interval_ms);
@@ -643,6 +656,7 @@ impl Sim {
             }
             if self.now % 500 == 0 {
                 self.check_invariants("during the run");
+                self.check_views();
             }
             if !self.faults_on && self.first_ack_after_heal.is_some() && self.converged() {
                 break;

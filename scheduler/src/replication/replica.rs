@@ -209,8 +209,9 @@ pub struct Replica<D: Durable> {
     next_seq: u64,
     /// Our proposals by log index.
     pending: BTreeMap<u64, ProposalId>,
-    /// Placements proposed but not applied, by log index: the leader's view holds them.
-    inflight: BTreeMap<u64, Vec<(SandboxSpec, Placement)>>,
+    /// Placements proposed but not applied, by log index, with the item they belong to:
+    /// the leader's view holds them.
+    inflight: BTreeMap<u64, Vec<(usize, SandboxSpec, Placement)>>,
     /// Pending sandboxes with a bind in flight.
     binding: BTreeMap<u64, Vec<SandboxId>>,
     view: Option<(u64, ClusterView)>,
@@ -475,9 +476,10 @@ impl<D: Durable> Replica<D> {
         let submissions: Vec<Submission> = items
             .into_iter()
             .zip(placements)
-            .map(|(item, placement)| {
+            .enumerate()
+            .map(|(i, (item, placement))| {
                 if let Some(p) = &placement {
-                    reserved.push((item.spec.clone(), p.clone()));
+                    reserved.push((i, item.spec.clone(), p.clone()));
                 }
                 Submission {
                     request_id: item.request_id,
@@ -537,7 +539,7 @@ impl<D: Durable> Replica<D> {
         for ((id, decision), (_, spec, old_reason)) in decisions.into_iter().zip(&pending) {
             match decision.placement {
                 Some(p) => {
-                    reserved.push((spec.clone(), p.clone()));
+                    reserved.push((binds.len(), spec.clone(), p.clone()));
                     binds.push((id, p));
                 }
                 None => {
@@ -593,7 +595,7 @@ impl<D: Durable> Replica<D> {
         }
         let mut view = ClusterView::from_state(&self.state, self.cfg.placement_seed);
         for reservations in self.inflight.values() {
-            for (spec, placement) in reservations {
+            for (_, spec, placement) in reservations {
                 view.reserve(spec, placement);
             }
         }
@@ -807,7 +809,10 @@ impl<D: Durable> Replica<D> {
                 EntryType::EntryNormal => {
                     let envelope = Envelope::decode(&entry.data)
                         .map_err(|e| StoreError::Corrupt(format!("entry {}: {e}", entry.index)))?;
+                    let mine = ours == Some(envelope.proposal);
+                    let plan = self.view_plan(&envelope.command, mine);
                     let outcomes = self.state.apply(&envelope.command, envelope.now_ms);
+                    self.view_after(plan, &outcomes, entry.index);
                     Some((
                         envelope.proposal,
                         Applied::Items {
@@ -841,6 +846,107 @@ impl<D: Durable> Replica<D> {
             }
         }
         Ok(())
+    }
+
+    /// What an entry about to apply does to the leader's view. The view is kept in step
+    /// incrementally: rebuilding it (a pass over every node) per batch would dominate the
+    /// hot path.
+    fn view_plan(&self, command: &Command, mine: bool) -> ViewPlan {
+        if self.view.is_none() {
+            return ViewPlan::Nothing;
+        }
+        let holding = |id: &SandboxId| {
+            let s = self.state.sandbox(*id)?;
+            let binding = s.binding.as_ref()?;
+            s.state
+                .holds_resources()
+                .then(|| (*id, s.spec.clone(), binding.placement.clone()))
+        };
+        match command {
+            Command::SubmitSandboxes { .. } | Command::BindSandboxes { .. } if mine => {
+                ViewPlan::Ours
+            }
+            Command::SetPendingReasons { .. } | Command::ExpireTerminal { .. } => ViewPlan::Nothing,
+            Command::DeleteSandboxes { items } => {
+                ViewPlan::Release(items.iter().filter_map(holding).collect())
+            }
+            Command::UpdateSandboxes { items } => ViewPlan::Release(
+                items
+                    .iter()
+                    .filter(|u| !matches!(u.change, crate::state::StatusChange::Running))
+                    .filter_map(|u| holding(&u.sandbox))
+                    .collect(),
+            ),
+            _ => ViewPlan::Invalidate,
+        }
+    }
+
+    fn view_after(&mut self, plan: ViewPlan, outcomes: &[ItemOutcome], index: u64) {
+        let Some((revision, view)) = self.view.as_mut() else {
+            return;
+        };
+        match plan {
+            ViewPlan::Nothing => {}
+            ViewPlan::Invalidate => {
+                self.view = None;
+                return;
+            }
+            ViewPlan::Release(list) => {
+                for (id, spec, placement) in list {
+                    let still_holds = self
+                        .state
+                        .sandbox(id)
+                        .is_some_and(|s| s.state.holds_resources());
+                    if !still_holds {
+                        view.release(&spec, &placement);
+                    }
+                }
+            }
+            ViewPlan::Ours => {
+                for (item, spec, placement) in self.inflight.get(&index).into_iter().flatten() {
+                    let kept = matches!(
+                        outcomes.get(*item),
+                        Some(ItemOutcome::Created { bound: true, .. } | ItemOutcome::Applied)
+                    );
+                    if !kept {
+                        view.release(spec, placement);
+                    }
+                }
+            }
+        }
+        *revision = self.state.revision();
+    }
+
+    /// Whether the leader's incrementally kept view agrees with one rebuilt from the state
+    /// and the in-flight placements (tests; `None` when no view is held).
+    pub fn view_is_consistent(&self) -> Option<bool> {
+        let (revision, view) = self.view.as_ref()?;
+        if *revision != self.state.revision() {
+            return Some(true);
+        }
+        let mut fresh = ClusterView::from_state(&self.state, self.cfg.placement_seed);
+        for reservations in self.inflight.values() {
+            for (_, spec, placement) in reservations {
+                fresh.reserve(spec, placement);
+            }
+        }
+        let free = |v: &ClusterView| -> Vec<(String, u64, u64, Vec<u32>)> {
+            let mut out: Vec<_> = v
+                .nodes()
+                .iter()
+                .map(|n| {
+                    (
+                        n.spec.id.clone(),
+                        n.cpu_milli_free,
+                        n.memory_mib_free,
+                        n.gpu_milli_free.clone(),
+                    )
+                })
+                .collect();
+            out.sort();
+            out
+        };
+        Some(free(view) == free(&fresh))
     }
 
     fn apply_membership(&mut self, cc: &ConfChangeV2) -> Option<(ProposalId, Applied)> {
@@ -921,6 +1027,18 @@ impl<D: Durable> Replica<D> {
     pub fn inflight_entries(&self) -> usize {
         self.inflight.len()
     }
+}
+
+/// What applying one entry does to the leader's view.
+enum ViewPlan {
+    /// Nothing it tracks changes.
+    Nothing,
+    /// Rebuild it before the next placement.
+    Invalidate,
+    /// Give back what these sandboxes held if they no longer hold it after the entry.
+    Release(Vec<(SandboxId, SandboxSpec, Placement)>),
+    /// The leader's own creates or binds: keep reservations that were accepted.
+    Ours,
 }
 
 fn raft_config(cfg: &ReplicaConfig, applied: u64) -> raft::Config {

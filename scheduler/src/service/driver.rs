@@ -76,6 +76,21 @@ pub struct CreateRequest {
     reply: oneshot::Sender<Result<pb::CreateSandboxResponse, Status>>,
 }
 
+/// One delete waiting for the batcher.
+pub struct DeleteRequest {
+    id: crate::model::SandboxId,
+    reply: oneshot::Sender<Result<bool, Status>>,
+}
+
+/// A write the leader batches: creates become one `SubmitSandboxes` entry, deletes one
+/// `DeleteSandboxes` entry.
+pub enum Write {
+    /// A create.
+    Create(CreateRequest),
+    /// A delete.
+    Delete(DeleteRequest),
+}
+
 enum Input {
     Raft(Vec<Message>),
     Unreachable(u64),
@@ -112,7 +127,7 @@ pub struct Published {
 #[derive(Clone)]
 pub struct ReplicaHandle {
     id: u64,
-    creates: Sender<CreateRequest>,
+    creates: Sender<Write>,
     control: Sender<Input>,
     published: Arc<Published>,
     revisions: watch::Receiver<u64>,
@@ -263,7 +278,7 @@ impl ReplicaHandle {
             arrived: Instant::now(),
             reply,
         };
-        match self.creates.try_send(request) {
+        match self.creates.try_send(Write::Create(request)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.metrics
@@ -273,6 +288,26 @@ impl ReplicaHandle {
                 return Err(Status::resource_exhausted(format!(
                     "the leader has {} creates queued (batching.max_queued_creates); retry \
                      with backoff and the same request_id",
+                    self.max_queued_creates
+                )));
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(Status::unavailable("the replica is shutting down"));
+            }
+        }
+        Self::wait(rx).await
+    }
+
+    /// Deletes a sandbox through the leader's batcher; `false` when it did not exist.
+    pub async fn delete(&self, id: crate::model::SandboxId) -> Result<bool, Status> {
+        self.require_leader()?;
+        let (reply, rx) = oneshot::channel();
+        match self.creates.try_send(Write::Delete(DeleteRequest { id, reply })) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Err(Status::resource_exhausted(format!(
+                    "the leader has {} writes queued (batching.max_queued_creates); retry \
+                     with backoff",
                     self.max_queued_creates
                 )));
             }
@@ -360,6 +395,7 @@ pub struct DriverConfig {
 
 enum Waiter {
     Creates { replies: Vec<CreateRequest> },
+    Deletes { replies: Vec<DeleteRequest> },
     Command(CommandReply),
     Membership(oneshot::Sender<Result<(), Status>>),
 }
@@ -368,7 +404,7 @@ struct Driver<D: Durable> {
     replica: Replica<D>,
     cfg: DriverConfig,
     control: Receiver<Input>,
-    creates: Receiver<CreateRequest>,
+    creates: Receiver<Write>,
     handle: ReplicaHandle,
     published: Arc<Published>,
     revisions: watch::Sender<u64>,
@@ -378,6 +414,7 @@ struct Driver<D: Durable> {
     reads: HashMap<u64, ReadFn>,
     next_read: u64,
     batch: Vec<CreateRequest>,
+    deletes: Vec<DeleteRequest>,
     batch_started: Option<Instant>,
     invariant_violations: u64,
     peers_seen: BTreeMap<u64, String>,
@@ -441,6 +478,7 @@ pub fn spawn<D: Durable + Send + 'static>(
                 reads: HashMap::new(),
                 next_read: 0,
                 batch: Vec::new(),
+                deletes: Vec::new(),
                 batch_started: None,
                 invariant_violations: 0,
                 peers_seen: BTreeMap::new(),
@@ -470,7 +508,7 @@ impl<D: Durable> Driver<D> {
                 deadline = deadline.min(started + self.cfg.max_batch_wait);
             }
             let timeout = deadline.saturating_duration_since(now);
-            let creates_open = self.batch.len() < self.cfg.max_batch;
+            let creates_open = self.batch_len() < self.cfg.max_batch;
             let never = crossbeam_channel::never();
             let creates = if creates_open { &self.creates } else { &never };
             select! {
@@ -488,7 +526,7 @@ impl<D: Durable> Driver<D> {
                     Err(_) => break,
                 }
             }
-            while self.batch.len() < self.cfg.max_batch {
+            while self.batch_len() < self.cfg.max_batch {
                 match self.creates.try_recv() {
                     Ok(c) => self.push_create(c),
                     Err(_) => break,
@@ -499,7 +537,7 @@ impl<D: Durable> Driver<D> {
                 self.replica.tick();
                 next_tick = now + self.cfg.tick;
             }
-            let batch_due = self.batch.len() >= self.cfg.max_batch
+            let batch_due = self.batch_len() >= self.cfg.max_batch
                 || self
                     .batch_started
                     .is_some_and(|s| now >= s + self.cfg.max_batch_wait);
@@ -539,11 +577,7 @@ impl<D: Durable> Driver<D> {
                 }
             }
             if self.stopping {
-                for c in std::mem::take(&mut self.batch) {
-                    let _ = c
-                        .reply
-                        .send(Err(Status::unavailable("the replica is shutting down")));
-                }
+                self.fail_batch(Status::unavailable("the replica is shutting down"));
                 for (_, w) in self.waiters.drain() {
                     fail(w, Status::unavailable("the replica is shutting down"));
                 }
@@ -560,15 +594,59 @@ impl<D: Durable> Driver<D> {
         }
     }
 
-    fn push_create(&mut self, c: CreateRequest) {
-        if self.batch.is_empty() {
+    fn batch_len(&self) -> usize {
+        self.batch.len() + self.deletes.len()
+    }
+
+    fn push_create(&mut self, w: Write) {
+        if self.batch_len() == 0 {
             self.batch_started = Some(Instant::now());
         }
-        self.batch.push(c);
+        match w {
+            Write::Create(c) => self.batch.push(c),
+            Write::Delete(d) => self.deletes.push(d),
+        }
+    }
+
+    fn fail_batch(&mut self, status: Status) {
+        for c in std::mem::take(&mut self.batch) {
+            let _ = c.reply.send(Err(status.clone()));
+        }
+        for d in std::mem::take(&mut self.deletes) {
+            let _ = d.reply.send(Err(status.clone()));
+        }
+        self.batch_started = None;
+    }
+
+    fn propose_deletes(&mut self) {
+        let deletes = std::mem::take(&mut self.deletes);
+        if deletes.is_empty() {
+            return;
+        }
+        let items = deletes.iter().map(|d| d.id).collect();
+        match self
+            .replica
+            .propose(Command::DeleteSandboxes { items }, now_ms())
+        {
+            Ok(p) => {
+                self.metrics
+                    .proposals
+                    .with_label_values(&["delete_batch"])
+                    .inc();
+                self.waiters.insert(p, Waiter::Deletes { replies: deletes });
+            }
+            Err(e) => {
+                let status = propose_status(e);
+                for d in deletes {
+                    let _ = d.reply.send(Err(status.clone()));
+                }
+            }
+        }
     }
 
     fn propose_batch(&mut self) {
         self.batch_started = None;
+        self.propose_deletes();
         let batch = std::mem::take(&mut self.batch);
         if batch.is_empty() {
             return;
@@ -701,13 +779,10 @@ impl<D: Durable> Driver<D> {
                 f(Ok(&view));
             }
         }
-        if !self.replica.is_leader() && !self.batch.is_empty() {
-            // Creates queued on a replica that lost leadership.
+        if !self.replica.is_leader() && self.batch_len() > 0 {
+            // Writes queued on a replica that lost leadership.
             let (leader, address) = self.handle.leader();
-            for c in std::mem::take(&mut self.batch) {
-                let _ = c.reply.send(Err(not_leader_status(leader, &address)));
-            }
-            self.batch_started = None;
+            self.fail_batch(not_leader_status(leader, &address));
         }
         if out.entries_applied > 0 || out.leader_changed || out.became_leader {
             self.publish();
@@ -741,6 +816,17 @@ impl<D: Durable> Driver<D> {
                         .create_seconds
                         .observe(c.arrived.elapsed().as_secs_f64());
                     let _ = c.reply.send(result);
+                }
+            }
+            (Waiter::Deletes { replies }, Applied::Items { outcomes, .. }) => {
+                for (d, outcome) in replies.into_iter().zip(outcomes) {
+                    let result = match outcome {
+                        ItemOutcome::Applied => Ok(true),
+                        ItemOutcome::Rejected(Rejection::UnknownSandbox(_)) => Ok(false),
+                        ItemOutcome::Rejected(r) => Err(rejection_status(&r)),
+                        other => Err(Status::internal(format!("unexpected outcome {other:?}"))),
+                    };
+                    let _ = d.reply.send(result);
                 }
             }
             (Waiter::Command(reply), Applied::Items { outcomes, revision }) => {
@@ -830,6 +916,11 @@ fn fail(waiter: Waiter, status: Status) {
         Waiter::Creates { replies } => {
             for c in replies {
                 let _ = c.reply.send(Err(status.clone()));
+            }
+        }
+        Waiter::Deletes { replies } => {
+            for d in replies {
+                let _ = d.reply.send(Err(status.clone()));
             }
         }
         Waiter::Command(reply) => {

@@ -145,16 +145,7 @@ impl SandboxService for Services {
         request: Request<pb::DeleteSandboxRequest>,
     ) -> Result<Response<pb::DeleteSandboxResponse>, Status> {
         let id = parse_sandbox_id("sandbox_id", &request.get_ref().sandbox_id)?;
-        let result = self
-            .handle
-            .command(Command::DeleteSandboxes { items: vec![id] })
-            .await?;
-        let existed = match only_outcome(result.outcomes)? {
-            ItemOutcome::Applied => true,
-            ItemOutcome::Rejected(crate::state::Rejection::UnknownSandbox(_)) => false,
-            ItemOutcome::Rejected(r) => return Err(rejection_status(&r)),
-            other => return Err(Status::internal(format!("unexpected outcome {other:?}"))),
-        };
+        let existed = self.handle.delete(id).await?;
         Ok(Response::new(pb::DeleteSandboxResponse { existed }))
     }
 
