@@ -49,6 +49,9 @@ pub(crate) struct CreateArgs {
     /// used as it is.
     #[arg(long, value_delimiter = ',')]
     target: Vec<String>,
+    /// Client connections per replica, shared by the workers (HTTP/2 multiplexes them).
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -178,8 +181,14 @@ async fn bench(args: &CreateArgs) -> Result<CreateReport, String> {
     // figures measure the cluster, not connection set-up and the first redirect.
     let mut clients = Vec::new();
     let mut warmups = Vec::new();
+    // Workers share connections (one HTTP/2 connection per replica, multiplexed), as an API
+    // tier would; per-worker connections cost a syscall per tiny frame.
+    let connections = args.connections.max(1);
+    let pool: Vec<Client> = (0..connections)
+        .map(|_| Client::new(endpoints.clone()).share_connections())
+        .collect();
     for w in 0..args.concurrency {
-        let mut client = Client::new(endpoints.clone());
+        let mut client = pool[(w % connections as u64) as usize].clone();
         client.deadline = Duration::from_secs(10);
         warmups.push(tokio::spawn(async move {
             let r = client.create(&format!("warmup-{w}"), bench_spec(4)).await;

@@ -56,6 +56,15 @@ impl Client {
         &self.current
     }
 
+    /// Creates the (lazy) channel of every endpoint now, so clones of this client share
+    /// connections instead of each opening its own.
+    pub fn share_connections(mut self) -> Client {
+        for e in self.endpoints.clone() {
+            let _ = self.channel(&e);
+        }
+        self
+    }
+
     fn channel(&mut self, address: &str) -> Result<Channel, Status> {
         if let Some(c) = self.channels.get(address) {
             return Ok(c.clone());

@@ -302,7 +302,10 @@ impl ReplicaHandle {
     pub async fn delete(&self, id: crate::model::SandboxId) -> Result<bool, Status> {
         self.require_leader()?;
         let (reply, rx) = oneshot::channel();
-        match self.creates.try_send(Write::Delete(DeleteRequest { id, reply })) {
+        match self
+            .creates
+            .try_send(Write::Delete(DeleteRequest { id, reply }))
+        {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 return Err(Status::resource_exhausted(format!(

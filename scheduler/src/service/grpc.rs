@@ -59,6 +59,41 @@ fn linearizable<T>(request: &Request<T>) -> bool {
         != Some("local")
 }
 
+/// Largest create request; the spec's own limits (argv and env at 64 KiB each) keep a valid
+/// one far below.
+pub const MAX_CREATE_BYTES: usize = 1 << 20;
+
+/// Refuses an oversized create with RESOURCE_EXHAUSTED naming its largest field.
+fn check_create_size(req: &pb::CreateSandboxRequest) -> Result<(), Status> {
+    use prost::Message as _;
+    let size = req.encoded_len();
+    if size <= MAX_CREATE_BYTES {
+        return Ok(());
+    }
+    let field = match &req.spec {
+        Some(spec) => {
+            let text = |v: &[String]| v.iter().map(String::len).sum::<usize>();
+            let map = |m: &std::collections::HashMap<String, String>| {
+                m.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+            };
+            [
+                ("spec.command", text(&spec.command)),
+                ("spec.env", map(&spec.env)),
+                ("spec.labels", map(&spec.labels)),
+                ("spec.image", spec.image.len()),
+                ("request_id", req.request_id.len()),
+            ]
+            .into_iter()
+            .max_by_key(|(_, n)| *n)
+            .map_or("spec", |(f, _)| f)
+        }
+        None => "request_id",
+    };
+    Err(Status::resource_exhausted(format!(
+        "{field}: the request is {size} bytes; a create may be at most {MAX_CREATE_BYTES} bytes"
+    )))
+}
+
 fn parse_sandbox_id(field: &str, value: &str) -> Result<SandboxId, Status> {
     value.parse::<SandboxId>().map_err(|_| {
         Status::invalid_argument(format!(
@@ -89,6 +124,7 @@ impl SandboxService for Services {
         &self,
         request: Request<pb::CreateSandboxRequest>,
     ) -> Result<Response<pb::CreateSandboxResponse>, Status> {
+        check_create_size(request.get_ref())?;
         let (request_id, spec) = convert::create_request_from_pb(request.get_ref())?;
         let response = self.handle.create(CreateItem { request_id, spec }).await?;
         Ok(Response::new(response))

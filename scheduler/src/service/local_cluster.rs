@@ -67,8 +67,24 @@ pub struct LocalCluster {
     dir: PathBuf,
 }
 
+/// A free port below Linux's ephemeral range (32768–60999), so that after a replica is
+/// killed no outgoing connection can be handed its port before it restarts. Each process
+/// starts at its own offset; a port is taken only if it can be bound now.
 fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = 20_000 + (std::process::id() % 600) * 20;
+    for _ in 0..12_000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (base - 20_000 + n) % 12_000;
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return Ok(port as u16);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no free port in 20000..32000",
+    ))
 }
 
 impl LocalCluster {

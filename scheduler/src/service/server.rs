@@ -24,8 +24,9 @@ use crate::placement::PlacerConfig;
 use crate::replication::engine::EngineDisk;
 use crate::replication::{Replica, ReplicaConfig, slog_bridge};
 
-/// Largest client request (a create with its argv and env is well below).
-pub const MAX_CLIENT_MESSAGE: usize = 4 << 20;
+/// Largest client message tonic decodes (larger ones get OUT_OF_RANGE from tonic itself);
+/// handlers refuse smaller oversized requests with RESOURCE_EXHAUSTED naming the field.
+pub const MAX_CLIENT_MESSAGE: usize = 16 << 20;
 
 /// A running replica.
 pub struct Running {

@@ -1,0 +1,242 @@
+//! Multi-process tests: real `berth scheduler` processes on loopback, each with its own
+//! data directory, killed with SIGKILL.
+//!
+//! These tests assert behaviour (nothing acknowledged is lost, a new leader takes over, a
+//! restarted replica catches up), never timings; failover time is measured by
+//! `berth bench failover`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Mutex;
+
+use berth_proto::pb::v1 as pb;
+use berth_scheduler::service::client::{Client, local_sandbox_ids};
+use berth_scheduler::service::convert;
+use berth_scheduler::service::local_cluster::{LocalCluster, LocalClusterConfig};
+
+fn cluster(dir: &std::path::Path) -> LocalCluster {
+    let cfg = LocalClusterConfig::new(env!("CARGO_BIN_EXE_berth"));
+    LocalCluster::start(cfg, dir).expect("start the cluster")
+}
+
+fn spec(n: u64) -> pb::SandboxSpec {
+    pb::SandboxSpec {
+        tenant: "acme".into(),
+        image: "python:3.12".into(),
+        command: vec!["python".into(), "-c".into(), format!("print({n})")],
+        resources: Some(pb::Resources {
+            cpu_milli: 250,
+            memory_mib: 256,
+            gpu: (n % 3 == 0).then(|| pb::GpuRequest {
+                options: vec!["H100:1".into()],
+                min_memory_mib: 0,
+            }),
+        }),
+        ..Default::default()
+    }
+}
+
+async fn register_pool(cluster: &LocalCluster) {
+    let mut client = cluster.client();
+    for i in 0..8 {
+        let node =
+            berth_scheduler::testing::gpu_node(&format!("gpu-{i}"), berth_proto::GpuModel::H100, 8);
+        client
+            .register_node(convert::node_inventory_to_pb(&node))
+            .await
+            .expect("register a node");
+    }
+}
+
+async fn leader_or_fail(cluster: &mut LocalCluster) -> usize {
+    match cluster.wait_for_leader(Duration::from_secs(20)).await {
+        Some(i) => i,
+        None => panic!(
+            "no leader within 20 s; logs:\n{}\n{}\n{}",
+            cluster.log_tail(0, 15),
+            cluster.log_tail(1, 15),
+            cluster.log_tail(2, 15)
+        ),
+    }
+}
+
+/// Acknowledged creates: request id → sandbox id.
+type Acked = Arc<Mutex<BTreeMap<String, String>>>;
+
+/// Clients that create sandboxes until told to stop; every acknowledged create is recorded.
+fn start_writers(
+    endpoints: Vec<String>,
+    writers: u64,
+    stop: Arc<AtomicBool>,
+    acked: Acked,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..writers)
+        .map(|w| {
+            let endpoints = endpoints.clone();
+            let stop = stop.clone();
+            let acked = acked.clone();
+            tokio::spawn(async move {
+                let mut client = Client::new(endpoints);
+                client.deadline = Duration::from_secs(20);
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let rid = format!("w{w}-{n}");
+                    if let Ok(r) = client.create(&rid, spec(n)).await {
+                        if let Some(s) = r.sandbox {
+                            acked.lock().await.insert(rid, s.id);
+                        }
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// Waits until replica `i`'s applied index reaches `index`.
+async fn wait_applied(cluster: &LocalCluster, i: usize, index: u64) {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        if let Ok(s) = cluster.status(i).await {
+            if s.applied_index >= index {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "replica {} did not apply up to {index} within 30 s; log:\n{}",
+        i + 1,
+        cluster.log_tail(i, 20)
+    );
+}
+
+async fn assert_holds_all(cluster: &LocalCluster, i: usize, acked: &BTreeMap<String, String>) {
+    let held: BTreeSet<String> = local_sandbox_ids(&cluster.members[i].address)
+        .await
+        .expect("list the replica's sandboxes")
+        .into_iter()
+        .collect();
+    let missing: Vec<&String> = acked.values().filter(|id| !held.contains(*id)).collect();
+    assert!(
+        missing.is_empty(),
+        "replica {} lost {} of {} acknowledged creates, e.g. {:?}",
+        i + 1,
+        missing.len(),
+        acked.len(),
+        &missing[..missing.len().min(5)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_leader_loses_no_acknowledged_create() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = cluster(dir.path());
+    let old_leader = leader_or_fail(&mut cluster).await;
+    register_pool(&cluster).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Acked = Arc::default();
+    let writers = start_writers(cluster.endpoints(), 6, stop.clone(), acked.clone());
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let before_kill = acked.lock().await.len();
+    assert!(
+        before_kill > 0,
+        "no create was acknowledged before the kill"
+    );
+
+    cluster.kill(old_leader);
+    let new_leader = leader_or_fail(&mut cluster).await;
+    assert_ne!(new_leader, old_leader, "a killed replica cannot lead");
+    // Writers keep going against the new leader.
+    let count_at_takeover = acked.lock().await.len();
+    let started = Instant::now();
+    while acked.lock().await.len() <= count_at_takeover + 20 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no progress after the new leader took over; log:\n{}",
+            cluster.log_tail(new_leader, 20)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.expect("writer task");
+    }
+    let acked = acked.lock().await.clone();
+    assert!(
+        acked.len() > before_kill,
+        "no create acknowledged after the kill"
+    );
+
+    // Every live replica holds every acknowledged create.
+    let commit = cluster
+        .status(new_leader)
+        .await
+        .expect("leader status")
+        .commit_index;
+    for i in 0..cluster.members.len() {
+        if i == old_leader {
+            continue;
+        }
+        wait_applied(&cluster, i, commit).await;
+        assert_holds_all(&cluster, i, &acked).await;
+    }
+
+    // The killed replica restarts from its disk and catches up.
+    cluster.restart(old_leader).expect("restart");
+    wait_applied(&cluster, old_leader, commit).await;
+    assert_holds_all(&cluster, old_leader, &acked).await;
+    let status = cluster.status(old_leader).await.expect("status");
+    assert_eq!(status.leader_id, cluster.members[new_leader].id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restarting_every_replica_keeps_every_acknowledged_create() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = cluster(dir.path());
+    leader_or_fail(&mut cluster).await;
+    register_pool(&cluster).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Acked = Arc::default();
+    let writers = start_writers(cluster.endpoints(), 4, stop.clone(), acked.clone());
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Kill everything while creates are in flight: what was acknowledged must survive.
+    for i in 0..cluster.members.len() {
+        cluster.kill(i);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        let _ = w.await;
+    }
+    let acked = acked.lock().await.clone();
+    assert!(
+        !acked.is_empty(),
+        "nothing was acknowledged before the restart"
+    );
+
+    for i in 0..cluster.members.len() {
+        cluster.restart(i).expect("restart");
+    }
+    let leader = leader_or_fail(&mut cluster).await;
+    // A new write commits, so everything before it is applied everywhere it is applied.
+    let mut client = cluster.client();
+    client
+        .create("after-restart", spec(1))
+        .await
+        .expect("a create after the restart");
+    let commit = cluster.status(leader).await.expect("status").commit_index;
+    for i in 0..cluster.members.len() {
+        wait_applied(&cluster, i, commit).await;
+        assert_holds_all(&cluster, i, &acked).await;
+    }
+    // Retrying an acknowledged create returns the original sandbox.
+    let (rid, id) = acked.iter().next().expect("one acked create");
+    let again = client.create(rid, spec(0)).await.expect("retry");
+    assert!(again.deduplicated);
+    assert_eq!(again.sandbox.map(|s| s.id).as_deref(), Some(id.as_str()));
+}
