@@ -86,7 +86,7 @@ pub struct DeleteRequest {
 /// `DeleteSandboxes` entry.
 pub enum Write {
     /// A create.
-    Create(CreateRequest),
+    Create(Box<CreateRequest>),
     /// A delete.
     Delete(DeleteRequest),
 }
@@ -278,7 +278,7 @@ impl ReplicaHandle {
             arrived: Instant::now(),
             reply,
         };
-        match self.creates.try_send(Write::Create(request)) {
+        match self.creates.try_send(Write::Create(Box::new(request))) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.metrics
@@ -606,7 +606,7 @@ impl<D: Durable> Driver<D> {
             self.batch_started = Some(Instant::now());
         }
         match w {
-            Write::Create(c) => self.batch.push(c),
+            Write::Create(c) => self.batch.push(*c),
             Write::Delete(d) => self.deletes.push(d),
         }
     }
