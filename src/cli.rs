@@ -55,7 +55,7 @@ enum Command {
     /// List, cordon and drain nodes.
     Node(NotBuilt),
     /// Cluster status and Raft membership.
-    Cluster(NotBuilt),
+    Cluster(crate::commands::cluster::ClusterArgs),
     /// Benchmarks: placement latency, create throughput.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -93,7 +93,7 @@ impl Cli {
             Command::Sim(command) => return command.run(),
             Command::Sandbox(_) => ("sandbox", 5),
             Command::Node(_) => ("node", 5),
-            Command::Cluster(_) => ("cluster", 4),
+            Command::Cluster(args) => return crate::commands::cluster::run(&args),
             Command::Bench(command) => return command.run(),
         };
         not_built(name, issue)

@@ -106,10 +106,39 @@ fn a_typo_in_a_field_name_is_refused_with_the_field() {
 
 #[test]
 fn unbuilt_subcommands_say_so_and_fail() {
-    let out = berth(&["scheduler", "--config", "x.toml"]);
+    let out = berth(&["agent", "--config", "x.toml"]);
     assert_eq!(out.status.code(), Some(69));
-    assert!(text(&out.stderr).contains("berth scheduler: not built yet"));
+    assert!(text(&out.stderr).contains("berth agent: not built yet"));
     assert!(out.stdout.is_empty(), "no fake output");
+}
+
+#[test]
+fn scheduler_with_a_missing_config_names_the_file() {
+    let out = berth(&["scheduler", "--config", "/nonexistent/berth.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("/nonexistent/berth.toml"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn cluster_status_against_nothing_fails_clearly() {
+    let out = berth(&[
+        "cluster",
+        "status",
+        "--endpoint",
+        "127.0.0.1:1",
+        "--timeout",
+        "1s",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("berth cluster:"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]

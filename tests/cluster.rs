@@ -240,3 +240,60 @@ async fn restarting_every_replica_keeps_every_acknowledged_create() {
     assert!(again.deduplicated);
     assert_eq!(again.sandbox.map(|s| s.id).as_deref(), Some(id.as_str()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_added_later_catches_up_by_snapshot_and_can_replace_another() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = cluster(dir.path());
+    leader_or_fail(&mut cluster).await;
+    register_pool(&cluster).await;
+    let mut client = cluster.client();
+    let mut acked = BTreeMap::new();
+    for n in 0..50 {
+        let rid = format!("before-{n}");
+        let r = client.create(&rid, spec(n)).await.expect("create");
+        acked.insert(rid, r.sandbox.expect("sandbox").id);
+    }
+
+    // A fourth replica starts empty and joins as a learner; the leader's log starts after
+    // the bootstrap snapshot, so it can only catch up through a snapshot transfer.
+    let new = cluster.add_member().expect("start a fourth replica");
+    let address = cluster.members[new].address.clone();
+    let id = cluster.members[new].id;
+    let r = client
+        .add_peer(id, &address, true)
+        .await
+        .expect("add learner");
+    assert!(
+        r.replicas.iter().any(|p| p.id == id && p.role == "learner"),
+        "{:?}",
+        r.replicas
+    );
+    let leader = leader_or_fail(&mut cluster).await;
+    let commit = cluster.status(leader).await.expect("status").commit_index;
+    wait_applied(&cluster, new, commit).await;
+    assert_holds_all(&cluster, new, &acked).await;
+
+    // Promote it, then remove an original replica: the cluster keeps serving.
+    client.add_peer(id, &address, false).await.expect("promote");
+    let victim = (0..3).find(|i| *i != leader).expect("a follower");
+    let r = client
+        .remove_peer(cluster.members[victim].id)
+        .await
+        .expect("remove a replica");
+    assert_eq!(r.replicas.len(), 3, "{:?}", r.replicas);
+    assert!(
+        r.replicas
+            .iter()
+            .all(|p| p.id != cluster.members[victim].id)
+    );
+    cluster.kill(victim);
+    let r = client
+        .create("after-membership", spec(7))
+        .await
+        .expect("create");
+    acked.insert("after-membership".into(), r.sandbox.expect("sandbox").id);
+    let commit = cluster.status(leader).await.expect("status").commit_index;
+    wait_applied(&cluster, new, commit).await;
+    assert_holds_all(&cluster, new, &acked).await;
+}

@@ -26,6 +26,11 @@ pub struct SchedulerConfig {
     pub backend: Backend,
     /// Every voting replica at bootstrap, this one included.
     pub peers: Vec<PeerConfig>,
+    /// This replica is being added to a running cluster (`berth cluster add-peer`): it
+    /// starts empty and catches up from the leader's snapshot instead of bootstrapping
+    /// with `peers`, which then only tell it where the other replicas are (list them and
+    /// this one). Ignored once its data directory holds state.
+    pub join: bool,
     /// Raft timing and limits.
     pub raft: RaftConfig,
     /// Create batching on the leader's hot path.
@@ -182,6 +187,7 @@ impl Default for SchedulerConfig {
                 id: 1,
                 address: "127.0.0.1:7070".into(),
             }],
+            join: false,
             raft: RaftConfig::default(),
             batching: BatchingConfig::default(),
             placement: PlacementConfig::default(),
@@ -194,7 +200,7 @@ impl Default for SchedulerConfig {
 impl Default for RaftConfig {
     fn default() -> Self {
         RaftConfig {
-            tick_ms: 100,
+            tick_ms: 50,
             election_ticks: 10,
             heartbeat_ticks: 2,
             snapshot_every_entries: 50_000,
@@ -289,7 +295,9 @@ impl SchedulerConfig {
                 format!("{} is not among peers[].id", self.node_id),
             );
         }
-        if self.peers.len() == 2 || self.peers.len() == 4 || self.peers.len() == 6 {
+        // A joining replica's peers are only an address book; membership comes from the
+        // leader.
+        if !self.join && (self.peers.len() == 2 || self.peers.len() == 4 || self.peers.len() == 6) {
             v.error(
                 "peers",
                 format!(

@@ -31,7 +31,7 @@ pub(crate) struct CreateArgs {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=7))]
     replicas: u64,
     /// How long to drive creates, e.g. 10s, 500ms, 1m.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = super::parse_duration)]
     duration: Duration,
     /// Concurrent client workers.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=100_000))]
@@ -55,26 +55,6 @@ pub(crate) struct CreateArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
-}
-
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, unit) = text
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((text, "s"), |i| text.split_at(i));
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 10s, 500ms or 1m"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        _ => return Err(format!("{text:?}: unit must be ms, s or m")),
-    };
-    if d.is_zero() {
-        return Err("the duration must be positive".into());
-    }
-    Ok(d)
 }
 
 #[derive(Debug, Serialize)]

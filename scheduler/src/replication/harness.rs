@@ -255,7 +255,8 @@ impl Sim {
         match Replica::open(
             cfg,
             disk,
-            Some(&self.founders),
+            &self.founders,
+            true,
             slot.incarnation,
             &slog_bridge::discard(),
         ) {

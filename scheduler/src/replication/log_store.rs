@@ -241,8 +241,12 @@ impl Storage for LogStore {
         Ok(self.last())
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        if self.snapshot.get_metadata().index < request_index {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        let conf = self.snapshot.get_metadata().get_conf_state();
+        // A replica added after the snapshot was taken would refuse it (it is not in the
+        // snapshot's membership): take a newer one first.
+        let knows_peer = conf.voters.contains(&to) || conf.learners.contains(&to);
+        if self.snapshot.get_metadata().index < request_index || !knows_peer {
             self.snapshot_wanted.set(true);
             return Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,

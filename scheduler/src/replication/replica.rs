@@ -231,23 +231,26 @@ fn store_err(e: raft::Error) -> StoreError {
 }
 
 impl<D: Durable> Replica<D> {
-    /// Opens a replica from its disk. A fresh disk is bootstrapped with `founders` (id →
-    /// address, identical on every founding replica); a fresh disk without founders is a
-    /// replica waiting to be added, which catches up from the leader's snapshot.
+    /// Opens a replica from its disk. With `bootstrap`, a fresh disk is bootstrapped with
+    /// `peers` as the founding voters (id → address, identical on every founding replica);
+    /// without it, a fresh disk is a replica waiting to be added, which uses `peers` only as
+    /// addresses and catches up from the leader's snapshot.
     /// `incarnation` must differ at every start (the driver uses the wall clock, the
     /// harness a counter).
     pub fn open(
         cfg: ReplicaConfig,
         mut disk: D,
-        founders: Option<&BTreeMap<u64, String>>,
+        peers: &BTreeMap<u64, String>,
+        bootstrap: bool,
         incarnation: u64,
         logger: &slog::Logger,
     ) -> Result<Replica<D>, StoreError> {
+        let founders = bootstrap.then_some(peers);
         let recovered = match disk.load()? {
             Some(r) => r,
             None => match founders {
                 Some(peers) => {
-                    let r = bootstrap(peers);
+                    let r = bootstrap_state(peers);
                     disk.write(&WriteBatch {
                         snapshot: Some(&r.snapshot),
                         entries: &[],
@@ -260,10 +263,12 @@ impl<D: Durable> Replica<D> {
         };
         let snapshot = recovered.snapshot.clone();
         let meta = snapshot.get_metadata();
+        // A replica waiting to be added knows the others only from its config, until the
+        // leader's snapshot brings the membership.
         let (state, peers) = if meta.index > 0 {
             decode_snapshot(&snapshot)?
         } else {
-            (State::new(), BTreeMap::new())
+            (State::new(), peers.clone())
         };
         let raft_cfg = raft_config(&cfg, meta.index);
         let store = LogStore::from_recovered(recovered);
@@ -1061,7 +1066,7 @@ fn raft_config(cfg: &ReplicaConfig, applied: u64) -> raft::Config {
     }
 }
 
-fn bootstrap(peers: &BTreeMap<u64, String>) -> Recovered {
+fn bootstrap_state(peers: &BTreeMap<u64, String>) -> Recovered {
     let mut snapshot = Snapshot::default();
     snapshot.set_data(
         SnapshotPayload {

@@ -87,7 +87,55 @@ fn free_port() -> std::io::Result<u16> {
     ))
 }
 
+fn write_config(
+    cfg: &LocalClusterConfig,
+    dir: &Path,
+    m: &Member,
+    peers: &[String],
+    join: bool,
+) -> std::io::Result<()> {
+    let text = format!(
+        "[scheduler]\nnode_id = {}\ncluster_id = \"local\"\nlisten_address = \"{}\"\n\
+         metrics_address = \"{}\"\ndata_dir = \"{}\"\npeers = [{}]\njoin = {join}\n{}\n\
+         [scheduler.raft]\ntick_ms = {}\nelection_ticks = {}\nheartbeat_ticks = 2\n",
+        m.id,
+        m.address,
+        m.metrics_address,
+        dir.join(format!("data-{}", m.id)).display(),
+        peers.join(", "),
+        cfg.extra,
+        cfg.tick_ms,
+        cfg.election_ticks,
+    );
+    fs::write(&m.config, text)
+}
+
 impl LocalCluster {
+    /// Starts one more replica with `join = true` (empty, waiting to be added with
+    /// `AddPeer`); returns its index.
+    pub fn add_member(&mut self) -> std::io::Result<usize> {
+        let id = self.members.iter().map(|m| m.id).max().unwrap_or(0) + 1;
+        let member = Member {
+            id,
+            address: format!("127.0.0.1:{}", free_port()?),
+            metrics_address: format!("127.0.0.1:{}", free_port()?),
+            config: self.dir.join(format!("scheduler-{id}.toml")),
+            log: self.dir.join(format!("scheduler-{id}.log")),
+            child: None,
+        };
+        let peers: Vec<String> = self
+            .members
+            .iter()
+            .chain(std::iter::once(&member))
+            .map(|m| format!("{{ id = {}, address = \"{}\" }}", m.id, m.address))
+            .collect();
+        write_config(&self.cfg, &self.dir, &member, &peers, true)?;
+        self.members.push(member);
+        let i = self.members.len() - 1;
+        self.restart(i)?;
+        Ok(i)
+    }
+
     /// Writes configs under `dir` and starts every replica.
     pub fn start(cfg: LocalClusterConfig, dir: &Path) -> std::io::Result<LocalCluster> {
         let mut members = Vec::new();
@@ -106,20 +154,7 @@ impl LocalCluster {
             .map(|m| format!("{{ id = {}, address = \"{}\" }}", m.id, m.address))
             .collect();
         for m in &members {
-            let text = format!(
-                "[scheduler]\nnode_id = {}\ncluster_id = \"local\"\nlisten_address = \"{}\"\n\
-                 metrics_address = \"{}\"\ndata_dir = \"{}\"\npeers = [{}]\n{}\n\
-                 [scheduler.raft]\ntick_ms = {}\nelection_ticks = {}\nheartbeat_ticks = 2\n",
-                m.id,
-                m.address,
-                m.metrics_address,
-                dir.join(format!("data-{}", m.id)).display(),
-                peers.join(", "),
-                cfg.extra,
-                cfg.tick_ms,
-                cfg.election_ticks,
-            );
-            fs::write(&m.config, text)?;
+            write_config(&cfg, dir, m, &peers, false)?;
         }
         let mut cluster = LocalCluster {
             cfg,

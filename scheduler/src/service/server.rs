@@ -112,6 +112,7 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<Running, String> {
         .map(|p| (p.id, p.address.clone()))
         .collect();
     let replica_cfg = replica_config(cfg);
+    let join = cfg.join;
     let data_dir = Path::new(&cfg.data_dir).to_path_buf();
     let incarnation = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -127,7 +128,8 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<Running, String> {
         Replica::open(
             replica_cfg,
             disk,
-            Some(&founders),
+            &founders,
+            !join,
             incarnation,
             &slog_bridge::logger(log_level),
         )
