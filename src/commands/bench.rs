@@ -25,6 +25,9 @@ pub(crate) enum BenchCommand {
     /// Create throughput and latency through a local Raft cluster of real scheduler
     /// processes (fsync on), or through `--target`.
     Create(super::bench_create::CreateArgs),
+    /// Leader failover: kill -9 the leader of a local cluster N times; time from the kill
+    /// to the first acknowledged create.
+    Failover(super::bench_create::FailoverArgs),
 }
 
 /// Arguments of `berth bench place`.
@@ -71,6 +74,7 @@ impl BenchCommand {
         match self {
             BenchCommand::Place(args) => place(&args),
             BenchCommand::Create(args) => super::bench_create::run(&args),
+            BenchCommand::Failover(args) => super::bench_create::failover(&args),
         }
     }
 }

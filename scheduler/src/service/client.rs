@@ -109,14 +109,14 @@ impl Client {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
             match hint {
-                Some(leader) if leader != current => {
+                Some(leader) if leader != current && !leader.is_empty() => {
                     self.current = leader;
                     continue;
                 }
                 _ => self.rotate(),
             }
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(400));
+            backoff = (backoff * 2).min(Duration::from_millis(100));
         }
     }
 

@@ -143,8 +143,10 @@ pub fn not_leader_status(leader: u64, address: &str) -> Status {
         format!("this replica is not the leader; the leader is replica {leader} at {address}")
     };
     let mut status = Status::failed_precondition(msg);
-    if let Ok(v) = address.parse() {
-        status.metadata_mut().insert(LEADER_METADATA, v);
+    if !address.is_empty() {
+        if let Ok(v) = address.parse() {
+            status.metadata_mut().insert(LEADER_METADATA, v);
+        }
     }
     status
 }
