@@ -34,7 +34,7 @@ pub(crate) struct CreateArgs {
     #[arg(long, default_value = "10s", value_parser = super::parse_duration)]
     duration: Duration,
     /// Concurrent client workers.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     concurrency: u64,
     /// Total creates per second, open-loop; unset = as fast as the cluster answers.
     #[arg(long)]
@@ -49,6 +49,10 @@ pub(crate) struct CreateArgs {
     /// used as it is.
     #[arg(long, value_delimiter = ',')]
     target: Vec<String>,
+    /// Keep the local cluster's configs, logs and data here instead of a temporary
+    /// directory (to read the replicas' logs afterwards).
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
     /// Client connections per replica, shared by the workers (HTTP/2 multiplexes them).
     #[arg(long, default_value_t = 4)]
     connections: usize,
@@ -69,6 +73,9 @@ struct CreateReport {
     duration_s: f64,
     concurrency: u64,
     rate: Option<u64>,
+    /// Leader-side create latency (arrival → answer), upper bucket bounds of its histogram.
+    leader_p50_ms: Option<f64>,
+    leader_p99_ms: Option<f64>,
     error_samples: Vec<String>,
 }
 
@@ -130,7 +137,9 @@ async fn bench(args: &CreateArgs) -> Result<CreateReport, String> {
         let binary = std::env::current_exe().map_err(|e| format!("locating berth: {e}"))?;
         let mut cfg = LocalClusterConfig::new(binary);
         cfg.replicas = args.replicas as usize;
-        let mut cluster = LocalCluster::start(cfg, dir.path())
+        let cluster_dir = args.dir.clone().unwrap_or_else(|| dir.path().to_path_buf());
+        let _ = std::fs::create_dir_all(&cluster_dir);
+        let mut cluster = LocalCluster::start(cfg, &cluster_dir)
             .map_err(|e| format!("starting the local cluster: {e}"))?;
         if cluster
             .wait_for_leader(Duration::from_secs(20))
@@ -193,13 +202,14 @@ async fn bench(args: &CreateArgs) -> Result<CreateReport, String> {
             .rate
             .map(|r| Duration::from_secs_f64(args.concurrency as f64 / r.max(1) as f64));
         let keep = args.keep;
+        let concurrency = args.concurrency;
         workers.push(tokio::spawn(async move {
             let mut live: VecDeque<String> = VecDeque::new();
             let mut local = Tally::default();
             let mut n = 0u64;
             // Spread open-loop workers over one interval.
-            let mut next =
-                started + interval.map_or(Duration::ZERO, |i| i.mul_f64(w as f64 / 1_000.0 % 1.0));
+            let mut next = started
+                + interval.map_or(Duration::ZERO, |i| i.mul_f64(w as f64 / concurrency as f64));
             while Instant::now() < end {
                 if interval.is_some() {
                     tokio::time::sleep_until(next.into()).await;
@@ -264,6 +274,10 @@ async fn bench(args: &CreateArgs) -> Result<CreateReport, String> {
         let _ = w.await;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let (leader_p50_ms, leader_p99_ms) = match &_cluster {
+        Some(cluster) => leader_latency(cluster).await,
+        None => (None, None),
+    };
     let mut t = std::mem::take(&mut *tally.lock().await);
     t.latencies_us.sort_unstable();
     let pct = |p: f64| -> f64 {
@@ -284,8 +298,56 @@ async fn bench(args: &CreateArgs) -> Result<CreateReport, String> {
         duration_s: elapsed,
         concurrency: args.concurrency,
         rate: args.rate,
+        leader_p50_ms,
+        leader_p99_ms,
         error_samples: t.error_samples,
     })
+}
+
+/// Percentiles of the leader's `berth_create_seconds` histogram (bucket upper bounds).
+async fn leader_latency(cluster: &LocalCluster) -> (Option<f64>, Option<f64>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for m in &cluster.members {
+        let Ok(mut stream) = tokio::net::TcpStream::connect(&m.metrics_address).await else {
+            continue;
+        };
+        let request = format!(
+            "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            m.metrics_address
+        );
+        if stream.write_all(request.as_bytes()).await.is_err() {
+            continue;
+        }
+        let mut body = String::new();
+        let _ = stream.read_to_string(&mut body).await;
+        if !body.contains("berth_raft_is_leader 1") {
+            continue;
+        }
+        let buckets: Vec<(f64, f64)> = body
+            .lines()
+            .filter_map(|l| l.strip_prefix("berth_create_seconds_bucket{le=\""))
+            .filter_map(|l| {
+                let (le, n) = l.split_once("\"} ")?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, n.trim().parse().ok()?))
+            })
+            .collect();
+        let total = buckets.last().map_or(0.0, |b| b.1);
+        let at = |p: f64| {
+            buckets
+                .iter()
+                .find(|(_, n)| *n >= total * p)
+                .map(|(le, _)| le * 1_000.0)
+        };
+        if total > 0.0 {
+            return (at(0.5), at(0.99));
+        }
+    }
+    (None, None)
 }
 
 /// A small CPU sandbox or a fractional/whole GPU one, cycling deterministically.

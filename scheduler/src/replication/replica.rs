@@ -57,7 +57,8 @@ pub struct ReplicaConfig {
     pub placer: PlacerConfig,
     /// Seed of placement tie-breaking.
     pub placement_seed: u64,
-    /// Most pending sandboxes the leader tries to place per pass.
+    /// Most pending sandboxes the leader tries to place per pass (passes run every 100 ms;
+    /// an unplaceable sandbox can cost a scan of the pool, so a pass stays small).
     pub pending_pass_limit: usize,
 }
 
@@ -76,7 +77,7 @@ impl ReplicaConfig {
             keep_entries_after_snapshot: 5_000,
             placer: PlacerConfig::default(),
             placement_seed: 0,
-            pending_pass_limit: 4_096,
+            pending_pass_limit: 32,
         }
     }
 }
@@ -218,6 +219,7 @@ pub struct Replica<D: Durable> {
     placer: Placer,
     typical_revision: u64,
     pending_pass_revision: u64,
+    pending_cursor: Option<SandboxId>,
     outstanding_reads: BTreeSet<u64>,
     ready_reads: Vec<(u64, u64)>,
     role: StateRole,
@@ -293,6 +295,7 @@ impl<D: Durable> Replica<D> {
             placer,
             typical_revision: u64::MAX,
             pending_pass_revision: u64::MAX,
+            pending_cursor: None,
             outstanding_reads: BTreeSet::new(),
             ready_reads: Vec::new(),
             role: StateRole::Follower,
@@ -518,14 +521,27 @@ impl<D: Durable> Replica<D> {
         }
         self.pending_pass_revision = self.state.revision();
         let in_flight: BTreeSet<SandboxId> = self.binding.values().flatten().copied().collect();
-        let pending: Vec<(SandboxId, SandboxSpec, Option<String>)> = self
+        // A bounded slice per pass, resuming after the last sandbox tried, so a large
+        // unplaceable backlog costs a fixed amount per pass and every sandbox is retried in
+        // turn (highest priority, then oldest, first).
+        let all: Vec<&crate::model::Sandbox> = self
             .state
             .pending()
             .into_iter()
             .filter(|s| !in_flight.contains(&s.id))
-            .take(self.cfg.pending_pass_limit)
+            .collect();
+        let start = all
+            .iter()
+            .position(|s| self.pending_cursor.is_some_and(|c| s.id == c))
+            .map_or(0, |i| i + 1);
+        let pending: Vec<(SandboxId, SandboxSpec, Option<String>)> = all
+            .iter()
+            .cycle()
+            .skip(start % all.len().max(1))
+            .take(self.cfg.pending_pass_limit.min(all.len()))
             .map(|s| (s.id, s.spec.clone(), s.pending_reason.clone()))
             .collect();
+        self.pending_cursor = pending.last().map(|(id, _, _)| *id);
         if pending.is_empty() {
             return out;
         }

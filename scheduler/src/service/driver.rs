@@ -38,6 +38,8 @@ pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 const PENDING_PASS: Duration = Duration::from_millis(100);
 /// How often the invariant catalog is checked against the applied state.
 const INVARIANT_CHECK: Duration = Duration::from_secs(30);
+/// A Raft-thread step this long is logged.
+const SLOW_STEP: Duration = Duration::from_millis(20);
 /// How often the pool gauges (a pass over the nodes) are refreshed.
 const POOL_GAUGES: Duration = Duration::from_secs(1);
 
@@ -547,12 +549,16 @@ impl<D: Durable> Driver<D> {
                     .batch_started
                     .is_some_and(|s| now >= s + self.cfg.max_batch_wait);
             if batch_due {
+                let t = Instant::now();
                 self.propose_batch();
+                slow("placing and proposing a create batch", t);
             }
             if now >= next_pending {
                 next_pending = now + PENDING_PASS;
                 if self.replica.has_pending() {
+                    let t = Instant::now();
                     let n = self.replica.schedule_pending(now_ms()).len();
+                    slow("the pending-sandbox pass", t);
                     if n > 0 {
                         self.metrics
                             .proposals
@@ -563,7 +569,9 @@ impl<D: Durable> Driver<D> {
             }
             if now >= next_pool {
                 next_pool = now + POOL_GAUGES;
+                let t = Instant::now();
                 publish_pool(&self.metrics, self.replica.state());
+                slow("refreshing pool gauges", t);
                 self.metrics
                     .log_entries_in_memory
                     .set(self.replica.log_len() as i64);
@@ -588,7 +596,10 @@ impl<D: Durable> Driver<D> {
                 }
                 return;
             }
-            if let Err(e) = self.ready() {
+            let t = Instant::now();
+            let result = self.ready();
+            slow("handling a Raft ready (apply, persist, send)", t);
+            if let Err(e) = result {
                 let msg = format!("replica {} stopped: {e}", self.replica.id());
                 tracing::error!("{msg}");
                 if let Ok(mut f) = self.published.fatal.lock() {
@@ -904,6 +915,17 @@ pub fn publish_pool(metrics: &Metrics, state: &State) {
     }
     for (status, n) in nodes {
         metrics.nodes.with_label_values(&[status]).set(n);
+    }
+}
+
+/// Logs a Raft-thread step that held the thread long enough to show in client latency.
+fn slow(what: &str, started: Instant) {
+    let took = started.elapsed();
+    if took >= SLOW_STEP {
+        tracing::warn!(
+            took_ms = took.as_millis() as u64,
+            "slow Raft-thread step: {what}"
+        );
     }
 }
 
