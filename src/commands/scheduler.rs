@@ -11,22 +11,32 @@ use crate::config_file::ConfigFile;
 /// Arguments of `berth scheduler`.
 #[derive(Debug, Args)]
 pub(crate) struct SchedulerArgs {
-    /// Config file with a [scheduler] section.
+    /// Config file with a [scheduler] section. Without one, a single replica runs on the
+    /// embedded defaults: gRPC on 127.0.0.1:7070, metrics on 127.0.0.1:9090, state in
+    /// ./berth-data/scheduler-1.
     #[arg(long)]
-    config: PathBuf,
+    config: Option<PathBuf>,
 }
 
 pub(crate) fn run(args: &SchedulerArgs) -> ExitCode {
-    let file = match ConfigFile::load(&args.config) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(EXIT_FAILURE);
+    let cfg = match &args.config {
+        None => berth_scheduler::SchedulerConfig::default(),
+        Some(path) => {
+            let file = match ConfigFile::load(path) {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(EXIT_FAILURE);
+                }
+            };
+            match file.scheduler {
+                Some(cfg) => cfg,
+                None => {
+                    eprintln!("{}: no [scheduler] section", path.display());
+                    return ExitCode::from(EXIT_FAILURE);
+                }
+            }
         }
-    };
-    let Some(cfg) = file.scheduler else {
-        eprintln!("{}: no [scheduler] section", args.config.display());
-        return ExitCode::from(EXIT_FAILURE);
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
