@@ -236,3 +236,18 @@ fn bench_place_prints_latency_json() {
         "most of the mix fits a half-full pool: {json}"
     );
 }
+
+#[test]
+fn sim_chaos_runs_seeds_and_reports_them() {
+    let out = berth(&["sim", "chaos", "--seeds", "3", "--start", "100", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    assert_eq!(report["seeds"], 3);
+    assert_eq!(report["failed_seeds"], serde_json::json!([]));
+    assert!(
+        report["acked_creates"].as_u64().unwrap_or(0) > 100,
+        "{report}"
+    );
+    assert!(report["crashes"].as_u64().unwrap_or(0) > 0, "{report}");
+}

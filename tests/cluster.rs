@@ -70,6 +70,7 @@ type Acked = Arc<Mutex<BTreeMap<String, String>>>;
 fn start_writers(
     endpoints: Vec<String>,
     writers: u64,
+    deadline: Duration,
     stop: Arc<AtomicBool>,
     acked: Acked,
 ) -> Vec<tokio::task::JoinHandle<()>> {
@@ -80,7 +81,7 @@ fn start_writers(
             let acked = acked.clone();
             tokio::spawn(async move {
                 let mut client = Client::new(endpoints);
-                client.deadline = Duration::from_secs(20);
+                client.deadline = deadline;
                 let mut n = 0;
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
@@ -140,7 +141,13 @@ async fn killing_the_leader_loses_no_acknowledged_create() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Acked = Arc::default();
-    let writers = start_writers(cluster.endpoints(), 6, stop.clone(), acked.clone());
+    let writers = start_writers(
+        cluster.endpoints(),
+        6,
+        Duration::from_secs(20),
+        stop.clone(),
+        acked.clone(),
+    );
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let before_kill = acked.lock().await.len();
     assert!(
@@ -203,7 +210,13 @@ async fn restarting_every_replica_keeps_every_acknowledged_create() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Acked = Arc::default();
-    let writers = start_writers(cluster.endpoints(), 4, stop.clone(), acked.clone());
+    let writers = start_writers(
+        cluster.endpoints(),
+        4,
+        Duration::from_secs(2),
+        stop.clone(),
+        acked.clone(),
+    );
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     // Kill everything while creates are in flight: what was acknowledged must survive.
     for i in 0..cluster.members.len() {

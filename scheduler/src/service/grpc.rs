@@ -709,6 +709,9 @@ async fn agent_outbound(
         if revisions.changed().await.is_err() || tx.is_closed() {
             return;
         }
+        // Coalesce bursts of applied entries into one look at the node (each look is a
+        // closure on the Raft thread; issue #5 replaces this with per-node change feeds).
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 
