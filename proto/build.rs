@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "proto/berth/v1/node.proto",
     "proto/berth/v1/admin.proto",
     "proto/berth/v1/peer.proto",
+    "proto/berth/v1/agent.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

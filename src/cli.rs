@@ -42,18 +42,21 @@ enum Command {
     /// Run a scheduler replica.
     Scheduler(SchedulerArgs),
     /// Run a node agent.
-    Agent(NotBuilt),
+    Agent(crate::commands::agent::AgentArgs),
+    /// Supervise one sandbox (started by the agent; not for direct use).
+    #[command(hide = true)]
+    AgentShim(crate::commands::agent::ShimArgs),
     /// Run the autoscaler.
     Autoscaler(NotBuilt),
     /// Run a whole development cluster on this machine (schedulers, agents, autoscaler).
-    Dev(NotBuilt),
+    Dev(crate::commands::dev::DevArgs),
     /// Capacity-planning simulations (openb trace replay, scenarios).
     #[command(subcommand)]
     Sim(SimCommand),
     /// Create, list, inspect and delete sandboxes.
-    Sandbox(NotBuilt),
+    Sandbox(crate::commands::sandbox::SandboxArgs),
     /// List, cordon and drain nodes.
-    Node(NotBuilt),
+    Node(crate::commands::node::NodeArgs),
     /// Cluster status and Raft membership.
     Cluster(crate::commands::cluster::ClusterArgs),
     /// Benchmarks: placement latency, create throughput.
@@ -87,12 +90,13 @@ impl Cli {
         let (name, issue) = match self.command {
             Command::Config(ConfigCommand::Check { files }) => return config_check(&files),
             Command::Scheduler(args) => return crate::commands::scheduler::run(&args),
-            Command::Agent(_) => ("agent", 5),
+            Command::Agent(args) => return crate::commands::agent::run(&args),
+            Command::AgentShim(args) => return crate::commands::agent::shim(&args),
             Command::Autoscaler(_) => ("autoscaler", 6),
-            Command::Dev(_) => ("dev", 5),
+            Command::Dev(args) => return crate::commands::dev::run(&args),
             Command::Sim(command) => return command.run(),
-            Command::Sandbox(_) => ("sandbox", 5),
-            Command::Node(_) => ("node", 5),
+            Command::Sandbox(args) => return crate::commands::sandbox::run(&args),
+            Command::Node(args) => return crate::commands::node::run(&args),
             Command::Cluster(args) => return crate::commands::cluster::run(&args),
             Command::Bench(command) => return command.run(),
         };

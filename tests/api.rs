@@ -277,3 +277,73 @@ async fn http_get(address: &str, path: &str) -> String {
     stream.read_to_string(&mut out).await.expect("read");
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_the_current_state_then_changes_and_deletes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = single_replica(dir.path()).await;
+    let mut client = cluster.client();
+    let before = client
+        .create("w-0", valid_spec())
+        .await
+        .expect("create")
+        .sandbox
+        .expect("sandbox")
+        .id;
+    let channel = peer_channel(&cluster.members[0].address).expect("channel");
+    let mut sandboxes = SandboxServiceClient::new(channel);
+
+    // A bad id is refused, naming it.
+    let s = sandboxes
+        .watch_sandboxes(pb::WatchSandboxesRequest {
+            sandbox_ids: vec!["nope".into()],
+            ..Default::default()
+        })
+        .await
+        .expect_err("bad id");
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().contains("sandbox_ids[0]"), "{}", s.message());
+
+    let mut events = sandboxes
+        .watch_sandboxes(pb::WatchSandboxesRequest {
+            tenant: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(10), events.message())
+            .await
+            .expect("an event within 10 s")
+            .expect("stream ok")
+            .expect("stream open")
+    };
+    // The current state first.
+    let first = next().await;
+    assert_eq!(first.kind, pb::sandbox_event::Kind::Upserted as i32);
+    assert_eq!(first.sandbox.expect("sandbox").id, before);
+    // A new sandbox in the tenant, then its deletion.
+    let created = client
+        .create("w-1", valid_spec())
+        .await
+        .expect("create")
+        .sandbox
+        .expect("sandbox")
+        .id;
+    let mut seen_create = false;
+    while !seen_create {
+        let e = next().await;
+        seen_create = e.kind == pb::sandbox_event::Kind::Upserted as i32
+            && e.sandbox.as_ref().is_some_and(|s| s.id == created);
+    }
+    assert!(client.delete(&created).await.expect("delete"));
+    loop {
+        let e = next().await;
+        if e.kind == pb::sandbox_event::Kind::Deleted as i32 {
+            assert_eq!(e.sandbox.expect("sandbox").id, created);
+            assert!(e.revision > first.revision);
+            break;
+        }
+    }
+}

@@ -106,10 +106,27 @@ fn a_typo_in_a_field_name_is_refused_with_the_field() {
 
 #[test]
 fn unbuilt_subcommands_say_so_and_fail() {
-    let out = berth(&["agent", "--config", "x.toml"]);
+    let out = berth(&["autoscaler", "--config", "x.toml"]);
     assert_eq!(out.status.code(), Some(69));
-    assert!(text(&out.stderr).contains("berth agent: not built yet"));
+    assert!(text(&out.stderr).contains("berth autoscaler: not built yet"));
     assert!(out.stdout.is_empty(), "no fake output");
+}
+
+#[test]
+fn an_agent_without_runsc_says_how_to_fix_it() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "[agent]\nnode_id = \"n1\"\nruntime = \"gvisor\"\nrunsc_path = \"/nonexistent/runsc\"\n",
+    )
+    .expect("write");
+    let out = berth(&["agent", "--config", config.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("agent.runsc_path"), "{err}");
+    assert!(err.contains("apt-get install runsc"), "{err}");
+    assert!(err.contains("runtime = \"process\""), "{err}");
 }
 
 #[test]
@@ -250,4 +267,56 @@ fn sim_chaos_runs_seeds_and_reports_them() {
         "{report}"
     );
     assert!(report["crashes"].as_u64().unwrap_or(0) > 0, "{report}");
+}
+
+#[test]
+fn sandbox_create_refuses_a_bad_gpu_spec_naming_the_flag() {
+    for spec in ["H100:0", "H100:two", "H100,H100"] {
+        let out = berth(&["sandbox", "create", "--gpu", spec, "--", "true"]);
+        assert_eq!(out.status.code(), Some(2), "{spec}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("--gpu"),
+            "{spec}: {}",
+            text(&out.stderr)
+        );
+        assert!(out.stdout.is_empty(), "nothing runs after a usage error");
+    }
+}
+
+#[test]
+fn sandbox_create_refuses_a_bad_memory_size_naming_the_flag() {
+    for size in ["lots", "0", "2g"] {
+        let out = berth(&["sandbox", "create", "--memory", size, "--", "true"]);
+        assert_eq!(out.status.code(), Some(2), "{size}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("--memory"),
+            "{size}: {}",
+            text(&out.stderr)
+        );
+    }
+    let out = berth(&["sandbox", "create", "--cpu", "0", "--", "true"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--cpu"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn sandbox_and_node_commands_against_nothing_fail_clearly() {
+    for command in [&["sandbox", "list"][..], &["node", "list"][..]] {
+        let mut args = command.to_vec();
+        args.extend(["--endpoint", "127.0.0.1:1", "--timeout", "1s"]);
+        let started = std::time::Instant::now();
+        let out = berth(&args);
+        assert_eq!(out.status.code(), Some(1), "{command:?}");
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains(&format!("berth {}:", command[0]))
+                && stderr.contains("cannot reach the cluster at 127.0.0.1:1"),
+            "{command:?}: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{command:?}: no table without a cluster");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{command:?} kept retrying past --timeout"
+        );
+    }
 }

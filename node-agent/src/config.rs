@@ -41,6 +41,15 @@ pub struct AgentConfig {
     pub runtime: RuntimeKind,
     /// Path of the `runsc` binary for the gvisor runtime.
     pub runsc_path: String,
+    /// gVisor platform (`runsc --platform`): `ptrace` works everywhere, including inside
+    /// VMs without nested virtualisation; `kvm` is faster on bare metal with /dev/kvm.
+    pub runsc_platform: String,
+    /// Where the agent serves AgentService (sandbox logs) to the schedulers; port 0 picks
+    /// a free port.
+    pub listen_address: String,
+    /// The address the schedulers should use to reach `listen_address` (behind NAT, or
+    /// when listening on 0.0.0.0); empty means the bound address.
+    pub advertise_address: String,
     /// Local state, so a restarted agent re-adopts its running sandboxes.
     pub state_dir: String,
     /// CPU kept back from sandboxes for the host and the agent.
@@ -105,6 +114,9 @@ impl Default for AgentConfig {
             inventory: InventorySource::Nvml,
             runtime: RuntimeKind::Gvisor,
             runsc_path: "runsc".into(),
+            runsc_platform: "ptrace".into(),
+            listen_address: "127.0.0.1:0".into(),
+            advertise_address: String::new(),
             state_dir: "berth-data/agent".into(),
             reserved_cpu_milli: 500,
             reserved_memory_mib: 1024,
@@ -150,6 +162,29 @@ impl AgentConfig {
             v.check(!self.runsc_path.trim().is_empty(), "runsc_path", || {
                 "must be set".into()
             });
+            v.check(
+                matches!(self.runsc_platform.as_str(), "ptrace" | "kvm" | "systrap"),
+                "runsc_platform",
+                || {
+                    format!(
+                        "{:?} is not one of ptrace, kvm, systrap",
+                        self.runsc_platform
+                    )
+                },
+            );
+        }
+        let listen_ok = self
+            .listen_address
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        v.check(listen_ok, "listen_address", || {
+            format!(
+                "{:?} is not a host:port address (port 0 picks a free one)",
+                self.listen_address
+            )
+        });
+        if !self.advertise_address.is_empty() {
+            v.address("advertise_address", &self.advertise_address);
         }
         v.check(!self.state_dir.trim().is_empty(), "state_dir", || {
             "must be set".into()

@@ -2,6 +2,9 @@
 //! without an NVIDIA driver (dev mode, the local autoscaler provider, CI).
 //!
 //! ```toml
+//! cpu_milli = 192000                        # optional: the box's CPU, else the host's
+//! memory_mib = 2097152                      # optional: the box's memory, else the host's
+//!
 //! [[gpus]]
 //! product_name = "NVIDIA H100 80GB HBM3"   # as NVML would report it
 //! memory_mib = 81559                        # optional for catalog models
@@ -19,11 +22,25 @@ use berth_proto::{FieldErrors, GpuModelName, Validator};
 pub const MAX_GPUS_PER_NODE: u32 = MAX_GPUS_PER_SANDBOX;
 /// Largest static inventory file read.
 const MAX_FILE_BYTES: u64 = 1024 * 1024;
+/// Most CPU a static file may claim: 4096 vCPUs, above any single machine sold today. The
+/// bound catches unit slips (cores written as millicores twice over).
+pub const MAX_CPU_MILLI: u64 = 4096 * 1000;
+/// Most memory a static file may claim: 64 TiB, above any single machine sold today. The
+/// bound catches unit slips (bytes or KiB written where MiB are meant).
+pub const MAX_MEMORY_MIB: u64 = 64 * 1024 * 1024;
 
 /// A static inventory file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StaticInventory {
+    /// CPU of the machine this file stands in for, in millicores (192 vCPUs = 192000);
+    /// unset means the host's own.
+    #[serde(default)]
+    pub cpu_milli: Option<u64>,
+    /// Memory of the machine this file stands in for, in MiB (2 TiB = 2097152); unset means
+    /// the host's own.
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
     /// Groups of identical GPUs, in device-index order.
     pub gpus: Vec<StaticGpuGroup>,
 }
@@ -44,6 +61,17 @@ pub struct StaticGpuGroup {
 
 fn one() -> u32 {
     1
+}
+
+/// One GPU of a static inventory, at its device index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticDevice<'a> {
+    /// The group's product name, trimmed.
+    pub product_name: &'a str,
+    /// The catalog model it resolves to, or the name verbatim.
+    pub model: GpuModelName,
+    /// Memory, from the file or else the catalog (0 only for a file that failed validation).
+    pub memory_mib: u64,
 }
 
 /// Why a static inventory file cannot be used.
@@ -110,6 +138,24 @@ impl StaticInventory {
 
     /// Records every problem.
     pub fn validate(&self, v: &mut Validator) {
+        if let Some(cpu_milli) = self.cpu_milli {
+            v.check(
+                (1..=MAX_CPU_MILLI).contains(&cpu_milli),
+                "cpu_milli",
+                || {
+                    format!(
+                        "{cpu_milli} is outside 1..={MAX_CPU_MILLI} (millicores: 8 vCPUs = 8000)"
+                    )
+                },
+            );
+        }
+        if let Some(memory_mib) = self.memory_mib {
+            v.check(
+                (1..=MAX_MEMORY_MIB).contains(&memory_mib),
+                "memory_mib",
+                || format!("{memory_mib} is outside 1..={MAX_MEMORY_MIB} (MiB: 32 GiB = 32768)"),
+            );
+        }
         let total: u64 = self.gpus.iter().map(|g| u64::from(g.count)).sum();
         v.check(total <= u64::from(MAX_GPUS_PER_NODE), "gpus", || {
             format!("{total} GPUs in all; the limit is {MAX_GPUS_PER_NODE} per node")
@@ -140,15 +186,28 @@ impl StaticInventory {
 
     /// The GPUs in device-index order: (model, memory MiB).
     pub fn devices(&self) -> Vec<(GpuModelName, u64)> {
+        self.devices_with_names()
+            .into_iter()
+            .map(|d| (d.model, d.memory_mib))
+            .collect()
+    }
+
+    /// The GPUs in device-index order, with the product name each was listed under.
+    pub fn devices_with_names(&self) -> Vec<StaticDevice<'_>> {
         self.gpus
             .iter()
             .flat_map(|group| {
-                let model = GpuModelName::resolve(&group.product_name);
-                let memory = group
+                let product_name = group.product_name.trim();
+                let model = GpuModelName::resolve(product_name);
+                let memory_mib = group
                     .memory_mib
                     .or_else(|| model.known().map(|m| m.info().memory_mib))
                     .unwrap_or(0);
-                (0..group.count).map(move |_| (model.clone(), memory))
+                (0..group.count).map(move |_| StaticDevice {
+                    product_name,
+                    model: model.clone(),
+                    memory_mib,
+                })
             })
             .collect()
     }
@@ -174,6 +233,8 @@ mod tests {
     #[test]
     fn problems_are_named() {
         let inventory = StaticInventory {
+            cpu_milli: Some(0),
+            memory_mib: Some(MAX_MEMORY_MIB + 1),
             gpus: vec![
                 StaticGpuGroup {
                     product_name: "Mystery GPU".into(),
@@ -196,6 +257,100 @@ mod tests {
             .into_iter()
             .map(|e| e.field)
             .collect();
-        assert_eq!(fields, ["gpus", "gpus[0].count", "gpus[0].memory_mib"]);
+        assert_eq!(
+            fields,
+            [
+                "cpu_milli",
+                "memory_mib",
+                "gpus",
+                "gpus[0].count",
+                "gpus[0].memory_mib"
+            ]
+        );
+    }
+
+    #[test]
+    fn machine_cpu_and_memory_are_optional() {
+        let bare: StaticInventory =
+            toml::from_str("[[gpus]]\nproduct_name = \"NVIDIA L4\"\n").expect("parses");
+        assert_eq!((bare.cpu_milli, bare.memory_mib), (None, None));
+        let whole: StaticInventory = toml::from_str(
+            "cpu_milli = 8000\nmemory_mib = 32768\n[[gpus]]\nproduct_name = \"NVIDIA L4\"\n",
+        )
+        .expect("parses");
+        assert_eq!(
+            (whole.cpu_milli, whole.memory_mib),
+            (Some(8000), Some(32768))
+        );
+        let mut v = Validator::new();
+        whole.validate(&mut v);
+        v.finish().expect("valid");
+        assert!(
+            toml::from_str::<StaticInventory>("cpus = 8\n[[gpus]]\nproduct_name = \"L4\"\n")
+                .is_err(),
+            "unknown fields are refused"
+        );
+    }
+
+    #[test]
+    fn devices_keep_the_listed_product_name() {
+        let inventory: StaticInventory = toml::from_str(
+            "[[gpus]]\nproduct_name = \" NVIDIA A10G \"\ncount = 2\n[[gpus]]\nproduct_name = \"Mystery\"\nmemory_mib = 1000\n",
+        )
+        .expect("parses");
+        let devices = inventory.devices_with_names();
+        assert_eq!(devices.len(), 3);
+        assert_eq!(devices[1].product_name, "NVIDIA A10G");
+        assert_eq!(devices[1].model, GpuModel::A10.into());
+        assert_eq!(devices[1].memory_mib, 24 * 1024);
+        assert_eq!(devices[2].model, GpuModelName::Other("Mystery".into()));
+        assert_eq!(devices[2].memory_mib, 1000);
+    }
+
+    /// Every shipped example loads, and says what machine it stands in for.
+    #[test]
+    fn example_inventories_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/inventories");
+        let mut seen = Vec::new();
+        for entry in std::fs::read_dir(&dir).expect("examples folder") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let inventory = StaticInventory::load(&path)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                assert!(
+                    inventory.cpu_milli.is_some(),
+                    "{}: cpu_milli",
+                    path.display()
+                );
+                assert!(
+                    inventory.memory_mib.is_some(),
+                    "{}: memory_mib",
+                    path.display()
+                );
+                let name = path
+                    .file_name()
+                    .expect("name")
+                    .to_string_lossy()
+                    .into_owned();
+                seen.push((name, inventory));
+            }
+        }
+        seen.sort_by(|a, b| a.0.cmp(&b.0));
+        let summary: Vec<(&str, usize, Option<GpuModel>)> = seen
+            .iter()
+            .map(|(name, inv)| {
+                let devices = inv.devices();
+                (name.as_str(), devices.len(), devices[0].0.known())
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("1xl4.toml", 1, Some(GpuModel::L4)),
+                ("4xt4.toml", 4, Some(GpuModel::T4)),
+                ("8xb200.toml", 8, Some(GpuModel::B200)),
+                ("8xh100.toml", 8, Some(GpuModel::H100)),
+            ]
+        );
     }
 }

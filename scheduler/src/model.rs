@@ -120,6 +120,8 @@ pub struct NodeSpec {
     pub memory_mib: u64,
     /// GPUs, in index order.
     pub gpus: Vec<GpuDevice>,
+    /// Where the node's agent serves its AgentService (logs), `host:port`; empty if none.
+    pub agent_address: String,
 }
 
 impl NodeSpec {
@@ -143,6 +145,7 @@ impl NodeSpec {
             cpu_milli,
             memory_mib,
             gpus,
+            agent_address: String::new(),
         }
     }
 
@@ -181,6 +184,9 @@ impl NodeSpec {
         v.check(self.taints.len() <= 16, "taints", || {
             format!("{} taints; the limit is 16", self.taints.len())
         });
+        if !self.agent_address.is_empty() {
+            v.address("agent_address", &self.agent_address);
+        }
     }
 }
 

@@ -203,6 +203,7 @@ pub fn pool(n: usize, seed: u64) -> Vec<NodeSpec> {
                 cpu_milli: instance.cpu_milli,
                 memory_mib: instance.memory_mib,
                 gpus,
+                agent_address: String::new(),
             }
         })
         .collect()

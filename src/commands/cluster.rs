@@ -2,47 +2,19 @@
 
 use std::process::ExitCode;
 
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 
 use berth_proto::pb::v1 as pb;
-use berth_scheduler::service::client::Client;
 
-use crate::cli::EXIT_FAILURE;
-
-/// Where the CLI finds the cluster.
-#[derive(Debug, Args)]
-pub(crate) struct Endpoint {
-    /// Scheduler replicas (host:port, comma-separated); any one will do.
-    #[arg(
-        long,
-        global = true,
-        value_delimiter = ',',
-        default_value = "127.0.0.1:7070",
-        env = "BERTH_ENDPOINT"
-    )]
-    endpoint: Vec<String>,
-    /// Output format.
-    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Text)]
-    output: Output,
-    /// How long to keep retrying (leader changes, unreachable replicas), e.g. 5s.
-    #[arg(long, global = true, default_value = "5s", value_parser = super::parse_duration)]
-    timeout: std::time::Duration,
-}
-
-/// Output formats.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub(crate) enum Output {
-    /// For people.
-    Text,
-    /// One JSON object.
-    Json,
-}
+use super::{CallTimeout, Endpoint, Table};
 
 /// Cluster commands.
 #[derive(Debug, Args)]
 pub(crate) struct ClusterArgs {
     #[command(flatten)]
     endpoint: Endpoint,
+    #[command(flatten)]
+    call: CallTimeout,
     #[command(subcommand)]
     command: ClusterCommand,
 }
@@ -85,113 +57,94 @@ fn replicas_json(replicas: &[pb::Replica]) -> serde_json::Value {
 }
 
 fn print_replicas(replicas: &[pb::Replica]) {
-    println!(
-        "{:<6} {:<24} {:<12} {:>12}",
-        "ID", "ADDRESS", "ROLE", "MATCH"
-    );
+    let mut table = Table::new(&["ID", "ADDRESS", "ROLE", "MATCH"]).right_align(3);
     for r in replicas {
-        println!(
-            "{:<6} {:<24} {:<12} {:>12}",
-            r.id, r.address, r.role, r.match_index
-        );
+        table.row(vec![
+            r.id.to_string(),
+            r.address.clone(),
+            r.role.clone(),
+            r.match_index.to_string(),
+        ]);
     }
+    print!("{table}");
 }
 
 pub(crate) fn run(args: &ClusterArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("berth cluster: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    let mut client = Client::new(args.endpoint.endpoint.clone());
-    client.deadline = args.endpoint.timeout;
-    let json = matches!(args.endpoint.output, Output::Json);
-    let result = runtime.block_on(async {
-        match &args.command {
-            ClusterCommand::Status => {
-                let s = client.status().await?;
-                if json {
-                    let mut by_state: Vec<_> = s.sandboxes_by_state.iter().collect();
-                    by_state.sort();
-                    println!(
-                        "{}",
-                        serde_json::json!({
-                            "leader_id": s.leader_id,
-                            "term": s.term,
-                            "commit_index": s.commit_index,
-                            "applied_index": s.applied_index,
-                            "replicas": replicas_json(&s.replicas),
-                            "nodes_ready": s.nodes_ready,
-                            "nodes_total": s.nodes_total,
-                            "sandboxes_by_state": s.sandboxes_by_state,
-                            "gpus_allocated_milli": s.gpus_allocated_milli,
-                            "gpus_total_milli": s.gpus_total_milli,
-                            "invariant_violations": s.invariant_violations,
-                        })
-                    );
-                } else {
-                    println!(
-                        "leader {} · term {} · commit {} · applied {} (as seen by {})",
-                        s.leader_id,
-                        s.term,
-                        s.commit_index,
-                        s.applied_index,
-                        client.current()
-                    );
-                    print_replicas(&s.replicas);
-                    println!("nodes: {} ready of {}", s.nodes_ready, s.nodes_total);
-                    let mut states: Vec<_> = s.sandboxes_by_state.iter().collect();
-                    states.sort();
-                    let line: Vec<String> =
-                        states.iter().map(|(k, v)| format!("{k} {v}")).collect();
-                    println!("sandboxes: {}", line.join(", "));
-                    let mut models: Vec<_> = s.gpus_total_milli.iter().collect();
-                    models.sort();
-                    for (model, total) in models {
-                        let used = s.gpus_allocated_milli.get(model).copied().unwrap_or(0);
+    let json = args.endpoint.json();
+    super::with_client(
+        "cluster",
+        &args.endpoint,
+        args.call.timeout,
+        async |client| {
+            match &args.command {
+                ClusterCommand::Status => {
+                    let s = client.status().await?;
+                    if json {
+                        let mut by_state: Vec<_> = s.sandboxes_by_state.iter().collect();
+                        by_state.sort();
                         println!(
-                            "gpu {model}: {:.1} of {:.0} allocated",
-                            used as f64 / 1000.0,
-                            *total as f64 / 1000.0
+                            "{}",
+                            serde_json::json!({
+                                "leader_id": s.leader_id,
+                                "term": s.term,
+                                "commit_index": s.commit_index,
+                                "applied_index": s.applied_index,
+                                "replicas": replicas_json(&s.replicas),
+                                "nodes_ready": s.nodes_ready,
+                                "nodes_total": s.nodes_total,
+                                "sandboxes_by_state": s.sandboxes_by_state,
+                                "gpus_allocated_milli": s.gpus_allocated_milli,
+                                "gpus_total_milli": s.gpus_total_milli,
+                                "invariant_violations": s.invariant_violations,
+                            })
                         );
+                    } else {
+                        println!(
+                            "leader {} · term {} · commit {} · applied {} (as seen by {})",
+                            s.leader_id,
+                            s.term,
+                            s.commit_index,
+                            s.applied_index,
+                            client.current()
+                        );
+                        print_replicas(&s.replicas);
+                        println!("nodes: {} ready of {}", s.nodes_ready, s.nodes_total);
+                        let mut states: Vec<_> = s.sandboxes_by_state.iter().collect();
+                        states.sort();
+                        let line: Vec<String> =
+                            states.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                        println!("sandboxes: {}", line.join(", "));
+                        let mut models: Vec<_> = s.gpus_total_milli.iter().collect();
+                        models.sort();
+                        for (model, total) in models {
+                            let used = s.gpus_allocated_milli.get(model).copied().unwrap_or(0);
+                            println!(
+                                "gpu {model}: {:.1} of {:.0} allocated",
+                                used as f64 / 1000.0,
+                                *total as f64 / 1000.0
+                            );
+                        }
+                        println!("invariant violations: {}", s.invariant_violations);
                     }
-                    println!("invariant violations: {}", s.invariant_violations);
+                }
+                ClusterCommand::AddPeer { id, address, voter } => {
+                    let r = client.add_peer(*id, address, !voter).await?;
+                    if json {
+                        println!("{}", replicas_json(&r.replicas));
+                    } else {
+                        print_replicas(&r.replicas);
+                    }
+                }
+                ClusterCommand::RemovePeer { id } => {
+                    let r = client.remove_peer(*id).await?;
+                    if json {
+                        println!("{}", replicas_json(&r.replicas));
+                    } else {
+                        print_replicas(&r.replicas);
+                    }
                 }
             }
-            ClusterCommand::AddPeer { id, address, voter } => {
-                let r = client.add_peer(*id, address, !voter).await?;
-                if json {
-                    println!("{}", replicas_json(&r.replicas));
-                } else {
-                    print_replicas(&r.replicas);
-                }
-            }
-            ClusterCommand::RemovePeer { id } => {
-                let r = client.remove_peer(*id).await?;
-                if json {
-                    println!("{}", replicas_json(&r.replicas));
-                } else {
-                    print_replicas(&r.replicas);
-                }
-            }
-        }
-        Ok::<(), tonic::Status>(())
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(status) => {
-            eprintln!(
-                "berth cluster: {} ({:?}) via {}",
-                status.message(),
-                status.code(),
-                client.current()
-            );
-            ExitCode::from(EXIT_FAILURE)
-        }
-    }
+            Ok(ExitCode::SUCCESS)
+        },
+    )
 }

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
-use tonic::{Code, Response, Status};
+use tonic::{Code, Response, Status, Streaming};
 
 use berth_proto::pb::v1 as pb;
 use berth_proto::pb::v1::admin_service_client::AdminServiceClient;
@@ -39,6 +39,18 @@ fn retryable(status: &Status) -> bool {
     ) && !status.message().starts_with("cluster_id")
 }
 
+/// Like [`retryable`], but a FAILED_PRECONDITION counts only when it is a follower's "not
+/// the leader" answer: for calls whose own refusals use that code (no log agent, uncordoning
+/// a down node), retrying until the deadline would only delay the answer.
+fn retryable_unless_refused(status: &Status) -> bool {
+    retryable(status)
+        && (status.code() != Code::FailedPrecondition
+            || status.metadata().get(LEADER_METADATA).is_some()
+            || status
+                .message()
+                .starts_with("this replica is not the leader"))
+}
+
 impl Client {
     /// A client over these `host:port` endpoints (any replica will do).
     pub fn new(endpoints: Vec<String>) -> Client {
@@ -49,6 +61,11 @@ impl Client {
             channels: HashMap::new(),
             deadline: Duration::from_secs(15),
         }
+    }
+
+    /// The endpoints this client was given.
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
     }
 
     /// The endpoint calls go to now.
@@ -86,7 +103,20 @@ impl Client {
     }
 
     /// Calls `f` on the leader, following hints and retrying until the deadline.
-    pub async fn call<T, F, Fut>(&mut self, mut f: F) -> Result<T, Status>
+    pub async fn call<T, F, Fut>(&mut self, f: F) -> Result<T, Status>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        self.call_retrying(retryable, f).await
+    }
+
+    /// [`Client::call`] with its own test of which failures to retry.
+    async fn call_retrying<T, F, Fut>(
+        &mut self,
+        retryable: fn(&Status) -> bool,
+        mut f: F,
+    ) -> Result<T, Status>
     where
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
@@ -137,11 +167,21 @@ impl Client {
         .await
     }
 
-    /// Deletes a sandbox.
+    /// Deletes a sandbox; returns whether it existed.
     pub async fn delete(&mut self, sandbox_id: &str) -> Result<bool, Status> {
+        self.delete_with_grace(sandbox_id, 0).await
+    }
+
+    /// Deletes a sandbox, giving its process `grace_ms` between SIGTERM and SIGKILL (0 = the
+    /// agent's default); returns whether it existed.
+    pub async fn delete_with_grace(
+        &mut self,
+        sandbox_id: &str,
+        grace_ms: u64,
+    ) -> Result<bool, Status> {
         let request = pb::DeleteSandboxRequest {
             sandbox_id: sandbox_id.to_owned(),
-            grace_ms: 0,
+            grace_ms,
         };
         self.call(|c| {
             let request = request.clone();
@@ -159,6 +199,78 @@ impl Client {
         self.call(|c| {
             let request = request.clone();
             async move { SandboxServiceClient::new(c).get_sandbox(request).await }
+        })
+        .await
+    }
+
+    /// One page of sandboxes matching the request's filters.
+    pub async fn list_sandboxes(
+        &mut self,
+        request: pb::ListSandboxesRequest,
+    ) -> Result<pb::ListSandboxesResponse, Status> {
+        self.call(|c| {
+            let request = request.clone();
+            async move { SandboxServiceClient::new(c).list_sandboxes(request).await }
+        })
+        .await
+    }
+
+    /// Opens a sandbox's captured output; with `follow` the stream ends when it exits. The
+    /// caller reads the stream; only opening it is retried.
+    pub async fn read_logs(
+        &mut self,
+        sandbox_id: &str,
+        follow: bool,
+    ) -> Result<Streaming<pb::LogChunk>, Status> {
+        let request = pb::ReadLogsRequest {
+            sandbox_id: sandbox_id.to_owned(),
+            follow,
+        };
+        self.call_retrying(retryable_unless_refused, |c| {
+            let request = request.clone();
+            async move { SandboxServiceClient::new(c).read_logs(request).await }
+        })
+        .await
+    }
+
+    /// Nodes matching the request's filters.
+    pub async fn list_nodes(
+        &mut self,
+        request: pb::ListNodesRequest,
+    ) -> Result<pb::ListNodesResponse, Status> {
+        self.call(|c| {
+            let request = request.clone();
+            async move { AdminServiceClient::new(c).list_nodes(request).await }
+        })
+        .await
+    }
+
+    /// Stops placing new sandboxes on a node; returns the node as it is now.
+    pub async fn cordon(&mut self, node_id: &str, reason: &str) -> Result<pb::Node, Status> {
+        let request = node_request(node_id, reason);
+        self.call_retrying(retryable_unless_refused, |c| {
+            let request = request.clone();
+            async move { AdminServiceClient::new(c).cordon_node(request).await }
+        })
+        .await
+    }
+
+    /// Makes a cordoned or draining node ready again.
+    pub async fn uncordon(&mut self, node_id: &str) -> Result<pb::Node, Status> {
+        let request = node_request(node_id, "");
+        self.call_retrying(retryable_unless_refused, |c| {
+            let request = request.clone();
+            async move { AdminServiceClient::new(c).uncordon_node(request).await }
+        })
+        .await
+    }
+
+    /// Cordons a node and marks it for removal once its sandboxes finish.
+    pub async fn drain(&mut self, node_id: &str, reason: &str) -> Result<pb::Node, Status> {
+        let request = node_request(node_id, reason);
+        self.call_retrying(retryable_unless_refused, |c| {
+            let request = request.clone();
+            async move { AdminServiceClient::new(c).drain_node(request).await }
         })
         .await
     }
@@ -239,6 +351,13 @@ impl Client {
                 .await
         })
         .await
+    }
+}
+
+fn node_request(node_id: &str, reason: &str) -> pb::NodeRequest {
+    pb::NodeRequest {
+        node_id: node_id.to_owned(),
+        reason: reason.to_owned(),
     }
 }
 

@@ -484,6 +484,7 @@ const INVENTORY_FIELDS: &[&str] = &[
     "driver_version",
     "cuda_version",
     "inventory_source",
+    "agent_address",
 ];
 
 /// Validates and converts an agent's inventory (errors: `INVALID_ARGUMENT` naming every bad
@@ -626,6 +627,7 @@ pub fn node_spec_from_pb(inv: Option<&pb::NodeInventory>, field: &str) -> Result
         cpu_milli: inv.cpu_milli,
         memory_mib: inv.memory_mib,
         gpus,
+        agent_address: inv.agent_address.clone(),
     };
     let mut problems = Problems::default();
     problems.validate(|v| spec.validate(v));
@@ -680,6 +682,7 @@ pub fn node_inventory_to_pb(spec: &NodeSpec) -> pb::NodeInventory {
                 ..Default::default()
             })
             .collect(),
+        agent_address: spec.agent_address.clone(),
         ..Default::default()
     }
 }
@@ -1371,6 +1374,7 @@ mod tests {
             driver_version: "550.54".into(),
             cuda_version: "12.4".into(),
             inventory_source: "nvml".into(),
+            agent_address: "10.0.0.5:7071".into(),
         }
     }
 
@@ -1411,6 +1415,7 @@ mod tests {
                         healthy: false,
                     },
                 ],
+                agent_address: "10.0.0.5:7071".into(),
             }
         );
         let back = node_inventory_to_pb(&spec);

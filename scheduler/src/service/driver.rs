@@ -101,7 +101,8 @@ enum Input {
         ok: bool,
     },
     Command {
-        command: Command,
+        // Boxed: a command (a node's whole inventory) is far larger than the other inputs.
+        command: Box<Command>,
         reply: CommandReply,
     },
     Membership {
@@ -329,7 +330,10 @@ impl ReplicaHandle {
     pub async fn command(&self, command: Command) -> Result<CommandResult, Status> {
         self.require_leader()?;
         let (reply, rx) = oneshot::channel();
-        self.send_control(Input::Command { command, reply })?;
+        self.send_control(Input::Command {
+            command: Box::new(command),
+            reply,
+        })?;
         Self::wait(rx).await
     }
 
@@ -700,7 +704,7 @@ impl<D: Durable> Driver<D> {
             }
             Input::Unreachable(peer) => self.replica.report_unreachable(peer),
             Input::SnapshotStatus { to, ok } => self.replica.report_snapshot(to, ok),
-            Input::Command { command, reply } => match self.replica.propose(command, now_ms()) {
+            Input::Command { command, reply } => match self.replica.propose(*command, now_ms()) {
                 Ok(p) => {
                     self.metrics.proposals.with_label_values(&["command"]).inc();
                     self.waiters.insert(p, Waiter::Command(reply));

@@ -17,15 +17,18 @@ use tonic::{Request, Response, Status, Streaming};
 
 use berth_proto::pb::v1 as pb;
 use berth_proto::pb::v1::admin_service_server::AdminService;
+use berth_proto::pb::v1::agent_service_client::AgentServiceClient;
 use berth_proto::pb::v1::node_service_server::NodeService;
 use berth_proto::pb::v1::peer_server::Peer;
 use berth_proto::pb::v1::sandbox_service_server::SandboxService;
 
 use super::convert;
 use super::driver::{READ_MODE_METADATA, ReadView, ReplicaHandle, rejection_status};
+use super::liveness::Liveness;
+use super::watch::{self, WatchFilter, WatchSlots};
 use crate::model::{NodeStatus, SandboxId, SandboxState};
 use crate::replication::{CreateItem, MembershipChange};
-use crate::state::{Command, ItemOutcome, StatusUpdate};
+use crate::state::{Command, ItemOutcome, StatusChange, StatusUpdate};
 
 /// Largest page of a list.
 pub const PAGE_MAX: u32 = 1_000;
@@ -37,16 +40,18 @@ pub const SNAPSHOT_MAX_BYTES: usize = 4 << 30;
 pub struct Services {
     handle: ReplicaHandle,
     cluster_id: String,
-    heartbeat_interval_ms: u64,
+    liveness: Liveness,
+    watches: WatchSlots,
 }
 
 impl Services {
-    /// Services over a replica.
-    pub fn new(handle: ReplicaHandle, cluster_id: String, heartbeat_interval_ms: u64) -> Services {
+    /// Services over a replica; `liveness` records the agents' heartbeats.
+    pub fn new(handle: ReplicaHandle, cluster_id: String, liveness: Liveness) -> Services {
         Services {
             handle,
             cluster_id,
-            heartbeat_interval_ms,
+            liveness,
+            watches: WatchSlots::default(),
         }
     }
 }
@@ -190,13 +195,68 @@ impl SandboxService for Services {
 
     async fn watch_sandboxes(
         &self,
-        _request: Request<pb::WatchSandboxesRequest>,
+        request: Request<pb::WatchSandboxesRequest>,
     ) -> Result<Response<Self::WatchSandboxesStream>, Status> {
-        Err(Status::unimplemented(
-            "WatchSandboxes is not built yet (tracked in issue #5); poll GetSandbox",
-        ))
+        let filter = WatchFilter::from_request(request.get_ref())?;
+        let (tx, rx) = mpsc::channel(256);
+        watch::start(self.handle.clone(), &self.watches, filter, tx).await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type ReadLogsStream = LogStream;
+
+    async fn read_logs(
+        &self,
+        request: Request<pb::ReadLogsRequest>,
+    ) -> Result<Response<Self::ReadLogsStream>, Status> {
+        let req = request.into_inner();
+        let id = parse_sandbox_id("sandbox_id", &req.sandbox_id)?;
+        // The node's agent address is part of its registered inventory, so any replica's
+        // applied state knows it; no need to go through the leader.
+        let target = self
+            .handle
+            .read(false, move |v| {
+                let sandbox = v.state.sandbox(id)?;
+                let Some(binding) = &sandbox.binding else {
+                    return Some(Err(format!(
+                        "sandbox_id: {id} has not been placed on a node yet ({})",
+                        sandbox.state.name()
+                    )));
+                };
+                let node = &binding.placement.node;
+                Some(match v.state.node(node) {
+                    Some(r) if !r.spec.agent_address.is_empty() => Ok(r.spec.agent_address.clone()),
+                    Some(_) => Err(format!("node {node} registered no agent address")),
+                    None => Err(format!("node {node} is no longer registered")),
+                })
+            })
+            .await?;
+        let address = match target {
+            None => return Err(Status::not_found(format!("sandbox_id: no sandbox {id}"))),
+            Some(Err(why)) => return Err(Status::failed_precondition(why)),
+            Some(Ok(address)) => address,
+        };
+        let channel = super::transport::peer_channel(&address).map_err(Status::internal)?;
+        let mut agent = AgentServiceClient::new(channel);
+        let upstream = agent
+            .read_logs(req)
+            .await
+            .map_err(|s| {
+                Status::new(
+                    if s.code() == tonic::Code::NotFound {
+                        tonic::Code::NotFound
+                    } else {
+                        tonic::Code::Unavailable
+                    },
+                    format!("the agent at {address}: {}", s.message()),
+                )
+            })?
+            .into_inner();
+        Ok(Response::new(Box::pin(upstream)))
     }
 }
+
+type LogStream = Pin<Box<dyn Stream<Item = Result<pb::LogChunk, Status>> + Send + 'static>>;
 
 fn list_page(
     v: &ReadView<'_>,
@@ -372,9 +432,18 @@ impl AdminService for Services {
                                 .contains(&(convert::node_status_to_pb(r.status) as i32))
                     })
                     .map(|r| convert::node_to_pb(r, v.state))
-                    .collect()
+                    .collect::<Vec<pb::Node>>()
             })
             .await?;
+        let nodes = nodes
+            .into_iter()
+            .map(|mut n| {
+                if let Some(inv) = &n.inventory {
+                    n.last_heartbeat_unix_ms = self.liveness.last_heard_unix_ms(&inv.node_id);
+                }
+                n
+            })
+            .collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 
@@ -573,73 +642,138 @@ impl NodeService for Services {
         if let ItemOutcome::Rejected(r) = only_outcome(result.outcomes)? {
             return Err(rejection_status(&r));
         }
-        let observed: Vec<String> = register
+        // Everything the agent has, running or finished; only running ones can need stopping.
+        let observed: BTreeSet<String> = register
             .running
             .iter()
             .map(|o| o.sandbox_id.clone())
             .collect();
+        let running: Vec<String> = register
+            .running
+            .iter()
+            .filter(|o| o.state == pb::SandboxState::Running as i32)
+            .map(|o| o.sandbox_id.clone())
+            .collect();
         let lookup = node.clone();
-        let (epoch, stop) = self
+        let (epoch, stop, missing) = self
             .handle
             .read(false, move |v| {
                 let record = v.state.node(&lookup);
                 let epoch = record.map_or(0, |r| r.epoch);
-                let stop: Vec<String> = observed
-                    .into_iter()
-                    .filter(|id| {
-                        let Ok(id) = id.parse::<SandboxId>() else {
-                            return true;
-                        };
-                        !record.is_some_and(|r| r.sandboxes.contains(&id))
+                let bound = |id: &str| {
+                    id.parse::<SandboxId>()
+                        .is_ok_and(|id| record.is_some_and(|r| r.sandboxes.contains(&id)))
+                };
+                let stop: Vec<String> = running.into_iter().filter(|id| !bound(id)).collect();
+                // Running here per the state, but the agent does not have it: it is gone.
+                let missing: Vec<SandboxId> = record
+                    .map(|r| {
+                        r.sandboxes
+                            .iter()
+                            .filter(|id| !observed.contains(&id.to_string()))
+                            .filter(|id| {
+                                v.state
+                                    .sandbox(**id)
+                                    .is_some_and(|s| s.state == SandboxState::Running)
+                            })
+                            .copied()
+                            .collect()
                     })
-                    .collect();
-                (epoch, stop)
+                    .unwrap_or_default();
+                (epoch, stop, missing)
             })
             .await?;
+        if !missing.is_empty() {
+            tracing::warn!(node = %node, count = missing.len(), "agent registered without sandboxes it was running; marking them lost");
+            let items = missing
+                .iter()
+                .map(|id| StatusUpdate {
+                    sandbox: *id,
+                    node: node.clone(),
+                    change: StatusChange::Lost {
+                        reason: format!("the agent on {node} restarted without it"),
+                    },
+                })
+                .collect();
+            self.handle
+                .command(Command::UpdateSandboxes { items })
+                .await?;
+        }
+        self.liveness.heard_from(&node);
         let _ = tx
             .send(scheduler_message(
                 pb::scheduler_message::Message::RegisterAck(pb::RegisterAck {
                     epoch,
-                    heartbeat_interval_ms: self.heartbeat_interval_ms,
+                    heartbeat_interval_ms: self.liveness.settings().heartbeat_interval.as_millis()
+                        as u64,
                     stop_sandbox_ids: stop,
                 }),
             ))
             .await;
         tracing::info!(node = %node, epoch, "agent registered");
-        tokio::spawn(agent_inbound(self.handle.clone(), node.clone(), inbound));
+        tokio::spawn(agent_inbound(
+            self.handle.clone(),
+            self.liveness.clone(),
+            node.clone(),
+            inbound,
+        ));
         tokio::spawn(agent_outbound(self.handle.clone(), node, epoch, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 
-/// Status reports from an agent become `UpdateSandboxes` commands.
+/// Heartbeats, inventory changes and status reports from an agent.
 async fn agent_inbound(
     handle: ReplicaHandle,
+    liveness: Liveness,
     node: String,
     mut inbound: Streaming<pb::AgentMessage>,
 ) {
-    // Heartbeat deadlines and inventory changes are the liveness work of issue #5; here
-    // only status reports are recorded.
+    let metrics = handle.metrics().clone();
+    metrics.agent_streams.inc();
     while let Some(Ok(message)) = inbound.next().await {
-        let Some(pb::agent_message::Message::SandboxStatus(update)) = message.message else {
-            continue;
-        };
-        let update: StatusUpdate = match convert::status_update_from_pb(&node, &update) {
-            Ok(u) => u,
-            Err(status) => {
-                tracing::warn!(node = %node, %status, "bad status report ignored");
+        liveness.heard_from(&node);
+        let command = match message.message {
+            Some(pb::agent_message::Message::Heartbeat(_)) => continue,
+            Some(pb::agent_message::Message::SandboxStatus(update)) => {
+                match convert::status_update_from_pb(&node, &update) {
+                    Ok(u) => Command::UpdateSandboxes { items: vec![u] },
+                    Err(status) => {
+                        tracing::warn!(node = %node, %status, "bad status report ignored");
+                        continue;
+                    }
+                }
+            }
+            Some(pb::agent_message::Message::Inventory(update)) => {
+                match convert::node_spec_from_pb(update.inventory.as_ref(), "inventory.inventory") {
+                    Ok(spec) if spec.id == node => Command::RegisterNode { spec },
+                    Ok(spec) => {
+                        tracing::warn!(node = %node, other = %spec.id, "inventory update for another node ignored");
+                        continue;
+                    }
+                    Err(status) => {
+                        tracing::warn!(node = %node, %status, "bad inventory update ignored");
+                        continue;
+                    }
+                }
+            }
+            Some(pb::agent_message::Message::Register(_)) | None => {
+                tracing::warn!(node = %node, "unexpected message on an agent stream ignored");
                 continue;
             }
         };
-        if let Err(status) = handle
-            .command(Command::UpdateSandboxes {
-                items: vec![update],
-            })
-            .await
-        {
-            tracing::warn!(node = %node, %status, "status report not recorded");
+        match handle.command(command).await {
+            Ok(result) => {
+                for outcome in result.outcomes {
+                    if let ItemOutcome::Rejected(r) = outcome {
+                        tracing::debug!(node = %node, rejection = %r, "agent report not applied");
+                    }
+                }
+            }
+            Err(status) => tracing::warn!(node = %node, %status, "agent report not recorded"),
         }
     }
+    metrics.agent_streams.dec();
     tracing::info!(node = %node, "agent stream closed");
 }
 
@@ -652,7 +786,19 @@ async fn agent_outbound(
 ) {
     let mut revisions = handle.revisions();
     let mut sent: BTreeSet<SandboxId> = BTreeSet::new();
+    // A replica that stops leading sends the agent on to the new leader: agents heartbeat
+    // only to the leader, which is the one that marks silent nodes Down.
+    let mut leadership = tokio::time::interval(std::time::Duration::from_millis(250));
     loop {
+        if !handle.is_leader() {
+            let (leader_id, leader_address) = handle.leader();
+            let msg = pb::scheduler_message::Message::NotLeader(pb::NotLeader {
+                leader_id,
+                leader_address,
+            });
+            let _ = tx.send(scheduler_message(msg)).await;
+            return;
+        }
         let lookup = node.clone();
         let known = sent.clone();
         let diff = handle
@@ -675,9 +821,19 @@ async fn agent_outbound(
                         )
                     })
                     .collect();
+                // Gone from the node: deleted, or Lost. One that ended on its own (Exited,
+                // Failed) was reported by the agent, which keeps its output for `logs`.
                 let terminate: Vec<SandboxId> = known
                     .iter()
                     .filter(|id| !bound.contains(id))
+                    .filter(|id| {
+                        !v.state.sandbox(**id).is_some_and(|s| {
+                            matches!(
+                                s.state,
+                                SandboxState::Exited { .. } | SandboxState::Failed { .. }
+                            )
+                        })
+                    })
                     .copied()
                     .collect();
                 (assign, terminate, bound)
@@ -706,7 +862,22 @@ async fn agent_outbound(
             }
         }
         sent = bound;
-        if revisions.changed().await.is_err() || tx.is_closed() {
+        loop {
+            tokio::select! {
+                changed = revisions.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                _ = leadership.tick() => {
+                    if !handle.is_leader() || tx.is_closed() {
+                        break;
+                    }
+                }
+            }
+        }
+        if tx.is_closed() {
             return;
         }
         // Coalesce bursts of applied entries into one look at the node (each look is a

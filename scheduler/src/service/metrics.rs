@@ -48,6 +48,10 @@ pub struct Metrics {
     pub nodes: IntGaugeVec,
     /// Invariant violations found by the periodic checker (must stay 0).
     pub invariant_violations: IntCounter,
+    /// Nodes this replica marked Down for missed heartbeats (as leader).
+    pub nodes_marked_down: IntCounter,
+    /// Agent streams open on this replica.
+    pub agent_streams: IntGauge,
     /// Raft messages dropped because a peer's queue was full or it was unreachable.
     pub peer_messages_dropped: IntCounterVec,
     /// Snapshots taken or installed.
@@ -137,6 +141,14 @@ impl Metrics {
                 "model",
             ),
             nodes: gauge_vec("berth_nodes", "Nodes by status.", "status"),
+            nodes_marked_down: counter(
+                "berth_nodes_marked_down_total",
+                "Nodes this replica marked Down as leader because their heartbeats stopped.",
+            ),
+            agent_streams: gauge(
+                "berth_agent_streams",
+                "Node agent streams open on this replica.",
+            ),
             invariant_violations: counter(
                 "berth_invariant_violations_total",
                 "State invariant violations found by the periodic checker (must stay 0).",
@@ -170,6 +182,8 @@ impl Metrics {
             Box::new(m.gpu_total_milli.clone()),
             Box::new(m.nodes.clone()),
             Box::new(m.invariant_violations.clone()),
+            Box::new(m.nodes_marked_down.clone()),
+            Box::new(m.agent_streams.clone()),
             Box::new(m.peer_messages_dropped.clone()),
             Box::new(m.log_entries_in_memory.clone()),
         ];

@@ -7,10 +7,12 @@ pub mod client;
 pub mod convert;
 pub mod driver;
 pub mod grpc;
+pub mod liveness;
 pub mod local_cluster;
 pub mod metrics;
 pub mod server;
 pub mod transport;
+pub mod watch;
 
 pub use driver::ReplicaHandle;
 pub use server::{Running, start};

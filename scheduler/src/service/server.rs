@@ -17,6 +17,7 @@ use berth_proto::pb::v1::sandbox_service_server::SandboxServiceServer;
 
 use super::driver::{self, DriverConfig, ReplicaHandle};
 use super::grpc::Services;
+use super::liveness::{self, Liveness, LivenessSettings};
 use super::metrics::{self, Metrics};
 use super::transport::MAX_PEER_MESSAGE;
 use crate::config::{Backend, SchedulerConfig};
@@ -39,6 +40,7 @@ pub struct Running {
     stop: Option<oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     metrics_task: tokio::task::JoinHandle<std::io::Result<()>>,
+    liveness_task: tokio::task::JoinHandle<()>,
     raft: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -63,6 +65,7 @@ impl Running {
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.server).await;
         self.metrics_task.abort();
+        self.liveness_task.abort();
         self.handle.shutdown();
         if let Some(raft) = self.raft.take() {
             let _ = tokio::task::spawn_blocking(move || raft.join()).await;
@@ -150,11 +153,13 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<Running, String> {
         metrics.clone(),
         tokio::runtime::Handle::current(),
     )?;
-    let services = Services::new(
-        handle.clone(),
-        cfg.cluster_id.clone(),
-        cfg.liveness.heartbeat_interval_ms,
-    );
+    let liveness = Liveness::new(LivenessSettings {
+        heartbeat_interval: Duration::from_millis(cfg.liveness.heartbeat_interval_ms),
+        node_ttl: Duration::from_millis(cfg.liveness.node_ttl_ms),
+        leader_grace: Duration::from_millis(cfg.liveness.leader_grace_ms),
+    });
+    let liveness_task = tokio::spawn(liveness::run_checker(handle.clone(), liveness.clone()));
+    let services = Services::new(handle.clone(), cfg.cluster_id.clone(), liveness);
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<SandboxServiceServer<Services>>()
@@ -213,6 +218,7 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<Running, String> {
         stop: Some(stop),
         server,
         metrics_task,
+        liveness_task,
         raft: Some(raft),
     })
 }

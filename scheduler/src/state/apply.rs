@@ -383,6 +383,17 @@ impl State {
                 );
                 Ok(())
             }
+            StatusChange::Lost { reason } => {
+                self.finish(
+                    update.sandbox,
+                    SandboxState::Lost {
+                        reason: truncate(reason, 1024),
+                    },
+                    now_ms,
+                    true,
+                );
+                Ok(())
+            }
         }
     }
 

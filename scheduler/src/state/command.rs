@@ -121,6 +121,12 @@ pub enum StatusChange {
         /// Why.
         reason: String,
     },
+    /// Its node no longer has it (the agent restarted without it): decided by the leader
+    /// when an agent registers without a sandbox the state has running there.
+    Lost {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// What one item of a command came to.

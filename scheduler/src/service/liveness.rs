@@ -1,0 +1,215 @@
+//! Node liveness: the leader marks a node Down when its agent stops heartbeating.
+//!
+//! Heartbeats are not replicated (they would put one log entry per node per second into
+//! Raft); each replica remembers when it last heard from each node's agent, and only the
+//! leader acts on it. Agents talk only to the leader, so a new leader knows nothing yet:
+//! for `leader_grace` after every leader change it marks nothing Down, and it counts every
+//! node as heard from at the moment it became leader. A node that is Down stays Down (its
+//! sandboxes are Lost and its GPUs unusable) until its agent registers again, with a new
+//! epoch.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::driver::ReplicaHandle;
+use crate::model::NodeStatus;
+use crate::state::Command;
+
+/// Liveness settings, from `[scheduler.liveness]`.
+#[derive(Debug, Clone, Copy)]
+pub struct LivenessSettings {
+    /// How often agents heartbeat.
+    pub heartbeat_interval: Duration,
+    /// Silence after which a node is marked Down.
+    pub node_ttl: Duration,
+    /// No node is marked Down this long after a leader change.
+    pub leader_grace: Duration,
+}
+
+/// When each node's agent was last heard from, on this replica.
+#[derive(Clone)]
+pub struct Liveness {
+    settings: LivenessSettings,
+    seen: Arc<Mutex<HashMap<String, Instant>>>,
+}
+
+impl Liveness {
+    /// An empty tracker.
+    pub fn new(settings: LivenessSettings) -> Liveness {
+        Liveness {
+            settings,
+            seen: Arc::default(),
+        }
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> LivenessSettings {
+        self.settings
+    }
+
+    /// Records a sign of life (a registration or a heartbeat) from a node's agent.
+    pub fn heard_from(&self, node: &str) {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        match seen.get_mut(node) {
+            Some(at) => *at = Instant::now(),
+            None => {
+                seen.insert(node.to_owned(), Instant::now());
+            }
+        }
+    }
+
+    /// When the node was last heard from, as Unix milliseconds (0 when never, here).
+    pub fn last_heard_unix_ms(&self, node: &str) -> u64 {
+        let seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(at) = seen.get(node) else {
+            return 0;
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        now.saturating_sub(at.elapsed()).as_millis() as u64
+    }
+
+    fn reset_all(&self, to: Instant) {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        for at in seen.values_mut() {
+            *at = to;
+        }
+    }
+
+    /// Nodes (of `candidates`) silent for longer than the TTL at `now`, with how long. A
+    /// node never heard from counts as heard from at `since` (when this replica became
+    /// leader).
+    fn expired(
+        &self,
+        candidates: &[String],
+        since: Instant,
+        now: Instant,
+    ) -> Vec<(String, Duration)> {
+        let seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        candidates
+            .iter()
+            .filter_map(|node| {
+                let last = seen.get(node).copied().unwrap_or(since).max(since);
+                let silent = now.saturating_duration_since(last);
+                (silent > self.settings.node_ttl).then(|| (node.clone(), silent))
+            })
+            .collect()
+    }
+}
+
+/// Runs on every replica until the replica stops; acts only while it leads.
+pub async fn run_checker(handle: ReplicaHandle, liveness: Liveness) {
+    let settings = liveness.settings();
+    let period = (settings.node_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let mut leader_since: Option<Instant> = None;
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if handle.fatal().is_some() {
+            return;
+        }
+        if !handle.is_leader() {
+            leader_since = None;
+            continue;
+        }
+        let since = *leader_since.get_or_insert_with(|| {
+            let now = Instant::now();
+            liveness.reset_all(now);
+            tracing::info!(
+                grace_ms = settings.leader_grace.as_millis() as u64,
+                "leading: nodes are not marked down during the grace period"
+            );
+            now
+        });
+        let now = Instant::now();
+        if now.saturating_duration_since(since) < settings.leader_grace {
+            continue;
+        }
+        let Ok(candidates) = handle
+            .read(false, |v| {
+                v.state
+                    .nodes()
+                    .values()
+                    .filter(|r| r.status != NodeStatus::Down)
+                    .map(|r| r.spec.id.clone())
+                    .collect::<Vec<String>>()
+            })
+            .await
+        else {
+            continue;
+        };
+        for (node, silent) in liveness.expired(&candidates, since, now) {
+            let reason = format!(
+                "no heartbeat for {} ms (ttl {} ms)",
+                silent.as_millis(),
+                settings.node_ttl.as_millis()
+            );
+            tracing::warn!(node = %node, %reason, "marking node down");
+            let command = Command::SetNodeStatus {
+                node: node.clone(),
+                status: NodeStatus::Down,
+                reason,
+            };
+            match handle.command(command).await {
+                Ok(_) => handle.metrics().nodes_marked_down.inc(),
+                Err(status) => tracing::warn!(node = %node, %status, "could not mark node down"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tracker() -> Liveness {
+        Liveness::new(LivenessSettings {
+            heartbeat_interval: Duration::from_millis(100),
+            node_ttl: Duration::from_millis(500),
+            leader_grace: Duration::from_millis(500),
+        })
+    }
+
+    #[test]
+    fn silence_past_the_ttl_expires_and_a_heartbeat_renews() {
+        let l = tracker();
+        let start = Instant::now();
+        l.heard_from("a");
+        let nodes = vec!["a".to_string(), "never".to_string()];
+        assert!(l.expired(&nodes, start, start).is_empty());
+        let later = start + Duration::from_millis(600);
+        let expired: Vec<String> = l
+            .expired(&nodes, start, later)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(expired, ["a", "never"]);
+        // A node first heard from after `since` counts from then.
+        l.heard_from("a");
+        let expired = l.expired(&nodes, start, Instant::now() + Duration::from_millis(100));
+        assert_eq!(expired.len(), 1, "{expired:?}");
+        assert_eq!(expired[0].0, "never");
+    }
+
+    #[test]
+    fn a_new_leader_counts_every_node_from_its_start() {
+        let l = tracker();
+        l.heard_from("a");
+        let since = Instant::now() + Duration::from_secs(10);
+        // Long silent before `since`, but the new leader only counts from `since`.
+        assert!(
+            l.expired(&["a".into()], since, since + Duration::from_millis(400))
+                .is_empty()
+        );
+        assert_eq!(
+            l.expired(&["a".into()], since, since + Duration::from_millis(600))
+                .len(),
+            1
+        );
+        assert!(l.last_heard_unix_ms("a") > 0);
+        assert_eq!(l.last_heard_unix_ms("b"), 0);
+    }
+}

@@ -1,0 +1,90 @@
+//! `berth agent --config FILE`: a node agent, until SIGINT or SIGTERM; and the hidden
+//! `berth agent-shim DIR` that supervises one sandbox (see `berth_node_agent::runtime`).
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Args;
+
+use berth_node_agent::agent::{self, AgentOptions};
+
+use crate::cli::EXIT_FAILURE;
+use crate::config_file::ConfigFile;
+
+/// Arguments of `berth agent`.
+#[derive(Debug, Args)]
+pub(crate) struct AgentArgs {
+    /// Config file with an [agent] section.
+    #[arg(long)]
+    config: PathBuf,
+}
+
+/// Arguments of `berth agent-shim`.
+#[derive(Debug, Args)]
+pub(crate) struct ShimArgs {
+    /// The sandbox's directory (holding launch.json).
+    dir: PathBuf,
+}
+
+/// The command line that runs the shim: this very binary.
+pub(crate) fn shim_command() -> Result<Vec<OsString>, String> {
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("cannot find the berth binary for the sandbox shim: {e}"))?;
+    Ok(vec![exe.into_os_string(), "agent-shim".into()])
+}
+
+pub(crate) fn run(args: &AgentArgs) -> ExitCode {
+    let file = match ConfigFile::load(&args.config) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let Some(cfg) = file.agent else {
+        eprintln!("{}: no [agent] section", args.config.display());
+        return ExitCode::from(EXIT_FAILURE);
+    };
+    let shim = match shim_command() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("berth agent: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let opts = AgentOptions {
+        config_dir: args.config.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        shim,
+        stop_sandboxes_on_exit: false,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("berth agent: starting the runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let result = runtime.block_on(agent::run(
+        cfg,
+        opts,
+        crate::commands::scheduler::shutdown_signal(),
+    ));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("berth agent: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+pub(crate) fn shim(args: &ShimArgs) -> ExitCode {
+    match berth_node_agent::runtime::run_shim(&args.dir) {
+        0 => ExitCode::SUCCESS,
+        _ => ExitCode::from(EXIT_FAILURE),
+    }
+}

@@ -1,0 +1,391 @@
+//! `berth dev`: a whole berth on one machine. Three scheduler replicas (real Raft over
+//! loopback, durable logs) and seven node agents whose static inventories stand in for GPU
+//! boxes at two providers in four regions; the agents run sandboxes under gVisor when
+//! `runsc` is installed, and as plain processes when not. Ctrl-C stops the sandboxes,
+//! then the agents, then the replicas.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use tokio::sync::watch;
+
+use berth_node_agent::AgentConfig;
+use berth_node_agent::agent::{self, AgentOptions, find_program};
+use berth_node_agent::config::{InventorySource, RuntimeKind};
+use berth_proto::pb::v1 as pb;
+use berth_scheduler::SchedulerConfig;
+use berth_scheduler::config::PeerConfig;
+use berth_scheduler::service::client::Client;
+
+use crate::cli::EXIT_FAILURE;
+
+/// Arguments of `berth dev`.
+#[derive(Debug, Args)]
+pub(crate) struct DevArgs {
+    /// Where the replicas and agents keep their state. Emptied at start unless --keep.
+    #[arg(long, default_value = "berth-data/dev")]
+    data_dir: PathBuf,
+    /// Keep the state of the previous run instead of starting empty.
+    #[arg(long)]
+    keep: bool,
+    /// gRPC port of the first replica; the others use the next two.
+    #[arg(long, default_value_t = 7070)]
+    port: u16,
+    /// Metrics port of the first replica; the others use the next two.
+    #[arg(long, default_value_t = 9090)]
+    metrics_port: u16,
+    /// Sandbox runtime: gvisor when runsc is installed (auto), or force one.
+    #[arg(long, value_enum, default_value_t = DevRuntime::Auto)]
+    runtime: DevRuntime,
+    /// Agents' heartbeat TTL in ms: a killed agent's node is Down after this long.
+    #[arg(long, default_value_t = 5_000)]
+    node_ttl_ms: u64,
+}
+
+/// `--runtime`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DevRuntime {
+    Auto,
+    Gvisor,
+    Process,
+}
+
+/// One stand-in machine.
+struct DevNode {
+    id: &'static str,
+    provider: &'static str,
+    region: &'static str,
+    zone: &'static str,
+    instance_type: &'static str,
+    price_per_hour_usd: f64,
+    inventory: &'static str,
+}
+
+/// The static inventories, shipped in the binary (the same files as deploy/examples).
+const INVENTORIES: &[(&str, &str)] = &[
+    (
+        "8xh100.toml",
+        include_str!("../../deploy/examples/inventories/8xh100.toml"),
+    ),
+    (
+        "8xb200.toml",
+        include_str!("../../deploy/examples/inventories/8xb200.toml"),
+    ),
+    (
+        "1xl4.toml",
+        include_str!("../../deploy/examples/inventories/1xl4.toml"),
+    ),
+    (
+        "4xt4.toml",
+        include_str!("../../deploy/examples/inventories/4xt4.toml"),
+    ),
+];
+
+/// 2 × 8×H100, 1 × 8×B200, 2 × 1×L4, 2 × 4×T4 across AWS and GCP.
+const NODES: &[DevNode] = &[
+    DevNode {
+        id: "aws-use1-p5-0",
+        provider: "aws",
+        region: "us-east-1",
+        zone: "us-east-1a",
+        instance_type: "p5.48xlarge",
+        price_per_hour_usd: 98.32,
+        inventory: "8xh100.toml",
+    },
+    DevNode {
+        id: "gcp-usc1-a3-0",
+        provider: "gcp",
+        region: "us-central1",
+        zone: "us-central1-a",
+        instance_type: "a3-highgpu-8g",
+        price_per_hour_usd: 88.25,
+        inventory: "8xh100.toml",
+    },
+    DevNode {
+        id: "gcp-usc1-a4-0",
+        provider: "gcp",
+        region: "us-central1",
+        zone: "us-central1-b",
+        instance_type: "a4-highgpu-8g",
+        price_per_hour_usd: 130.0,
+        inventory: "8xb200.toml",
+    },
+    DevNode {
+        id: "gcp-euw4-g2-0",
+        provider: "gcp",
+        region: "europe-west4",
+        zone: "europe-west4-a",
+        instance_type: "g2-standard-8",
+        price_per_hour_usd: 0.85,
+        inventory: "1xl4.toml",
+    },
+    DevNode {
+        id: "gcp-euw4-g2-1",
+        provider: "gcp",
+        region: "europe-west4",
+        zone: "europe-west4-b",
+        instance_type: "g2-standard-8",
+        price_per_hour_usd: 0.85,
+        inventory: "1xl4.toml",
+    },
+    DevNode {
+        id: "aws-usw2-g4dn-0",
+        provider: "aws",
+        region: "us-west-2",
+        zone: "us-west-2a",
+        instance_type: "g4dn.12xlarge",
+        price_per_hour_usd: 3.912,
+        inventory: "4xt4.toml",
+    },
+    DevNode {
+        id: "aws-usw2-g4dn-1",
+        provider: "aws",
+        region: "us-west-2",
+        zone: "us-west-2b",
+        instance_type: "g4dn.12xlarge",
+        price_per_hour_usd: 3.912,
+        inventory: "4xt4.toml",
+    },
+];
+
+const REPLICAS: u16 = 3;
+
+pub(crate) fn run(args: &DevArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("berth dev: starting the runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(dev(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("berth dev: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// Picks the runtime and says why.
+fn choose_runtime(wanted: DevRuntime) -> Result<(RuntimeKind, String), String> {
+    let runsc = find_program("runsc");
+    match (wanted, runsc) {
+        (DevRuntime::Process, _) => Ok((
+            RuntimeKind::Process,
+            "process (plain child processes, no isolation; --runtime process)".into(),
+        )),
+        (DevRuntime::Gvisor | DevRuntime::Auto, Some(path)) => Ok((
+            RuntimeKind::Gvisor,
+            format!("gvisor ({} --platform=ptrace)", path.display()),
+        )),
+        (DevRuntime::Gvisor, None) => {
+            Err("--runtime gvisor: runsc is not installed (apt-get install runsc)".into())
+        }
+        (DevRuntime::Auto, None) => Ok((
+            RuntimeKind::Process,
+            "process: runsc is not installed, so sandboxes run as plain processes WITHOUT \
+             isolation (apt-get install runsc for gVisor)"
+                .into(),
+        )),
+    }
+}
+
+fn port(base: u16, i: u16, what: &str) -> Result<u16, String> {
+    base.checked_add(i).filter(|p| *p != 0).ok_or_else(|| {
+        format!(
+            "--{what} {base}: ports {base}..{} do not fit",
+            u32::from(base) + 2
+        )
+    })
+}
+
+async fn dev(args: &DevArgs) -> Result<(), String> {
+    let (runtime_kind, runtime_note) = choose_runtime(args.runtime)?;
+    if !args.keep && args.data_dir.exists() {
+        std::fs::remove_dir_all(&args.data_dir)
+            .map_err(|e| format!("emptying {}: {e}", args.data_dir.display()))?;
+    }
+    let inventories = args.data_dir.join("inventories");
+    std::fs::create_dir_all(&inventories)
+        .map_err(|e| format!("creating {}: {e}", inventories.display()))?;
+    for (name, text) in INVENTORIES {
+        std::fs::write(inventories.join(name), text)
+            .map_err(|e| format!("writing {}: {e}", inventories.join(name).display()))?;
+    }
+
+    let mut grpc = Vec::new();
+    let mut peers = Vec::new();
+    for i in 0..REPLICAS {
+        let address = format!("127.0.0.1:{}", port(args.port, i, "port")?);
+        peers.push(PeerConfig {
+            id: u64::from(i) + 1,
+            address: address.clone(),
+        });
+        grpc.push(address);
+    }
+    let mut replicas = Vec::new();
+    for i in 0..REPLICAS {
+        let mut cfg = SchedulerConfig {
+            node_id: u64::from(i) + 1,
+            cluster_id: "berth-dev".into(),
+            listen_address: grpc[usize::from(i)].clone(),
+            metrics_address: format!("127.0.0.1:{}", port(args.metrics_port, i, "metrics-port")?),
+            data_dir: args
+                .data_dir
+                .join(format!("scheduler-{}", i + 1))
+                .display()
+                .to_string(),
+            peers: peers.clone(),
+            ..SchedulerConfig::default()
+        };
+        cfg.liveness.node_ttl_ms = args.node_ttl_ms;
+        cfg.liveness.leader_grace_ms = args.node_ttl_ms;
+        cfg.liveness.heartbeat_interval_ms = (args.node_ttl_ms / 5).max(50);
+        let running = berth_scheduler::service::start(&cfg)
+            .await
+            .map_err(|e| format!("replica {}: {e}", i + 1))?;
+        replicas.push(running);
+    }
+
+    let shim = crate::commands::agent::shim_command()?;
+    let (stop_agents, agents_stop) = watch::channel(false);
+    let mut agents = Vec::new();
+    for node in NODES {
+        let cfg = AgentConfig {
+            node_id: node.id.into(),
+            schedulers: grpc.clone(),
+            provider: node.provider.into(),
+            region: node.region.into(),
+            zone: node.zone.into(),
+            instance_type: node.instance_type.into(),
+            price_per_hour_usd: node.price_per_hour_usd,
+            inventory: InventorySource::Static(PathBuf::from(node.inventory)),
+            runtime: runtime_kind,
+            state_dir: args
+                .data_dir
+                .join("agents")
+                .join(node.id)
+                .display()
+                .to_string(),
+            reserved_cpu_milli: 0,
+            reserved_memory_mib: 0,
+            ..AgentConfig::default()
+        };
+        let opts = AgentOptions {
+            config_dir: inventories.clone(),
+            shim: shim.clone(),
+            stop_sandboxes_on_exit: true,
+        };
+        let mut stop = agents_stop.clone();
+        let id = node.id;
+        agents.push(tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = agent::run(cfg, opts, shutdown).await {
+                tracing::error!(node = id, error = %e, "agent failed");
+            }
+        }));
+    }
+
+    let ready = wait_for_nodes(&grpc, NODES.len()).await;
+    print_banner(args, &grpc, &runtime_note, ready.as_ref().err());
+
+    crate::commands::scheduler::shutdown_signal().await;
+    println!("\nberth dev: stopping sandboxes, agents and replicas…");
+    let _ = stop_agents.send(true);
+    for a in agents {
+        let _ = a.await;
+    }
+    for r in replicas {
+        r.shutdown().await;
+    }
+    println!("berth dev: stopped");
+    Ok(())
+}
+
+/// Waits until `count` nodes are Ready (or 30 s pass).
+async fn wait_for_nodes(grpc: &[String], count: usize) -> Result<(), String> {
+    let mut client = Client::new(grpc.to_vec());
+    client.deadline = Duration::from_secs(5);
+    let started = Instant::now();
+    loop {
+        let ready = client
+            .call(|c| async move {
+                berth_proto::pb::v1::admin_service_client::AdminServiceClient::new(c)
+                    .list_nodes(pb::ListNodesRequest::default())
+                    .await
+            })
+            .await
+            .map(|r| {
+                r.nodes
+                    .iter()
+                    .filter(|n| n.status == pb::NodeStatus::Ready as i32)
+                    .count()
+            });
+        match ready {
+            Ok(n) if n >= count => return Ok(()),
+            _ if started.elapsed() > Duration::from_secs(30) => {
+                return Err(format!(
+                    "only {} of {count} nodes registered within 30 s (see the log above)",
+                    ready.unwrap_or(0)
+                ));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+fn print_banner(args: &DevArgs, grpc: &[String], runtime: &str, problem: Option<&String>) {
+    let endpoint = &grpc[0];
+    let default_endpoint = endpoint == "127.0.0.1:7070";
+    let e = if default_endpoint {
+        String::new()
+    } else {
+        format!(" --endpoint {endpoint}")
+    };
+    let metrics: Vec<String> = (0..REPLICAS)
+        .map(|i| {
+            format!(
+                "http://127.0.0.1:{}/metrics",
+                u32::from(args.metrics_port) + u32::from(i)
+            )
+        })
+        .collect();
+    println!();
+    println!("berth dev is up");
+    if let Some(p) = problem {
+        println!("  warning:   {p}");
+    }
+    println!(
+        "  API:       {} (gRPC; any replica, followers redirect)",
+        grpc.join(", ")
+    );
+    println!("  metrics:   {}", metrics.join(", "));
+    println!("  runtime:   {runtime}");
+    println!(
+        "  nodes:     2 × 8×H100 (aws us-east-1, gcp us-central1), 1 × 8×B200 (gcp us-central1),"
+    );
+    println!("             2 × 1×L4 (gcp europe-west4), 2 × 4×T4 (aws us-west-2)");
+    println!("  state:     {}", display(&args.data_dir));
+    println!();
+    println!("try, from another terminal:");
+    println!("  berth node list{e}");
+    println!("  berth sandbox create{e} --gpu H100:2 -- sh -c 'echo $CUDA_VISIBLE_DEVICES'");
+    println!("  berth sandbox create{e} --gpu T4 --detach -- sleep 600");
+    println!("  berth sandbox list{e}");
+    println!("  berth cluster status{e}");
+    println!("(with cargo: cargo run --release -- node list{e})");
+    println!();
+    println!("Ctrl-C stops everything.");
+}
+
+fn display(p: &Path) -> String {
+    p.display().to_string()
+}
