@@ -313,7 +313,10 @@ fn sandbox_and_node_commands_against_nothing_fail_clearly() {
                 && stderr.contains("cannot reach the cluster at 127.0.0.1:1"),
             "{command:?}: {stderr}"
         );
-        assert!(out.stdout.is_empty(), "{command:?}: no table without a cluster");
+        assert!(
+            out.stdout.is_empty(),
+            "{command:?}: no table without a cluster"
+        );
         assert!(
             started.elapsed() < std::time::Duration::from_secs(10),
             "{command:?} kept retrying past --timeout"

@@ -141,6 +141,14 @@ fn describe_failure(status: &Status, client: &Client) -> String {
     }
 }
 
+/// Writes command output to stdout. A closed stdout (`berth sandbox list | head`) ends
+/// the output quietly instead of panicking the way `println!` does.
+pub(crate) fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
 /// A text table whose column widths follow its content.
 #[derive(Debug, Default)]
 pub(crate) struct Table {

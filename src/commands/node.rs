@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 
 use berth_proto::pb::v1 as pb;
 
-use super::{CallTimeout, Endpoint, Table, enum_label, format_cores};
+use super::{CallTimeout, Endpoint, Table, emit, enum_label, format_cores};
 
 /// Node commands.
 #[derive(Debug, Args)]
@@ -68,9 +68,9 @@ pub(crate) fn run(args: &NodeArgs) -> ExitCode {
                 nodes.sort_by(|a, b| node_id(a).cmp(node_id(b)));
                 if json {
                     let all: Vec<serde_json::Value> = nodes.iter().map(node_json).collect();
-                    println!("{}", serde_json::Value::Array(all));
+                    emit(&format!("{}\n", serde_json::Value::Array(all)));
                 } else {
-                    print!("{}", table(&nodes));
+                    emit(&table(&nodes).to_string());
                 }
                 return Ok(ExitCode::SUCCESS);
             }
@@ -87,9 +87,13 @@ pub(crate) fn run(args: &NodeArgs) -> ExitCode {
             }
         };
         if json {
-            println!("{}", node_json(&node));
+            emit(&format!("{}\n", node_json(&node)));
         } else {
-            println!("{}: {}", node_id(&node), status_text(&node, true));
+            emit(&format!(
+                "{}: {}\n",
+                node_id(&node),
+                status_text(&node, true)
+            ));
         }
         Ok(ExitCode::SUCCESS)
     })
@@ -163,11 +167,12 @@ fn gpu_usage(node: &pb::Node) -> String {
         .join(", ")
 }
 
-/// `ready`, `cordoned`, `draining` or `down (why)`; every status carries its reason when
-/// `with_reason`.
+/// `ready`, `cordoned`, `draining` or `down (why)`; with `with_reason`, cordoned and
+/// draining carry their reason too.
 fn status_text(node: &pb::Node, with_reason: bool) -> String {
     let label = status_label(node.status);
-    let show_reason = with_reason || node.status == pb::NodeStatus::Down as i32;
+    let show_reason = node.status == pb::NodeStatus::Down as i32
+        || (with_reason && node.status != pb::NodeStatus::Ready as i32);
     if show_reason && !node.status_reason.is_empty() {
         format!("{label} ({})", node.status_reason)
     } else {
@@ -288,6 +293,9 @@ mod tests {
         };
         assert_eq!(status_text(&node, false), "cordoned");
         assert_eq!(status_text(&node, true), "cordoned (maintenance)");
+        node.status = pb::NodeStatus::Ready as i32;
+        node.status_reason = "Ready by an operator".into();
+        assert_eq!(status_text(&node, true), "ready");
         node.status = pb::NodeStatus::Down as i32;
         node.status_reason = "no heartbeat for 30 s".into();
         assert_eq!(status_text(&node, false), "down (no heartbeat for 30 s)");

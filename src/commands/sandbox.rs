@@ -20,7 +20,7 @@ use berth_proto::pb::v1 as pb;
 use berth_proto::pb::v1::SandboxState;
 use berth_scheduler::service::client::Client;
 
-use super::{CallTimeout, DEFAULT_CALL_TIMEOUT, Endpoint, Table, enum_label, parse_duration};
+use super::{CallTimeout, DEFAULT_CALL_TIMEOUT, Endpoint, Table, emit, enum_label, parse_duration};
 use crate::cli::{EXIT_FAILURE, EXIT_USAGE};
 
 /// Most rows `sandbox list` prints; more would be a dump, not a listing.
@@ -187,9 +187,9 @@ pub(crate) fn run(args: &SandboxArgs) -> ExitCode {
             SandboxCommand::Get { id, .. } => {
                 let sandbox = client.get(id).await?;
                 if json {
-                    println!("{}", sandbox_json(&sandbox));
+                    emit(&format!("{}\n", sandbox_json(&sandbox)));
                 } else {
-                    print!("{}", describe(&sandbox, now_unix_ms()));
+                    emit(&describe(&sandbox, now_unix_ms()));
                 }
             }
             SandboxCommand::Logs { id, follow, .. } => {
@@ -200,11 +200,14 @@ pub(crate) fn run(args: &SandboxArgs) -> ExitCode {
                 let grace_ms = grace.map_or(0, |g| u64::try_from(g.as_millis()).unwrap_or(0));
                 let existed = client.delete_with_grace(id, grace_ms).await?;
                 if json {
-                    println!("{}", serde_json::json!({ "id": id, "existed": existed }));
+                    emit(&format!(
+                        "{}\n",
+                        serde_json::json!({ "id": id, "existed": existed })
+                    ));
                 } else if existed {
-                    println!("deleted {id}");
+                    emit(&format!("deleted {id}\n"));
                 } else {
-                    println!("{id} did not exist");
+                    emit(&format!("{id} did not exist\n"));
                 }
             }
         }
@@ -270,9 +273,9 @@ async fn create(
         .ok_or_else(|| Status::internal("the scheduler answered without the sandbox"))?;
     if detach {
         if json {
-            println!("{}", sandbox_json(&sandbox));
+            emit(&format!("{}\n", sandbox_json(&sandbox)));
         } else {
-            println!("{}", sandbox.id);
+            emit(&format!("{}\n", sandbox.id));
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -455,7 +458,7 @@ async fn list(
     }
     if json {
         let all: Vec<serde_json::Value> = sandboxes.iter().map(sandbox_json).collect();
-        println!("{}", serde_json::Value::Array(all));
+        emit(&format!("{}\n", serde_json::Value::Array(all)));
     } else {
         let now = now_unix_ms();
         let mut table = Table::new(&["ID", "STATE", "NODE", "GPUS", "AGE/EXIT"]);
@@ -469,7 +472,7 @@ async fn list(
                 age_or_exit(s, now),
             ]);
         }
-        print!("{table}");
+        emit(&table.to_string());
     }
     if capped {
         eprintln!(

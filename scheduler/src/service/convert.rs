@@ -389,6 +389,17 @@ pub fn sandbox_to_pb(s: &Sandbox, revision: u64) -> pb::Sandbox {
     sandbox_to_pb_with_gpus(s, None, revision)
 }
 
+/// As [`sandbox_to_pb_with_gpus`], looking the bound node up in `state` (what the API
+/// answers: the GPU UUIDs are filled whenever the node is still registered).
+pub fn sandbox_to_pb_in(s: &Sandbox, state: &State) -> pb::Sandbox {
+    let node = s
+        .binding
+        .as_ref()
+        .and_then(|b| state.node(&b.placement.node))
+        .map(|r| &r.spec);
+    sandbox_to_pb_with_gpus(s, node, state.revision())
+}
+
 /// As [`sandbox_to_pb`], and fills `gpu_uuids` from `node`, the inventory of the node the
 /// sandbox is bound to (ignored when it is another node). The UUIDs are those the node
 /// reports now at the bound indices; when any bound index is missing from the inventory

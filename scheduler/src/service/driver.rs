@@ -821,7 +821,11 @@ impl<D: Durable> Driver<D> {
                         ItemOutcome::Created { id, .. } | ItemOutcome::Duplicate { id } => {
                             match state.sandbox(id) {
                                 Some(s) => Ok(pb::CreateSandboxResponse {
-                                    sandbox: Some(convert::sandbox_to_pb(s, revision)),
+                                    sandbox: Some({
+                                        let mut out = convert::sandbox_to_pb_in(s, state);
+                                        out.revision = revision;
+                                        out
+                                    }),
                                     deduplicated: matches!(outcome, ItemOutcome::Duplicate { .. }),
                                 }),
                                 None => Err(Status::not_found(format!(

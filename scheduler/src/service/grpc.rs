@@ -146,7 +146,7 @@ impl SandboxService for Services {
             .read(linear, move |v| {
                 v.state
                     .sandbox(id)
-                    .map(|s| convert::sandbox_to_pb(s, v.state.revision()))
+                    .map(|s| convert::sandbox_to_pb_in(s, v.state))
             })
             .await?;
         found
@@ -293,7 +293,9 @@ fn list_page(
             }
             break;
         }
-        sandboxes.push(convert::sandbox_to_pb(s, revision));
+        let mut out = convert::sandbox_to_pb_in(s, v.state);
+        out.revision = revision;
+        sandboxes.push(out);
         let _ = id;
     }
     pb::ListSandboxesResponse {
@@ -383,6 +385,7 @@ impl Services {
             return Err(rejection_status(&r));
         }
         let node = req.node_id;
+        let heard = self.liveness.last_heard_unix_ms(&node);
         let found = self
             .handle
             .read(false, move |v| {
@@ -390,6 +393,10 @@ impl Services {
             })
             .await?;
         found
+            .map(|mut n| {
+                n.last_heartbeat_unix_ms = heard;
+                n
+            })
             .map(Response::new)
             .ok_or_else(|| Status::not_found("the node was removed meanwhile"))
     }

@@ -108,7 +108,7 @@ async fn matches(
                 if !filter.tenant.is_empty() && s.spec.tenant != filter.tenant {
                     return;
                 }
-                let mut pb = convert::sandbox_to_pb(s, 0);
+                let mut pb = convert::sandbox_to_pb_in(s, v.state);
                 pb.revision = 0;
                 out.insert(pb.id.clone(), pb);
             };
