@@ -333,8 +333,16 @@ async fn a_restarted_agent_readopts_a_running_sandbox_which_runs_once() {
     let status = finished.status.expect("status");
     assert_eq!(status.exit_code, 0);
     assert_eq!(status.node_id, "h100-b");
-    assert_eq!(status.gpu_uuids.len(), 1, "GetSandbox names the GPU it ran on");
-    assert!(status.gpu_uuids[0].starts_with("GPU-"), "{:?}", status.gpu_uuids);
+    assert_eq!(
+        status.gpu_uuids.len(),
+        1,
+        "GetSandbox names the GPU it ran on"
+    );
+    assert!(
+        status.gpu_uuids[0].starts_with("GPU-"),
+        "{:?}",
+        status.gpu_uuids
+    );
     let runs = std::fs::read_to_string(&marker).expect("marker");
     assert_eq!(runs, "started\n", "the sandbox ran more than once");
     // Its output survives the agent restart and is served through the scheduler.

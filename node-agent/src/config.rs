@@ -66,15 +66,18 @@ pub struct AgentConfig {
     pub taints: Vec<TaintConfig>,
 }
 
-/// Source of the GPU inventory: `inventory = "nvml"` or `inventory = { static = "PATH" }`.
+/// Source of the GPU inventory: `inventory = "nvml"`, `inventory = { static = "PATH" }`, or
+/// `inventory = { nvml_or_static = "PATH" }`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum InventorySource {
     /// Ask the NVIDIA driver through NVML; with no driver, the node has no GPUs.
     Nvml,
     /// Read a TOML list of GPUs (dev mode, the local provider, machines without a driver).
-    /// A relative path is relative to the config file.
+    /// A relative path is relative to the config file. NVML is not asked.
     Static(PathBuf),
+    /// Ask NVML; when it cannot be loaded (no driver), say so once and use this static file.
+    NvmlOrStatic(PathBuf),
 }
 
 /// Sandbox isolation.
@@ -223,8 +226,14 @@ impl AgentConfig {
     /// The static inventory file, resolved against the config file's folder.
     pub fn static_inventory_path(&self, config_dir: &Path) -> Option<PathBuf> {
         match &self.inventory {
-            InventorySource::Static(path) if path.is_relative() => Some(config_dir.join(path)),
-            InventorySource::Static(path) => Some(path.clone()),
+            InventorySource::Static(path) | InventorySource::NvmlOrStatic(path)
+                if path.is_relative() =>
+            {
+                Some(config_dir.join(path))
+            }
+            InventorySource::Static(path) | InventorySource::NvmlOrStatic(path) => {
+                Some(path.clone())
+            }
             InventorySource::Nvml => None,
         }
     }
@@ -250,6 +259,13 @@ mod tests {
             toml::from_str("node_id = \"a\"\ninventory = { static = \"gpus.toml\" }")
                 .expect("static");
         assert_eq!(file.inventory, InventorySource::Static("gpus.toml".into()));
+        let fallback: AgentConfig =
+            toml::from_str("node_id = \"a\"\ninventory = { nvml_or_static = \"gpus.toml\" }")
+                .expect("fallback");
+        assert_eq!(
+            fallback.inventory,
+            InventorySource::NvmlOrStatic("gpus.toml".into())
+        );
         assert!(toml::from_str::<AgentConfig>("inventory = \"cuda\"").is_err());
     }
 

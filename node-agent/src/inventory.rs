@@ -30,7 +30,7 @@ use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::{Device, EventSet, Nvml};
 
-use crate::config::{AgentConfig, CapacityType, TaintEffect};
+use crate::config::{AgentConfig, CapacityType, InventorySource, TaintEffect};
 use crate::static_inventory::{MAX_GPUS_PER_NODE, StaticInventory, StaticInventoryError};
 
 /// Where the kernel reports the host's memory.
@@ -164,14 +164,21 @@ impl GpuSource {
     /// fails (no driver), it logs one warning and the node reports no GPUs. A static file is
     /// read by [`GpuSource::read`], so a broken one is reported there.
     pub fn open(cfg: &AgentConfig, config_dir: &Path) -> GpuSource {
-        // Some exactly when `inventory = { static = PATH }`.
-        let backend = match cfg.static_inventory_path(config_dir) {
-            Some(path) => Backend::Static(path),
-            None => match shared_nvml() {
+        let file = cfg.static_inventory_path(config_dir);
+        let backend = match (&cfg.inventory, file) {
+            (InventorySource::Static(_), Some(path)) => Backend::Static(path),
+            (_, file) => match shared_nvml() {
                 Ok(nvml) => Backend::Nvml(NvmlGpus::new(nvml)),
                 Err(e) => {
-                    tracing::warn!(node = %cfg.node_id, "{}", nvml_unavailable_message(&e));
-                    Backend::NoGpus
+                    tracing::warn!(
+                        node = %cfg.node_id,
+                        "{}",
+                        nvml_unavailable_message(&e, file.as_deref())
+                    );
+                    match file {
+                        Some(path) => Backend::Static(path),
+                        None => Backend::NoGpus,
+                    }
                 }
             },
         };
@@ -281,7 +288,7 @@ fn announce(node_id: &str, inventory: &Inventory) {
 }
 
 /// The line logged when `inventory = "nvml"` and NVML cannot be loaded.
-pub fn nvml_unavailable_message(error: &NvmlError) -> String {
+pub fn nvml_unavailable_message(error: &NvmlError, fallback: Option<&Path>) -> String {
     let why = match error {
         NvmlError::LibloadingError(_)
         | NvmlError::FailedToLoadSymbol(_)
@@ -290,10 +297,16 @@ pub fn nvml_unavailable_message(error: &NvmlError) -> String {
         NvmlError::NoPermission => "no permission to talk to the NVIDIA driver",
         _ => "the NVIDIA driver did not answer",
     };
-    format!(
-        "NVML unavailable ({error}): {why}; this node reports no GPUs \
-         (set inventory = {{ static = \"PATH\" }} to stand in for GPUs)"
-    )
+    match fallback {
+        Some(path) => format!(
+            "NVML unavailable ({error}): {why}; using the static inventory {}",
+            path.display()
+        ),
+        None => format!(
+            "NVML unavailable ({error}): {why}; this node reports no GPUs \
+             (set inventory = {{ nvml_or_static = \"PATH\" }} to stand in for GPUs)"
+        ),
+    }
 }
 
 /// The process-wide NVML handle. NVML's own state is process-wide (`nvmlInit` counts
@@ -858,7 +871,7 @@ mod tests {
     use std::collections::{BTreeMap, HashSet};
 
     use super::*;
-    use crate::config::{InventorySource, TaintConfig};
+    use crate::config::TaintConfig;
 
     fn examples() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/inventories")
@@ -1064,7 +1077,7 @@ mod tests {
                 assert!(inventory.gpus.is_empty());
                 assert_eq!(inventory.driver_version, "");
                 assert!(inventory.cpu_milli > 0 && inventory.memory_mib > 0);
-                let message = nvml_unavailable_message(&e);
+                let message = nvml_unavailable_message(&e, None);
                 assert!(
                     message.starts_with(&format!("NVML unavailable ({e}): no NVIDIA driver here;")),
                     "{message}"
@@ -1076,21 +1089,59 @@ mod tests {
     #[test]
     fn the_nvml_unavailable_message_says_what_to_do() {
         assert_eq!(
-            nvml_unavailable_message(&NvmlError::DriverNotLoaded),
+            nvml_unavailable_message(&NvmlError::DriverNotLoaded, None),
             format!(
                 "NVML unavailable ({}): no NVIDIA driver here; this node reports no GPUs \
-                 (set inventory = {{ static = \"PATH\" }} to stand in for GPUs)",
+                 (set inventory = {{ nvml_or_static = \"PATH\" }} to stand in for GPUs)",
+                NvmlError::DriverNotLoaded
+            )
+        );
+        assert_eq!(
+            nvml_unavailable_message(
+                &NvmlError::DriverNotLoaded,
+                Some(Path::new("/etc/gpus.toml"))
+            ),
+            format!(
+                "NVML unavailable ({}): no NVIDIA driver here; using the static inventory \
+                 /etc/gpus.toml",
                 NvmlError::DriverNotLoaded
             )
         );
         assert!(
-            nvml_unavailable_message(&NvmlError::NoPermission).contains(
+            nvml_unavailable_message(&NvmlError::NoPermission, None).contains(
                 "): no permission to talk to the NVIDIA driver; this node reports no GPUs"
             )
         );
         assert!(
-            nvml_unavailable_message(&NvmlError::LibraryNotFound).contains("no NVIDIA driver here")
+            nvml_unavailable_message(&NvmlError::LibraryNotFound, None)
+                .contains("no NVIDIA driver here")
         );
+    }
+
+    #[test]
+    fn without_a_driver_nvml_falls_back_to_the_static_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(
+            dir.path().join("gpus.toml"),
+            "[[gpus]]\nproduct_name = \"NVIDIA L4\"\ncount = 2\n",
+        )
+        .expect("write");
+        let cfg = AgentConfig {
+            node_id: "n".into(),
+            inventory: InventorySource::NvmlOrStatic("gpus.toml".into()),
+            ..AgentConfig::default()
+        };
+        let inventory = discover(&cfg, dir.path()).expect("reads");
+        if Nvml::init().is_err() {
+            assert_eq!(
+                inventory.source,
+                InventoryOrigin::Static(dir.path().join("gpus.toml"))
+            );
+            assert_eq!(inventory.gpus.len(), 2);
+            assert_eq!(inventory.gpus[0].model, "L4");
+        } else {
+            assert_eq!(inventory.source, InventoryOrigin::Nvml);
+        }
     }
 
     fn answers(name: &str) -> DeviceAnswers {
