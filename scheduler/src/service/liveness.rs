@@ -50,11 +50,15 @@ impl Liveness {
 
     /// Records a sign of life (a registration or a heartbeat) from a node's agent.
     pub fn heard_from(&self, node: &str) {
+        self.heard_at(node, Instant::now());
+    }
+
+    fn heard_at(&self, node: &str, when: Instant) {
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         match seen.get_mut(node) {
-            Some(at) => *at = Instant::now(),
+            Some(at) => *at = when,
             None => {
-                seen.insert(node.to_owned(), Instant::now());
+                seen.insert(node.to_owned(), when);
             }
         }
     }
@@ -102,7 +106,7 @@ impl Liveness {
 /// Runs on every replica until the replica stops; acts only while it leads.
 pub async fn run_checker(handle: ReplicaHandle, liveness: Liveness) {
     let settings = liveness.settings();
-    let period = (settings.node_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let period = (settings.node_ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(2));
     let mut leader_since: Option<Instant> = None;
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -187,9 +191,9 @@ mod tests {
             .map(|(n, _)| n)
             .collect();
         assert_eq!(expired, ["a", "never"]);
-        // A node first heard from after `since` counts from then.
-        l.heard_from("a");
-        let expired = l.expired(&nodes, start, Instant::now() + Duration::from_millis(100));
+        // A heartbeat renews: heard 400 ms in, "a" is not silent long enough at 600 ms.
+        l.heard_at("a", start + Duration::from_millis(400));
+        let expired = l.expired(&nodes, start, later);
         assert_eq!(expired.len(), 1, "{expired:?}");
         assert_eq!(expired[0].0, "never");
     }
