@@ -186,6 +186,36 @@ fn dev_runs_a_gpu_sandbox_under_gvisor_and_the_cli_exits_with_its_code() {
     );
     assert_ne!(text(&out.stdout), host, "the sandbox saw the host kernel");
 
+    // Operators cordon and drain nodes.
+    let out = dev.berth(&[
+        "node",
+        "cordon",
+        "aws-usw2-g4dn-0",
+        "--reason",
+        "maintenance",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("cordoned"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = dev.berth(&["node", "drain", "aws-usw2-g4dn-1"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("draining"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = dev.berth(&["node", "list"]);
+    let table = text(&out.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("aws-usw2-g4dn-0") && l.contains("cordoned")),
+        "{table}"
+    );
+
     // Ctrl-C stops it cleanly.
     let signalled = Command::new("kill")
         .args(["-INT", &dev.child.id().to_string()])
