@@ -148,6 +148,7 @@ pub async fn run(
         runtime,
         doomed: BTreeSet::new(),
         sequence: 0,
+        last_scan: BTreeMap::new(),
     };
     tokio::pin!(shutdown);
     let mut endpoint = 0usize;
@@ -209,6 +210,8 @@ struct Agent {
     /// Sandboxes the scheduler no longer has: their directories go once they end.
     doomed: BTreeSet<String>,
     sequence: u64,
+    /// The previous look at the sandboxes (finished ones are not read again).
+    last_scan: BTreeMap<String, crate::runtime::LocalSandbox>,
 }
 
 fn channel(address: &str) -> Result<Channel, String> {
@@ -471,7 +474,7 @@ impl Agent {
     /// Reports sandboxes that ended, and cleans up what is no longer needed.
     fn monitor(&mut self, reported: &mut BTreeMap<String, LocalState>) -> Vec<pb::AgentMessage> {
         let mut out = Vec::new();
-        let local = self.runtime.scan();
+        let local = self.runtime.scan_cached(&self.last_scan);
         let mut finished: Vec<(u64, &String)> = Vec::new();
         for (id, s) in &local {
             if let LocalState::Finished(record) = &s.state {
@@ -492,6 +495,7 @@ impl Agent {
             }
         }
         self.doomed.retain(|id| local.contains_key(id));
+        self.last_scan = local.clone();
         // Keep the newest finished sandboxes' output for a while.
         finished.sort_unstable_by(|a, b| b.cmp(a));
         let now = unix_ms();

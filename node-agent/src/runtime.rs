@@ -588,6 +588,16 @@ impl Runtime {
 
     /// Every sandbox on this node and where it stands, by id.
     pub fn scan(&self) -> BTreeMap<String, LocalSandbox> {
+        self.scan_cached(&BTreeMap::new())
+    }
+
+    /// As [`Runtime::scan`], reusing the finished sandboxes of an earlier scan (a finished
+    /// sandbox never changes), so a node keeping many finished sandboxes' output does not
+    /// re-read each one on every look.
+    pub fn scan_cached(
+        &self,
+        earlier: &BTreeMap<String, LocalSandbox>,
+    ) -> BTreeMap<String, LocalSandbox> {
         let mut found = BTreeMap::new();
         let Ok(entries) = fs::read_dir(&self.root) else {
             return found;
@@ -597,6 +607,13 @@ impl Runtime {
                 continue;
             };
             if !valid_sandbox_id(&id) {
+                continue;
+            }
+            if let Some(done) = earlier
+                .get(&id)
+                .filter(|s| matches!(s.state, LocalState::Finished(_)))
+            {
+                found.insert(id, done.clone());
                 continue;
             }
             if let Some(sandbox) = self.inspect(&id) {
@@ -813,6 +830,25 @@ mod tests {
         }
         runtime.remove("sbx-5").expect("remove");
         assert!(runtime.scan().is_empty());
+    }
+
+    #[test]
+    fn finished_sandboxes_are_not_read_again_and_removed_ones_drop_out() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let runtime = Runtime::new(tmp.path().to_path_buf(), vec!["true".into()]).expect("rt");
+        let dir = runtime.dir("sbx-7");
+        run(&dir, &launch("sbx-7", &["true"]));
+        let first = runtime.scan();
+        assert!(matches!(first["sbx-7"].state, LocalState::Finished(_)));
+        // Unreadable now, but a finished sandbox never changes: the earlier look stands.
+        fs::write(dir.join(files::LAUNCH), "not json").expect("clobber");
+        assert!(
+            runtime.scan().is_empty(),
+            "a plain scan reads the file again"
+        );
+        assert_eq!(runtime.scan_cached(&first), first);
+        runtime.remove("sbx-7").expect("remove");
+        assert!(runtime.scan_cached(&first).is_empty());
     }
 
     #[test]
