@@ -887,8 +887,9 @@ async fn agent_outbound(
         if tx.is_closed() {
             return;
         }
-        // Coalesce bursts of applied entries into one look at the node (each look is a
-        // closure on the Raft thread; issue #5 replaces this with per-node change feeds).
+        // Coalesce bursts of applied entries into one look at the node. Each look is a
+        // closure on the Raft thread, per connected agent and per burst: fine for hundreds of
+        // nodes; thousands want a per-node change feed (a node revision kept by `apply`).
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
