@@ -671,7 +671,12 @@ impl<D: Durable> Replica<D> {
         cc.set_context(ctx.encode().into());
         self.raw
             .propose_conf_change(Vec::new(), cc)
-            .map_err(|e| ProposeError::Membership(e.to_string()))?;
+            .map_err(|e| match e {
+                // Another change is still being applied (or a new leader has not applied its
+                // first entry yet): transient, so retryable.
+                raft::Error::ProposalDropped => ProposeError::Dropped(e.to_string()),
+                e => ProposeError::Membership(e.to_string()),
+            })?;
         let index = self.raw.raft.raft_log.last_index();
         self.pending.insert(index, proposal);
         Ok(proposal)

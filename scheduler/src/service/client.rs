@@ -18,7 +18,7 @@ use berth_proto::pb::v1::admin_service_client::AdminServiceClient;
 use berth_proto::pb::v1::node_service_client::NodeServiceClient;
 use berth_proto::pb::v1::sandbox_service_client::SandboxServiceClient;
 
-use super::driver::LEADER_METADATA;
+use super::driver::{LEADER_METADATA, is_not_leader};
 use super::transport::peer_channel;
 
 /// A cluster client.
@@ -31,24 +31,15 @@ pub struct Client {
     pub deadline: Duration,
 }
 
-/// Whether a status means "try another replica".
+/// Whether a status means "try another replica": the replica or the network is not there,
+/// or a follower said who leads. Every other answer, FAILED_PRECONDITION refusals (a wrong
+/// cluster id, a node that must re-register, a sandbox with no agent to read logs from)
+/// included, would be the same on retry and goes back to the caller at once.
 fn retryable(status: &Status) -> bool {
     matches!(
         status.code(),
-        Code::Unavailable | Code::FailedPrecondition | Code::Unknown | Code::Cancelled
-    ) && !status.message().starts_with("cluster_id")
-}
-
-/// Like [`retryable`], but a FAILED_PRECONDITION counts only when it is a follower's "not
-/// the leader" answer: for calls whose own refusals use that code (no log agent, uncordoning
-/// a down node), retrying until the deadline would only delay the answer.
-fn retryable_unless_refused(status: &Status) -> bool {
-    retryable(status)
-        && (status.code() != Code::FailedPrecondition
-            || status.metadata().get(LEADER_METADATA).is_some()
-            || status
-                .message()
-                .starts_with("this replica is not the leader"))
+        Code::Unavailable | Code::Unknown | Code::Cancelled
+    ) || is_not_leader(status)
 }
 
 impl Client {
@@ -103,20 +94,7 @@ impl Client {
     }
 
     /// Calls `f` on the leader, following hints and retrying until the deadline.
-    pub async fn call<T, F, Fut>(&mut self, f: F) -> Result<T, Status>
-    where
-        F: FnMut(Channel) -> Fut,
-        Fut: Future<Output = Result<Response<T>, Status>>,
-    {
-        self.call_retrying(retryable, f).await
-    }
-
-    /// [`Client::call`] with its own test of which failures to retry.
-    async fn call_retrying<T, F, Fut>(
-        &mut self,
-        retryable: fn(&Status) -> bool,
-        mut f: F,
-    ) -> Result<T, Status>
+    pub async fn call<T, F, Fut>(&mut self, mut f: F) -> Result<T, Status>
     where
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
@@ -226,7 +204,7 @@ impl Client {
             sandbox_id: sandbox_id.to_owned(),
             follow,
         };
-        self.call_retrying(retryable_unless_refused, |c| {
+        self.call(|c| {
             let request = request.clone();
             async move { SandboxServiceClient::new(c).read_logs(request).await }
         })
@@ -248,7 +226,7 @@ impl Client {
     /// Stops placing new sandboxes on a node; returns the node as it is now.
     pub async fn cordon(&mut self, node_id: &str, reason: &str) -> Result<pb::Node, Status> {
         let request = node_request(node_id, reason);
-        self.call_retrying(retryable_unless_refused, |c| {
+        self.call(|c| {
             let request = request.clone();
             async move { AdminServiceClient::new(c).cordon_node(request).await }
         })
@@ -258,7 +236,7 @@ impl Client {
     /// Makes a cordoned or draining node ready again.
     pub async fn uncordon(&mut self, node_id: &str) -> Result<pb::Node, Status> {
         let request = node_request(node_id, "");
-        self.call_retrying(retryable_unless_refused, |c| {
+        self.call(|c| {
             let request = request.clone();
             async move { AdminServiceClient::new(c).uncordon_node(request).await }
         })
@@ -268,7 +246,7 @@ impl Client {
     /// Cordons a node and marks it for removal once its sandboxes finish.
     pub async fn drain(&mut self, node_id: &str, reason: &str) -> Result<pb::Node, Status> {
         let request = node_request(node_id, reason);
-        self.call_retrying(retryable_unless_refused, |c| {
+        self.call(|c| {
             let request = request.clone();
             async move { AdminServiceClient::new(c).drain_node(request).await }
         })
@@ -384,5 +362,29 @@ pub async fn local_sandbox_ids(address: &str) -> Result<Vec<String>, Status> {
             return Ok(ids);
         }
         token = page.next_page_token;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::driver::not_leader_status;
+
+    #[test]
+    fn only_not_leader_answers_and_unreachable_replicas_are_retried() {
+        // A follower's answer, with or without a known leader.
+        assert!(retryable(&not_leader_status(2, "127.0.0.1:7071")));
+        assert!(retryable(&not_leader_status(0, "")));
+        assert!(retryable(&Status::unavailable("connection refused")));
+        // Refusals that every replica would repeat go straight back.
+        for refusal in [
+            Status::failed_precondition("cluster_id: \"other\" is not this replica's cluster"),
+            Status::failed_precondition("node n1 must re-register"),
+            Status::failed_precondition("sandbox_id: sbx-1 has not been placed on a node yet"),
+            Status::invalid_argument("spec.resources.cpu_milli: must be > 0"),
+            Status::not_found("sandbox sbx-1 does not exist"),
+        ] {
+            assert!(!retryable(&refusal), "{refusal:?}");
+        }
     }
 }

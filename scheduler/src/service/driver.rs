@@ -16,6 +16,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, select};
 use raft::eraftpb::Message;
 use tokio::sync::{oneshot, watch};
 use tonic::Status;
+use tonic::metadata::MetadataValue;
 
 use berth_proto::pb::v1 as pb;
 
@@ -138,7 +139,10 @@ pub struct ReplicaHandle {
     max_queued_creates: usize,
 }
 
-/// The Status a follower answers with: FAILED_PRECONDITION, the leader in metadata.
+/// The Status a follower answers with: FAILED_PRECONDITION, and the leader's address in
+/// `berth-leader` metadata. The metadata is always there (empty while no leader is known),
+/// which is what tells this answer apart from a FAILED_PRECONDITION refusal
+/// ([`is_not_leader`]).
 pub fn not_leader_status(leader: u64, address: &str) -> Status {
     let msg = if leader == 0 {
         "this replica is not the leader and no leader is known yet; retry shortly".to_owned()
@@ -146,19 +150,25 @@ pub fn not_leader_status(leader: u64, address: &str) -> Status {
         format!("this replica is not the leader; the leader is replica {leader} at {address}")
     };
     let mut status = Status::failed_precondition(msg);
-    if !address.is_empty() {
-        if let Ok(v) = address.parse() {
-            status.metadata_mut().insert(LEADER_METADATA, v);
-        }
-    }
+    let hint = address
+        .parse()
+        .unwrap_or_else(|_| MetadataValue::from_static(""));
+    status.metadata_mut().insert(LEADER_METADATA, hint);
     status
+}
+
+/// Whether a Status is a follower's "not the leader" answer (worth sending to the leader),
+/// as opposed to a refusal that would be the same anywhere.
+pub fn is_not_leader(status: &Status) -> bool {
+    status.code() == tonic::Code::FailedPrecondition
+        && status.metadata().get(LEADER_METADATA).is_some()
 }
 
 fn propose_status(e: ProposeError) -> Status {
     match e {
         ProposeError::NotLeader { leader, address } => not_leader_status(leader, &address),
         ProposeError::Dropped(why) => Status::unavailable(format!(
-            "the proposal was dropped ({why}); retry with the same request_id"
+            "the proposal was dropped ({why}); retry (creates with the same request_id)"
         )),
         ProposeError::Membership(why) => Status::failed_precondition(why),
     }
