@@ -53,6 +53,12 @@ enum Op {
         node: usize,
         gpus: u32,
     },
+    /// An agent re-registers having kept every `keep`-th of the node's sandboxes.
+    AgentReregister {
+        node: usize,
+        gpus: u32,
+        keep: usize,
+    },
     Quota {
         max: u32,
         gpu_milli: u64,
@@ -71,6 +77,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..64).prop_map(|sandbox| Op::Delete { sandbox }),
         1 => (0usize..4, 0u8..4).prop_map(|(node, status)| Op::NodeStatus { node, status }),
         1 => (0usize..4, 0u32..9).prop_map(|(node, gpus)| Op::Reregister { node, gpus }),
+        1 => (0usize..4, 0u32..9, 1usize..4)
+            .prop_map(|(node, gpus, keep)| Op::AgentReregister { node, gpus, keep }),
         1 => (1u32..20, 0u64..8000).prop_map(|(max, gpu_milli)| Op::Quota { max, gpu_milli }),
         1 => (0u64..200).prop_map(|before| Op::Expire { before }),
     ]
@@ -191,6 +199,13 @@ fn to_command(state: &State, op: &Op, placer: &Placer) -> Command {
         },
         Op::Reregister { node, gpus } => Command::RegisterNode {
             spec: gpu_node(&node_id(*node), MODELS[*node % 3], *gpus),
+        },
+        Op::AgentReregister { node, gpus, keep } => Command::RegisterAgent {
+            spec: gpu_node(&node_id(*node), MODELS[*node % 3], *gpus),
+            has: state
+                .node(&node_id(*node))
+                .map(|r| r.sandboxes.iter().copied().step_by(*keep).collect())
+                .unwrap_or_default(),
         },
         Op::Quota { max, gpu_milli } => Command::SetTenantQuota {
             tenant: "t".into(),

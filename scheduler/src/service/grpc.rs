@@ -28,10 +28,12 @@ use super::liveness::Liveness;
 use super::watch::{self, WatchFilter, WatchSlots};
 use crate::model::{NodeStatus, SandboxId, SandboxState};
 use crate::replication::{CreateItem, MembershipChange};
-use crate::state::{Command, ItemOutcome, StatusChange, StatusUpdate};
+use crate::state::{Command, ItemOutcome};
 
 /// Largest page of a list.
 pub const PAGE_MAX: u32 = 1_000;
+/// Most sandboxes an agent may report in its registration.
+pub const MAX_OBSERVED: usize = 10_000;
 /// Largest snapshot a replica accepts from a leader.
 pub const SNAPSHOT_MAX_BYTES: usize = 4 << 30;
 
@@ -645,67 +647,46 @@ impl NodeService for Services {
         }
         let spec = convert::node_spec_from_pb(register.inventory.as_ref(), "register.inventory")?;
         let node = spec.id.clone();
-        let result = self.handle.command(Command::RegisterNode { spec }).await?;
+        if register.running.len() > MAX_OBSERVED {
+            return Err(Status::invalid_argument(format!(
+                "register.running: {} sandboxes; an agent reports at most {MAX_OBSERVED}",
+                register.running.len()
+            )));
+        }
+        // Everything the agent has, running or finished: the state machine re-adopts it and
+        // makes Lost what the agent no longer has. A malformed id is simply not ours.
+        let has: BTreeSet<SandboxId> = register
+            .running
+            .iter()
+            .filter_map(|o| o.sandbox_id.parse().ok())
+            .collect();
+        let result = self
+            .handle
+            .command(Command::RegisterAgent { spec, has })
+            .await?;
         if let ItemOutcome::Rejected(r) = only_outcome(result.outcomes)? {
             return Err(rejection_status(&r));
         }
-        // Everything the agent has, running or finished; only running ones can need stopping.
-        let observed: BTreeSet<String> = register
-            .running
-            .iter()
-            .map(|o| o.sandbox_id.clone())
-            .collect();
+        // Running on the agent but not bound to this node in the state: the agent stops them.
         let running: Vec<String> = register
             .running
-            .iter()
+            .into_iter()
             .filter(|o| o.state == pb::SandboxState::Running as i32)
-            .map(|o| o.sandbox_id.clone())
+            .map(|o| o.sandbox_id)
             .collect();
         let lookup = node.clone();
-        let (epoch, stop, missing) = self
+        let (epoch, stop) = self
             .handle
             .read(false, move |v| {
                 let record = v.state.node(&lookup);
-                let epoch = record.map_or(0, |r| r.epoch);
                 let bound = |id: &str| {
                     id.parse::<SandboxId>()
                         .is_ok_and(|id| record.is_some_and(|r| r.sandboxes.contains(&id)))
                 };
                 let stop: Vec<String> = running.into_iter().filter(|id| !bound(id)).collect();
-                // Running here per the state, but the agent does not have it: it is gone.
-                let missing: Vec<SandboxId> = record
-                    .map(|r| {
-                        r.sandboxes
-                            .iter()
-                            .filter(|id| !observed.contains(&id.to_string()))
-                            .filter(|id| {
-                                v.state
-                                    .sandbox(**id)
-                                    .is_some_and(|s| s.state == SandboxState::Running)
-                            })
-                            .copied()
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                (epoch, stop, missing)
+                (record.map_or(0, |r| r.epoch), stop)
             })
             .await?;
-        if !missing.is_empty() {
-            tracing::warn!(node = %node, count = missing.len(), "agent registered without sandboxes it was running; marking them lost");
-            let items = missing
-                .iter()
-                .map(|id| StatusUpdate {
-                    sandbox: *id,
-                    node: node.clone(),
-                    change: StatusChange::Lost {
-                        reason: format!("the agent on {node} restarted without it"),
-                    },
-                })
-                .collect();
-            self.handle
-                .command(Command::UpdateSandboxes { items })
-                .await?;
-        }
         self.liveness.heard_from(&node);
         let _ = tx
             .send(scheduler_message(

@@ -4,6 +4,8 @@ use berth_proto::gpu::{
     GpuAmount, GpuModelSelector, GpuRequest,
     request::{MAX_GPU_OPTIONS, MAX_GPUS_PER_SANDBOX},
 };
+use std::collections::BTreeSet;
+
 use berth_proto::{GpuModelName, Validator};
 
 use super::command::{
@@ -27,7 +29,10 @@ impl State {
         }
         let one = |r| vec![outcome(r)];
         match command {
-            Command::RegisterNode { spec } => one(self.register_node(spec, now_ms)),
+            Command::RegisterNode { spec } => one(self.register_node(spec, None, now_ms)),
+            Command::RegisterAgent { spec, has } => {
+                one(self.register_node(spec, Some(has), now_ms))
+            }
             Command::SetNodeStatus {
                 node,
                 status,
@@ -95,7 +100,14 @@ impl State {
         }
     }
 
-    fn register_node(&mut self, spec: &NodeSpec, now_ms: u64) -> Result<(), Rejection> {
+    /// Registers or re-registers a node. With `has` (an agent's registration), a sandbox
+    /// the state has Running there that the agent does not have is Lost.
+    fn register_node(
+        &mut self,
+        spec: &NodeSpec,
+        has: Option<&BTreeSet<SandboxId>>,
+        now_ms: u64,
+    ) -> Result<(), Rejection> {
         let mut v = Validator::new();
         spec.validate(&mut v);
         v.finish()
@@ -137,6 +149,11 @@ impl State {
                 continue;
             };
             let node = self.nodes.get(&spec.id);
+            if has.is_some_and(|has| !has.contains(&id)) && sandbox.state == SandboxState::Running {
+                let reason = format!("the agent on {} restarted without it", spec.id);
+                self.finish(id, SandboxState::Lost { reason }, now_ms, false);
+                continue;
+            }
             let fits = match (&sandbox.binding, node) {
                 (Some(b), Some(node)) => {
                     b.placement.gpu_indices.iter().all(|i| {
@@ -376,17 +393,6 @@ impl State {
                 self.finish(
                     update.sandbox,
                     SandboxState::Failed {
-                        reason: truncate(reason, 1024),
-                    },
-                    now_ms,
-                    true,
-                );
-                Ok(())
-            }
-            StatusChange::Lost { reason } => {
-                self.finish(
-                    update.sandbox,
-                    SandboxState::Lost {
                         reason: truncate(reason, 1024),
                     },
                     now_ms,

@@ -1,5 +1,7 @@
 //! Commands the state machine applies, and what each item of a command came to.
 
+use std::collections::BTreeSet;
+
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -68,6 +70,15 @@ pub enum Command {
         /// Quota.
         quota: TenantQuota,
     },
+    /// A node's agent (re)connected: register the node as [`Command::RegisterNode`] does,
+    /// and make Lost every sandbox the state has Running there that the agent does not
+    /// have (it restarted without it). What the agent has is re-adopted.
+    RegisterAgent {
+        /// The inventory.
+        spec: NodeSpec,
+        /// Every sandbox the agent has, running or finished.
+        has: BTreeSet<SandboxId>,
+    },
 }
 
 impl Command {
@@ -79,6 +90,7 @@ impl Command {
             Command::SetPendingReasons { items } => items.len(),
             Command::UpdateSandboxes { items } => items.len(),
             Command::DeleteSandboxes { items } => items.len(),
+            Command::RegisterAgent { has, .. } => has.len().max(1),
             _ => 1,
         }
     }
@@ -118,12 +130,6 @@ pub enum StatusChange {
     },
     /// It failed to start or was killed (timeout, OOM).
     Failed {
-        /// Why.
-        reason: String,
-    },
-    /// Its node no longer has it (the agent restarted without it): decided by the leader
-    /// when an agent registers without a sandbox the state has running there.
-    Lost {
         /// Why.
         reason: String,
     },

@@ -285,6 +285,53 @@ fn reregistering_keeps_what_still_fits() {
 }
 
 #[test]
+fn an_agent_registering_without_a_running_sandbox_loses_it_and_keeps_the_rest() {
+    let mut state = with_node(GpuModel::L4, 3);
+    let mut make = |key: &str, gpu: u32| {
+        created(&apply_checked(
+            &mut state,
+            &submit(key, spec(&["L4"]), Some(placement("n1", 1, &[gpu], 1000))),
+            1,
+        ))
+        .0
+    };
+    let (gone, kept, queued) = (make("a", 0), make("b", 1), make("c", 2));
+    let running = Command::UpdateSandboxes {
+        items: [gone, kept]
+            .into_iter()
+            .map(|id| StatusUpdate {
+                sandbox: id,
+                node: "n1".into(),
+                change: StatusChange::Running,
+            })
+            .collect(),
+    };
+    apply_checked(&mut state, &running, 2);
+    // The agent restarted with only `kept`; `queued` was never started, so it is still
+    // waiting to be assigned.
+    apply_checked(
+        &mut state,
+        &Command::RegisterAgent {
+            spec: gpu_node("n1", GpuModel::L4, 3),
+            has: [kept].into(),
+        },
+        3,
+    );
+    let state_of = |id| state.sandbox(id).map(|s| s.state.clone());
+    assert_eq!(
+        state_of(gone),
+        Some(SandboxState::Lost {
+            reason: "the agent on n1 restarted without it".into()
+        })
+    );
+    assert_eq!(state_of(kept), Some(SandboxState::Running));
+    assert_eq!(state_of(queued).map(|s| s.name()), Some("scheduled"));
+    // The lost sandbox's GPU is free again; the others' are held.
+    let node = state.node("n1").expect("node");
+    assert_eq!(node.gpu_milli_allocated, [0, 1000, 1000]);
+}
+
+#[test]
 fn status_updates_run_to_completion_and_release() {
     let mut state = with_node(GpuModel::T4, 1);
     let (id, _) = created(&apply_checked(
