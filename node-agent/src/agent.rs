@@ -16,7 +16,7 @@ use std::ffi::OsString;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -30,7 +30,7 @@ use berth_proto::pb::v1::node_service_client::NodeServiceClient;
 use crate::config::{AgentConfig, RuntimeKind};
 use crate::inventory::{self, GpuSource};
 use crate::logs::Logs;
-use crate::runtime::{ExitRecord, Launch, LocalState, Outcome, Runtime, cgroup_v2};
+use crate::runtime::{ExitRecord, Launch, LocalState, Outcome, Runtime, cgroup_v2, unix_ms};
 
 /// Finished sandboxes whose output is kept (for `berth sandbox logs`), newest first.
 const MAX_FINISHED_KEPT: usize = 1_000;
@@ -226,12 +226,6 @@ fn channel(address: &str) -> Result<Channel, String> {
 
 fn message(m: pb::agent_message::Message) -> pb::AgentMessage {
     pb::AgentMessage { message: Some(m) }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A sandbox's local state as a status report (state, exit code, reason).

@@ -144,7 +144,8 @@ pub struct LocalSandbox {
     pub state: LocalState,
 }
 
-fn unix_ms() -> u64 {
+/// Now, in Unix milliseconds (record times for operators, never for decisions).
+pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

@@ -219,12 +219,23 @@ impl fmt::Display for Table {
     }
 }
 
-/// A protobuf enum value's name for people: `SANDBOX_STATE_RUNNING` → `running`.
-pub(crate) fn enum_label(proto_name: &str, prefix: &str) -> String {
-    proto_name
-        .strip_prefix(prefix)
-        .unwrap_or(proto_name)
-        .to_ascii_lowercase()
+/// A protobuf enum value for people: `running` for `SANDBOX_STATE_RUNNING` (`name` is the
+/// generated `as_str_name`, `prefix` what to drop), `unknown(7)` for a value this build
+/// does not know.
+pub(crate) fn enum_label<E: TryFrom<i32>>(
+    raw: i32,
+    name: fn(&E) -> &'static str,
+    prefix: &str,
+) -> String {
+    match E::try_from(raw) {
+        Ok(value) => {
+            let name = name(&value);
+            name.strip_prefix(prefix)
+                .unwrap_or(name)
+                .to_ascii_lowercase()
+        }
+        Err(_) => format!("unknown({raw})"),
+    }
 }
 
 /// Milli-cores as cores: 500 → `0.5`, 16000 → `16`.
@@ -261,8 +272,20 @@ mod tests {
     #[test]
     fn labels_and_cores() {
         assert_eq!(
-            enum_label("SANDBOX_STATE_RUNNING", "SANDBOX_STATE_"),
+            enum_label(
+                berth_proto::pb::v1::SandboxState::Running as i32,
+                berth_proto::pb::v1::SandboxState::as_str_name,
+                "SANDBOX_STATE_"
+            ),
             "running"
+        );
+        assert_eq!(
+            enum_label(
+                99,
+                berth_proto::pb::v1::SandboxState::as_str_name,
+                "SANDBOX_STATE_"
+            ),
+            "unknown(99)"
         );
         assert_eq!(format_cores(500), "0.5");
         assert_eq!(format_cores(16_000), "16");

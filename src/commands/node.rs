@@ -181,10 +181,7 @@ fn status_text(node: &pb::Node, with_reason: bool) -> String {
 }
 
 fn status_label(raw: i32) -> String {
-    pb::NodeStatus::try_from(raw).map_or_else(
-        |_| format!("unknown({raw})"),
-        |s| enum_label(s.as_str_name(), "NODE_STATUS_"),
-    )
+    enum_label(raw, pb::NodeStatus::as_str_name, "NODE_STATUS_")
 }
 
 /// A node as JSON, enum values as lowercase names.
@@ -201,10 +198,7 @@ fn node_json(node: &pb::Node) -> serde_json::Value {
                 "model": g.model,
                 "product_name": g.product_name,
                 "memory_mib": g.memory_mib,
-                "health": pb::GpuHealth::try_from(g.health)
-                    .map_or_else(|_| g.health.to_string(), |h| {
-                        enum_label(h.as_str_name(), "GPU_HEALTH_")
-                    }),
+                "health": enum_label(g.health, pb::GpuHealth::as_str_name, "GPU_HEALTH_"),
                 "health_reason": g.health_reason,
                 "allocated_milli": allocation.map_or(0, |a| a.allocated_milli),
                 "sandbox_ids": allocation.map(|a| a.sandbox_ids.clone()).unwrap_or_default(),
@@ -217,10 +211,11 @@ fn node_json(node: &pb::Node) -> serde_json::Value {
         "region": inv.region,
         "zone": inv.zone,
         "instance_type": inv.instance_type,
-        "capacity_type": pb::CapacityType::try_from(inv.capacity_type)
-            .map_or_else(|_| inv.capacity_type.to_string(), |c| {
-                enum_label(c.as_str_name(), "CAPACITY_TYPE_")
-            }),
+        "capacity_type": enum_label(
+            inv.capacity_type,
+            pb::CapacityType::as_str_name,
+            "CAPACITY_TYPE_"
+        ),
         "labels": inv.labels,
         "status": status_label(node.status),
         "status_reason": node.status_reason,

@@ -104,7 +104,7 @@ struct CreateArgs {
     /// CPU cores; fractions allowed (0.5 = 500 milli-cores).
     #[arg(long, value_name = "CORES", default_value = "1", value_parser = parse_cpu_milli)]
     cpu: u64,
-    /// Memory: 512Mi, 2Gi, 1G (decimal); a plain number is MiB.
+    /// Memory: 512Mi, 2Gi, 1.5GiB; a plain number is MiB.
     #[arg(long, value_name = "SIZE", default_value = "1Gi", value_parser = parse_memory_mib)]
     memory: u64,
     /// Allowed regions (comma-separated or repeated); default any.
@@ -538,10 +538,7 @@ fn status(sandbox: &pb::Sandbox) -> &pb::SandboxStatus {
 
 /// `running` for `SANDBOX_STATE_RUNNING`.
 fn state_label(raw: i32) -> String {
-    SandboxState::try_from(raw).map_or_else(
-        |_| format!("unknown({raw})"),
-        |s| enum_label(s.as_str_name(), "SANDBOX_STATE_"),
-    )
+    enum_label(raw, SandboxState::as_str_name, "SANDBOX_STATE_")
 }
 
 fn parse_state(text: &str) -> Result<SandboxState, String> {
@@ -677,72 +674,21 @@ fn parse_key_value(text: &str) -> Result<(String, String), String> {
     }
 }
 
-/// A non-negative decimal as digits and the number of them after the point: `"1.25"` →
-/// `(125, 2)`.
-fn parse_decimal(text: &str) -> Option<(u128, u32)> {
-    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
-    let digits = format!("{whole}{fraction}");
-    if digits.is_empty() || digits.len() > 30 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    Some((digits.parse().ok()?, u32::try_from(fraction.len()).ok()?))
-}
-
-/// CPU in cores (`0.5`, `2`) or milli-cores (`250m`) → milli-cores.
+/// CPU in cores (`0.5`, `2`) or milli-cores (`250m`) → milli-cores: the quantity grammar
+/// of config files, and more than zero.
 fn parse_cpu_milli(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let bad = || format!("{text:?} is not a CPU amount like 1, 0.5 or 250m");
-    let milli = if let Some(m) = t.strip_suffix('m') {
-        match parse_decimal(m) {
-            Some((n, 0)) => n,
-            _ => return Err(bad()),
-        }
-    } else {
-        let (n, places) = parse_decimal(t).ok_or_else(bad)?;
-        if places > 3 {
-            return Err(format!("{text:?} is finer than a milli-core (0.001)"));
-        }
-        n * 10u128.pow(3 - places)
-    };
-    match u64::try_from(milli) {
+    match berth_proto::resources::parse_cpu_milli(text) {
         Ok(0) => Err("the CPU amount must be more than 0".into()),
-        Ok(m) => Ok(m),
-        Err(_) => Err(bad()),
+        other => other.map_err(|e| e.to_string()),
     }
 }
 
-/// Memory as `512Mi`, `2Gi`, `1G` (decimal, 10^9 bytes) or a plain number of MiB → MiB,
-/// rounded up.
+/// Memory as `512Mi`, `2Gi`, `1.5GiB` or a plain number of MiB → MiB: the quantity grammar
+/// of config files (decimal units such as `1G` are refused, not guessed), and more than zero.
 fn parse_memory_mib(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let unit_bytes: u128 = match unit.trim() {
-        "" | "Mi" | "MiB" => 1 << 20,
-        "Ki" | "KiB" => 1 << 10,
-        "Gi" | "GiB" => 1 << 30,
-        "Ti" | "TiB" => 1 << 40,
-        "K" | "KB" | "k" | "kB" => 1_000,
-        "M" | "MB" => 1_000_000,
-        "G" | "GB" => 1_000_000_000,
-        "T" | "TB" => 1_000_000_000_000,
-        other => {
-            return Err(format!(
-                "{text:?}: unknown unit {other:?}; use Ki, Mi, Gi, Ti (binary) or K, M, G, T \
-                 (decimal); a plain number is MiB"
-            ));
-        }
-    };
-    let (n, places) = parse_decimal(number)
-        .ok_or_else(|| format!("{text:?} is not a memory size like 512Mi, 2Gi or 1G"))?;
-    let bytes = n * unit_bytes / 10u128.pow(places);
-    let mib = bytes.div_ceil(1 << 20);
-    match u64::try_from(mib) {
+    match berth_proto::resources::parse_memory_mib(text) {
         Ok(0) => Err("the memory size must be more than 0".into()),
-        Ok(m) => Ok(m),
-        Err(_) => Err(format!("{text:?} is too large")),
+        other => other.map_err(|e| e.to_string()),
     }
 }
 
@@ -782,10 +728,11 @@ fn spec_json(spec: &pb::SandboxSpec) -> serde_json::Value {
             "tolerations": constraints.tolerations.iter().map(|t| serde_json::json!({
                 "key": t.key, "value": t.value,
             })).collect::<Vec<_>>(),
-            "capacity_type": pb::CapacityType::try_from(constraints.capacity_type)
-                .map_or_else(|_| constraints.capacity_type.to_string(), |c| {
-                    enum_label(c.as_str_name(), "CAPACITY_TYPE_")
-                }),
+            "capacity_type": enum_label(
+                constraints.capacity_type,
+                pb::CapacityType::as_str_name,
+                "CAPACITY_TYPE_"
+            ),
         },
         "priority": spec.priority,
         "timeout_ms": spec.timeout_ms,
@@ -848,11 +795,13 @@ mod tests {
         assert_eq!(parse_memory_mib("2Gi"), Ok(2048));
         assert_eq!(parse_memory_mib("1.5Gi"), Ok(1536));
         assert_eq!(parse_memory_mib("300"), Ok(300));
-        // 10^9 bytes is 953.67 MiB: rounded up.
-        assert_eq!(parse_memory_mib("1G"), Ok(954));
         assert_eq!(parse_memory_mib("1Ti"), Ok(1 << 20));
-        assert_eq!(parse_memory_mib("1Ki"), Ok(1));
-        for bad in ["", "0", "0Gi", "Gi", "2g", "1.2.3Gi", "-1Gi", "12XB", "1e3"] {
+        // Decimal units are refused, as in config files, rather than rounded.
+        let err = parse_memory_mib("1G").expect_err("decimal unit");
+        assert!(err.contains("use MiB, GiB or TiB"), "{err}");
+        for bad in [
+            "", "0", "0Gi", "Gi", "2g", "1.2.3Gi", "-1Gi", "12XB", "1e3", "1Ki",
+        ] {
             assert!(parse_memory_mib(bad).is_err(), "{bad:?} accepted");
         }
         assert!(parse_memory_mib("99999999999999999999999999Ti").is_err());
