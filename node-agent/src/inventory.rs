@@ -160,9 +160,10 @@ enum Backend {
 }
 
 impl GpuSource {
-    /// Opens the configured source. With `inventory = "nvml"` this loads NVML; when that
-    /// fails (no driver), it logs one warning and the node reports no GPUs. A static file is
-    /// read by [`GpuSource::read`], so a broken one is reported there.
+    /// Opens the configured source. `inventory = "nvml"` and `{ nvml_or_static = PATH }`
+    /// load NVML; when that fails (no driver) it logs one warning and the node reports no
+    /// GPUs, or the static file's with `nvml_or_static`. `{ static = PATH }` never asks NVML.
+    /// A static file is read by [`GpuSource::read`], so a broken one is reported there.
     pub fn open(cfg: &AgentConfig, config_dir: &Path) -> GpuSource {
         let file = cfg.static_inventory_path(config_dir);
         let backend = match (&cfg.inventory, file) {
@@ -287,7 +288,8 @@ fn announce(node_id: &str, inventory: &Inventory) {
     }
 }
 
-/// The line logged when `inventory = "nvml"` and NVML cannot be loaded.
+/// The line logged when NVML cannot be loaded; `fallback` is the static file used instead
+/// (`nvml_or_static`), if any.
 pub fn nvml_unavailable_message(error: &NvmlError, fallback: Option<&Path>) -> String {
     let why = match error {
         NvmlError::LibloadingError(_)
@@ -373,7 +375,7 @@ fn left_after_reservation(
 
 fn static_gpus(node_id: &str, file: &StaticInventory) -> Vec<pb::Gpu> {
     (0u32..)
-        .zip(file.devices_with_names())
+        .zip(file.devices())
         .map(|(index, device)| pb::Gpu {
             index,
             uuid: static_gpu_uuid(node_id, index),

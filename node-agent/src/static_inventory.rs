@@ -184,16 +184,8 @@ impl StaticInventory {
         }
     }
 
-    /// The GPUs in device-index order: (model, memory MiB).
-    pub fn devices(&self) -> Vec<(GpuModelName, u64)> {
-        self.devices_with_names()
-            .into_iter()
-            .map(|d| (d.model, d.memory_mib))
-            .collect()
-    }
-
     /// The GPUs in device-index order, with the product name each was listed under.
-    pub fn devices_with_names(&self) -> Vec<StaticDevice<'_>> {
+    pub fn devices(&self) -> Vec<StaticDevice<'_>> {
         self.gpus
             .iter()
             .flat_map(|group| {
@@ -226,8 +218,11 @@ mod tests {
         .expect("parses");
         let devices = inventory.devices();
         assert_eq!(devices.len(), 3);
-        assert_eq!(devices[0], (GpuModel::L4.into(), 24 * 1024));
-        assert_eq!(devices[2].0, GpuModel::T4.into());
+        assert_eq!(
+            (devices[0].model.clone(), devices[0].memory_mib),
+            (GpuModel::L4.into(), 24 * 1024)
+        );
+        assert_eq!(devices[2].model, GpuModel::T4.into());
     }
 
     #[test]
@@ -298,7 +293,7 @@ mod tests {
             "[[gpus]]\nproduct_name = \" NVIDIA A10G \"\ncount = 2\n[[gpus]]\nproduct_name = \"Mystery\"\nmemory_mib = 1000\n",
         )
         .expect("parses");
-        let devices = inventory.devices_with_names();
+        let devices = inventory.devices();
         assert_eq!(devices.len(), 3);
         assert_eq!(devices[1].product_name, "NVIDIA A10G");
         assert_eq!(devices[1].model, GpuModel::A10.into());
@@ -340,7 +335,7 @@ mod tests {
             .iter()
             .map(|(name, inv)| {
                 let devices = inv.devices();
-                (name.as_str(), devices.len(), devices[0].0.known())
+                (name.as_str(), devices.len(), devices[0].model.known())
             })
             .collect();
         assert_eq!(
