@@ -126,6 +126,25 @@ async fn node(client: &mut Client, id: &str) -> Option<pb::Node> {
         .find(|n| n.inventory.as_ref().is_some_and(|i| i.node_id == id))
 }
 
+/// Waits until node `id` is in `status`, and returns it.
+async fn node_in(
+    client: &Client,
+    id: &str,
+    status: pb::NodeStatus,
+    limit: Duration,
+    agent: &AgentProcess,
+) -> pb::Node {
+    wait_for(limit, &format!("node {id} {status:?}"), agent, || {
+        let mut client = client.clone();
+        async move {
+            node(&mut client, id)
+                .await
+                .filter(|n| n.status == status as i32)
+        }
+    })
+    .await
+}
+
 /// Polls `check` every 50 ms until it returns `Some`, or panics with `what` after `limit`.
 async fn wait_for<T, F, Fut>(limit: Duration, what: &str, agent: &AgentProcess, mut check: F) -> T
 where
@@ -203,18 +222,12 @@ async fn a_killed_agent_is_marked_down_and_its_gpus_wait_for_it_to_reregister() 
     let mut client = cluster.client();
     let mut agent = AgentProcess::new(dir.path(), "h100-a", &cluster.endpoints());
     agent.start();
-    let first = wait_for(
+    let first = node_in(
+        &client,
+        "h100-a",
+        pb::NodeStatus::Ready,
         Duration::from_secs(20),
-        "the node registers",
         &agent,
-        || {
-            let mut client = client.clone();
-            async move {
-                node(&mut client, "h100-a")
-                    .await
-                    .filter(|n| n.status == pb::NodeStatus::Ready as i32)
-            }
-        },
     )
     .await;
 
@@ -228,18 +241,12 @@ async fn a_killed_agent_is_marked_down_and_its_gpus_wait_for_it_to_reregister() 
 
     agent.kill();
     let killed = Instant::now();
-    let down = wait_for(
+    let down = node_in(
+        &client,
+        "h100-a",
+        pb::NodeStatus::Down,
         Duration::from_millis(TTL_MS + 5_000),
-        "the node is marked down",
         &agent,
-        || {
-            let mut client = client.clone();
-            async move {
-                node(&mut client, "h100-a")
-                    .await
-                    .filter(|n| n.status == pb::NodeStatus::Down as i32)
-            }
-        },
     )
     .await;
     eprintln!(
@@ -268,18 +275,12 @@ async fn a_killed_agent_is_marked_down_and_its_gpus_wait_for_it_to_reregister() 
     // It re-registers with a new epoch; the pending sandbox runs there, and the sandbox the
     // scheduler gave up on is stopped, not left running.
     agent.start();
-    let back = wait_for(
+    let back = node_in(
+        &client,
+        "h100-a",
+        pb::NodeStatus::Ready,
         Duration::from_secs(20),
-        "the node re-registers",
         &agent,
-        || {
-            let mut client = client.clone();
-            async move {
-                node(&mut client, "h100-a")
-                    .await
-                    .filter(|n| n.status == pb::NodeStatus::Ready as i32)
-            }
-        },
     )
     .await;
     assert!(
