@@ -11,7 +11,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use berth_proto::pb::v1 as pb;
-use berth_proto::pb::v1::admin_service_client::AdminServiceClient;
 use berth_scheduler::service::client::Client;
 use berth_scheduler::service::local_cluster::{LocalCluster, LocalClusterConfig};
 
@@ -109,11 +108,7 @@ impl Drop for AgentProcess {
 
 async fn nodes(client: &mut Client) -> Vec<pb::Node> {
     client
-        .call(|c| async move {
-            AdminServiceClient::new(c)
-                .list_nodes(pb::ListNodesRequest::default())
-                .await
-        })
+        .list_nodes(pb::ListNodesRequest::default())
         .await
         .expect("list nodes")
         .nodes

@@ -9,7 +9,6 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use berth_proto::pb::v1 as pb;
-use berth_proto::pb::v1::admin_service_client::AdminServiceClient;
 use berth_scheduler::service::client::Client;
 
 const BERTH: &str = env!("CARGO_BIN_EXE_berth");
@@ -93,11 +92,7 @@ fn dev_runs_a_gpu_sandbox_under_gvisor_and_the_cli_exits_with_its_code() {
     let started = Instant::now();
     let nodes: Vec<pb::Node> = loop {
         let nodes = runtime
-            .block_on(client.call(|c| async move {
-                AdminServiceClient::new(c)
-                    .list_nodes(pb::ListNodesRequest::default())
-                    .await
-            }))
+            .block_on(client.list_nodes(pb::ListNodesRequest::default()))
             .map(|r| r.nodes)
             .unwrap_or_default();
         if nodes

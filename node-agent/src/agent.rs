@@ -288,7 +288,7 @@ impl Agent {
             Ok(c) => c,
             Err(e) => return SessionEnd::Broken(e),
         };
-        let local = self.runtime.scan();
+        let local = self.runtime.scan_cached(&self.last_scan);
         let running = local
             .iter()
             .map(|(id, s)| {

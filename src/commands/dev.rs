@@ -317,11 +317,7 @@ async fn wait_for_nodes(grpc: &[String], count: usize) -> Result<(), String> {
     let started = Instant::now();
     loop {
         let ready = client
-            .call(|c| async move {
-                berth_proto::pb::v1::admin_service_client::AdminServiceClient::new(c)
-                    .list_nodes(pb::ListNodesRequest::default())
-                    .await
-            })
+            .list_nodes(pb::ListNodesRequest::default())
             .await
             .map(|r| {
                 r.nodes
