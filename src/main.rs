@@ -2,7 +2,9 @@
 //!
 //! # Layout
 //! - `cli`: the command line (clap), one subcommand per role or tool.
-//! - `commands`: subcommands with more than a few lines (`sim`).
+//! - `commands`: the subcommands with more than a few lines (`scheduler`, `agent`, `dev`,
+//!   `sandbox`, `node`, `cluster`, `sim`, `bench`), and what the cluster commands share
+//!   (endpoint flags, the client runner, tables).
 //! - `config_file`: reading and validating berth TOML config files.
 //! - `logging`: tracing setup for `--log-level` and `--log-format`.
 

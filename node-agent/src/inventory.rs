@@ -79,7 +79,7 @@ pub enum InventoryOrigin {
 }
 
 impl InventoryOrigin {
-    /// The wire form (`NodeInventory.inventory_source`): "nvml", "static:<path>" or "none".
+    /// The wire form (`NodeInventory.inventory_source`): "nvml", `static:PATH` or "none".
     pub fn as_str(&self) -> String {
         match self {
             InventoryOrigin::Nvml => "nvml".into(),
@@ -750,7 +750,7 @@ impl<'nvml> XidWatch<'nvml> {
     }
 
     /// The XID events since the last poll, as (device index, XID), without waiting; at most
-    /// [`MAX_XID_EVENTS_PER_POLL`].
+    /// 256.
     pub fn poll(&mut self) -> Vec<(u32, u64)> {
         let mut seen = Vec::new();
         while seen.len() < MAX_XID_EVENTS_PER_POLL {

@@ -1,7 +1,7 @@
 //! `WatchSandboxes`: a stream of changes to the sandboxes matching a filter.
 //!
 //! Level-triggered: the watcher keeps the last version of each matching sandbox it sent,
-//! and after every batch of applied entries (coalesced over [`COALESCE`]) it reads the
+//! and after every batch of applied entries (coalesced over 20 ms) it reads the
 //! matching sandboxes from this replica's applied state and sends those that changed
 //! (`UPSERTED`) or disappeared (`DELETED`). A stream therefore starts with the current
 //! state of every match; a client that reconnects gets that again, so it never misses a
