@@ -4,7 +4,7 @@
 //! `runsc` is installed, and as plain processes when not. Ctrl-C stops the sandboxes,
 //! then the agents, then the replicas.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -369,7 +369,7 @@ fn print_banner(args: &DevArgs, grpc: &[String], runtime: &str, problem: Option<
         "  nodes:     2 × 8×H100 (aws us-east-1, gcp us-central1), 1 × 8×B200 (gcp us-central1),"
     );
     println!("             2 × 1×L4 (gcp europe-west4), 2 × 4×T4 (aws us-west-2)");
-    println!("  state:     {}", display(&args.data_dir));
+    println!("  state:     {}", args.data_dir.display());
     println!();
     println!("try, from another terminal:");
     println!("  berth node list{e}");
@@ -380,8 +380,4 @@ fn print_banner(args: &DevArgs, grpc: &[String], runtime: &str, problem: Option<
     println!("(with cargo: cargo run --release -- node list{e})");
     println!();
     println!("Ctrl-C stops everything.");
-}
-
-fn display(p: &Path) -> String {
-    p.display().to_string()
 }

@@ -126,25 +126,11 @@ pub fn cap_scale_up(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use berth_proto::node::CapacityType;
+    use crate::policy::fixtures::h100_group;
     use proptest::prelude::*;
 
     fn group(name: &str, max: u32, price: f64) -> NodeGroupConfig {
-        NodeGroupConfig {
-            name: name.into(),
-            provider: "local".into(),
-            region: "r".into(),
-            instance_type: "t".into(),
-            gpu_model: Some("H100".into()),
-            gpu_count: 8,
-            cpu_milli: 64_000,
-            memory_mib: 262_144,
-            price_per_hour_usd: price,
-            capacity_type: CapacityType::OnDemand,
-            min_nodes: 0,
-            max_nodes: max,
-            labels: BTreeMap::new(),
-        }
+        h100_group(name, 0, max, price)
     }
 
     fn config(

@@ -111,25 +111,11 @@ pub fn scale_down(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use berth_proto::node::CapacityType;
+    use crate::policy::fixtures::h100_group;
     use proptest::prelude::*;
 
     fn group(name: &str, min: u32, price: f64) -> NodeGroupConfig {
-        NodeGroupConfig {
-            name: name.into(),
-            provider: "local".into(),
-            region: "r".into(),
-            instance_type: "8xH100".into(),
-            gpu_model: Some("H100".into()),
-            gpu_count: 8,
-            cpu_milli: 64_000,
-            memory_mib: 262_144,
-            price_per_hour_usd: price,
-            capacity_type: CapacityType::OnDemand,
-            min_nodes: min,
-            max_nodes: 100,
-            labels: BTreeMap::new(),
-        }
+        h100_group(name, min, 100, price)
     }
 
     fn node(id: &str, group: &str, sandboxes: u32, idle_since: Option<u64>) -> NodeView {

@@ -191,32 +191,31 @@ async fn send_changes(
         .filter(|id| !current.contains_key(*id))
         .cloned()
         .collect();
-    for id in gone {
-        let Some(mut last) = sent.remove(&id) else {
-            continue;
-        };
-        last.revision = revision;
-        let event = pb::SandboxEvent {
-            kind: pb::sandbox_event::Kind::Deleted as i32,
-            sandbox: Some(last),
+    let event = |kind: pb::sandbox_event::Kind, mut sandbox: pb::Sandbox| {
+        sandbox.revision = revision;
+        Ok(pb::SandboxEvent {
+            kind: kind as i32,
+            sandbox: Some(sandbox),
             revision,
-        };
-        if tx.send(Ok(event)).await.is_err() {
-            return false;
+        })
+    };
+    for id in gone {
+        if let Some(last) = sent.remove(&id) {
+            if tx
+                .send(event(pb::sandbox_event::Kind::Deleted, last))
+                .await
+                .is_err()
+            {
+                return false;
+            }
         }
     }
     for (id, sandbox) in current {
         if sent.get(&id) == Some(&sandbox) {
             continue;
         }
-        let mut out = sandbox.clone();
-        out.revision = revision;
-        let event = pb::SandboxEvent {
-            kind: pb::sandbox_event::Kind::Upserted as i32,
-            sandbox: Some(out),
-            revision,
-        };
-        if tx.send(Ok(event)).await.is_err() {
+        let upserted = event(pb::sandbox_event::Kind::Upserted, sandbox.clone());
+        if tx.send(upserted).await.is_err() {
             return false;
         }
         sent.insert(id, sandbox);
