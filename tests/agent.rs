@@ -24,6 +24,19 @@ fn cluster(dir: &Path) -> LocalCluster {
     LocalCluster::start(cfg, dir).expect("start the cluster")
 }
 
+/// A cluster with a leader, a client of it, and a started agent for `node`.
+async fn cluster_with_agent(dir: &Path, node: &str) -> (LocalCluster, Client, AgentProcess) {
+    let mut cluster = cluster(dir);
+    cluster
+        .wait_for_leader(Duration::from_secs(20))
+        .await
+        .expect("a leader");
+    let client = cluster.client();
+    let mut agent = AgentProcess::new(dir, node, &cluster.endpoints());
+    agent.start();
+    (cluster, client, agent)
+}
+
 /// A `berth agent` process for one node with a static 8×H100 inventory.
 struct AgentProcess {
     config: PathBuf,
@@ -209,14 +222,7 @@ async fn sandbox_in(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_agent_is_marked_down_and_its_gpus_wait_for_it_to_reregister() {
     let dir = tempfile::tempdir().expect("tmp");
-    let mut cluster = cluster(dir.path());
-    cluster
-        .wait_for_leader(Duration::from_secs(20))
-        .await
-        .expect("a leader");
-    let mut client = cluster.client();
-    let mut agent = AgentProcess::new(dir.path(), "h100-a", &cluster.endpoints());
-    agent.start();
+    let (_cluster, mut client, mut agent) = cluster_with_agent(dir.path(), "h100-a").await;
     let first = node_in(
         &client,
         "h100-a",
@@ -302,14 +308,7 @@ async fn a_killed_agent_is_marked_down_and_its_gpus_wait_for_it_to_reregister() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_restarted_agent_readopts_a_running_sandbox_which_runs_once() {
     let dir = tempfile::tempdir().expect("tmp");
-    let mut cluster = cluster(dir.path());
-    cluster
-        .wait_for_leader(Duration::from_secs(20))
-        .await
-        .expect("a leader");
-    let mut client = cluster.client();
-    let mut agent = AgentProcess::new(dir.path(), "h100-b", &cluster.endpoints());
-    agent.start();
+    let (_cluster, mut client, mut agent) = cluster_with_agent(dir.path(), "h100-b").await;
     let marker = dir.path().join("runs.txt");
     let script = format!("echo started >> {}; sleep 3; echo done", marker.display());
     let id = client

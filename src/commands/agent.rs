@@ -58,28 +58,10 @@ pub(crate) fn run(args: &AgentArgs) -> ExitCode {
         shim,
         stop_sandboxes_on_exit: false,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("berth agent: starting the runtime: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    let result = runtime.block_on(agent::run(
-        cfg,
-        opts,
-        crate::commands::scheduler::shutdown_signal(),
-    ));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("berth agent: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
-    }
+    super::run_service(
+        "agent",
+        agent::run(cfg, opts, super::scheduler::shutdown_signal()),
+    )
 }
 
 pub(crate) fn shim(args: &ShimArgs) -> ExitCode {

@@ -19,8 +19,6 @@ use berth_scheduler::SchedulerConfig;
 use berth_scheduler::config::PeerConfig;
 use berth_scheduler::service::client::Client;
 
-use crate::cli::EXIT_FAILURE;
-
 /// Arguments of `berth dev`.
 #[derive(Debug, Args)]
 pub(crate) struct DevArgs {
@@ -153,23 +151,7 @@ const NODES: &[DevNode] = &[
 const REPLICAS: u16 = 3;
 
 pub(crate) fn run(args: &DevArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("berth dev: starting the runtime: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    match runtime.block_on(dev(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("berth dev: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
-    }
+    super::run_service("dev", dev(args))
 }
 
 /// Picks the runtime and says why.

@@ -42,6 +42,31 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Runs a long-lived role (`scheduler`, `agent`, `dev`) on a multi-threaded runtime until
+/// it returns: exit 0 when it ends well, 1 with `berth <name>: <why>` otherwise.
+pub(crate) fn run_service<E: fmt::Display>(
+    name: &str,
+    service: impl std::future::Future<Output = Result<(), E>>,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("berth {name}: starting the runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(service) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("berth {name}: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
 /// Where the cluster commands (`cluster`, `sandbox`, `node`) find the cluster and how they
 /// print.
 #[derive(Debug, Args)]

@@ -38,17 +38,7 @@ pub(crate) fn run(args: &SchedulerArgs) -> ExitCode {
             }
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("berth scheduler: starting the runtime: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    let result = runtime.block_on(async move {
+    super::run_service("scheduler", async move {
         let mut running = berth_scheduler::service::start(&cfg).await?;
         let outcome = tokio::select! {
             _ = shutdown_signal() => {
@@ -59,14 +49,7 @@ pub(crate) fn run(args: &SchedulerArgs) -> ExitCode {
         };
         running.shutdown().await;
         outcome
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("berth scheduler: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
-    }
+    })
 }
 
 /// Resolves on SIGINT or SIGTERM.
