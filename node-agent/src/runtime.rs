@@ -267,18 +267,12 @@ fn sandbox_command(launch: &Launch, work: &Path) -> Result<Command, String> {
         .env("LANG", "C.UTF-8")
         .envs(&launch.env)
         .env("BERTH_SANDBOX_ID", &launch.sandbox_id)
-        // With no GPUs, "void" hides every device from CUDA and the NVIDIA runtime alike.
-        .env(
-            "CUDA_VISIBLE_DEVICES",
-            if gpus.is_empty() { "" } else { gpus.as_str() },
-        )
+        // With no GPUs, an empty CUDA_VISIBLE_DEVICES hides every device from CUDA, and
+        // "void" hides them from the NVIDIA container runtime.
+        .env("CUDA_VISIBLE_DEVICES", &gpus)
         .env(
             "NVIDIA_VISIBLE_DEVICES",
-            if gpus.is_empty() {
-                "void"
-            } else {
-                gpus.as_str()
-            },
+            if gpus.is_empty() { "void" } else { &gpus },
         )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
