@@ -36,6 +36,23 @@ pub struct AutoscalerConfig {
     pub providers: BTreeMap<String, ProviderConfig>,
     /// Groups of identical nodes the autoscaler may buy.
     pub node_groups: Vec<NodeGroupConfig>,
+    /// Which capacity type scale-up tries first for sandboxes that accept either.
+    pub capacity_preference: CapacityPreference,
+    /// Per-tenant override of `capacity_preference`.
+    pub tenant_capacity_preference: BTreeMap<String, CapacityPreference>,
+}
+
+/// Spot or on-demand first, for sandboxes that accept either.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CapacityPreference {
+    /// Cheapest per sandbox slot, whatever the capacity type.
+    #[default]
+    Cheapest,
+    /// Spot groups first, on-demand when no spot group can serve.
+    Spot,
+    /// On-demand groups first, spot when no on-demand group can serve.
+    OnDemand,
 }
 
 /// Exponential backoff of a node group after a provider error.
@@ -137,6 +154,8 @@ impl Default for AutoscalerConfig {
             backoff: BackoffConfig::default(),
             providers: BTreeMap::new(),
             node_groups: Vec::new(),
+            capacity_preference: CapacityPreference::Cheapest,
+            tenant_capacity_preference: BTreeMap::new(),
         }
     }
 }

@@ -28,6 +28,8 @@ pub(crate) enum BenchCommand {
     /// Leader failover: kill -9 the leader of a local cluster N times; time from the kill
     /// to the first acknowledged create.
     Failover(super::bench_create::FailoverArgs),
+    /// The time of one autoscaler policy decision for a large fleet and backlog.
+    Autoscale(super::bench_autoscale::AutoscaleArgs),
 }
 
 /// Arguments of `berth bench place`.
@@ -75,6 +77,7 @@ impl BenchCommand {
             BenchCommand::Place(args) => place(&args),
             BenchCommand::Create(args) => super::bench_create::run(&args),
             BenchCommand::Failover(args) => super::bench_create::failover(&args),
+            BenchCommand::Autoscale(args) => super::bench_autoscale::run(&args),
         }
     }
 }

@@ -13,6 +13,7 @@ use crate::cli::EXIT_FAILURE;
 
 pub(crate) mod agent;
 pub(crate) mod bench;
+pub(crate) mod bench_autoscale;
 pub(crate) mod bench_create;
 pub(crate) mod cluster;
 pub(crate) mod dev;

@@ -29,11 +29,122 @@ pub struct Cut {
 }
 
 /// Micro-dollars per hour: integers, so caps compare exactly.
-fn micro(usd: f64) -> u64 {
+pub(crate) fn micro(usd: f64) -> u64 {
     if usd.is_finite() && usd > 0.0 {
         (usd * 1e6).round() as u64
     } else {
         0
+    }
+}
+
+/// The caps as a running account: each grant is taken off what is left, so a decision that
+/// adds nodes one group at a time never crosses any of them.
+#[derive(Debug, Clone)]
+pub struct Caps<'a> {
+    groups: BTreeMap<&'a str, &'a NodeGroupConfig>,
+    nodes: BTreeMap<String, u32>,
+    total: u64,
+    spend: u64,
+    budget: u64,
+    max_total: u64,
+    max_rate: u32,
+    rate_left: u32,
+}
+
+impl<'a> Caps<'a> {
+    /// The caps of `cfg` with the fleet as it stands.
+    pub fn new(cfg: &'a AutoscalerConfig, fleet: &Fleet) -> Caps<'a> {
+        let groups: BTreeMap<&str, &NodeGroupConfig> = cfg
+            .node_groups
+            .iter()
+            .map(|g| (g.name.as_str(), g))
+            .collect();
+        let nodes = fleet.nodes.clone();
+        let total = nodes.values().map(|n| u64::from(*n)).sum();
+        let spend = nodes
+            .iter()
+            .filter_map(|(g, n)| {
+                Some(micro(groups.get(g.as_str())?.price_per_hour_usd) * u64::from(*n))
+            })
+            .sum();
+        Caps {
+            groups,
+            nodes,
+            total,
+            spend,
+            budget: micro(cfg.budget_usd_per_hour),
+            max_total: u64::from(cfg.max_nodes_total),
+            max_rate: cfg.max_scale_up_nodes_per_minute,
+            rate_left: cfg
+                .max_scale_up_nodes_per_minute
+                .saturating_sub(fleet.requested_last_minute),
+        }
+    }
+
+    /// How many more nodes of `group` fit under every cap, and the tightest cap's name.
+    pub fn allowed(&self, group: &str) -> (u32, String) {
+        let Some(config) = self.groups.get(group) else {
+            return (0, "no such node group".into());
+        };
+        let have = self.nodes.get(group).copied().unwrap_or(0);
+        let price = micro(config.price_per_hour_usd);
+        let limits = [
+            (
+                config.max_nodes.saturating_sub(have),
+                format!("group max_nodes {}", config.max_nodes),
+            ),
+            (
+                u32::try_from(self.max_total.saturating_sub(self.total)).unwrap_or(u32::MAX),
+                format!("max_nodes_total {}", self.max_total),
+            ),
+            (
+                self.rate_left,
+                format!("max_scale_up_nodes_per_minute {}", self.max_rate),
+            ),
+            (
+                self.budget
+                    .saturating_sub(self.spend)
+                    .checked_div(price)
+                    .map_or(u32::MAX, |n| u32::try_from(n).unwrap_or(u32::MAX)),
+                format!("budget ${}/hour", self.budget as f64 / 1e6),
+            ),
+        ];
+        limits
+            .into_iter()
+            .min_by_key(|(n, _)| *n)
+            .unwrap_or((0, String::new()))
+    }
+
+    /// Takes `n` nodes of `group` off the caps (the caller checked [`Caps::allowed`]).
+    pub fn take(&mut self, group: &str, n: u32) {
+        let price = self
+            .groups
+            .get(group)
+            .map_or(0, |g| micro(g.price_per_hour_usd));
+        *self.nodes.entry(group.to_owned()).or_default() += n;
+        self.total += u64::from(n);
+        self.spend += price * u64::from(n);
+        self.rate_left = self.rate_left.saturating_sub(n);
+    }
+
+    /// Grants `want` nodes of `group` or as many as fit, saying which cap cut the rest.
+    pub fn grant(&mut self, group: &str, want: u32) -> (u32, Option<Cut>) {
+        let (allowed, binding) = self.allowed(group);
+        let grant = want.min(allowed);
+        if grant > 0 {
+            self.take(group, grant);
+        }
+        let cut = (grant < want).then(|| Cut {
+            group: group.to_owned(),
+            nodes: want - grant,
+            reason: binding,
+        });
+        (grant, cut)
+    }
+
+    /// Dollars per hour of the fleet counted so far, granted nodes included.
+    pub fn spend_usd_per_hour(&self) -> f64 {
+        self.spend as f64 / 1e6
     }
 }
 
@@ -43,82 +154,15 @@ pub fn cap_scale_up(
     fleet: &Fleet,
     wanted: &[(String, u32)],
 ) -> (Vec<(String, u32)>, Vec<Cut>) {
-    let groups: BTreeMap<&str, &NodeGroupConfig> = cfg
-        .node_groups
-        .iter()
-        .map(|g| (g.name.as_str(), g))
-        .collect();
-    let mut nodes = fleet.nodes.clone();
-    let mut total: u64 = nodes.values().map(|n| u64::from(*n)).sum();
-    let mut spend: u64 = nodes
-        .iter()
-        .filter_map(|(g, n)| {
-            Some(micro(groups.get(g.as_str())?.price_per_hour_usd) * u64::from(*n))
-        })
-        .sum();
-    let budget = micro(cfg.budget_usd_per_hour);
-    let mut rate_left = cfg
-        .max_scale_up_nodes_per_minute
-        .saturating_sub(fleet.requested_last_minute);
-    let mut granted: Vec<(String, u32)> = Vec::new();
+    let mut caps = Caps::new(cfg, fleet);
+    let mut granted = Vec::new();
     let mut cuts = Vec::new();
     for (name, want) in wanted {
-        let Some(group) = groups.get(name.as_str()) else {
-            cuts.push(Cut {
-                group: name.clone(),
-                nodes: *want,
-                reason: "no such node group".into(),
-            });
-            continue;
-        };
-        let have = nodes.get(name).copied().unwrap_or(0);
-        let price = micro(group.price_per_hour_usd);
-        let limits = [
-            (
-                group.max_nodes.saturating_sub(have),
-                format!("group max_nodes {}", group.max_nodes),
-            ),
-            (
-                u32::try_from(u64::from(cfg.max_nodes_total).saturating_sub(total))
-                    .unwrap_or(u32::MAX),
-                format!("max_nodes_total {}", cfg.max_nodes_total),
-            ),
-            (
-                rate_left,
-                format!(
-                    "max_scale_up_nodes_per_minute {}",
-                    cfg.max_scale_up_nodes_per_minute
-                ),
-            ),
-            (
-                budget
-                    .saturating_sub(spend)
-                    .checked_div(price)
-                    .map_or(u32::MAX, |n| u32::try_from(n).unwrap_or(u32::MAX)),
-                format!("budget ${}/hour", cfg.budget_usd_per_hour),
-            ),
-        ];
-        let (allowed, binding) = limits
-            .iter()
-            .min_by_key(|(n, _)| *n)
-            .map(|(n, why)| (*n, why.clone()))
-            .unwrap_or((0, String::new()));
-        let grant = (*want).min(allowed);
-        if grant < *want {
-            cuts.push(Cut {
-                group: name.clone(),
-                nodes: want - grant,
-                reason: binding,
-            });
+        let (grant, cut) = caps.grant(name, *want);
+        cuts.extend(cut);
+        if grant > 0 {
+            granted.push((name.clone(), grant));
         }
-        if grant == 0 {
-            continue;
-        }
-        *nodes.entry(name.clone()).or_default() += grant;
-        total += u64::from(grant);
-        spend += price * u64::from(grant);
-        rate_left -= grant;
-        granted.push((name.clone(), grant));
     }
     (granted, cuts)
 }

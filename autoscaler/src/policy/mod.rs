@@ -1,9 +1,11 @@
 //! The autoscaler's policy: pure functions of what the scheduler reports and the time.
 //!
-//! Built so far: [`scale_down`] and the caps of [`limits`]. Scale-up itself (bin-packing
-//! pending demand onto instance templates with the scheduler's placement code), provider
-//! backoff and failover come with the rest of issue #6.
+//! - [`decide`]: one decision round ([`decide::Policy::decide`]): scale-up for pending
+//!   demand, `min_nodes` and headroom, with failover past groups backing off; scale-down.
+//! - [`limits`]: the caps no scale-up crosses.
+//! - [`scale_down`]: which idle nodes go.
 
+pub mod decide;
 pub mod limits;
 pub mod scale_down;
 
