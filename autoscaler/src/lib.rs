@@ -10,5 +10,6 @@
 
 pub mod config;
 pub mod policy;
+pub mod provider;
 
 pub use config::AutoscalerConfig;
