@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "proto/berth/v1/admin.proto",
     "proto/berth/v1/peer.proto",
     "proto/berth/v1/agent.proto",
+    "proto/berth/v1/provider.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

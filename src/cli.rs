@@ -46,8 +46,8 @@ enum Command {
     /// Supervise one sandbox (started by the agent; not for direct use).
     #[command(hide = true)]
     AgentShim(crate::commands::agent::ShimArgs),
-    /// Run the autoscaler.
-    Autoscaler(NotBuilt),
+    /// Run the autoscaler: hold the lease, buy and release nodes through the providers.
+    Autoscaler(crate::commands::autoscaler::AutoscalerArgs),
     /// Run a whole development cluster on this machine (schedulers, agents, autoscaler).
     Dev(crate::commands::dev::DevArgs),
     /// Capacity-planning simulations (openb trace replay, scenarios).
@@ -87,20 +87,19 @@ enum ConfigCommand {
 impl Cli {
     /// Runs the chosen subcommand.
     pub(crate) fn run(self) -> ExitCode {
-        let (name, issue) = match self.command {
-            Command::Config(ConfigCommand::Check { files }) => return config_check(&files),
-            Command::Scheduler(args) => return crate::commands::scheduler::run(&args),
-            Command::Agent(args) => return crate::commands::agent::run(&args),
-            Command::AgentShim(args) => return crate::commands::agent::shim(&args),
-            Command::Autoscaler(_) => ("autoscaler", 6),
-            Command::Dev(args) => return crate::commands::dev::run(&args),
-            Command::Sim(command) => return command.run(),
-            Command::Sandbox(args) => return crate::commands::sandbox::run(&args),
-            Command::Node(args) => return crate::commands::node::run(&args),
-            Command::Cluster(args) => return crate::commands::cluster::run(&args),
-            Command::Bench(command) => return command.run(),
-        };
-        not_built(name, issue)
+        match self.command {
+            Command::Config(ConfigCommand::Check { files }) => config_check(&files),
+            Command::Scheduler(args) => crate::commands::scheduler::run(&args),
+            Command::Agent(args) => crate::commands::agent::run(&args),
+            Command::AgentShim(args) => crate::commands::agent::shim(&args),
+            Command::Autoscaler(args) => crate::commands::autoscaler::run(&args),
+            Command::Dev(args) => crate::commands::dev::run(&args),
+            Command::Sim(command) => command.run(),
+            Command::Sandbox(args) => crate::commands::sandbox::run(&args),
+            Command::Node(args) => crate::commands::node::run(&args),
+            Command::Cluster(args) => crate::commands::cluster::run(&args),
+            Command::Bench(command) => command.run(),
+        }
     }
 }
 

@@ -66,7 +66,7 @@ pub struct BackoffConfig {
 }
 
 /// How to reach one provider.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ProviderConfig {
     /// Starts `berth agent` processes on this machine with static inventories.
@@ -74,6 +74,10 @@ pub enum ProviderConfig {
         /// Folder for the agents' state and logs.
         #[serde(default = "default_local_dir")]
         work_dir: String,
+        /// Sandbox runtime of the agents: "gvisor", "process", or "auto" (gvisor when
+        /// runsc is installed).
+        #[serde(default = "default_local_runtime")]
+        runtime: String,
     },
     /// Scales Cluster API `MachineDeployment`s through the Kubernetes API.
     Kubernetes {
@@ -84,16 +88,63 @@ pub enum ProviderConfig {
         kubeconfig: String,
     },
     /// Seeded simulated cloud (the simulator and tests).
-    Sim {
-        /// Seed of its delays, stockouts and interruptions.
-        #[serde(default)]
-        seed: u64,
-    },
+    Sim(SimCloudConfig),
     /// Any other cloud, through berth's external-provider gRPC protocol.
     External {
         /// `host:port` of the provider service.
         endpoint: String,
     },
+}
+
+/// A simulated cloud: provisioning delays, stockout windows, a node quota and spot
+/// interruptions, all drawn from one seed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimCloudConfig {
+    /// Seed of its delays and interruptions.
+    pub seed: u64,
+    /// Shortest provisioning delay (request to agent registered).
+    pub delay_s_min: u64,
+    /// Longest provisioning delay; delays are uniform between the two.
+    pub delay_s_max: u64,
+    /// Most nodes alive at once across the provider's groups (an account quota); 0 = none.
+    pub quota_nodes: u32,
+    /// Windows when a region has no capacity: scale-ups there fail with a stockout.
+    pub stockouts: Vec<SimStockout>,
+    /// Mean interruptions per spot node-hour (a spot node gets a notice 120 s before).
+    pub spot_interruptions_per_hour: f64,
+}
+
+impl Default for SimCloudConfig {
+    fn default() -> Self {
+        SimCloudConfig {
+            seed: 0,
+            delay_s_min: 60,
+            delay_s_max: 180,
+            quota_nodes: 0,
+            stockouts: Vec::new(),
+            spot_interruptions_per_hour: 0.0,
+        }
+    }
+}
+
+/// A stockout window of a simulated cloud.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimStockout {
+    /// Region out of capacity.
+    pub region: String,
+    /// Only this instance type; empty = every type in the region.
+    #[serde(default)]
+    pub instance_type: String,
+    /// Start, seconds of virtual time.
+    pub start_s: u64,
+    /// End (exclusive).
+    pub end_s: u64,
+}
+
+fn default_local_runtime() -> String {
+    "auto".into()
 }
 
 fn default_local_dir() -> String {
@@ -287,15 +338,40 @@ impl AutoscalerConfig {
 impl ProviderConfig {
     fn validate(&self, v: &mut Validator) {
         match self {
-            ProviderConfig::Local { work_dir } => {
+            ProviderConfig::Local { work_dir, runtime } => {
                 v.check(!work_dir.trim().is_empty(), "work_dir", || {
                     "must be set".into()
                 });
+                v.check(
+                    ["auto", "gvisor", "process"].contains(&runtime.as_str()),
+                    "runtime",
+                    || format!("{runtime:?} is not one of \"auto\", \"gvisor\", \"process\""),
+                );
             }
             ProviderConfig::Kubernetes { namespace, .. } => {
                 v.identifier("namespace", namespace, 63)
             }
-            ProviderConfig::Sim { .. } => {}
+            ProviderConfig::Sim(sim) => {
+                v.check(sim.delay_s_max >= sim.delay_s_min, "delay_s_max", || {
+                    format!(
+                        "{} is below delay_s_min ({})",
+                        sim.delay_s_max, sim.delay_s_min
+                    )
+                });
+                v.check(
+                    sim.spot_interruptions_per_hour.is_finite()
+                        && sim.spot_interruptions_per_hour >= 0.0,
+                    "spot_interruptions_per_hour",
+                    || "must be a finite number >= 0".into(),
+                );
+                for (i, window) in sim.stockouts.iter().enumerate() {
+                    v.check(
+                        window.end_s > window.start_s,
+                        &format!("stockouts[{i}].end_s"),
+                        || format!("{} is not after start_s ({})", window.end_s, window.start_s),
+                    );
+                }
+            }
             ProviderConfig::External { endpoint } => v.address("endpoint", endpoint),
         }
     }

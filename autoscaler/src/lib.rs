@@ -9,6 +9,8 @@
 //! - [`policy`]: the pure decision functions.
 
 pub mod config;
+pub mod controller;
+pub mod metrics;
 pub mod policy;
 pub mod provider;
 

@@ -18,6 +18,10 @@ pub(crate) struct AgentArgs {
     /// Config file with an [agent] section.
     #[arg(long)]
     config: PathBuf,
+    /// Stop the node's sandboxes when the agent exits (the local autoscaler provider sets
+    /// it: its nodes end with the agent). Without it a restarted agent re-adopts them.
+    #[arg(long)]
+    stop_sandboxes_on_exit: bool,
 }
 
 /// Arguments of `berth agent-shim`.
@@ -56,7 +60,7 @@ pub(crate) fn run(args: &AgentArgs) -> ExitCode {
     let opts = AgentOptions {
         config_dir: args.config.parent().unwrap_or(Path::new(".")).to_path_buf(),
         shim,
-        stop_sandboxes_on_exit: false,
+        stop_sandboxes_on_exit: args.stop_sandboxes_on_exit,
     };
     super::run_service(
         "agent",

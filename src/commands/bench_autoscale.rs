@@ -156,6 +156,7 @@ pub(crate) fn run(args: &AutoscaleArgs) -> ExitCode {
             if placer.place(&view, &spec, &mut rng).placement.is_none() {
                 pending.push(PendingSandbox {
                     id: SandboxId(pending.len() as u64),
+                    count: 1,
                     spec,
                     reason: "no node fits".into(),
                 });
@@ -166,7 +167,13 @@ pub(crate) fn run(args: &AutoscaleArgs) -> ExitCode {
         max_nodes_total: 1_000_000,
         max_scale_up_nodes_per_minute: 1_000_000,
         budget_usd_per_hour: 1e9,
-        providers: BTreeMap::from([("sim".to_string(), ProviderConfig::Sim { seed: args.seed })]),
+        providers: BTreeMap::from([(
+            "sim".to_string(),
+            ProviderConfig::Sim(berth_autoscaler::config::SimCloudConfig {
+                seed: args.seed,
+                ..Default::default()
+            }),
+        )]),
         node_groups: groups,
         ..AutoscalerConfig::default()
     };

@@ -96,6 +96,11 @@ pub(crate) fn run(args: &ClusterArgs) -> ExitCode {
                                 "gpus_allocated_milli": s.gpus_allocated_milli,
                                 "gpus_total_milli": s.gpus_total_milli,
                                 "invariant_violations": s.invariant_violations,
+                                "autoscaler": {
+                                    "holder": s.autoscaler_holder,
+                                    "lease_expires_unix_ms": s.autoscaler_lease_expires_unix_ms,
+                                    "recent_decisions": s.recent_autoscaler_decisions,
+                                },
                             })
                         );
                     } else {
@@ -125,6 +130,20 @@ pub(crate) fn run(args: &ClusterArgs) -> ExitCode {
                             );
                         }
                         println!("invariant violations: {}", s.invariant_violations);
+                        if s.autoscaler_holder.is_empty() {
+                            println!("autoscaler: none has run");
+                        } else {
+                            println!(
+                                "autoscaler: lease held by {} until {} (unix ms)",
+                                s.autoscaler_holder, s.autoscaler_lease_expires_unix_ms
+                            );
+                            if !s.recent_autoscaler_decisions.is_empty() {
+                                println!("recent autoscaler decisions (newest first):");
+                                for line in s.recent_autoscaler_decisions.iter().take(20) {
+                                    println!("  {line}");
+                                }
+                            }
+                        }
                     }
                 }
                 ClusterCommand::AddPeer { id, address, voter } => {

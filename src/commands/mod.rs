@@ -12,6 +12,7 @@ use berth_scheduler::service::client::Client;
 use crate::cli::EXIT_FAILURE;
 
 pub(crate) mod agent;
+pub(crate) mod autoscaler;
 pub(crate) mod bench;
 pub(crate) mod bench_autoscale;
 pub(crate) mod bench_create;

@@ -50,11 +50,13 @@ pub const GROUP_LABEL: &str = "berth.dev/node-group";
 /// CPU-only sandboxes on big nodes.
 pub const MAX_FIT_PER_NODE: u32 = 1024;
 
-/// A sandbox the scheduler could not place.
+/// Sandboxes the scheduler could not place: one, or a group of the same spec.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PendingSandbox {
-    /// Id.
+    /// Id (of the first, for a group).
     pub id: SandboxId,
+    /// How many sandboxes of this spec.
+    pub count: u32,
     /// Spec.
     pub spec: SandboxSpec,
     /// The scheduler's reason, from its last placement attempt.
@@ -490,7 +492,7 @@ impl<'p, 'i> Round<'p, 'i> {
         let mut classes: Vec<Class<'i>> = Vec::new();
         for p in self.input.pending {
             if p.reason.contains("tenant GPU quota") {
-                *self.unmet.entry("tenant GPU quota".into()).or_default() += 1;
+                *self.unmet.entry("tenant GPU quota".into()).or_default() += p.count;
                 continue;
             }
             let s = &p.spec;
@@ -515,7 +517,7 @@ impl<'p, 'i> Round<'p, 'i> {
                     fit_shape,
                 });
             }
-            classes[i].count += 1;
+            classes[i].count += p.count;
         }
         let mut order: Vec<usize> = (0..classes.len()).collect();
         order.sort_by_key(|i| std::cmp::Reverse(classes[*i].spec.priority));
@@ -745,6 +747,7 @@ mod tests {
         (0..n)
             .map(|i| PendingSandbox {
                 id: SandboxId(i as u64),
+                count: 1,
                 spec: spec.clone(),
                 reason: "no node fits".into(),
             })

@@ -94,9 +94,82 @@ pub trait Provider: Send + Sync {
     async fn scale_up(&self, group: &NodeGroupConfig, count: u32) -> Result<(), ProviderError>;
 
     /// Releases these nodes of `group` (the autoscaler has cordoned them and they are empty).
-    async fn remove(&self, group: &NodeGroupConfig, nodes: &[String])
-    -> Result<(), ProviderError>;
+    async fn remove(&self, group: &NodeGroupConfig, nodes: &[String]) -> Result<(), ProviderError>;
 
     /// The nodes `group` has, in every state but gone.
     async fn list(&self, group: &NodeGroupConfig) -> Result<Vec<ProviderNode>, ProviderError>;
+}
+
+/// What building the configured providers needs from the process around them.
+#[derive(Debug, Clone)]
+pub struct Environment {
+    /// The `berth` binary the local provider starts agents with.
+    pub berth_binary: std::path::PathBuf,
+    /// Scheduler endpoints the local provider's agents report to.
+    pub schedulers: Vec<String>,
+    /// Clock of the sim providers (the caller moves it).
+    pub sim_clock: sim::SimClock,
+    /// Per-call timeout of the external providers.
+    pub call_timeout: std::time::Duration,
+}
+
+/// The configured providers, by name, plus the local ones (to stop their agents on exit).
+pub struct Built {
+    /// Every provider by its config name.
+    pub providers: std::collections::BTreeMap<String, std::sync::Arc<dyn Provider>>,
+    /// The local providers among them.
+    pub local: Vec<std::sync::Arc<local::LocalProvider>>,
+}
+
+/// Builds every provider of a validated config.
+pub async fn build(
+    cfg: &crate::config::AutoscalerConfig,
+    env: &Environment,
+) -> Result<Built, String> {
+    use crate::config::ProviderConfig;
+    use berth_node_agent::config::RuntimeKind;
+    use std::sync::Arc;
+    let mut built = Built {
+        providers: std::collections::BTreeMap::new(),
+        local: Vec::new(),
+    };
+    for (name, provider) in &cfg.providers {
+        let p: Arc<dyn Provider> = match provider {
+            ProviderConfig::Local { work_dir, runtime } => {
+                let runtime = match runtime.as_str() {
+                    "gvisor" => RuntimeKind::Gvisor,
+                    "process" => RuntimeKind::Process,
+                    _ if berth_node_agent::agent::find_program("runsc").is_some() => {
+                        RuntimeKind::Gvisor
+                    }
+                    _ => RuntimeKind::Process,
+                };
+                let local = Arc::new(local::LocalProvider::new(
+                    std::path::Path::new(work_dir),
+                    env.berth_binary.clone(),
+                    env.schedulers.clone(),
+                    runtime,
+                ));
+                built.local.push(local.clone());
+                local
+            }
+            ProviderConfig::Sim(sim) => {
+                Arc::new(sim::SimCloud::new(name, sim.clone(), env.sim_clock.clone()))
+            }
+            ProviderConfig::Kubernetes {
+                namespace,
+                kubeconfig,
+            } => Arc::new(
+                kubernetes::KubernetesProvider::new(namespace, kubeconfig)
+                    .await
+                    .map_err(|e| format!("providers.{name}: {e}"))?,
+            ),
+            ProviderConfig::External { endpoint } => Arc::new(
+                external::ExternalProvider::connect_lazy(endpoint, env.call_timeout)
+                    .map_err(|e| format!("providers.{name}: {e}"))?,
+            ),
+        };
+        built.providers.insert(name.clone(), p);
+    }
+    Ok(built)
 }

@@ -223,6 +223,47 @@ impl Client {
         .await
     }
 
+    /// Pending demand grouped by shape, and every node with its free capacity: what the
+    /// autoscaler decides from.
+    pub async fn capacity_view(&mut self) -> Result<pb::CapacityViewResponse, Status> {
+        self.call(|c| async move {
+            AdminServiceClient::new(c)
+                .capacity_view(pb::CapacityViewRequest {})
+                .await
+        })
+        .await
+    }
+
+    /// Forgets a node that holds no sandboxes.
+    pub async fn remove_node(&mut self, node_id: &str) -> Result<(), Status> {
+        let request = node_request(node_id, "");
+        self.call(|c| {
+            let request = request.clone();
+            async move { AdminServiceClient::new(c).remove_node(request).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Takes or renews the autoscaler lease, recording `decisions` when granted.
+    pub async fn autoscaler_lease(
+        &mut self,
+        holder: &str,
+        ttl_ms: u64,
+        decisions: Vec<String>,
+    ) -> Result<pb::AutoscalerLeaseResponse, Status> {
+        let request = pb::AutoscalerLeaseRequest {
+            holder: holder.to_owned(),
+            ttl_ms,
+            decisions,
+        };
+        self.call(|c| {
+            let request = request.clone();
+            async move { AdminServiceClient::new(c).autoscaler_lease(request).await }
+        })
+        .await
+    }
+
     /// Stops placing new sandboxes on a node; returns the node as it is now.
     pub async fn cordon(&mut self, node_id: &str, reason: &str) -> Result<pb::Node, Status> {
         let request = node_request(node_id, reason);

@@ -28,7 +28,7 @@ use super::liveness::Liveness;
 use super::watch::{self, WatchFilter, WatchSlots};
 use crate::model::{NodeStatus, SandboxId, SandboxState};
 use crate::replication::{CreateItem, MembershipChange};
-use crate::state::{Command, ItemOutcome};
+use crate::state::{Command, ItemOutcome, Rejection};
 
 /// Largest page of a list.
 pub const PAGE_MAX: u32 = 1_000;
@@ -358,7 +358,16 @@ fn cluster_status(v: &ReadView<'_>) -> pb::ClusterStatusResponse {
         gpus_allocated_milli: allocated.into_iter().collect(),
         gpus_total_milli: total.into_iter().collect(),
         invariant_violations: v.invariant_violations,
-        recent_autoscaler_decisions: Vec::new(),
+        recent_autoscaler_decisions: v
+            .state
+            .autoscaler()
+            .decisions
+            .iter()
+            .rev()
+            .cloned()
+            .collect(),
+        autoscaler_holder: v.state.autoscaler().holder.clone(),
+        autoscaler_lease_expires_unix_ms: v.state.autoscaler().expires_ms,
     }
 }
 
@@ -561,6 +570,75 @@ impl AdminService for Services {
         let view = self.handle.read(linear, capacity_view).await?;
         Ok(Response::new(view))
     }
+
+    async fn remove_node(
+        &self,
+        request: Request<pb::NodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+        let req = request.into_inner();
+        if req.node_id.is_empty() {
+            return Err(Status::invalid_argument("node_id: must be set"));
+        }
+        let result = self
+            .handle
+            .command(Command::RemoveNode { node: req.node_id })
+            .await?;
+        if let ItemOutcome::Rejected(r) = only_outcome(result.outcomes)? {
+            return Err(rejection_status(&r));
+        }
+        Ok(Response::new(pb::RemoveNodeResponse {}))
+    }
+
+    async fn autoscaler_lease(
+        &self,
+        request: Request<pb::AutoscalerLeaseRequest>,
+    ) -> Result<Response<pb::AutoscalerLeaseResponse>, Status> {
+        let req = request.into_inner();
+        if req.holder.is_empty() {
+            return Err(Status::invalid_argument("holder: must be set"));
+        }
+        if req.ttl_ms == 0 {
+            return Err(Status::invalid_argument("ttl_ms: must be above 0"));
+        }
+        if req.decisions.len() > crate::state::MAX_AUTOSCALER_DECISIONS {
+            return Err(Status::invalid_argument(format!(
+                "decisions: {} lines; at most {} per request",
+                req.decisions.len(),
+                crate::state::MAX_AUTOSCALER_DECISIONS
+            )));
+        }
+        let holder = req.holder.clone();
+        let result = self
+            .handle
+            .command(Command::AutoscalerLease {
+                holder: req.holder,
+                ttl_ms: req.ttl_ms,
+                decisions: req.decisions,
+            })
+            .await?;
+        match only_outcome(result.outcomes)? {
+            ItemOutcome::Rejected(Rejection::LeaseHeld { holder, expires_ms }) => {
+                Ok(Response::new(pb::AutoscalerLeaseResponse {
+                    granted: false,
+                    holder,
+                    expires_unix_ms: expires_ms,
+                }))
+            }
+            ItemOutcome::Rejected(r) => Err(rejection_status(&r)),
+            _ => {
+                let expires = self
+                    .handle
+                    .read(false, |v| v.state.autoscaler().expires_ms)
+                    .await
+                    .unwrap_or(0);
+                Ok(Response::new(pb::AutoscalerLeaseResponse {
+                    granted: true,
+                    holder,
+                    expires_unix_ms: expires,
+                }))
+            }
+        }
+    }
 }
 
 fn capacity_view(v: &ReadView<'_>) -> pb::CapacityViewResponse {
@@ -568,11 +646,16 @@ fn capacity_view(v: &ReadView<'_>) -> pb::CapacityViewResponse {
     let mut groups: BTreeMap<String, pb::PendingDemand> = BTreeMap::new();
     for s in v.state.pending() {
         let pb_spec = convert::sandbox_to_pb(s, 0).spec.unwrap_or_default();
-        let key = format!("{:?}|{:?}", pb_spec.resources, pb_spec.constraints);
+        let key = format!(
+            "{}|{}|{:?}|{:?}",
+            s.spec.tenant, s.spec.priority, pb_spec.resources, pb_spec.constraints
+        );
         let group = groups.entry(key).or_insert_with(|| pb::PendingDemand {
             resources: pb_spec.resources.clone(),
             constraints: pb_spec.constraints.clone(),
             oldest_created_unix_ms: s.created_ms,
+            tenant: s.spec.tenant.clone(),
+            priority: s.spec.priority,
             ..Default::default()
         });
         group.count += 1;

@@ -83,6 +83,11 @@ impl State {
                 }
                 vec![ItemOutcome::Applied]
             }
+            Command::AutoscalerLease {
+                holder,
+                ttl_ms,
+                decisions,
+            } => one(self.autoscaler_lease(holder, *ttl_ms, decisions, now_ms)),
             Command::SetTenantQuota { tenant, quota } => {
                 let mut v = Validator::new();
                 v.identifier("tenant", tenant, crate::model::limits::TENANT_LEN);
@@ -98,6 +103,40 @@ impl State {
                 }
             }
         }
+    }
+
+    /// Takes or renews the autoscaler lease; the holder's decisions are recorded.
+    fn autoscaler_lease(
+        &mut self,
+        holder: &str,
+        ttl_ms: u64,
+        decisions: &[String],
+        now_ms: u64,
+    ) -> Result<(), Rejection> {
+        if holder.is_empty() || holder.len() > super::MAX_HOLDER_LEN {
+            return Err(Rejection::InvalidSpec(format!(
+                "holder: must be 1..={} bytes",
+                super::MAX_HOLDER_LEN
+            )));
+        }
+        let record = &mut self.autoscaler;
+        if record.holder != holder && record.expires_ms > now_ms {
+            return Err(Rejection::LeaseHeld {
+                holder: record.holder.clone(),
+                expires_ms: record.expires_ms,
+            });
+        }
+        record.holder = holder.to_owned();
+        record.expires_ms = now_ms.saturating_add(ttl_ms.min(10 * 60 * 1000));
+        for line in decisions {
+            if record.decisions.len() == super::MAX_AUTOSCALER_DECISIONS {
+                record.decisions.pop_front();
+            }
+            record
+                .decisions
+                .push_back(truncate(line, super::MAX_DECISION_LEN));
+        }
+        Ok(())
     }
 
     /// Registers or re-registers a node. With `has` (an agent's registration), a sandbox

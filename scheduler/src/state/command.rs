@@ -79,6 +79,17 @@ pub enum Command {
         /// Every sandbox the agent has, running or finished.
         has: BTreeSet<SandboxId>,
     },
+    /// An autoscaler takes or renews the autoscaler lease until `now + ttl_ms`, and, when
+    /// it holds it, appends its latest decisions to the record `berth cluster status`
+    /// shows. Only the holder may act; another instance is refused until the lease lapses.
+    AutoscalerLease {
+        /// Who asks (unique per autoscaler process).
+        holder: String,
+        /// How long the lease lasts from this command's time.
+        ttl_ms: u64,
+        /// Decision lines to record, oldest first.
+        decisions: Vec<String>,
+    },
 }
 
 impl Command {
@@ -91,6 +102,7 @@ impl Command {
             Command::UpdateSandboxes { items } => items.len(),
             Command::DeleteSandboxes { items } => items.len(),
             Command::RegisterAgent { has, .. } => has.len().max(1),
+            Command::AutoscalerLease { decisions, .. } => decisions.len().max(1),
             _ => 1,
         }
     }
@@ -266,6 +278,14 @@ pub enum Rejection {
     /// A down node must re-register to become Ready.
     #[error("node {0} is down; it becomes ready by registering again")]
     MustReregister(String),
+    /// Another autoscaler holds the lease.
+    #[error("the autoscaler lease is held by {holder} until {expires_ms} ms")]
+    LeaseHeld {
+        /// Its holder.
+        holder: String,
+        /// When it lapses unless renewed.
+        expires_ms: u64,
+    },
     /// A node holding sandboxes cannot be removed.
     #[error("node {node} still holds {count} sandboxes; drain it first")]
     NodeNotEmpty {

@@ -93,12 +93,36 @@ pub struct State {
     pub(crate) request_ids: BTreeMap<(String, String), SandboxId>,
     pub(crate) tenants: BTreeMap<String, TenantRecord>,
     pub(crate) sandboxes_by_state: BTreeMap<String, u64>,
+    pub(crate) autoscaler: AutoscalerRecord,
+}
+
+/// Most autoscaler decision lines kept in the replicated state.
+pub const MAX_AUTOSCALER_DECISIONS: usize = 64;
+/// Longest decision line kept (longer ones are cut).
+pub const MAX_DECISION_LEN: usize = 512;
+/// Longest autoscaler holder name.
+pub const MAX_HOLDER_LEN: usize = 128;
+
+/// The autoscaler lease and the latest decisions of its holders.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AutoscalerRecord {
+    /// Current or last holder; empty when never taken.
+    pub holder: String,
+    /// When the lease lapses unless renewed (ms since the unix epoch).
+    pub expires_ms: u64,
+    /// Latest decision lines, oldest first, at most [`MAX_AUTOSCALER_DECISIONS`].
+    pub decisions: std::collections::VecDeque<String>,
 }
 
 impl State {
     /// An empty state at revision 0.
     pub fn new() -> State {
         State::default()
+    }
+
+    /// The autoscaler lease and its holders' latest decisions.
+    pub fn autoscaler(&self) -> &AutoscalerRecord {
+        &self.autoscaler
     }
 
     /// Number of commands applied.

@@ -7,7 +7,8 @@ use super::State;
 use crate::invariants;
 
 const MAGIC: &[u8; 6] = b"BERTH\0";
-const FORMAT_VERSION: u8 = 1;
+// 2: the autoscaler lease record joined the state.
+const FORMAT_VERSION: u8 = 2;
 
 /// Why a snapshot could not be restored.
 #[derive(Debug, Error)]
