@@ -3,88 +3,19 @@
 //! `scripts/test` installs); the test fails rather than silently falling back when runsc
 //! is missing.
 
-use std::net::TcpListener;
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use berth_proto::pb::v1 as pb;
 use berth_scheduler::service::client::Client;
 
-const BERTH: &str = env!("CARGO_BIN_EXE_berth");
-
-/// Six consecutive free ports (three gRPC, three metrics) outside the ranges the other
-/// tests' clusters draw from.
-fn free_ports() -> u16 {
-    let start = 12_000 + (std::process::id() % 400) as u16 * 6;
-    for offset in 0..400u16 {
-        let base = 12_000 + (start - 12_000 + offset * 6) % 2_400;
-        if (0..6).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no free ports in 12000..14400");
-}
-
-struct Dev {
-    child: Child,
-    endpoint: String,
-    log: std::path::PathBuf,
-}
-
-impl Dev {
-    fn start(dir: &Path) -> Dev {
-        let port = free_ports();
-        let log = dir.join("dev.log");
-        let child = Command::new(BERTH)
-            .args(["dev", "--runtime", "gvisor", "--data-dir"])
-            .arg(dir.join("state"))
-            .args(["--port", &port.to_string()])
-            .args(["--metrics-port", &(port + 3).to_string()])
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(dir.join("dev.out")).expect("out"))
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("spawn berth dev");
-        Dev {
-            child,
-            endpoint: format!("127.0.0.1:{port}"),
-            log,
-        }
-    }
-
-    fn berth(&self, args: &[&str]) -> Output {
-        // `berth <group> <verb> --endpoint E ...`: before any `--` command.
-        Command::new(BERTH)
-            .args(&args[..2])
-            .args(["--endpoint", &self.endpoint])
-            .args(&args[2..])
-            .output()
-            .expect("run berth")
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-}
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+mod common;
+use common::{Dev, text};
 
 #[test]
 fn dev_runs_a_gpu_sandbox_under_gvisor_and_the_cli_exits_with_its_code() {
     let dir = tempfile::tempdir().expect("tmp");
-    let mut dev = Dev::start(dir.path());
+    let mut dev = Dev::start(dir.path(), &["--runtime", "gvisor"]);
 
     // Wait until all seven nodes are Ready.
     let runtime = tokio::runtime::Runtime::new().expect("tokio");
@@ -212,22 +143,10 @@ fn dev_runs_a_gpu_sandbox_under_gvisor_and_the_cli_exits_with_its_code() {
     );
 
     // Ctrl-C stops it cleanly.
-    let signalled = Command::new("kill")
-        .args(["-INT", &dev.child.id().to_string()])
-        .status()
-        .expect("kill -INT");
-    assert!(signalled.success());
-    let started = Instant::now();
-    loop {
-        if let Some(status) = dev.child.try_wait().expect("wait") {
-            assert!(status.success(), "berth dev exited with {status}");
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "berth dev did not stop on SIGINT; log:\n{}",
-            dev.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let status = dev.interrupt(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "berth dev did not stop cleanly on SIGINT ({status:?}); log:\n{}",
+        dev.log_tail()
+    );
 }

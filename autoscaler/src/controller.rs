@@ -174,6 +174,7 @@ impl Controller {
         // Each group's nodes at its provider.
         let mut status: BTreeMap<String, GroupStatus> = BTreeMap::new();
         let mut interrupted: Vec<(String, String)> = Vec::new();
+        let mut stillborn: Vec<(NodeGroupConfig, Vec<String>)> = Vec::new();
         let mut spend = 0.0;
         self.metrics.nodes.reset();
         for group in self.cfg.node_groups.clone() {
@@ -192,6 +193,14 @@ impl Controller {
                     continue;
                 }
             };
+            let failed: Vec<String> = listed
+                .iter()
+                .filter(|n| n.state == InstanceState::Failed && !registered.contains(n.id.as_str()))
+                .map(|n| n.id.clone())
+                .collect();
+            if !failed.is_empty() {
+                stillborn.push((group.clone(), failed));
+            }
             for node in &listed {
                 let known = registered.contains(node.id.as_str());
                 let live = matches!(
@@ -220,6 +229,35 @@ impl Controller {
             status.insert(group.name.clone(), s);
         }
         self.metrics.usd_per_hour.set(spend);
+
+        // Nodes that failed before registering: release them and back the group off, as
+        // after a stockout (a group whose nodes never come up must not be bought forever).
+        for (group, failed) in stillborn {
+            let error = ProviderError::Transient(format!(
+                "{} node(s) failed before registering: {}",
+                failed.len(),
+                failed.join(", ")
+            ));
+            self.count_error(&group, &error);
+            let until = self.back_off(&group, &error, now_ms);
+            if let Some(s) = status.get_mut(&group.name) {
+                s.backoff_until_ms = until;
+                s.last_error = Some(error.to_string());
+            }
+            if let Some(provider) = self.provider(&group) {
+                let _ =
+                    tokio::time::timeout(self.call_timeout, provider.remove(&group, &failed)).await;
+            }
+            report.lines.push(line(
+                now_ms,
+                &format!(
+                    "released {} in {} ({error}); backing off {} s",
+                    failed.join(", "),
+                    group.name,
+                    until.saturating_sub(now_ms) / 1000
+                ),
+            ));
+        }
 
         for (node, group) in interrupted {
             let reason = format!("spot interruption notice from the {group} provider");

@@ -22,6 +22,11 @@ pub(crate) struct AgentArgs {
     /// it: its nodes end with the agent). Without it a restarted agent re-adopts them.
     #[arg(long)]
     stop_sandboxes_on_exit: bool,
+    /// Exit (as on SIGTERM) when the parent process goes away: the local autoscaler
+    /// provider's agents end with the `berth dev` or `berth autoscaler` that started them,
+    /// even when it is killed.
+    #[arg(long, hide = true)]
+    exit_with_parent: bool,
 }
 
 /// Arguments of `berth agent-shim`.
@@ -62,10 +67,27 @@ pub(crate) fn run(args: &AgentArgs) -> ExitCode {
         shim,
         stop_sandboxes_on_exit: args.stop_sandboxes_on_exit,
     };
-    super::run_service(
-        "agent",
-        agent::run(cfg, opts, super::scheduler::shutdown_signal()),
-    )
+    let exit_with_parent = args.exit_with_parent;
+    let shutdown = async move {
+        tokio::select! {
+            () = super::scheduler::shutdown_signal() => {}
+            () = parent_gone(), if exit_with_parent => {
+                tracing::warn!("the parent process is gone; stopping");
+            }
+        }
+    };
+    super::run_service("agent", agent::run(cfg, opts, shutdown))
+}
+
+/// Completes when this process is re-parented (its parent exited).
+async fn parent_gone() {
+    let parent = nix::unistd::getppid();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        if nix::unistd::getppid() != parent {
+            return;
+        }
+    }
 }
 
 pub(crate) fn shim(args: &ShimArgs) -> ExitCode {

@@ -11,9 +11,14 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use tokio::sync::watch;
 
+use std::collections::BTreeMap;
+
+use berth_autoscaler::AutoscalerConfig;
+use berth_autoscaler::config::{NodeGroupConfig, ProviderConfig};
 use berth_node_agent::AgentConfig;
 use berth_node_agent::agent::{self, AgentOptions, find_program};
 use berth_node_agent::config::{InventorySource, RuntimeKind};
+use berth_proto::node::CapacityType;
 use berth_proto::pb::v1 as pb;
 use berth_scheduler::SchedulerConfig;
 use berth_scheduler::config::PeerConfig;
@@ -40,6 +45,19 @@ pub(crate) struct DevArgs {
     /// Agents' heartbeat TTL in ms: a killed agent's node is Down after this long.
     #[arg(long, default_value_t = 5_000)]
     node_ttl_ms: u64,
+    /// Config file whose [autoscaler] section replaces dev's default (its `schedulers`
+    /// are set to dev's replicas).
+    #[arg(long)]
+    autoscaler_config: Option<PathBuf>,
+    /// Start none of the seven static agents: every node comes from the autoscaler.
+    #[arg(long)]
+    no_static_nodes: bool,
+    /// Run no autoscaler.
+    #[arg(long)]
+    no_autoscaler: bool,
+    /// Idle time before the autoscaler removes a node (default config only).
+    #[arg(long, default_value_t = 120)]
+    scale_down_cooldown_s: u64,
 }
 
 /// `--runtime`.
@@ -238,7 +256,8 @@ async fn dev(args: &DevArgs) -> Result<(), String> {
     let shim = crate::commands::agent::shim_command()?;
     let (stop_agents, agents_stop) = watch::channel(false);
     let mut agents = Vec::new();
-    for node in NODES {
+    let static_nodes: &[DevNode] = if args.no_static_nodes { &[] } else { NODES };
+    for node in static_nodes {
         let cfg = AgentConfig {
             node_id: node.id.into(),
             schedulers: grpc.clone(),
@@ -276,12 +295,49 @@ async fn dev(args: &DevArgs) -> Result<(), String> {
         }));
     }
 
-    let ready = wait_for_nodes(&grpc, NODES.len()).await;
-    print_banner(args, &grpc, &runtime_note, ready.as_ref().err());
+    let autoscaler = if args.no_autoscaler {
+        None
+    } else {
+        let cfg = autoscaler_config(args, &grpc, runtime_kind)?;
+        let groups: Vec<String> = cfg
+            .node_groups
+            .iter()
+            .map(|g| format!("{} ({}..={} nodes)", g.name, g.min_nodes, g.max_nodes))
+            .collect();
+        let metrics = format!(
+            "127.0.0.1:{}",
+            port(args.metrics_port, REPLICAS, "metrics-port")?
+        );
+        let mut stop = agents_stop.clone();
+        let task = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            let holder = crate::commands::autoscaler::default_holder();
+            crate::commands::autoscaler::serve(cfg, holder, &metrics, shutdown).await
+        });
+        Some((task, groups))
+    };
+
+    let ready = wait_for_nodes(&grpc, static_nodes.len()).await;
+    print_banner(
+        args,
+        &grpc,
+        &runtime_note,
+        ready.as_ref().err(),
+        autoscaler.as_ref().map(|(_, g)| g.as_slice()),
+    );
 
     crate::commands::scheduler::shutdown_signal().await;
-    println!("\nberth dev: stopping sandboxes, agents and replicas…");
+    println!("\nberth dev: stopping the autoscaler, sandboxes, agents and replicas…");
     let _ = stop_agents.send(true);
+    if let Some((task, _)) = autoscaler {
+        match task.await {
+            Ok(Err(e)) => eprintln!("berth dev: autoscaler: {e}"),
+            Err(e) => eprintln!("berth dev: autoscaler task: {e}"),
+            Ok(Ok(())) => {}
+        }
+    }
     for a in agents {
         let _ = a.await;
     }
@@ -290,6 +346,61 @@ async fn dev(args: &DevArgs) -> Result<(), String> {
     }
     println!("berth dev: stopped");
     Ok(())
+}
+
+/// The autoscaler dev runs: the `[autoscaler]` of `--autoscaler-config`, or two local
+/// groups that start at zero (8×H100 and 1×L4 boxes as `berth agent` processes).
+fn autoscaler_config(
+    args: &DevArgs,
+    grpc: &[String],
+    runtime: RuntimeKind,
+) -> Result<AutoscalerConfig, String> {
+    let mut cfg = match &args.autoscaler_config {
+        Some(path) => crate::config_file::ConfigFile::load(path)
+            .map_err(|e| e.to_string())?
+            .autoscaler
+            .ok_or_else(|| format!("{}: no [autoscaler] section", path.display()))?,
+        None => {
+            let group =
+                |name: &str, instance: &str, model: &str, gpus: u32, price: f64| NodeGroupConfig {
+                    name: name.into(),
+                    provider: "local".into(),
+                    region: "local-1".into(),
+                    instance_type: instance.into(),
+                    gpu_model: Some(model.into()),
+                    gpu_count: gpus,
+                    cpu_milli: 16_000 * u64::from(gpus),
+                    memory_mib: 65_536 * u64::from(gpus),
+                    price_per_hour_usd: price,
+                    capacity_type: CapacityType::OnDemand,
+                    min_nodes: 0,
+                    max_nodes: 4,
+                    labels: BTreeMap::new(),
+                };
+            AutoscalerConfig {
+                interval_ms: 1_000,
+                scale_down_cooldown_s: args.scale_down_cooldown_s,
+                budget_usd_per_hour: 1_000.0,
+                providers: BTreeMap::from([(
+                    "local".to_string(),
+                    ProviderConfig::Local {
+                        work_dir: args.data_dir.join("local-provider").display().to_string(),
+                        runtime: match runtime {
+                            RuntimeKind::Gvisor => "gvisor".into(),
+                            RuntimeKind::Process => "process".into(),
+                        },
+                    },
+                )]),
+                node_groups: vec![
+                    group("local-h100", "local.8xh100", "H100", 8, 98.32),
+                    group("local-l4", "local.1xl4", "L4", 1, 0.85),
+                ],
+                ..AutoscalerConfig::default()
+            }
+        }
+    };
+    cfg.schedulers = grpc.to_vec();
+    Ok(cfg)
 }
 
 /// Waits until `count` nodes are Ready (or 30 s pass).
@@ -320,7 +431,13 @@ async fn wait_for_nodes(grpc: &[String], count: usize) -> Result<(), String> {
     }
 }
 
-fn print_banner(args: &DevArgs, grpc: &[String], runtime: &str, problem: Option<&String>) {
+fn print_banner(
+    args: &DevArgs,
+    grpc: &[String],
+    runtime: &str,
+    problem: Option<&String>,
+    autoscaler: Option<&[String]>,
+) {
     let endpoint = &grpc[0];
     let default_endpoint = endpoint == "127.0.0.1:7070";
     let e = if default_endpoint {
@@ -347,10 +464,24 @@ fn print_banner(args: &DevArgs, grpc: &[String], runtime: &str, problem: Option<
     );
     println!("  metrics:   {}", metrics.join(", "));
     println!("  runtime:   {runtime}");
-    println!(
-        "  nodes:     2 × 8×H100 (aws us-east-1, gcp us-central1), 1 × 8×B200 (gcp us-central1),"
-    );
-    println!("             2 × 1×L4 (gcp europe-west4), 2 × 4×T4 (aws us-west-2)");
+    if args.no_static_nodes {
+        println!("  nodes:     none static (--no-static-nodes)");
+    } else {
+        println!(
+            "  nodes:     2 × 8×H100 (aws us-east-1, gcp us-central1), 1 × 8×B200 (gcp us-central1),"
+        );
+        println!("             2 × 1×L4 (gcp europe-west4), 2 × 4×T4 (aws us-west-2)");
+    }
+    match autoscaler {
+        Some(groups) => {
+            println!("  autoscaler: local provider, groups {}", groups.join(", "));
+            println!(
+                "             metrics http://127.0.0.1:{}/metrics",
+                u32::from(args.metrics_port) + u32::from(REPLICAS)
+            );
+        }
+        None => println!("  autoscaler: off (--no-autoscaler)"),
+    }
     println!("  state:     {}", args.data_dir.display());
     println!();
     println!("try, from another terminal:");

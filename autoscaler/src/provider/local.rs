@@ -3,7 +3,8 @@
 //!
 //! A scale-up writes, per node, an inventory file (the group's CPU, memory and GPUs, named
 //! as NVML would name them) and an agent config under `work_dir/NODE/`, then starts
-//! `berth agent --config … --stop-sandboxes-on-exit` with its output in `agent.log` there.
+//! `berth agent --config … --stop-sandboxes-on-exit --exit-with-parent` with its output in
+//! `agent.log` there (the agent exits when this process does, even on SIGKILL).
 //! The node id is `GROUP-N`; the agent carries the group in the `berth.dev/node-group`
 //! label. A removal sends SIGTERM (the agent stops its sandboxes and exits) and SIGKILL
 //! after a grace period. A node whose process has exited lists as Failed until removed.
@@ -127,11 +128,14 @@ impl LocalProvider {
             labels,
             ..AgentConfig::default()
         };
-        let body = toml::to_string(&agent)
+        #[derive(serde::Serialize)]
+        struct File {
+            agent: AgentConfig,
+        }
+        let body = toml::to_string(&File { agent })
             .map_err(|e| ProviderError::Permanent(format!("local: agent config for {id}: {e}")))?;
         let config = dir.join("agent.toml");
-        std::fs::write(&config, format!("[agent]\n{body}"))
-            .map_err(|e| io("writing the agent config in", e))?;
+        std::fs::write(&config, body).map_err(|e| io("writing the agent config in", e))?;
         Ok(config)
     }
 }
@@ -173,6 +177,7 @@ impl Provider for LocalProvider {
                 .arg("--config")
                 .arg(&config)
                 .arg("--stop-sandboxes-on-exit")
+                .arg("--exit-with-parent")
                 .stdin(Stdio::null())
                 .stdout(log)
                 .stderr(err)

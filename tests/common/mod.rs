@@ -1,0 +1,97 @@
+//! `berth dev` as a test harness: the real binary on free loopback ports, driven through
+//! the `berth` CLI.
+
+#![allow(dead_code)] // each test binary uses part of it
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+pub(crate) const BERTH: &str = env!("CARGO_BIN_EXE_berth");
+
+/// Seven consecutive free ports (three gRPC, four metrics) outside the ranges the other
+/// tests' clusters draw from.
+fn free_ports() -> u16 {
+    let start = 12_000 + (std::process::id() % 300) as u16 * 8;
+    for offset in 0..300u16 {
+        let base = 12_000 + (start - 12_000 + offset * 8) % 2_400;
+        if (0..7).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no free ports in 12000..14400");
+}
+
+pub(crate) struct Dev {
+    child: Child,
+    pub(crate) endpoint: String,
+    log: PathBuf,
+}
+
+impl Dev {
+    /// Starts `berth dev` with state under `dir` and `extra` arguments.
+    pub(crate) fn start(dir: &Path, extra: &[&str]) -> Dev {
+        let port = free_ports();
+        let log = dir.join("dev.log");
+        let child = Command::new(BERTH)
+            .arg("dev")
+            .args(extra)
+            .arg("--data-dir")
+            .arg(dir.join("state"))
+            .args(["--port", &port.to_string()])
+            .args(["--metrics-port", &(port + 3).to_string()])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.join("dev.out")).expect("out"))
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn berth dev");
+        Dev {
+            child,
+            endpoint: format!("127.0.0.1:{port}"),
+            log,
+        }
+    }
+
+    /// `berth <group> <verb> --endpoint E ...`: the endpoint goes before any `--` command.
+    pub(crate) fn berth(&self, args: &[&str]) -> Output {
+        Command::new(BERTH)
+            .args(&args[..2])
+            .args(["--endpoint", &self.endpoint])
+            .args(&args[2..])
+            .output()
+            .expect("run berth")
+    }
+
+    /// The last 30 lines of dev's log.
+    pub(crate) fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// SIGINT, and the exit status within `within`.
+    pub(crate) fn interrupt(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let started = std::time::Instant::now();
+        while started.elapsed() < within {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub(crate) fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
