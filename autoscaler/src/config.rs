@@ -463,6 +463,42 @@ mod tests {
     }
 
     #[test]
+    fn sim_and_local_providers_parse_and_name_bad_fields() {
+        let text = r#"
+            [providers.sim]
+            kind = "sim"
+            seed = 4
+            delay_s_min = 30
+            delay_s_max = 10
+            stockouts = [{ region = "us-east-1", start_s = 100, end_s = 50 }]
+            [providers.here]
+            kind = "local"
+            runtime = "docker"
+        "#;
+        let config: AutoscalerConfig = toml::from_str(text).expect("parses");
+        let ProviderConfig::Sim(sim) = &config.providers["sim"] else {
+            panic!("a sim provider: {config:?}");
+        };
+        assert_eq!(sim.seed, 4);
+        assert_eq!(sim.stockouts[0].region, "us-east-1");
+        let errors = errors(&config);
+        for field in [
+            "providers.sim.delay_s_max",
+            "providers.sim.stockouts[0].end_s",
+            "providers.here.runtime",
+        ] {
+            assert!(
+                errors.iter().any(|e| e.starts_with(field)),
+                "{field} not named in {errors:?}"
+            );
+        }
+        let unknown =
+            toml::from_str::<AutoscalerConfig>("[providers.sim]\nkind = \"sim\"\nsed = 4\n")
+                .expect_err("a typo");
+        assert!(unknown.to_string().contains("sed"), "{unknown}");
+    }
+
+    #[test]
     fn cross_field_problems_are_reported_together() {
         let mut config: AutoscalerConfig = toml::from_str(EXAMPLE).expect("parses");
         let mut second = config.node_groups[0].clone();

@@ -587,3 +587,46 @@ fn a_snapshot_with_an_id_past_next_is_refused() {
         matches!(State::restore(&state.snapshot()), Err(snapshot::SnapshotError::Invalid(m)) if m.contains("SandboxIdsBelowNext"))
     );
 }
+
+#[test]
+fn one_autoscaler_holds_the_lease_until_it_lapses_and_decisions_stay_bounded() {
+    let mut state = State::new();
+    let lease = |holder: &str, lines: usize| Command::AutoscalerLease {
+        holder: holder.into(),
+        ttl_ms: 1_000,
+        decisions: (0..lines)
+            .map(|i| format!("{holder} {i} {}", "x".repeat(600)))
+            .collect(),
+    };
+    assert_eq!(state.apply(&lease("a", 1), 10_000), [ItemOutcome::Applied]);
+    assert_eq!(
+        state.apply(&lease("b", 1), 10_500),
+        [ItemOutcome::Rejected(Rejection::LeaseHeld {
+            holder: "a".into(),
+            expires_ms: 11_000
+        })],
+        "b waits while a's lease runs"
+    );
+    assert_eq!(state.apply(&lease("a", 0), 10_900), [ItemOutcome::Applied]);
+    assert_eq!(state.autoscaler().expires_ms, 11_900, "a renewed");
+    assert_eq!(
+        state.apply(&lease("b", 100), 11_900),
+        [ItemOutcome::Applied]
+    );
+    let record = state.autoscaler();
+    assert_eq!(record.holder, "b");
+    assert_eq!(record.decisions.len(), MAX_AUTOSCALER_DECISIONS);
+    assert!(
+        record
+            .decisions
+            .back()
+            .is_some_and(|l| l.starts_with("b 99 "))
+    );
+    assert!(record.decisions.iter().all(|l| l.len() <= MAX_DECISION_LEN));
+    assert!(matches!(
+        state.apply(&lease("", 0), 20_000)[..],
+        [ItemOutcome::Rejected(Rejection::InvalidSpec(_))]
+    ));
+    let restored = State::restore(&state.snapshot()).expect("restore");
+    assert_eq!(restored.autoscaler(), state.autoscaler());
+}
