@@ -255,3 +255,52 @@ async fn a_spot_interruption_notice_cordons_the_node() {
         "{nodes:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_never_registers_is_released_and_demand_moves_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = single_replica(dir.path()).await;
+    // The cloud accepts requests but takes an hour to deliver.
+    let slow = SimCloudConfig {
+        delay_s_min: 3_600,
+        delay_s_max: 3_600,
+        ..SimCloudConfig::default()
+    };
+    let mut cfg = config(
+        cluster.endpoints(),
+        &[("slow", slow), ("fast", SimCloudConfig::default())],
+        vec![
+            group("slow-g", "slow", "r1", 10.0),
+            group("fast-g", "fast", "r2", 20.0),
+        ],
+    );
+    cfg.provision_timeout_s = 1;
+    let clock = SimClock::new();
+    let mut c = controller(&cfg, &clock, "a");
+    create_h100(&mut cluster.client(), 4).await;
+
+    let t0 = unix_ms();
+    let report = c.round(t0).await.expect("round");
+    assert_eq!(
+        report.scaled_up,
+        [("slow-g".to_string(), 1)],
+        "cheapest first"
+    );
+    let report = c.round(t0 + 500).await.expect("round");
+    assert!(report.scaled_up.is_empty(), "in flight: {report:?}");
+    let report = c.round(t0 + 1_500).await.expect("round");
+    assert!(
+        report
+            .lines
+            .iter()
+            .any(|l| l.contains("released slow-slow-g-0 in slow-g")
+                && l.contains("provision_timeout_s")),
+        "{:?}",
+        report.lines
+    );
+    assert_eq!(
+        report.scaled_up,
+        [("fast-g".to_string(), 1)],
+        "the demand moves on in the same round: {report:?}"
+    );
+}

@@ -36,6 +36,9 @@ pub struct AutoscalerConfig {
     pub providers: BTreeMap<String, ProviderConfig>,
     /// Groups of identical nodes the autoscaler may buy.
     pub node_groups: Vec<NodeGroupConfig>,
+    /// A node that has not registered this long after the provider listed it is released
+    /// and its group backed off (a cloud that accepted the request but never delivered).
+    pub provision_timeout_s: u64,
     /// Which capacity type scale-up tries first for sandboxes that accept either.
     pub capacity_preference: CapacityPreference,
     /// Per-tenant override of `capacity_preference`.
@@ -205,6 +208,7 @@ impl Default for AutoscalerConfig {
             backoff: BackoffConfig::default(),
             providers: BTreeMap::new(),
             node_groups: Vec::new(),
+            provision_timeout_s: 900,
             capacity_preference: CapacityPreference::Cheapest,
             tenant_capacity_preference: BTreeMap::new(),
         }
@@ -234,6 +238,9 @@ impl AutoscalerConfig {
             "interval_ms",
             || format!("{} is outside 100..=3600000", self.interval_ms),
         );
+        v.check(self.provision_timeout_s >= 1, "provision_timeout_s", || {
+            "must be at least 1".into()
+        });
         v.check(
             self.max_scale_up_nodes_per_minute >= 1,
             "max_scale_up_nodes_per_minute",

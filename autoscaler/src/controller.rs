@@ -76,6 +76,8 @@ pub struct Controller {
     requested: VecDeque<(u64, u32)>,
     backoff: BTreeMap<String, Backoff>,
     noticed: BTreeSet<String>,
+    /// When each provider node not yet registered was first listed.
+    first_seen: HashMap<String, u64>,
     held: bool,
     seed: u64,
 }
@@ -103,6 +105,7 @@ impl Controller {
             requested: VecDeque::new(),
             backoff: BTreeMap::new(),
             noticed: BTreeSet::new(),
+            first_seen: HashMap::new(),
             held: false,
             seed: 0,
         }
@@ -193,20 +196,30 @@ impl Controller {
                     continue;
                 }
             };
-            let failed: Vec<String> = listed
-                .iter()
-                .filter(|n| n.state == InstanceState::Failed && !registered.contains(n.id.as_str()))
-                .map(|n| n.id.clone())
-                .collect();
+            let timeout_ms = self.cfg.provision_timeout_s.saturating_mul(1000);
+            let mut failed: Vec<String> = Vec::new();
+            for n in &listed {
+                if registered.contains(n.id.as_str()) {
+                    self.first_seen.remove(&n.id);
+                    continue;
+                }
+                let first = *self.first_seen.entry(n.id.clone()).or_insert(now_ms);
+                if n.state == InstanceState::Failed
+                    || (n.state != InstanceState::Deleting
+                        && now_ms.saturating_sub(first) >= timeout_ms)
+                {
+                    failed.push(n.id.clone());
+                }
+            }
             if !failed.is_empty() {
-                stillborn.push((group.clone(), failed));
+                stillborn.push((group.clone(), failed.clone()));
             }
             for node in &listed {
                 let known = registered.contains(node.id.as_str());
                 let live = matches!(
                     node.state,
                     InstanceState::Provisioning | InstanceState::Running
-                );
+                ) && !failed.contains(&node.id);
                 if live {
                     spend += group.price_per_hour_usd;
                 }
@@ -234,7 +247,7 @@ impl Controller {
         // after a stockout (a group whose nodes never come up must not be bought forever).
         for (group, failed) in stillborn {
             let error = ProviderError::Transient(format!(
-                "{} node(s) failed before registering: {}",
+                "{} node(s) failed or did not register within provision_timeout_s: {}",
                 failed.len(),
                 failed.join(", ")
             ));
@@ -247,6 +260,9 @@ impl Controller {
             if let Some(provider) = self.provider(&group) {
                 let _ =
                     tokio::time::timeout(self.call_timeout, provider.remove(&group, &failed)).await;
+            }
+            for id in &failed {
+                self.first_seen.remove(id);
             }
             report.lines.push(line(
                 now_ms,
