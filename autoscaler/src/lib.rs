@@ -1,12 +1,16 @@
 //! The berth autoscaler: a pure scaling policy and the providers that carry its decisions
 //! out.
 //!
-//! Built so far: the configuration and the scale-down rule. Scale-up, providers and the
-//! process come with the rest of issue #6.
-//!
 //! # Layout
 //! - [`config`]: the `[autoscaler]` config section, its defaults and validation.
-//! - [`policy`]: the pure decision functions.
+//! - [`policy`]: the pure decision functions: one round's scale-ups and removals
+//!   ([`policy::decide`]), the caps ([`policy::limits`]), idle-node removal
+//!   ([`policy::scale_down`]). Time and seeds are passed in.
+//! - [`provider`]: the [`provider::Provider`] trait and its implementations (local agent
+//!   processes, a seeded simulated cloud, Kubernetes Cluster API, external gRPC).
+//! - [`controller`]: the loop around the policy: the lease, reading the scheduler and the
+//!   providers, carrying decisions out, recording them.
+//! - [`metrics`]: the Prometheus metrics the controller keeps.
 
 pub mod config;
 pub mod controller;

@@ -1,8 +1,10 @@
 //! `berth dev`: a whole berth on one machine. Three scheduler replicas (real Raft over
 //! loopback, durable logs) and seven node agents whose static inventories stand in for GPU
 //! boxes at two providers in four regions; the agents run sandboxes under gVisor when
-//! `runsc` is installed, and as plain processes when not. Ctrl-C stops the sandboxes,
-//! then the agents, then the replicas.
+//! `runsc` is installed, and as plain processes when not. An autoscaler runs in-process
+//! with the local provider (node groups that start at zero and grow with `berth agent`
+//! processes). Ctrl-C stops the autoscaler and its agents, the sandboxes, then the static
+//! agents, then the replicas.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
