@@ -164,6 +164,14 @@ fn pending_gpu_sandboxes_scale_a_group_up_from_zero_and_idle_nodes_go_back_to_ze
         "20 one-GPU sandboxes pack onto three 8-GPU nodes (seen {seen_nodes:?})"
     );
 
+    let metrics = dev.metrics(3);
+    for line in [
+        "berth_autoscaler_lease_held 1",
+        "berth_autoscaler_decisions_total{kind=\"scale_up\",reason=\"pending\"} 3",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
+
     // Idle past the 3 s cooldown, the group goes back to zero.
     let started = Instant::now();
     loop {
@@ -186,6 +194,13 @@ fn pending_gpu_sandboxes_scale_a_group_up_from_zero_and_idle_nodes_go_back_to_ze
     println!(
         "group back to 0 nodes {} ms after the last sandbox finished",
         idle_for.as_millis()
+    );
+
+    let metrics = dev.metrics(3);
+    let removed = "berth_autoscaler_decisions_total{kind=\"scale_down\",reason=\"idle\"} 3";
+    assert!(
+        metrics.contains(removed),
+        "{removed} missing from:\n{metrics}"
     );
 
     // The decisions are in the replicated record, with their reasons.

@@ -26,6 +26,8 @@ fn free_ports() -> u16 {
 pub(crate) struct Dev {
     child: Child,
     pub(crate) endpoint: String,
+    /// First of dev's metrics ports (replicas), the autoscaler's is the fourth.
+    pub(crate) metrics_port: u16,
     log: PathBuf,
 }
 
@@ -49,6 +51,7 @@ impl Dev {
         Dev {
             child,
             endpoint: format!("127.0.0.1:{port}"),
+            metrics_port: port + 3,
             log,
         }
     }
@@ -68,6 +71,19 @@ impl Dev {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// The body of `GET /metrics` on dev's `n`th metrics port (3 = the autoscaler).
+    pub(crate) fn metrics(&self, n: u16) -> String {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port + n))
+        else {
+            return String::new();
+        };
+        let _ = stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
+        let mut body = String::new();
+        let _ = stream.read_to_string(&mut body);
+        body
     }
 
     /// SIGINT, and the exit status within `within`.
