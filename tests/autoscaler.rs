@@ -304,3 +304,98 @@ async fn a_node_that_never_registers_is_released_and_demand_moves_on() {
         "the demand moves on in the same round: {report:?}"
     );
 }
+
+/// Two `berth autoscaler` processes: one holds the lease and acts, the other waits; kill
+/// the holder and the other takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_autoscaler_processes_one_acts_and_the_other_takes_over() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = single_replica(dir.path()).await;
+    let config = dir.path().join("autoscaler.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[autoscaler]
+schedulers = ["{}"]
+interval_ms = 200
+
+[autoscaler.providers.sim]
+kind = "sim"
+
+[[autoscaler.node_groups]]
+name = "g"
+provider = "sim"
+region = "r1"
+instance_type = "8xH100"
+gpu_model = "H100"
+gpu_count = 8
+cpu_milli = 64000
+memory_mib = 262144
+price_per_hour_usd = 10.0
+min_nodes = 1
+max_nodes = 4
+"#,
+            cluster.endpoints()[0]
+        ),
+    )
+    .expect("config");
+    let start = |holder: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+            .args(["autoscaler", "--config"])
+            .arg(&config)
+            .args(["--metrics-address", "", "--holder", holder])
+            .stderr(std::fs::File::create(dir.path().join(format!("{holder}.log"))).expect("log"))
+            .spawn()
+            .expect("spawn berth autoscaler")
+    };
+    let mut one = start("one");
+    let mut two = start("two");
+    let mut client = cluster.client();
+    let holder = |wanted: Option<&'static str>| {
+        let mut client = cluster.client();
+        async move {
+            for _ in 0..100 {
+                let status = client.status().await.expect("status");
+                let held = status.autoscaler_lease_expires_unix_ms > unix_ms();
+                match wanted {
+                    Some(w) if held && status.autoscaler_holder == w => return status,
+                    None if held && !status.autoscaler_holder.is_empty() => return status,
+                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+            panic!("no holder {wanted:?}");
+        }
+    };
+    let status = holder(None).await;
+    let first = status.autoscaler_holder.clone();
+    let (acting, waiting, second) = if first == "one" {
+        (&mut one, &mut two, "two")
+    } else {
+        (&mut two, &mut one, "one")
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let status = client.status().await.expect("status");
+    assert_eq!(
+        status.autoscaler_holder, first,
+        "the holder keeps it while alive"
+    );
+    let scaled: Vec<&String> = status
+        .recent_autoscaler_decisions
+        .iter()
+        .filter(|l| l.contains("scale-up g +1: min_nodes 1"))
+        .collect();
+    assert_eq!(
+        scaled.len(),
+        1,
+        "one instance acted, once: {:?}",
+        status.recent_autoscaler_decisions
+    );
+
+    acting.kill().expect("kill the holder");
+    let _ = acting.wait();
+    let status = holder(Some(if second == "two" { "two" } else { "one" })).await;
+    assert_eq!(status.autoscaler_holder, second);
+    waiting.kill().expect("kill");
+    let _ = waiting.wait();
+}
