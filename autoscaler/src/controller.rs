@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use berth_proto::pb::v1 as pb;
-use berth_scheduler::placement::PlacerConfig;
 use berth_scheduler::service::client::Client;
 use berth_scheduler::service::convert;
 
@@ -32,6 +31,7 @@ use crate::config::{AutoscalerConfig, NodeGroupConfig};
 use crate::metrics::Metrics;
 use crate::policy::decide::{
     Decision, ExistingNode, GROUP_LABEL, GroupStatus, Input, PendingSandbox, Policy,
+    planning_placer,
 };
 use crate::provider::{InstanceState, Provider, ProviderError, ProviderNode};
 
@@ -94,7 +94,7 @@ impl Controller {
         let mut client = Client::new(cfg.schedulers.clone());
         client.deadline = Duration::from_secs(10);
         Controller {
-            policy: Policy::new(cfg.clone(), PlacerConfig::default()),
+            policy: Policy::new(cfg.clone(), planning_placer()),
             cfg,
             providers,
             client,

@@ -13,7 +13,9 @@ use serde::Serialize;
 
 use berth_autoscaler::AutoscalerConfig;
 use berth_autoscaler::config::{NodeGroupConfig, ProviderConfig};
-use berth_autoscaler::policy::decide::{ExistingNode, GROUP_LABEL, Input, PendingSandbox, Policy};
+use berth_autoscaler::policy::decide::{
+    ExistingNode, GROUP_LABEL, Input, PendingSandbox, Policy, planning_placer,
+};
 use berth_scheduler::model::{NodeSpec, SandboxId};
 use berth_scheduler::placement::fragmentation::TypicalWorkload;
 use berth_scheduler::placement::view::ClusterView;
@@ -178,14 +180,7 @@ pub(crate) fn run(args: &AutoscaleArgs) -> ExitCode {
         ..AutoscalerConfig::default()
     };
     let group_count = cfg.node_groups.len();
-    let policy = Policy::new(
-        cfg,
-        PlacerConfig {
-            policy: berth_scheduler::config::PolicyName::Bestfit,
-            candidate_limit: Some(8),
-            ..PlacerConfig::default()
-        },
-    );
+    let policy = Policy::new(cfg, planning_placer());
     let status = BTreeMap::new();
     let input = Input {
         now_ms: 3_600_000,

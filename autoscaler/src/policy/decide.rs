@@ -50,6 +50,17 @@ pub const GROUP_LABEL: &str = "berth.dev/node-group";
 /// CPU-only sandboxes on big nodes.
 pub const MAX_FIT_PER_NODE: u32 = 1024;
 
+/// The placement settings the policy plans with: bestfit over 8 candidates. The plan only
+/// has to count nodes; the scheduler places for real with its own policy, and packing
+/// estimates with bestfit cost a fraction of FGD's scoring (`berth bench autoscale`).
+pub fn planning_placer() -> PlacerConfig {
+    PlacerConfig {
+        policy: berth_scheduler::config::PolicyName::Bestfit,
+        allow_gpu_upgrade: false,
+        candidate_limit: Some(8),
+    }
+}
+
 /// Sandboxes the scheduler could not place: one, or a group of the same spec.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PendingSandbox {
@@ -735,7 +746,7 @@ mod tests {
     }
 
     fn policy(cfg: AutoscalerConfig) -> Policy {
-        Policy::new(cfg, PlacerConfig::default())
+        Policy::new(cfg, planning_placer())
     }
 
     fn gpu(spec: &str) -> SandboxSpec {
