@@ -10,8 +10,10 @@ use berth_proto::pb::v1::admin_service_client::AdminServiceClient;
 use berth_proto::pb::v1::peer_client::PeerClient;
 use berth_proto::pb::v1::sandbox_service_client::SandboxServiceClient;
 use berth_scheduler::service::client::Client;
-use berth_scheduler::service::local_cluster::{LocalCluster, LocalClusterConfig};
 use berth_scheduler::service::transport::peer_channel;
+
+mod common;
+use common::single_replica;
 
 fn valid_spec() -> pb::SandboxSpec {
     pb::SandboxSpec {
@@ -25,21 +27,6 @@ fn valid_spec() -> pb::SandboxSpec {
         }),
         ..Default::default()
     }
-}
-
-async fn single_replica(dir: &std::path::Path) -> LocalCluster {
-    let mut cfg = LocalClusterConfig::new(env!("CARGO_BIN_EXE_berth"));
-    cfg.replicas = 1;
-    let mut cluster = LocalCluster::start(cfg, dir).expect("start");
-    assert!(
-        cluster
-            .wait_for_leader(Duration::from_secs(20))
-            .await
-            .is_some(),
-        "no leader: {}",
-        cluster.log_tail(0, 20)
-    );
-    cluster
 }
 
 async fn create_err(

@@ -20,22 +20,9 @@ use berth_proto::pb::v1 as pb;
 use berth_scheduler::model::NodeSpec;
 use berth_scheduler::service::client::Client;
 use berth_scheduler::service::convert;
-use berth_scheduler::service::local_cluster::{LocalCluster, LocalClusterConfig};
 
-async fn single_replica(dir: &std::path::Path) -> LocalCluster {
-    let mut cfg = LocalClusterConfig::new(env!("CARGO_BIN_EXE_berth"));
-    cfg.replicas = 1;
-    let mut cluster = LocalCluster::start(cfg, dir).expect("start");
-    assert!(
-        cluster
-            .wait_for_leader(Duration::from_secs(20))
-            .await
-            .is_some(),
-        "no leader: {}",
-        cluster.log_tail(0, 20)
-    );
-    cluster
-}
+mod common;
+use common::single_replica;
 
 fn group(name: &str, provider: &str, region: &str, price: f64) -> NodeGroupConfig {
     NodeGroupConfig {

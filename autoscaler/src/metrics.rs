@@ -1,8 +1,6 @@
 //! The autoscaler's Prometheus metrics, served on `/metrics`.
 
-use prometheus::{
-    Encoder, Gauge, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{Gauge, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// Every autoscaler metric.
 #[derive(Clone)]
@@ -109,29 +107,12 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
-        String::from_utf8(out).unwrap_or_default()
+        berth_scheduler::service::metrics::render(&self.registry)
     }
 
     /// Serves `/metrics` on `listener` until the task is dropped.
     pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
-        let app = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let m = self.clone();
-                async move {
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4",
-                        )],
-                        m.render(),
-                    )
-                }
-            }),
-        );
-        axum::serve(listener, app).await
+        berth_scheduler::service::metrics::serve(self.registry, listener).await
     }
 }
 

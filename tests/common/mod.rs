@@ -1,5 +1,5 @@
-//! `berth dev` as a test harness: the real binary on free loopback ports, driven through
-//! the `berth` CLI.
+//! Test harnesses over the real binary: `berth dev` on free loopback ports driven through
+//! the `berth` CLI, and a one-replica scheduler.
 
 #![allow(dead_code)] // each test binary uses part of it
 
@@ -7,6 +7,8 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
+
+use berth_scheduler::service::local_cluster::{LocalCluster, LocalClusterConfig};
 
 pub(crate) const BERTH: &str = env!("CARGO_BIN_EXE_berth");
 
@@ -106,6 +108,22 @@ impl Drop for Dev {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A one-replica `berth scheduler` process with a leader.
+pub(crate) async fn single_replica(dir: &std::path::Path) -> LocalCluster {
+    let mut cfg = LocalClusterConfig::new(env!("CARGO_BIN_EXE_berth"));
+    cfg.replicas = 1;
+    let mut cluster = LocalCluster::start(cfg, dir).expect("start");
+    assert!(
+        cluster
+            .wait_for_leader(Duration::from_secs(20))
+            .await
+            .is_some(),
+        "no leader: {}",
+        cluster.log_tail(0, 20)
+    );
+    cluster
 }
 
 pub(crate) fn text(b: &[u8]) -> String {
