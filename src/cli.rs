@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 
 use crate::commands::bench::BenchCommand;
 use crate::commands::scheduler::SchedulerArgs;
@@ -15,8 +15,6 @@ use crate::logging::LogFormat;
 pub(crate) const EXIT_FAILURE: u8 = 1;
 /// Exit code of a usage error (bad flags, a bad log filter).
 pub(crate) const EXIT_USAGE: u8 = 2;
-/// Exit code of a subcommand that is not built yet (sysexits' EX_UNAVAILABLE).
-pub(crate) const EXIT_NOT_BUILT: u8 = 69;
 
 /// berth: control plane for GPU sandbox platforms.
 ///
@@ -67,13 +65,6 @@ enum Command {
     Config(ConfigCommand),
 }
 
-/// Arguments of a subcommand that is not built yet: accepted, then refused with a message.
-#[derive(Debug, Args)]
-pub(crate) struct NotBuilt {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    args: Vec<String>,
-}
-
 #[derive(Debug, Subcommand)]
 enum ConfigCommand {
     /// Parse and validate config files; report every problem with its field path.
@@ -101,12 +92,6 @@ impl Cli {
             Command::Bench(command) => command.run(),
         }
     }
-}
-
-/// Says a subcommand is not built yet and returns its exit code.
-pub(crate) fn not_built(name: &str, issue: u32) -> ExitCode {
-    eprintln!("berth {name}: not built yet (tracked in issue #{issue})");
-    ExitCode::from(EXIT_NOT_BUILT)
 }
 
 fn config_check(files: &[PathBuf]) -> ExitCode {

@@ -105,14 +105,6 @@ fn a_typo_in_a_field_name_is_refused_with_the_field() {
 }
 
 #[test]
-fn unbuilt_subcommands_say_so_and_fail() {
-    let out = berth(&["sim", "run", "x.toml"]);
-    assert_eq!(out.status.code(), Some(69));
-    assert!(text(&out.stderr).contains("berth sim run: not built yet"));
-    assert!(out.stdout.is_empty(), "no fake output");
-}
-
-#[test]
 fn an_agent_without_runsc_says_how_to_fix_it() {
     let dir = tempfile::tempdir().expect("tmp");
     let config = dir.path().join("agent.toml");

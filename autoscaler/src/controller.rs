@@ -29,6 +29,7 @@ use berth_scheduler::service::convert;
 
 use crate::config::{AutoscalerConfig, NodeGroupConfig};
 use crate::metrics::Metrics;
+use crate::policy::backoff::backoff_ms;
 use crate::policy::decide::{
     Decision, ExistingNode, GROUP_LABEL, GroupStatus, Input, PendingSandbox, Policy,
     planning_placer,
@@ -530,20 +531,17 @@ impl Controller {
 
     /// Backs a group off after a failed scale-up; returns until when.
     fn back_off(&mut self, group: &NodeGroupConfig, e: &ProviderError, now_ms: u64) -> u64 {
-        let initial = self.cfg.backoff.initial_s.saturating_mul(1000);
-        let max = self.cfg.backoff.max_s.saturating_mul(1000);
         let entry = self.backoff.entry(group.name.clone()).or_insert(Backoff {
             until_ms: 0,
             failures: 0,
             error: String::new(),
         });
         entry.failures = entry.failures.saturating_add(1);
-        let wait = match e {
-            ProviderError::Permanent(_) => max,
-            _ => initial
-                .saturating_mul(1u64 << (entry.failures - 1).min(20))
-                .min(max),
-        };
+        let wait = backoff_ms(
+            &self.cfg.backoff,
+            entry.failures,
+            matches!(e, ProviderError::Permanent(_)),
+        );
         entry.until_ms = now_ms.saturating_add(wait);
         entry.error = e.to_string();
         entry.until_ms

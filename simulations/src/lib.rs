@@ -6,5 +6,8 @@
 //!   (`berth sim openb`).
 //! - [`synthetic`]: seeded synthetic fleets and sandbox mixes (benchmarks, tests).
 
+pub mod engine;
 pub mod openb;
+pub mod report;
+pub mod scenario;
 pub mod synthetic;

@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use berth_scheduler::config::PolicyName;
 use berth_sim::openb::{MAX_SEEDS, OpenbRun};
 
-use crate::cli::{EXIT_FAILURE, NotBuilt, not_built};
+use crate::cli::EXIT_FAILURE;
 
 /// Simulations.
 #[derive(Debug, Subcommand)]
@@ -20,10 +20,11 @@ pub(crate) enum SimCommand {
     /// that no acknowledged create is lost, nothing is double-allocated, replicas converge
     /// and progress resumes. A failure prints SEED=… and replays exactly.
     Chaos(ChaosArgs),
-    /// Run a scenario file (pool, autoscaler, workload) in virtual time.
-    Run(NotBuilt),
-    /// Run one workload on two scenario files, side by side.
-    Compare(NotBuilt),
+    /// Run a scenario file (pool, autoscaler, workload) in virtual time; writes
+    /// summary.json, series.csv, SVG plots and report.html.
+    Run(super::sim_run::RunArgs),
+    /// Run A's workload on A's and B's pools and autoscalers, side by side.
+    Compare(super::sim_run::CompareArgs),
 }
 
 /// Arguments of `berth sim openb`.
@@ -132,8 +133,8 @@ impl SimCommand {
         match self {
             SimCommand::Openb(args) => openb(args),
             SimCommand::Chaos(args) => chaos(&args),
-            SimCommand::Run(_) => not_built("sim run", 7),
-            SimCommand::Compare(_) => not_built("sim compare", 7),
+            SimCommand::Run(args) => super::sim_run::run(&args),
+            SimCommand::Compare(args) => super::sim_run::compare(&args),
         }
     }
 }

@@ -2,9 +2,11 @@
 //!
 //! - [`decide`]: one decision round ([`decide::Policy::decide`]): scale-up for pending
 //!   demand, `min_nodes` and headroom, with failover past groups backing off; scale-down.
+//! - [`backoff`]: how long a group waits after a provider error.
 //! - [`limits`]: the caps no scale-up crosses.
 //! - [`scale_down`]: which idle nodes go.
 
+pub mod backoff;
 pub mod decide;
 pub mod limits;
 pub mod scale_down;

@@ -123,9 +123,9 @@ fn exponential(rng: &mut ChaCha8Rng, mean: f64) -> f64 {
     -mean * (1.0 - u).ln()
 }
 
-#[async_trait]
-impl Provider for SimCloud {
-    async fn scale_up(&self, group: &NodeGroupConfig, count: u32) -> Result<(), ProviderError> {
+impl SimCloud {
+    /// [`Provider::scale_up`], without a runtime (the simulator calls it directly).
+    pub fn scale_up_now(&self, group: &NodeGroupConfig, count: u32) -> Result<(), ProviderError> {
         let now = self.clock.now_ms();
         if self.stocked_out(group, now) {
             return Err(ProviderError::Stockout(format!(
@@ -164,19 +164,20 @@ impl Provider for SimCloud {
         Ok(())
     }
 
-    async fn remove(&self, group: &NodeGroupConfig, nodes: &[String]) -> Result<(), ProviderError> {
+    /// [`Provider::remove`], without a runtime.
+    pub fn remove_now(&self, group: &NodeGroupConfig, nodes: &[String]) {
         let mut cloud = self.lock();
         if let Some(list) = cloud.groups.get_mut(&group.name) {
             list.retain(|n| !nodes.contains(&n.id));
         }
-        Ok(())
     }
 
-    async fn list(&self, group: &NodeGroupConfig) -> Result<Vec<ProviderNode>, ProviderError> {
+    /// [`Provider::list`], without a runtime.
+    pub fn list_now(&self, group: &NodeGroupConfig) -> Vec<ProviderNode> {
         let now = self.clock.now_ms();
         let mut cloud = self.lock();
         self.reap(&mut cloud, now);
-        Ok(cloud
+        cloud
             .groups
             .get(&group.name)
             .map(|nodes| {
@@ -195,7 +196,23 @@ impl Provider for SimCloud {
                     })
                     .collect()
             })
-            .unwrap_or_default())
+            .unwrap_or_default()
+    }
+}
+
+#[async_trait]
+impl Provider for SimCloud {
+    async fn scale_up(&self, group: &NodeGroupConfig, count: u32) -> Result<(), ProviderError> {
+        self.scale_up_now(group, count)
+    }
+
+    async fn remove(&self, group: &NodeGroupConfig, nodes: &[String]) -> Result<(), ProviderError> {
+        self.remove_now(group, nodes);
+        Ok(())
+    }
+
+    async fn list(&self, group: &NodeGroupConfig) -> Result<Vec<ProviderNode>, ProviderError> {
+        Ok(self.list_now(group))
     }
 }
 

@@ -65,6 +65,10 @@ struct PodRow {
     gpu_milli: u32,
     #[serde(default)]
     gpu_spec: Option<String>,
+    #[serde(default)]
+    creation_time: u64,
+    #[serde(default)]
+    deletion_time: u64,
 }
 
 /// A pod of the trace.
@@ -74,6 +78,10 @@ pub struct TracePod {
     pub name: String,
     /// As a sandbox spec (tenant `openb`).
     pub spec: SandboxSpec,
+    /// Creation time in the trace, seconds.
+    pub created_s: u64,
+    /// Deletion time in the trace, seconds (at or after creation).
+    pub deleted_s: u64,
 }
 
 impl TracePod {
@@ -198,6 +206,8 @@ fn pod_from_row(row: PodRow) -> Result<TracePod, String> {
     Ok(TracePod {
         name: row.name,
         spec,
+        created_s: row.creation_time,
+        deleted_s: row.deletion_time.max(row.creation_time),
     })
 }
 
