@@ -315,3 +315,71 @@ fn sandbox_and_node_commands_against_nothing_fail_clearly() {
         );
     }
 }
+
+#[test]
+fn sim_run_writes_the_report_and_sim_compare_prints_both() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let scenario = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("simulations/scenarios/h100-stockout-failover.toml");
+    let body = std::fs::read_to_string(&scenario)
+        .expect("scenario")
+        .replace("duration_h = 12.0", "duration_h = 3.0");
+    let small = dir.path().join("small.toml");
+    std::fs::write(&small, body).expect("write");
+    let out = dir.path().join("out");
+    let run = berth(&[
+        "sim",
+        "run",
+        small.to_str().expect("utf-8"),
+        "--out",
+        out.to_str().expect("utf-8"),
+        "--seed",
+        "9",
+    ]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let stdout = text(&run.stdout);
+    assert!(
+        stdout.contains("h100-stockout-failover: 3 simulated hours"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("lower bound"), "{stdout}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).expect("summary"))
+            .expect("json");
+    for key in [
+        "peak_concurrent_sandboxes",
+        "wait_p50_s",
+        "wait_p99_s",
+        "cost_usd",
+        "cost_lower_bound_usd",
+    ] {
+        assert!(summary.get(key).is_some(), "{key} missing: {summary}");
+    }
+    assert_eq!(summary["seed"], 9);
+
+    let compare = berth(&[
+        "sim",
+        "compare",
+        small.to_str().expect("utf-8"),
+        small.to_str().expect("utf-8"),
+        "--out",
+        dir.path().join("cmp").to_str().expect("utf-8"),
+    ]);
+    assert!(compare.status.success(), "{}", text(&compare.stderr));
+    assert!(text(&compare.stdout).contains("cost / lower bound"));
+    assert!(dir.path().join("cmp/B/report.html").exists());
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[scenario]\nname = \"x\"\n[workload]\nkind = \"poisson\"\npeak_concurrent = 0\n[autoscaler]\n").expect("write");
+    let refused = berth(&["sim", "run", bad.to_str().expect("utf-8")]);
+    assert_eq!(refused.status.code(), Some(1));
+    let err = text(&refused.stderr);
+    assert!(
+        err.contains("workload.peak_concurrent: 0 is outside"),
+        "{err}"
+    );
+    assert!(
+        err.contains("workload.mix: needs at least one entry"),
+        "{err}"
+    );
+}

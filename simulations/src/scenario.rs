@@ -190,9 +190,12 @@ impl Scenario {
             let base = path.parent().unwrap_or(Path::new("."));
             scenario.workload.pods = Some(base.join(pods));
         }
-        scenario
-            .validate()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        scenario.validate().map_err(|e| {
+            e.lines()
+                .map(|line| format!("{}: {line}", path.display()))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })?;
         Ok(scenario)
     }
 
