@@ -18,10 +18,10 @@
 //!
 //! The wall clock is read here, in the loop, and passed to the policy as a number.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use berth_proto::pb::v1 as pb;
 use berth_scheduler::service::client::Client;
@@ -29,23 +29,14 @@ use berth_scheduler::service::convert;
 
 use crate::config::{AutoscalerConfig, NodeGroupConfig};
 use crate::metrics::Metrics;
-use crate::policy::backoff::backoff_ms;
 use crate::policy::decide::{
-    Decision, ExistingNode, GROUP_LABEL, GroupStatus, Input, PendingSandbox, Policy,
-    planning_placer,
+    ExistingNode, GROUP_LABEL, GroupStatus, PendingSandbox, Policy, planning_placer,
 };
 use crate::provider::{InstanceState, Provider, ProviderError, ProviderNode};
+use crate::round::{Attempt, Memory};
 
 /// Most decision lines sent with one lease renewal (the state keeps the latest 64).
 const MAX_LINES_PER_ROUND: usize = 64;
-
-/// A group's backoff after provider errors.
-#[derive(Debug, Clone)]
-struct Backoff {
-    until_ms: u64,
-    failures: u32,
-    error: String,
-}
 
 /// What one round did.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -74,13 +65,11 @@ pub struct Controller {
     metrics: Metrics,
     call_timeout: Duration,
     idle_since: HashMap<String, u64>,
-    requested: VecDeque<(u64, u32)>,
-    backoff: BTreeMap<String, Backoff>,
+    memory: Memory,
     noticed: BTreeSet<String>,
     /// When each provider node not yet registered was first listed.
     first_seen: HashMap<String, u64>,
     held: bool,
-    seed: u64,
 }
 
 impl Controller {
@@ -103,12 +92,10 @@ impl Controller {
             metrics,
             call_timeout: Duration::from_secs(60),
             idle_since: HashMap::new(),
-            requested: VecDeque::new(),
-            backoff: BTreeMap::new(),
+            memory: Memory::new(),
             noticed: BTreeSet::new(),
             first_seen: HashMap::new(),
             held: false,
-            seed: 0,
         }
     }
 
@@ -183,10 +170,6 @@ impl Controller {
         self.metrics.nodes.reset();
         for group in self.cfg.node_groups.clone() {
             let mut s = GroupStatus::default();
-            if let Some(b) = self.backoff.get(&group.name) {
-                s.backoff_until_ms = b.until_ms;
-                s.last_error = Some(b.error.clone());
-            }
             let listed = match self.list(&group).await {
                 Ok(listed) => listed,
                 Err(e) => {
@@ -253,7 +236,7 @@ impl Controller {
                 failed.join(", ")
             ));
             self.count_error(&group, &error);
-            let until = self.back_off(&group, &error, now_ms);
+            let until = self.memory.back_off(&self.cfg, &group.name, &error, now_ms);
             if let Some(s) = status.get_mut(&group.name) {
                 s.backoff_until_ms = until;
                 s.last_error = Some(error.to_string());
@@ -295,77 +278,57 @@ impl Controller {
             }
         }
 
-        // Decide, act, and decide again after a failure, so demand fails over this round.
-        let mut decision = Decision::default();
-        for _ in 0..=self.cfg.node_groups.len() {
-            self.requested
-                .retain(|(t, _)| now_ms.saturating_sub(*t) < 60_000);
-            let requested_last_minute = self.requested.iter().map(|(_, n)| *n).sum();
-            let started = Instant::now();
-            self.seed = self.seed.wrapping_add(1);
-            decision = self.policy.decide(&Input {
+        // Decide, act, and decide again after a refusal, so demand fails over this round.
+        let mut memory = std::mem::take(&mut self.memory);
+        let (decision, attempts, decide_ms) = memory
+            .decide_and_scale(
+                &self.policy,
                 now_ms,
-                seed: self.seed,
-                pending: &pending,
-                nodes: &nodes,
-                groups: &status,
-                requested_last_minute,
-            });
-            self.metrics
-                .decision_ms
-                .set(started.elapsed().as_secs_f64() * 1000.0);
-            let mut failed = false;
-            for up in &decision.scale_up {
-                let Some(group) = self.group(&up.group).cloned() else {
-                    continue;
-                };
-                match self.scale_up(&group, up.nodes).await {
-                    Ok(()) => {
-                        self.backoff.remove(&group.name);
-                        self.requested.push_back((now_ms, up.nodes));
-                        if let Some(s) = status.get_mut(&group.name) {
-                            s.in_flight += up.nodes;
-                        }
-                        self.metrics
-                            .decisions
-                            .with_label_values(&["scale_up", scale_up_reason(&up.reason)])
-                            .inc_by(u64::from(up.nodes));
-                        report.lines.push(line(
-                            now_ms,
-                            &format!("scale-up {} +{}: {}", group.name, up.nodes, up.reason),
-                        ));
-                        report.scaled_up.push((group.name.clone(), up.nodes));
-                    }
-                    Err(e) => {
-                        let until = self.back_off(&group, &e, now_ms);
-                        if let Some(s) = status.get_mut(&group.name) {
-                            s.backoff_until_ms = until;
-                            s.last_error = Some(e.to_string());
-                        }
-                        report.lines.push(line(
-                            now_ms,
-                            &format!(
-                                "scale-up {} +{} failed ({e}); backing off {} s",
-                                group.name,
-                                up.nodes,
-                                until.saturating_sub(now_ms) / 1000
-                            ),
-                        ));
-                        failed = true;
-                        break;
-                    }
+                &pending,
+                &nodes,
+                &mut status,
+                |g, n| {
+                    let this = &*self;
+                    async move { this.scale_up(&g, n).await }
+                },
+            )
+            .await;
+        self.memory = memory;
+        self.metrics.decision_ms.set(decide_ms);
+        for attempt in attempts {
+            match attempt {
+                Attempt::Granted {
+                    group,
+                    nodes,
+                    reason,
+                } => {
+                    self.metrics
+                        .decisions
+                        .with_label_values(&["scale_up", scale_up_reason(&reason)])
+                        .inc_by(u64::from(nodes));
+                    report.lines.push(line(
+                        now_ms,
+                        &format!("scale-up {group} +{nodes}: {reason}"),
+                    ));
+                    report.scaled_up.push((group, nodes));
                 }
-            }
-            if !failed {
-                break;
+                Attempt::Refused {
+                    group,
+                    nodes,
+                    error,
+                    until_ms,
+                } => report.lines.push(line(
+                    now_ms,
+                    &format!(
+                        "scale-up {group} +{nodes} failed ({error}); backing off {} s",
+                        until_ms.saturating_sub(now_ms) / 1000
+                    ),
+                )),
             }
         }
-        self.metrics.groups_backing_off.set(
-            self.backoff
-                .values()
-                .filter(|b| b.until_ms > now_ms)
-                .count() as i64,
-        );
+        self.metrics
+            .groups_backing_off
+            .set(self.memory.backing_off(now_ms) as i64);
         self.metrics.unmet.reset();
         for (reason, n) in &decision.unmet {
             self.metrics
@@ -527,24 +490,6 @@ impl Controller {
             .provider_errors
             .with_label_values(&[group.provider.as_str(), e.class()])
             .inc();
-    }
-
-    /// Backs a group off after a failed scale-up; returns until when.
-    fn back_off(&mut self, group: &NodeGroupConfig, e: &ProviderError, now_ms: u64) -> u64 {
-        let entry = self.backoff.entry(group.name.clone()).or_insert(Backoff {
-            until_ms: 0,
-            failures: 0,
-            error: String::new(),
-        });
-        entry.failures = entry.failures.saturating_add(1);
-        let wait = backoff_ms(
-            &self.cfg.backoff,
-            entry.failures,
-            matches!(e, ProviderError::Permanent(_)),
-        );
-        entry.until_ms = now_ms.saturating_add(wait);
-        entry.error = e.to_string();
-        entry.until_ms
     }
 
     /// Cordons, re-checks, releases and forgets one idle node. Returns its id when gone.

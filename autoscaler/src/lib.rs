@@ -10,6 +10,8 @@
 //!   processes, a seeded simulated cloud, Kubernetes Cluster API, external gRPC).
 //! - [`controller`]: the loop around the policy: the lease, reading the scheduler and the
 //!   providers, carrying decisions out, recording them.
+//! - [`round`]: decide, scale up, and decide again after a refusal: the part of a round the
+//!   controller and the simulator share.
 //! - [`metrics`]: the Prometheus metrics the controller keeps.
 
 pub mod config;
@@ -17,5 +19,6 @@ pub mod controller;
 pub mod metrics;
 pub mod policy;
 pub mod provider;
+pub mod round;
 
 pub use config::AutoscalerConfig;

@@ -22,12 +22,12 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use berth_autoscaler::config::{NodeGroupConfig, ProviderConfig};
-use berth_autoscaler::policy::backoff::backoff_ms;
 use berth_autoscaler::policy::decide::{
-    ExistingNode, GroupStatus, Input, PendingSandbox, Policy, planning_placer, template,
+    ExistingNode, GroupStatus, PendingSandbox, Policy, planning_placer, template,
 };
 use berth_autoscaler::provider::sim::{SimClock, SimCloud};
 use berth_autoscaler::provider::{InstanceState, ProviderError};
+use berth_autoscaler::round::{Attempt, Memory, now_or_never};
 use berth_proto::gpu::GPU_MILLI_PER_GPU;
 use berth_scheduler::model::{NodeSpec, Placement, SandboxId, SandboxSpec};
 use berth_scheduler::placement::fragmentation::TypicalWorkload;
@@ -217,10 +217,8 @@ struct Sim<'a> {
     arrived_at: Vec<u64>,
     waits_ms: Vec<u64>,
     rng: ChaCha8Rng,
-    backoff: BTreeMap<String, (u64, u32, String)>,
-    requested: VecDeque<(u64, u32)>,
+    memory: Memory,
     dirty: bool,
-    seed: u64,
     s: Summary,
     slot_price: Vec<f64>,
     alloc_sum: BTreeMap<String, f64>,
@@ -271,10 +269,8 @@ pub fn run(scenario: &Scenario, seed: u64, progress: &mut dyn FnMut(f64)) -> Res
         arrived_at: vec![0; work.arrivals.len()],
         waits_ms: Vec::with_capacity(work.arrivals.len()),
         rng: ChaCha8Rng::seed_from_u64(seed),
-        backoff: BTreeMap::new(),
-        requested: VecDeque::new(),
+        memory: Memory::with_seed(seed),
         dirty: false,
-        seed,
         s: empty_summary(scenario, seed),
         slot_price,
         alloc_sum: BTreeMap::new(),
@@ -395,7 +391,7 @@ impl Sim<'_> {
                 self.retry_waiting(now);
                 next_retry = now + RETRY_MS;
             } else if next_tick == now {
-                self.tick(now, interval);
+                self.tick(now, interval)?;
                 self.retry_waiting(now);
                 next_tick = now + interval;
             } else {
@@ -510,7 +506,7 @@ impl Sim<'_> {
     }
 
     /// One autoscaler round at `now`, as the controller runs it.
-    fn tick(&mut self, now: u64, interval: u64) {
+    fn tick(&mut self, now: u64, interval: u64) -> Result<(), String> {
         self.clock.set(now);
         let groups = self.groups().to_vec();
         let mut status: BTreeMap<String, GroupStatus> = BTreeMap::new();
@@ -523,10 +519,6 @@ impl Sim<'_> {
             };
             let listed = cloud.list_now(g);
             let mut s = GroupStatus::default();
-            if let Some((until, _, error)) = self.backoff.get(&g.name) {
-                s.backoff_until_ms = *until;
-                s.last_error = Some(error.clone());
-            }
             let hours = interval as f64 / 3_600_000.0;
             for n in &listed {
                 live_ids.insert(n.id.clone());
@@ -631,67 +623,38 @@ impl Sim<'_> {
             })
             .collect();
         let existing = self.existing();
-        let mut decision = Default::default();
-        for _ in 0..=groups.len() {
-            self.requested
-                .retain(|(t, _)| now.saturating_sub(*t) < 60_000);
-            self.seed = self.seed.wrapping_add(1);
-            decision = self.policy.decide(&Input {
-                now_ms: now,
-                seed: self.seed,
-                pending: &pending,
-                nodes: &existing,
-                groups: &status,
-                requested_last_minute: self.requested.iter().map(|(_, n)| *n).sum(),
-            });
-            let mut failed = false;
-            let ups = std::mem::take(&mut decision.scale_up);
-            for up in &ups {
-                let Some(g) = groups.iter().find(|g| g.name == up.group) else {
-                    continue;
-                };
-                let Some(cloud) = self.clouds.get(&g.provider) else {
-                    continue;
-                };
-                match cloud.scale_up_now(g, up.nodes) {
-                    Ok(()) => {
-                        self.backoff.remove(&g.name);
-                        self.requested.push_back((now, up.nodes));
-                        self.s.scale_up_events += 1;
-                        self.s.scale_up_nodes += u64::from(up.nodes);
-                        if let Some(s) = status.get_mut(&g.name) {
-                            s.in_flight += up.nodes;
-                        }
-                    }
-                    Err(e) => {
-                        match e {
-                            ProviderError::Stockout(_) => self.s.stockouts += 1,
-                            ProviderError::Quota(_) => self.s.quota_errors += 1,
-                            _ => {}
-                        }
-                        let entry =
-                            self.backoff
-                                .entry(g.name.clone())
-                                .or_insert((0, 0, String::new()));
-                        entry.1 += 1;
-                        entry.0 = now
-                            + backoff_ms(
-                                &self.scenario.autoscaler.backoff,
-                                entry.1,
-                                matches!(e, ProviderError::Permanent(_)),
-                            );
-                        entry.2 = e.to_string();
-                        if let Some(s) = status.get_mut(&g.name) {
-                            s.backoff_until_ms = entry.0;
-                            s.last_error = Some(entry.2.clone());
-                        }
-                        failed = true;
-                        break;
-                    }
+        let clouds = &self.clouds;
+        let (decision, attempts, _) = now_or_never(self.memory.decide_and_scale(
+            &self.policy,
+            now,
+            &pending,
+            &existing,
+            &mut status,
+            |g, n| {
+                let answer = clouds.get(&g.provider).map_or_else(
+                    || {
+                        Err(ProviderError::Permanent(format!(
+                            "no cloud {:?}",
+                            g.provider
+                        )))
+                    },
+                    |cloud| cloud.scale_up_now(&g, n),
+                );
+                std::future::ready(answer)
+            },
+        ))
+        .ok_or("a simulated cloud did not answer at once")?;
+        for attempt in attempts {
+            match attempt {
+                Attempt::Granted { nodes, .. } => {
+                    self.s.scale_up_events += 1;
+                    self.s.scale_up_nodes += u64::from(nodes);
                 }
-            }
-            if !failed {
-                break;
+                Attempt::Refused { error, .. } => match error {
+                    ProviderError::Stockout(_) => self.s.stockouts += 1,
+                    ProviderError::Quota(_) => self.s.quota_errors += 1,
+                    _ => {}
+                },
             }
         }
         // Idle nodes go.
@@ -718,6 +681,7 @@ impl Sim<'_> {
                 .map(|(k, v)| (k.clone(), u64::from(*v)))
                 .collect();
         }
+        Ok(())
     }
 
     fn existing(&self) -> Vec<ExistingNode> {
