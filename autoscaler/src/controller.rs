@@ -241,10 +241,8 @@ impl Controller {
                 s.backoff_until_ms = until;
                 s.last_error = Some(error.to_string());
             }
-            if let Some(provider) = self.provider(&group) {
-                let _ =
-                    tokio::time::timeout(self.call_timeout, provider.remove(&group, &failed)).await;
-            }
+            // A failure is counted; the node is released again next round.
+            let _ = self.release(&group, &failed).await;
             for id in &failed {
                 self.first_seen.remove(id);
             }
@@ -301,11 +299,14 @@ impl Controller {
                     group,
                     nodes,
                     reason,
+                    causes,
                 } => {
-                    self.metrics
-                        .decisions
-                        .with_label_values(&["scale_up", scale_up_reason(&reason)])
-                        .inc_by(u64::from(nodes));
+                    for (cause, n) in causes {
+                        self.metrics
+                            .decisions
+                            .with_label_values(&["scale_up", cause.as_str()])
+                            .inc_by(u64::from(n));
+                    }
                     report.lines.push(line(
                         now_ms,
                         &format!("scale-up {group} +{nodes}: {reason}"),
@@ -458,30 +459,63 @@ impl Controller {
         (nodes, pending)
     }
 
-    async fn list(&self, group: &NodeGroupConfig) -> Result<Vec<ProviderNode>, ProviderError> {
-        let provider = self.provider(group).ok_or_else(|| {
-            ProviderError::Permanent(format!("provider {:?} is not configured", group.provider))
-        })?;
-        let result = tokio::time::timeout(self.call_timeout, provider.list(group))
-            .await
-            .unwrap_or_else(|_| Err(ProviderError::Transient("list timed out".into())));
+    /// One provider call for `group`, bounded by the call timeout; failures are logged and
+    /// counted by class.
+    async fn call<T, F, Fut>(
+        &self,
+        group: &NodeGroupConfig,
+        what: &str,
+        f: F,
+    ) -> Result<T, ProviderError>
+    where
+        F: FnOnce(Arc<dyn Provider>) -> Fut,
+        Fut: Future<Output = Result<T, ProviderError>>,
+    {
+        let result = match self.provider(group) {
+            None => Err(ProviderError::Permanent(format!(
+                "provider {:?} is not configured",
+                group.provider
+            ))),
+            Some(provider) => tokio::time::timeout(self.call_timeout, f(provider))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ProviderError::Transient(format!(
+                        "{what} timed out after {} s",
+                        self.call_timeout.as_secs()
+                    )))
+                }),
+        };
         if let Err(e) = &result {
             self.count_error(group, e);
         }
         result
     }
 
-    async fn scale_up(&self, group: &NodeGroupConfig, n: u32) -> Result<(), ProviderError> {
-        let provider = self.provider(group).ok_or_else(|| {
-            ProviderError::Permanent(format!("provider {:?} is not configured", group.provider))
-        })?;
-        let result = tokio::time::timeout(self.call_timeout, provider.scale_up(group, n))
+    async fn list(&self, group: &NodeGroupConfig) -> Result<Vec<ProviderNode>, ProviderError> {
+        self.call(group, "list", |p| async move { p.list(group).await })
             .await
-            .unwrap_or_else(|_| Err(ProviderError::Transient("scale-up timed out".into())));
-        if let Err(e) = &result {
-            self.count_error(group, e);
-        }
-        result
+    }
+
+    async fn scale_up(&self, group: &NodeGroupConfig, n: u32) -> Result<(), ProviderError> {
+        self.call(
+            group,
+            "scale-up",
+            |p| async move { p.scale_up(group, n).await },
+        )
+        .await
+    }
+
+    async fn release(
+        &self,
+        group: &NodeGroupConfig,
+        nodes: &[String],
+    ) -> Result<(), ProviderError> {
+        self.call(
+            group,
+            "remove",
+            |p| async move { p.remove(group, nodes).await },
+        )
+        .await
     }
 
     fn count_error(&self, group: &NodeGroupConfig, e: &ProviderError) {
@@ -502,7 +536,7 @@ impl Controller {
         report: &mut RoundReport,
     ) -> Option<String> {
         let group = self.group(group_name)?.clone();
-        let provider = self.provider(&group)?;
+        self.provider(&group)?;
         // Cordon first: once committed, apply refuses any bind there.
         let _ = self
             .client
@@ -535,14 +569,7 @@ impl Controller {
             ));
             return None;
         }
-        let released = tokio::time::timeout(
-            self.call_timeout,
-            provider.remove(&group, &[node.to_owned()]),
-        )
-        .await
-        .unwrap_or_else(|_| Err(ProviderError::Transient("remove timed out".into())));
-        if let Err(e) = released {
-            self.count_error(&group, &e);
+        if let Err(e) = self.release(&group, &[node.to_owned()]).await {
             report.lines.push(line(
                 now_ms,
                 &format!("scale-down {node} failed at the provider: {e}"),
@@ -565,19 +592,6 @@ impl Controller {
             &format!("scale-down {group_name} -{node}: {reason}"),
         ));
         Some(node.to_owned())
-    }
-}
-
-/// The metrics reason of a scale-up, from its decision text.
-fn scale_up_reason(reason: &str) -> &'static str {
-    if reason.contains("pending") {
-        "pending"
-    } else if reason.contains("min_nodes") {
-        "min_nodes"
-    } else if reason.contains("headroom") {
-        "headroom"
-    } else {
-        "other"
     }
 }
 

@@ -11,7 +11,9 @@ use std::time::Instant;
 
 use crate::config::{AutoscalerConfig, NodeGroupConfig};
 use crate::policy::backoff::backoff_ms;
-use crate::policy::decide::{Decision, ExistingNode, GroupStatus, Input, PendingSandbox, Policy};
+use crate::policy::decide::{
+    Cause, Decision, ExistingNode, GroupStatus, Input, PendingSandbox, Policy,
+};
 use crate::provider::ProviderError;
 
 #[derive(Debug, Clone)]
@@ -41,6 +43,8 @@ pub enum Attempt {
         nodes: u32,
         /// The policy's reason.
         reason: String,
+        /// Nodes per cause.
+        causes: BTreeMap<Cause, u32>,
     },
     /// The provider refused; the group backs off until `until_ms`.
     Refused {
@@ -164,6 +168,7 @@ impl Memory {
                             group: group.name.clone(),
                             nodes: up.nodes,
                             reason: up.reason.clone(),
+                            causes: up.causes.clone(),
                         });
                     }
                     Err(error) => {

@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use berth_autoscaler::config::{NodeGroupConfig, ProviderConfig};
 use berth_autoscaler::policy::decide::{
-    ExistingNode, GroupStatus, PendingSandbox, Policy, planning_placer, template,
+    ExistingNode, GroupStatus, PendingSandbox, Policy, fit_on_template, planning_placer, template,
 };
 use berth_autoscaler::provider::sim::{SimClock, SimCloud};
 use berth_autoscaler::provider::{InstanceState, ProviderError};
@@ -280,35 +280,19 @@ pub fn run(scenario: &Scenario, seed: u64, progress: &mut dyn FnMut(f64)) -> Res
     sim.run(progress)
 }
 
-/// The cheapest $/hour of one slot of `spec` in any group (price over how many fit a node).
+/// The cheapest $/hour of one slot of `spec` in any group (price over how many fit a node,
+/// by the policy's own fit).
 fn cheapest_slot(groups: &[NodeGroupConfig], spec: &SandboxSpec) -> f64 {
     let placer = Placer::new(planning_placer(), TypicalWorkload::default());
     let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let mut best = f64::INFINITY;
-    for g in groups {
-        let t = Arc::new(template(g));
-        let mut view = ClusterView::new();
-        view.push(
-            t.clone(),
-            0,
-            true,
-            t.cpu_milli,
-            t.memory_mib,
-            vec![GPU_MILLI_PER_GPU; t.gpus.len()],
-        );
-        let mut fit = 0u32;
-        while fit < 1024 {
-            let Some(p) = placer.place(&view, spec, &mut rng).placement else {
-                break;
-            };
-            view.reserve(spec, &p);
-            fit += 1;
-        }
-        if fit > 0 {
-            best = best.min(g.price_per_hour_usd / f64::from(fit));
-        }
-    }
-    if best.is_finite() { best } else { 0.0 }
+    groups
+        .iter()
+        .filter_map(|g| {
+            let fit = fit_on_template(&placer, &Arc::new(template(g)), spec, &mut rng)?;
+            Some(g.price_per_hour_usd / f64::from(fit.per_node))
+        })
+        .reduce(f64::min)
+        .unwrap_or(0.0)
 }
 
 fn empty_summary(scenario: &Scenario, seed: u64) -> Summary {
@@ -707,9 +691,9 @@ impl Sim<'_> {
     fn sample(&mut self, now: u64) -> Sample {
         let mut per_group = vec![0u32; self.groups().len()];
         let mut usd = 0.0;
+        self.clock.set(now);
         for g in self.groups().iter().enumerate() {
             if let Some(cloud) = self.clouds.get(&g.1.provider) {
-                self.clock.set(now);
                 let n = cloud.list_now(g.1).len() as u32;
                 per_group[g.0] = n;
                 usd += f64::from(n) * g.1.price_per_hour_usd;

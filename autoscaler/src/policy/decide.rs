@@ -35,6 +35,7 @@ use berth_proto::GpuModelName;
 use berth_proto::gpu::GPU_MILLI_PER_GPU;
 use berth_proto::node::CapacityType;
 use berth_scheduler::model::{Constraints, NodeSpec, SandboxId, SandboxSpec};
+use berth_scheduler::placement::filters::Reason;
 use berth_scheduler::placement::fragmentation::TypicalWorkload;
 use berth_scheduler::placement::view::ClusterView;
 use berth_scheduler::placement::{Placer, PlacerConfig};
@@ -132,6 +133,8 @@ pub struct ScaleUp {
     pub nodes: u32,
     /// Why, for the decision log.
     pub reason: String,
+    /// How many of the nodes each cause asked for (they add up to `nodes`).
+    pub causes: BTreeMap<Cause, u32>,
 }
 
 /// One round's answer.
@@ -151,13 +154,74 @@ pub struct Decision {
     pub usd_per_hour: f64,
 }
 
-/// How many of a class fit on one empty node of a group, and what the node has left.
-#[derive(Debug, Clone)]
-struct Fit {
-    per_node: u32,
-    cpu_left: u64,
-    memory_left: u64,
-    gpus_left: Vec<u32>,
+/// How many sandboxes of one spec fit on one empty node, and what the node has left.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fit {
+    /// Sandboxes per node (at most [`MAX_FIT_PER_NODE`]).
+    pub per_node: u32,
+    /// CPU left on a full node.
+    pub cpu_left: u64,
+    /// Memory left on a full node.
+    pub memory_left: u64,
+    /// Milli left per GPU on a full node.
+    pub gpus_left: Vec<u32>,
+}
+
+/// How many of `spec` the placer puts on one empty node built from `template`; `None`
+/// when not even one fits. This is the only fit logic the autoscaler (and the
+/// simulator's lower bound) has: the placement engine's own.
+pub fn fit_on_template(
+    placer: &Placer,
+    template: &Arc<NodeSpec>,
+    spec: &SandboxSpec,
+    rng: &mut ChaCha8Rng,
+) -> Option<Fit> {
+    let mut view = ClusterView::new();
+    view.push(
+        template.clone(),
+        0,
+        true,
+        template.cpu_milli,
+        template.memory_mib,
+        vec![GPU_MILLI_PER_GPU; template.gpus.len()],
+    );
+    let mut per_node = 0;
+    while per_node < MAX_FIT_PER_NODE {
+        let Some(placement) = placer.place(&view, spec, rng).placement else {
+            break;
+        };
+        view.reserve(spec, &placement);
+        per_node += 1;
+    }
+    let node = &view.nodes()[0];
+    (per_node > 0).then(|| Fit {
+        per_node,
+        cpu_left: node.cpu_milli_free,
+        memory_left: node.memory_mib_free,
+        gpus_left: node.gpu_milli_free.clone(),
+    })
+}
+
+/// Why the policy buys nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Cause {
+    /// Pending sandboxes need them.
+    Pending,
+    /// The group is below `min_nodes`.
+    MinNodes,
+    /// A model is below its `headroom_gpus`.
+    Headroom,
+}
+
+impl Cause {
+    /// Stable lower-case name (metrics labels).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Pending => "pending",
+            Cause::MinNodes => "min_nodes",
+            Cause::Headroom => "headroom",
+        }
+    }
 }
 
 /// The policy: configuration, one instance template per group, and the placement engine.
@@ -165,6 +229,13 @@ pub struct Policy {
     cfg: AutoscalerConfig,
     templates: Vec<Arc<NodeSpec>>,
     placer: Placer,
+}
+
+/// What one group is bought this round, by cause, with the reasons.
+#[derive(Debug, Clone, Default)]
+struct Bought {
+    causes: BTreeMap<Cause, u32>,
+    reasons: Vec<String>,
 }
 
 /// Pending sandboxes with one scheduling shape.
@@ -264,7 +335,9 @@ struct Round<'p, 'i> {
     fresh: Vec<u32>,
     /// Nodes per group in the view so far (naming planned nodes).
     planned: Vec<u32>,
-    bought: Vec<(u32, Vec<String>)>,
+    bought: Vec<Bought>,
+    /// Nodes per group the scheduler knows.
+    registered: Vec<u32>,
     order: Vec<usize>,
     fits: HashMap<(usize, usize), Option<Fit>>,
     unmet: BTreeMap<String, u32>,
@@ -287,10 +360,12 @@ impl<'p, 'i> Round<'p, 'i> {
             nodes: BTreeMap::new(),
             requested_last_minute: input.requested_last_minute,
         };
+        let mut registered = vec![0u32; groups.len()];
         for node in input.nodes {
             if let Some(g) = &node.group
-                && index.contains_key(g.as_str())
+                && let Some(i) = index.get(g.as_str())
             {
+                registered[*i] += 1;
                 *fleet.nodes.entry(g.clone()).or_default() += 1;
             }
             if node.ready {
@@ -319,7 +394,8 @@ impl<'p, 'i> Round<'p, 'i> {
             rng: ChaCha8Rng::seed_from_u64(input.seed),
             fresh,
             planned: vec![0; groups.len()],
-            bought: vec![(0, Vec::new()); groups.len()],
+            bought: vec![Bought::default(); groups.len()],
+            registered,
             order: Vec::new(),
             fits: HashMap::new(),
             unmet: BTreeMap::new(),
@@ -339,16 +415,17 @@ impl<'p, 'i> Round<'p, 'i> {
     }
 
     /// Buys up to `want` nodes of group `g` under the caps; returns how many.
-    fn buy(&mut self, g: usize, want: u32, why: String) -> u32 {
+    fn buy(&mut self, g: usize, want: u32, cause: Cause, why: String) -> u32 {
         let name = self.group(g).name.clone();
         let (granted, cut) = self.caps.grant(&name, want);
         self.cuts.extend(cut);
         if granted > 0 {
-            if self.bought[g].0 == 0 {
+            let bought = &mut self.bought[g];
+            if bought.causes.is_empty() {
                 self.order.push(g);
             }
-            self.bought[g].0 += granted;
-            self.bought[g].1.push(why);
+            *bought.causes.entry(cause).or_default() += granted;
+            bought.reasons.push(why);
             self.fresh[g] += granted;
         }
         granted
@@ -358,16 +435,10 @@ impl<'p, 'i> Round<'p, 'i> {
     fn min_nodes(&mut self) {
         for g in 0..self.policy.cfg.node_groups.len() {
             let group = self.group(g);
-            let have = self
-                .input
-                .nodes
-                .iter()
-                .filter(|n| n.group.as_deref() == Some(group.name.as_str()))
-                .count() as u32
-                + self.fresh[g];
+            let have = self.registered[g] + self.fresh[g];
             if have < group.min_nodes && self.backing_off(g).is_none() {
                 let why = format!("min_nodes {} (has {have})", group.min_nodes);
-                self.buy(g, group.min_nodes - have, why);
+                self.buy(g, group.min_nodes - have, Cause::MinNodes, why);
             }
         }
     }
@@ -396,33 +467,12 @@ impl<'p, 'i> Round<'p, 'i> {
         if let Some(fit) = self.fits.get(&(class, g)) {
             return fit.clone();
         }
-        let template = self.policy.templates[g].clone();
-        let mut view = ClusterView::new();
-        let gpus = vec![GPU_MILLI_PER_GPU; template.gpus.len()];
-        view.push(
-            template.clone(),
-            0,
-            true,
-            template.cpu_milli,
-            template.memory_mib,
-            gpus,
+        let fit = fit_on_template(
+            &self.policy.placer,
+            &self.policy.templates[g],
+            spec,
+            &mut self.rng,
         );
-        let mut per_node = 0;
-        while per_node < MAX_FIT_PER_NODE {
-            let decision = self.policy.placer.place(&view, spec, &mut self.rng);
-            let Some(placement) = decision.placement else {
-                break;
-            };
-            view.reserve(spec, &placement);
-            per_node += 1;
-        }
-        let node = &view.nodes()[0];
-        let fit = (per_node > 0).then(|| Fit {
-            per_node,
-            cpu_left: node.cpu_milli_free,
-            memory_left: node.memory_mib_free,
-            gpus_left: node.gpu_milli_free.clone(),
-        });
         self.fits.insert((class, g), fit.clone());
         fit
     }
@@ -502,8 +552,9 @@ impl<'p, 'i> Round<'p, 'i> {
         let mut fit_shapes: HashMap<FitKey<'i>, usize> = HashMap::new();
         let mut classes: Vec<Class<'i>> = Vec::new();
         for p in self.input.pending {
-            if p.reason.contains("tenant GPU quota") {
-                *self.unmet.entry("tenant GPU quota".into()).or_default() += p.count;
+            let quota = Reason::TenantGpuQuota.to_string();
+            if p.reason.contains(&quota) {
+                *self.unmet.entry(quota).or_default() += p.count;
                 continue;
             }
             let s = &p.spec;
@@ -575,7 +626,7 @@ impl<'p, 'i> Round<'p, 'i> {
                 if !blocked.is_empty() {
                     let _ = write!(why, "; failover: {}", blocked.join(", "));
                 }
-                let granted = self.buy(*g, want, why);
+                let granted = self.buy(*g, want, Cause::Pending, why);
                 remaining = self.fill(*g, spec, fit, remaining);
                 if granted < want {
                     let (_, cap) = self.caps.allowed(&self.group(*g).name);
@@ -635,7 +686,7 @@ impl<'p, 'i> Round<'p, 'i> {
                 let per_node = u64::from(self.group(g).gpu_count.max(1));
                 let nodes = u32::try_from(short.div_ceil(per_node)).unwrap_or(u32::MAX);
                 let why = format!("headroom {want} free {model} (has {free})");
-                free += u64::from(self.buy(g, nodes, why)) * per_node;
+                free += u64::from(self.buy(g, nodes, Cause::Headroom, why)) * per_node;
             }
             if free < u64::from(*want) {
                 *self.unmet.entry(format!("headroom {model}")).or_default() +=
@@ -695,11 +746,12 @@ impl<'p, 'i> Round<'p, 'i> {
             .order
             .iter()
             .map(|g| {
-                let (nodes, why) = &self.bought[*g];
+                let bought = &self.bought[*g];
                 ScaleUp {
                     group: self.group(*g).name.clone(),
-                    nodes: *nodes,
-                    reason: why.join("; "),
+                    nodes: bought.causes.values().sum(),
+                    reason: bought.reasons.join("; "),
+                    causes: bought.causes.clone(),
                 }
             })
             .collect();

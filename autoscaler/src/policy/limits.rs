@@ -1,8 +1,8 @@
 //! The caps no scale-up may cross: nodes per group, nodes overall, nodes requested per
 //! minute, and the $/hour budget (of nodes running and requested).
 //!
-//! Pure: [`cap_scale_up`] takes the wanted scale-ups in the caller's order of preference
-//! (cheapest first) and grants what fits, in that order, saying why the rest was cut.
+//! Pure: [`Caps`] is a running account the policy takes each grant off, so the order of
+//! grants is the policy's order of preference, and a cut says which cap made it.
 
 use std::collections::BTreeMap;
 
@@ -148,30 +148,30 @@ impl<'a> Caps<'a> {
     }
 }
 
-/// Grants as much of `wanted` (group, nodes) as the caps allow, in order.
-pub fn cap_scale_up(
-    cfg: &AutoscalerConfig,
-    fleet: &Fleet,
-    wanted: &[(String, u32)],
-) -> (Vec<(String, u32)>, Vec<Cut>) {
-    let mut caps = Caps::new(cfg, fleet);
-    let mut granted = Vec::new();
-    let mut cuts = Vec::new();
-    for (name, want) in wanted {
-        let (grant, cut) = caps.grant(name, *want);
-        cuts.extend(cut);
-        if grant > 0 {
-            granted.push((name.clone(), grant));
-        }
-    }
-    (granted, cuts)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::policy::fixtures::h100_group;
     use proptest::prelude::*;
+
+    /// Grants as much of `wanted` (group, nodes) as the caps allow, in order.
+    fn cap_scale_up(
+        cfg: &AutoscalerConfig,
+        fleet: &Fleet,
+        wanted: &[(String, u32)],
+    ) -> (Vec<(String, u32)>, Vec<Cut>) {
+        let mut caps = Caps::new(cfg, fleet);
+        let mut granted = Vec::new();
+        let mut cuts = Vec::new();
+        for (name, want) in wanted {
+            let (grant, cut) = caps.grant(name, *want);
+            cuts.extend(cut);
+            if grant > 0 {
+                granted.push((name.clone(), grant));
+            }
+        }
+        (granted, cuts)
+    }
 
     fn group(name: &str, max: u32, price: f64) -> NodeGroupConfig {
         h100_group(name, 0, max, price)

@@ -93,7 +93,7 @@ impl SimCloud {
         self.cloud.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Drops nodes whose interruption time has passed; returns how many went.
+    /// Drops nodes whose interruption time has passed, counting them.
     fn reap(&self, cloud: &mut Cloud, now: u64) {
         for nodes in cloud.groups.values_mut() {
             let before = nodes.len();
