@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -12,7 +13,13 @@ use clap::Args;
 use berth_autoscaler::AutoscalerConfig;
 use berth_autoscaler::controller::{Controller, unix_ms};
 use berth_autoscaler::metrics::Metrics;
+use berth_autoscaler::policy::decide::GROUP_LABEL;
+use berth_autoscaler::provider::local::LocalNode;
 use berth_autoscaler::provider::{self, Environment, sim::SimClock};
+use berth_node_agent::AgentConfig;
+use berth_node_agent::agent::find_program;
+use berth_node_agent::config::{InventorySource, RuntimeKind};
+use berth_proto::GpuModelName;
 
 use crate::cli::EXIT_FAILURE;
 use crate::config_file::ConfigFile;
@@ -72,6 +79,7 @@ pub(crate) async fn serve(
         schedulers: cfg.schedulers.clone(),
         sim_clock: SimClock::new(),
         call_timeout: Duration::from_secs(30),
+        agent_config: Some(Arc::new(write_agent_files)),
     };
     let built = provider::build(&cfg, &env).await?;
     // A sim provider outside the simulator runs in real time.
@@ -105,4 +113,68 @@ pub(crate) async fn serve(
         local.shutdown().await;
     }
     Ok(())
+}
+
+/// The local provider's agent files for one node: a static inventory of the group's
+/// instance type (GPUs named as NVML names them) and an `[agent]` config that uses it.
+pub(crate) fn write_agent_files(node: &LocalNode<'_>) -> Result<PathBuf, String> {
+    let (group, dir) = (node.group, node.dir);
+    let io = |what: &str, e: std::io::Error| format!("{what} {}: {e}", dir.display());
+    let mut inventory = format!(
+        "# {} ({}), written by the local provider.\ncpu_milli = {}\nmemory_mib = {}\n",
+        group.instance_type, group.name, group.cpu_milli, group.memory_mib
+    );
+    if let (Some(model), true) = (&group.gpu_model, group.gpu_count > 0) {
+        let model = GpuModelName::resolve(model);
+        let (product, memory) = model.known().map_or_else(
+            || (model.as_str().to_owned(), 0),
+            |m| {
+                let info = m.info();
+                let product = info
+                    .nvml_product_names
+                    .first()
+                    .copied()
+                    .unwrap_or(info.name);
+                (product.to_owned(), info.memory_mib)
+            },
+        );
+        inventory.push_str(&format!(
+            "\n[[gpus]]\nproduct_name = {product:?}\nmemory_mib = {memory}\ncount = {}\n",
+            group.gpu_count
+        ));
+    }
+    std::fs::write(dir.join("inventory.toml"), inventory)
+        .map_err(|e| io("writing the inventory in", e))?;
+    let runtime = match node.runtime {
+        "gvisor" => RuntimeKind::Gvisor,
+        "process" => RuntimeKind::Process,
+        _ if find_program("runsc").is_some() => RuntimeKind::Gvisor,
+        _ => RuntimeKind::Process,
+    };
+    let mut labels = group.labels.clone();
+    labels.insert(GROUP_LABEL.into(), group.name.clone());
+    let agent = AgentConfig {
+        node_id: node.id.to_owned(),
+        schedulers: node.schedulers.to_vec(),
+        provider: group.provider.clone(),
+        region: group.region.clone(),
+        instance_type: group.instance_type.clone(),
+        capacity_type: group.capacity_type,
+        price_per_hour_usd: group.price_per_hour_usd,
+        inventory: InventorySource::Static(PathBuf::from("inventory.toml")),
+        runtime,
+        state_dir: dir.join("state").display().to_string(),
+        reserved_cpu_milli: 0,
+        reserved_memory_mib: 0,
+        labels,
+        ..AgentConfig::default()
+    };
+    #[derive(serde::Serialize)]
+    struct File {
+        agent: AgentConfig,
+    }
+    let body = toml::to_string(&File { agent }).map_err(|e| e.to_string())?;
+    let config = dir.join("agent.toml");
+    std::fs::write(&config, body).map_err(|e| io("writing the agent config in", e))?;
+    Ok(config)
 }

@@ -1,8 +1,9 @@
 //! `local`: nodes are real `berth agent` processes on this machine, each with a static GPU
 //! inventory of its group's instance type. The default provider of `berth dev`.
 //!
-//! A scale-up writes, per node, an inventory file (the group's CPU, memory and GPUs, named
-//! as NVML would name them) and an agent config under `work_dir/NODE/`, then starts
+//! A scale-up has the [`AgentConfigWriter`] (supplied by the `berth` binary, which owns the
+//! agent's formats) write, per node, a static inventory of the group's CPU, memory and GPUs
+//! and an agent config under `work_dir/NODE/`, then starts
 //! `berth agent --config … --stop-sandboxes-on-exit --exit-with-parent` with its output in
 //! `agent.log` there (the agent exits when this process does, even on SIGKILL).
 //! The node id is `GROUP-N`; the agent carries the group in the `berth.dev/node-group`
@@ -14,29 +15,46 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
 
-use berth_node_agent::AgentConfig;
-use berth_node_agent::config::{InventorySource, RuntimeKind};
-use berth_proto::GpuModelName;
-
 use super::{InstanceState, Provider, ProviderError, ProviderNode};
 use crate::config::NodeGroupConfig;
-use crate::policy::decide::GROUP_LABEL;
 
 /// How long a removed agent gets between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// What the local provider asks its agent-config writer for: one node of a group.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalNode<'a> {
+    /// The node's group.
+    pub group: &'a NodeGroupConfig,
+    /// Node id (`GROUP-N`).
+    pub id: &'a str,
+    /// The node's own folder (created), for its config, inventory and state.
+    pub dir: &'a Path,
+    /// The provider's `runtime` setting ("auto", "gvisor" or "process").
+    pub runtime: &'a str,
+    /// Scheduler endpoints.
+    pub schedulers: &'a [String],
+}
+
+/// Writes a node's `berth agent` config (and its static inventory) and returns the config's
+/// path. The `berth` binary supplies it: the agent's file formats belong to the agent, and
+/// the autoscaler crate does not depend on it.
+pub type AgentConfigWriter = Arc<dyn Fn(&LocalNode<'_>) -> Result<PathBuf, String> + Send + Sync>;
 
 /// Starts and stops `berth agent` processes.
 pub struct LocalProvider {
     work_dir: PathBuf,
     berth: PathBuf,
     schedulers: Vec<String>,
-    runtime: RuntimeKind,
+    runtime: String,
+    write_config: AgentConfigWriter,
     children: Mutex<Children>,
 }
 
@@ -47,19 +65,22 @@ struct Children {
 }
 
 impl LocalProvider {
-    /// A provider whose agents run `berth` (this binary, usually), report to `schedulers`
-    /// and keep their files under `work_dir`.
+    /// A provider whose agents run `berth` (this binary, usually), report to `schedulers`,
+    /// use the sandbox `runtime` setting and keep their files under `work_dir`;
+    /// `write_config` writes each one's config.
     pub fn new(
         work_dir: &Path,
         berth: PathBuf,
         schedulers: Vec<String>,
-        runtime: RuntimeKind,
+        runtime: &str,
+        write_config: AgentConfigWriter,
     ) -> LocalProvider {
         LocalProvider {
             work_dir: work_dir.to_path_buf(),
             berth,
             schedulers,
-            runtime,
+            runtime: runtime.to_owned(),
+            write_config,
             children: Mutex::new(Children::default()),
         }
     }
@@ -77,66 +98,6 @@ impl LocalProvider {
         for child in all {
             reap(child).await;
         }
-    }
-
-    fn write_files(&self, group: &NodeGroupConfig, id: &str) -> Result<PathBuf, ProviderError> {
-        let dir = self.work_dir.join(id);
-        let io = |what: &str, e: std::io::Error| {
-            ProviderError::Permanent(format!("local: {what} {}: {e}", dir.display()))
-        };
-        std::fs::create_dir_all(&dir).map_err(|e| io("creating", e))?;
-        let mut inventory = format!(
-            "# {} ({}), written by the local provider.\ncpu_milli = {}\nmemory_mib = {}\n",
-            group.instance_type, group.name, group.cpu_milli, group.memory_mib
-        );
-        if let (Some(model), true) = (&group.gpu_model, group.gpu_count > 0) {
-            let model = GpuModelName::resolve(model);
-            let (product, memory) = model.known().map_or_else(
-                || (model.as_str().to_owned(), 0),
-                |m| {
-                    let info = m.info();
-                    let product = info
-                        .nvml_product_names
-                        .first()
-                        .copied()
-                        .unwrap_or(info.name);
-                    (product.to_owned(), info.memory_mib)
-                },
-            );
-            inventory.push_str(&format!(
-                "\n[[gpus]]\nproduct_name = {product:?}\nmemory_mib = {memory}\ncount = {}\n",
-                group.gpu_count
-            ));
-        }
-        std::fs::write(dir.join("inventory.toml"), inventory)
-            .map_err(|e| io("writing the inventory in", e))?;
-        let mut labels = group.labels.clone();
-        labels.insert(GROUP_LABEL.into(), group.name.clone());
-        let agent = AgentConfig {
-            node_id: id.to_owned(),
-            schedulers: self.schedulers.clone(),
-            provider: group.provider.clone(),
-            region: group.region.clone(),
-            instance_type: group.instance_type.clone(),
-            capacity_type: group.capacity_type,
-            price_per_hour_usd: group.price_per_hour_usd,
-            inventory: InventorySource::Static(PathBuf::from("inventory.toml")),
-            runtime: self.runtime,
-            state_dir: dir.join("state").display().to_string(),
-            reserved_cpu_milli: 0,
-            reserved_memory_mib: 0,
-            labels,
-            ..AgentConfig::default()
-        };
-        #[derive(serde::Serialize)]
-        struct File {
-            agent: AgentConfig,
-        }
-        let body = toml::to_string(&File { agent })
-            .map_err(|e| ProviderError::Permanent(format!("local: agent config for {id}: {e}")))?;
-        let config = dir.join("agent.toml");
-        std::fs::write(&config, body).map_err(|e| io("writing the agent config in", e))?;
-        Ok(config)
     }
 }
 
@@ -166,7 +127,18 @@ impl Provider for LocalProvider {
             let n = children.next.entry(group.name.clone()).or_default();
             let id = format!("{}-{n}", group.name);
             *n += 1;
-            let config = self.write_files(group, &id)?;
+            let dir = self.work_dir.join(&id);
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                ProviderError::Permanent(format!("local: creating {}: {e}", dir.display()))
+            })?;
+            let config = (self.write_config)(&LocalNode {
+                group,
+                id: &id,
+                dir: &dir,
+                runtime: &self.runtime,
+                schedulers: &self.schedulers,
+            })
+            .map_err(|e| ProviderError::Permanent(format!("local: config of {id}: {e}")))?;
             let log = std::fs::File::create(self.work_dir.join(&id).join("agent.log"))
                 .map_err(|e| ProviderError::Permanent(format!("local: agent log of {id}: {e}")))?;
             let err = log

@@ -101,7 +101,7 @@ pub trait Provider: Send + Sync {
 }
 
 /// What building the configured providers needs from the process around them.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Environment {
     /// The `berth` binary the local provider starts agents with.
     pub berth_binary: std::path::PathBuf,
@@ -111,6 +111,9 @@ pub struct Environment {
     pub sim_clock: sim::SimClock,
     /// Per-call timeout of the external providers.
     pub call_timeout: std::time::Duration,
+    /// Writes the local provider's agent configs; `None` where no agent can run (a config
+    /// with a local provider is then refused).
+    pub agent_config: Option<local::AgentConfigWriter>,
 }
 
 /// The configured providers, by name, plus the local ones (to stop their agents on exit).
@@ -127,7 +130,6 @@ pub async fn build(
     env: &Environment,
 ) -> Result<Built, String> {
     use crate::config::ProviderConfig;
-    use berth_node_agent::config::RuntimeKind;
     use std::sync::Arc;
     let mut built = Built {
         providers: std::collections::BTreeMap::new(),
@@ -136,19 +138,17 @@ pub async fn build(
     for (name, provider) in &cfg.providers {
         let p: Arc<dyn Provider> = match provider {
             ProviderConfig::Local { work_dir, runtime } => {
-                let runtime = match runtime.as_str() {
-                    "gvisor" => RuntimeKind::Gvisor,
-                    "process" => RuntimeKind::Process,
-                    _ if berth_node_agent::agent::find_program("runsc").is_some() => {
-                        RuntimeKind::Gvisor
-                    }
-                    _ => RuntimeKind::Process,
-                };
+                let writer = env.agent_config.clone().ok_or_else(|| {
+                    format!(
+                        "providers.{name}: a local provider needs the berth binary to start agents"
+                    )
+                })?;
                 let local = Arc::new(local::LocalProvider::new(
                     std::path::Path::new(work_dir),
                     env.berth_binary.clone(),
                     env.schedulers.clone(),
                     runtime,
+                    writer,
                 ));
                 built.local.push(local.clone());
                 local

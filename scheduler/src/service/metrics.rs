@@ -1,4 +1,5 @@
-//! Prometheus metrics of a scheduler replica, served as text on `/metrics`.
+//! Prometheus metrics of a scheduler replica, served as text on `/metrics`. [`render`] and
+//! [`serve`] work on any registry; the autoscaler serves its own metrics with them.
 //!
 //! Names start with `berth_`; every metric is registered once in a per-process registry
 //! (tests start several replicas in one process, so the global registry is not used).

@@ -1,6 +1,9 @@
 //! The replicated state machine: `apply(command, now_ms) -> outcomes`, deterministic and
 //! free of I/O, clocks and randomness.
 //!
+//! Besides nodes, sandboxes and tenants, the state holds the autoscaler lease and its
+//! holders' latest decisions ([`AutoscalerRecord`]), so autoscaler HA needs no other store.
+//!
 //! `apply` is the single writer. It re-checks every placement against the current state
 //! and refuses what no longer fits (Nomad's plan applier), which is what guarantees that no
 //! CPU, memory or GPU is ever double-allocated, whatever the leader's view was. Iteration is
