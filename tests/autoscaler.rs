@@ -14,6 +14,7 @@ use berth_autoscaler::metrics::Metrics;
 use berth_autoscaler::policy::decide::template;
 use berth_autoscaler::provider::Provider;
 use berth_autoscaler::provider::sim::{SimClock, SimCloud};
+use berth_autoscaler::testing::h100_group;
 use berth_proto::GpuRequest;
 use berth_proto::node::CapacityType;
 use berth_proto::pb::v1 as pb;
@@ -26,19 +27,9 @@ use common::single_replica;
 
 fn group(name: &str, provider: &str, region: &str, price: f64) -> NodeGroupConfig {
     NodeGroupConfig {
-        name: name.into(),
         provider: provider.into(),
         region: region.into(),
-        instance_type: "8xH100".into(),
-        gpu_model: Some("H100".into()),
-        gpu_count: 8,
-        cpu_milli: 64_000,
-        memory_mib: 262_144,
-        price_per_hour_usd: price,
-        capacity_type: CapacityType::OnDemand,
-        min_nodes: 0,
-        max_nodes: 10,
-        labels: BTreeMap::new(),
+        ..h100_group(name, 0, 10, price)
     }
 }
 

@@ -13,6 +13,7 @@
 //! - [`round`]: decide, scale up, and decide again after a refusal: the part of a round the
 //!   controller and the simulator share.
 //! - [`metrics`]: the Prometheus metrics the controller keeps.
+//! - [`testing`]: node-group fixtures for tests.
 
 pub mod config;
 pub mod controller;
@@ -20,5 +21,6 @@ pub mod metrics;
 pub mod policy;
 pub mod provider;
 pub mod round;
+pub mod testing;
 
 pub use config::AutoscalerConfig;

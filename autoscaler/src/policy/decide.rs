@@ -777,7 +777,7 @@ fn shape(spec: &SandboxSpec) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::fixtures::h100_group;
+    use crate::testing::h100_group;
     use berth_proto::GpuRequest;
     use proptest::prelude::*;
 

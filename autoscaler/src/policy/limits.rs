@@ -151,7 +151,7 @@ impl<'a> Caps<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::fixtures::h100_group;
+    use crate::testing::h100_group;
     use proptest::prelude::*;
 
     /// Grants as much of `wanted` (group, nodes) as the caps allow, in order.

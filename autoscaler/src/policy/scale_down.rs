@@ -111,7 +111,7 @@ pub fn scale_down(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::fixtures::h100_group;
+    use crate::testing::h100_group;
     use proptest::prelude::*;
 
     fn group(name: &str, min: u32, price: f64) -> NodeGroupConfig {

@@ -220,7 +220,7 @@ impl Provider for SimCloud {
 mod tests {
     use super::*;
     use crate::config::SimStockout;
-    use crate::policy::fixtures::h100_group;
+    use crate::testing::h100_group;
 
     fn block<F: std::future::Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread()
