@@ -10,7 +10,6 @@ use berth_proto::pb::v1::admin_service_client::AdminServiceClient;
 use berth_proto::pb::v1::peer_client::PeerClient;
 use berth_proto::pb::v1::sandbox_service_client::SandboxServiceClient;
 use berth_scheduler::service::client::Client;
-use berth_scheduler::service::transport::peer_channel;
 
 mod common;
 use common::single_replica;
@@ -44,7 +43,7 @@ async fn bad_requests_name_the_field_and_the_replica_keeps_serving() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cluster = single_replica(dir.path()).await;
     let address = cluster.members[0].address.clone();
-    let channel = peer_channel(&address).expect("channel");
+    let channel = berth_net::channel(&address, &berth_net::NetConfig::peer()).expect("channel");
     let mut sandboxes = SandboxServiceClient::new(channel.clone());
 
     // No spec.
@@ -238,7 +237,8 @@ async fn metrics_and_health_are_served() {
     }
     assert!(body.contains("berth_raft_is_leader 1"), "{body}");
     // gRPC health.
-    let channel = peer_channel(&cluster.members[0].address).expect("channel");
+    let channel = berth_net::channel(&cluster.members[0].address, &berth_net::NetConfig::peer())
+        .expect("channel");
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let reply = health
         .check(tonic_health::pb::HealthCheckRequest {
@@ -277,7 +277,8 @@ async fn watch_streams_the_current_state_then_changes_and_deletes() {
         .sandbox
         .expect("sandbox")
         .id;
-    let channel = peer_channel(&cluster.members[0].address).expect("channel");
+    let channel = berth_net::channel(&cluster.members[0].address, &berth_net::NetConfig::peer())
+        .expect("channel");
     let mut sandboxes = SandboxServiceClient::new(channel);
 
     // A bad id is refused, naming it.

@@ -18,9 +18,9 @@ use berth_autoscaler::testing::h100_group;
 use berth_proto::GpuRequest;
 use berth_proto::node::CapacityType;
 use berth_proto::pb::v1 as pb;
+use berth_scheduler::convert;
 use berth_scheduler::model::NodeSpec;
 use berth_scheduler::service::client::Client;
-use berth_scheduler::service::convert;
 
 mod common;
 use common::single_replica;

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
 use berth_proto::pb::v1 as pb;
+use berth_scheduler::convert;
 use berth_scheduler::service::client::{Client, local_sandbox_ids};
-use berth_scheduler::service::convert;
 use berth_scheduler::service::local_cluster::{LocalCluster, LocalClusterConfig};
 
 fn cluster(dir: &std::path::Path) -> LocalCluster {

@@ -23,9 +23,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use berth_core::convert;
+use berth_net::Client;
 use berth_proto::pb::v1 as pb;
-use berth_scheduler::service::client::Client;
-use berth_scheduler::service::convert;
 
 use crate::config::{AutoscalerConfig, NodeGroupConfig};
 use crate::metrics::Metrics;
@@ -442,7 +442,7 @@ impl Controller {
             };
             match convert::spec_from_pb(Some(&spec), "pending") {
                 Ok(spec) => pending.push(PendingSandbox {
-                    id: berth_scheduler::model::SandboxId(
+                    id: berth_core::model::SandboxId(
                         demand
                             .sandbox_ids
                             .first()
@@ -453,7 +453,7 @@ impl Controller {
                     spec,
                     reason,
                 }),
-                Err(e) => tracing::warn!(error = %e.message(), "unreadable pending demand"),
+                Err(e) => tracing::warn!(error = %e.one_line(), "unreadable pending demand"),
             }
         }
         (nodes, pending)

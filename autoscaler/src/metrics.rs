@@ -107,12 +107,12 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn render(&self) -> String {
-        berth_scheduler::service::metrics::render(&self.registry)
+        berth_net::metrics_http::render(&self.registry)
     }
 
     /// Serves `/metrics` on `listener` until the task is dropped.
     pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
-        berth_scheduler::service::metrics::serve(self.registry, listener).await
+        berth_net::metrics_http::serve(self.registry, listener).await
     }
 }
 

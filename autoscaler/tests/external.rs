@@ -142,7 +142,7 @@ async fn serve() -> (FakeCloud, String) {
     let cloud = FakeCloud::default();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
-    let server = tonic::transport::Server::builder()
+    let server = berth_net::server(&berth_net::NetConfig::peer())
         .add_service(ProviderServiceServer::new(cloud.clone()))
         .serve_with_incoming(TcpListenerStream::new(listener));
     tokio::spawn(server);

@@ -18,10 +18,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use berth_net::NetConfig;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tonic::transport::{Channel, Endpoint, Server};
+use tonic::transport::Channel;
 
 use berth_proto::pb::v1 as pb;
 use berth_proto::pb::v1::agent_service_server::AgentServiceServer;
@@ -127,7 +128,7 @@ pub async fn run(
     };
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
-        Server::builder()
+        berth_net::server(&NetConfig::agent_server())
             .add_service(AgentServiceServer::new(Logs::new(runtime.clone())))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 let _ = server_stopped.await;
@@ -214,14 +215,8 @@ struct Agent {
     last_scan: BTreeMap<String, crate::runtime::LocalSandbox>,
 }
 
-fn channel(address: &str) -> Result<Channel, String> {
-    Ok(Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| format!("{address}: {e}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .http2_keep_alive_interval(Duration::from_secs(2))
-        .keep_alive_timeout(Duration::from_secs(3))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+fn channel(address: &str) -> Result<Channel, berth_net::NetError> {
+    berth_net::channel(address, &NetConfig::agent())
 }
 
 fn message(m: pb::agent_message::Message) -> pb::AgentMessage {
@@ -286,7 +281,7 @@ impl Agent {
     async fn session(&mut self, target: &str) -> SessionEnd {
         let channel = match channel(target) {
             Ok(c) => c,
-            Err(e) => return SessionEnd::Broken(e),
+            Err(e) => return SessionEnd::Broken(e.to_string()),
         };
         let local = self.runtime.scan_cached(&self.last_scan);
         let running = local

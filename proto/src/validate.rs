@@ -41,6 +41,30 @@ impl fmt::Display for FieldErrors {
 
 impl std::error::Error for FieldErrors {}
 
+impl FieldErrors {
+    /// One problem.
+    pub fn one(field: impl Into<String>, message: impl Into<String>) -> FieldErrors {
+        FieldErrors(vec![FieldError {
+            field: field.into(),
+            message: message.into(),
+        }])
+    }
+
+    /// `field: must be set`, for a message or value that is absent.
+    pub fn missing(field: &str) -> FieldErrors {
+        FieldErrors::one(field, "must be set")
+    }
+
+    /// Every `path: problem` on one line, joined by `"; "`: what a gRPC client reads.
+    pub fn one_line(&self) -> String {
+        self.0
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
 /// Collects [`FieldError`]s under a path prefix.
 #[derive(Debug, Default)]
 pub struct Validator {

@@ -28,11 +28,11 @@ use berth_autoscaler::policy::decide::{
 use berth_autoscaler::provider::sim::{SimClock, SimCloud};
 use berth_autoscaler::provider::{InstanceState, ProviderError};
 use berth_autoscaler::round::{Attempt, Memory, now_or_never};
+use berth_core::model::{NodeSpec, Placement, SandboxId, SandboxSpec};
+use berth_core::placement::fragmentation::TypicalWorkload;
+use berth_core::placement::view::ClusterView;
+use berth_core::placement::{Placer, PlacerConfig};
 use berth_proto::gpu::GPU_MILLI_PER_GPU;
-use berth_scheduler::model::{NodeSpec, Placement, SandboxId, SandboxSpec};
-use berth_scheduler::placement::fragmentation::TypicalWorkload;
-use berth_scheduler::placement::view::ClusterView;
-use berth_scheduler::placement::{Placer, PlacerConfig};
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::SeedableRng;
 

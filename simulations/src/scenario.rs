@@ -29,8 +29,8 @@ use serde::Deserialize;
 
 use berth_autoscaler::AutoscalerConfig;
 use berth_autoscaler::config::ProviderConfig;
+use berth_core::model::SandboxSpec;
 use berth_proto::{GpuRequest, Validator};
-use berth_scheduler::model::SandboxSpec;
 
 /// Largest scenario file read.
 pub const MAX_SCENARIO_BYTES: u64 = 1 << 20;

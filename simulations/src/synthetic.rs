@@ -8,10 +8,10 @@ use std::collections::BTreeMap;
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
 
+use berth_core::model::{NodeSpec, SandboxSpec};
 use berth_proto::gpu::GpuRequest;
 use berth_proto::node::CapacityType;
 use berth_proto::{GpuModel, GpuModelName};
-use berth_scheduler::model::{NodeSpec, SandboxSpec};
 
 /// An instance type of the synthetic fleet.
 struct InstanceType {

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use berth_scheduler::config::PolicyName;
+use berth_core::placement::PolicyName;
 use berth_sim::openb::{OpenbRun, published, trace};
 
 fn data_dir() -> PathBuf {

@@ -17,8 +17,8 @@ use serde::Serialize;
 use tokio::sync::Mutex;
 
 use berth_proto::pb::v1 as pb;
+use berth_scheduler::convert;
 use berth_scheduler::service::client::Client;
-use berth_scheduler::service::convert;
 use berth_scheduler::service::local_cluster::{LocalCluster, LocalClusterConfig};
 use berth_sim::synthetic;
 

@@ -31,14 +31,14 @@ use std::sync::Arc;
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::SeedableRng;
 
+use berth_core::model::{Constraints, NodeSpec, SandboxId, SandboxSpec};
+use berth_core::placement::filters::Reason;
+use berth_core::placement::fragmentation::TypicalWorkload;
+use berth_core::placement::view::ClusterView;
+use berth_core::placement::{Placer, PlacerConfig};
 use berth_proto::GpuModelName;
 use berth_proto::gpu::GPU_MILLI_PER_GPU;
 use berth_proto::node::CapacityType;
-use berth_scheduler::model::{Constraints, NodeSpec, SandboxId, SandboxSpec};
-use berth_scheduler::placement::filters::Reason;
-use berth_scheduler::placement::fragmentation::TypicalWorkload;
-use berth_scheduler::placement::view::ClusterView;
-use berth_scheduler::placement::{Placer, PlacerConfig};
 
 use super::limits::{Caps, Cut, Fleet, micro};
 use super::scale_down::{self, NodeView, Removal};
@@ -56,7 +56,7 @@ pub const MAX_FIT_PER_NODE: u32 = 1024;
 /// estimates with bestfit cost a fraction of FGD's scoring (`berth bench autoscale`).
 pub fn planning_placer() -> PlacerConfig {
     PlacerConfig {
-        policy: berth_scheduler::config::PolicyName::Bestfit,
+        policy: berth_core::placement::PolicyName::Bestfit,
         allow_gpu_upgrade: false,
         candidate_limit: Some(8),
     }

@@ -47,7 +47,7 @@ use berth_proto::node::CapacityType;
 use berth_proto::pb::v1 as pb;
 use berth_proto::pb::v1::provider_service_client::ProviderServiceClient;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use super::{InstanceState, Provider, ProviderError, ProviderNode};
@@ -101,11 +101,11 @@ impl ExternalProvider {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(invalid(&"must be connected from within a Tokio runtime"));
         }
-        let channel = Endpoint::from_shared(format!("http://{endpoint}"))
-            .map_err(|e| invalid(&e))?
-            .connect_timeout(call_timeout.min(MAX_CONNECT_TIMEOUT))
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let channel = berth_net::channel(
+            endpoint,
+            &berth_net::NetConfig::provider(call_timeout.min(MAX_CONNECT_TIMEOUT)),
+        )
+        .map_err(|e| invalid(&e))?;
         Ok(ExternalProvider {
             endpoint: endpoint.to_owned(),
             call_timeout,

@@ -28,10 +28,11 @@ use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
 
 use super::log_store::{DiskImage, MemDisk};
-use super::replica::{Applied, CreateItem, ProposeError, Replica, ReplicaConfig};
+use super::replica::{Applied, ProposeError, Replica, ReplicaConfig};
 use super::{ProposalId, slog_bridge};
 use crate::invariants;
 use crate::model::SandboxId;
+use crate::state::Submission;
 use crate::state::{Command, ItemOutcome};
 use crate::testing;
 
@@ -462,10 +463,7 @@ impl Sim {
             Request::Create(items) => {
                 let items = items
                     .iter()
-                    .map(|(rid, spec)| CreateItem {
-                        request_id: rid.clone(),
-                        spec: self.specs[*spec].clone(),
-                    })
+                    .map(|(rid, spec)| Submission::new(rid.clone(), self.specs[*spec].clone()))
                     .collect();
                 replica.propose_creates(items, now)
             }

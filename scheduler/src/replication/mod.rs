@@ -17,5 +17,5 @@ pub mod slog_bridge;
 
 pub use codec::ProposalId;
 pub use replica::{
-    Applied, CreateItem, MembershipChange, Output, ProposeError, RaftStatus, Replica, ReplicaConfig,
+    Applied, MembershipChange, Output, ProposeError, RaftStatus, Replica, ReplicaConfig,
 };

@@ -1,5 +1,6 @@
-//! Prometheus metrics of a scheduler replica, served as text on `/metrics`. [`render`] and
-//! [`serve`] work on any registry; the autoscaler serves its own metrics with them.
+//! Prometheus metrics of a scheduler replica, served as text on `/metrics` by
+//! `berth_net::metrics_http` (re-exported here as [`render`] and [`serve`]), which the
+//! autoscaler uses for its own metrics too.
 //!
 //! Names start with `berth_`; every metric is registered once in a per-process registry
 //! (tests start several replicas in one process, so the global registry is not used).
@@ -7,8 +8,7 @@
 use std::net::SocketAddr;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 /// Every metric a replica exports.
@@ -206,33 +206,12 @@ impl Metrics {
     }
 }
 
-/// A registry in the text exposition format.
-pub fn render(registry: &Registry) -> String {
-    let mut out = Vec::new();
-    let _ = TextEncoder::new().encode(&registry.gather(), &mut out);
-    String::from_utf8(out).unwrap_or_default()
-}
+pub use berth_net::metrics_http::{render, serve};
 
-/// Serves a registry on `/metrics` at `listener` until the task is dropped (the scheduler's
-/// and the autoscaler's metrics both go out this way).
-pub async fn serve(registry: Registry, listener: tokio::net::TcpListener) -> std::io::Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let registry = registry.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4",
-                    )],
-                    render(&registry),
-                )
-            }
-        }),
-    );
-    axum::serve(listener, app).await
-}
+use std::collections::BTreeMap;
+
+use crate::model::NodeStatus;
+use crate::state::State;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -245,4 +224,44 @@ pub async fn bind(address: &str) -> std::io::Result<(tokio::net::TcpListener, So
     let listener = tokio::net::TcpListener::bind(address).await?;
     let local = listener.local_addr()?;
     Ok((listener, local))
+}
+
+/// Sets the node and GPU gauges from a state (a pass over the nodes).
+pub fn publish_pool(metrics: &Metrics, state: &State) {
+    let mut total: BTreeMap<String, u64> = BTreeMap::new();
+    let mut allocated: BTreeMap<String, u64> = BTreeMap::new();
+    let mut nodes: BTreeMap<&'static str, i64> = BTreeMap::new();
+    for record in state.nodes().values() {
+        *nodes.entry(node_status_name(record.status)).or_default() += 1;
+        for (i, gpu) in record.spec.gpus.iter().enumerate() {
+            let model = gpu.model.to_string();
+            *total.entry(model.clone()).or_default() += 1000;
+            *allocated.entry(model).or_default() +=
+                u64::from(record.gpu_milli_allocated.get(i).copied().unwrap_or(0));
+        }
+    }
+    for (model, milli) in total {
+        metrics
+            .gpu_total_milli
+            .with_label_values(&[model.as_str()])
+            .set(milli as i64);
+    }
+    for (model, milli) in allocated {
+        metrics
+            .gpu_allocated_milli
+            .with_label_values(&[model.as_str()])
+            .set(milli as i64);
+    }
+    for (status, n) in nodes {
+        metrics.nodes.with_label_values(&[status]).set(n);
+    }
+}
+
+fn node_status_name(status: NodeStatus) -> &'static str {
+    match status {
+        NodeStatus::Ready => "ready",
+        NodeStatus::Cordoned => "cordoned",
+        NodeStatus::Draining => "draining",
+        NodeStatus::Down => "down",
+    }
 }

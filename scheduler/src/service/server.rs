@@ -6,17 +6,18 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use berth_net::NetConfig;
 use tokio::sync::oneshot;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
 
 use berth_proto::pb::v1::admin_service_server::AdminServiceServer;
 use berth_proto::pb::v1::node_service_server::NodeServiceServer;
 use berth_proto::pb::v1::peer_server::PeerServer;
 use berth_proto::pb::v1::sandbox_service_server::SandboxServiceServer;
 
+use super::StartError;
+use super::api::{AdminApi, NodeApi, PeerApi, SandboxApi, Services};
 use super::driver::{self, DriverConfig, ReplicaHandle};
-use super::grpc::Services;
 use super::liveness::{self, Liveness, LivenessSettings};
 use super::metrics::{self, Metrics};
 use super::transport::MAX_PEER_MESSAGE;
@@ -27,7 +28,7 @@ use crate::replication::{Replica, ReplicaConfig, slog_bridge};
 
 /// Largest client message tonic decodes (larger ones get OUT_OF_RANGE from tonic itself);
 /// handlers refuse smaller oversized requests with RESOURCE_EXHAUSTED naming the field.
-pub const MAX_CLIENT_MESSAGE: usize = 16 << 20;
+pub use berth_net::MAX_CLIENT_MESSAGE;
 
 /// A running replica.
 pub struct Running {
@@ -46,13 +47,13 @@ pub struct Running {
 
 impl Running {
     /// Waits until the server stops or the Raft thread fails; returns why.
-    pub async fn wait(&mut self) -> Result<(), String> {
+    pub async fn wait(&mut self) -> Result<(), StartError> {
         loop {
             if let Some(fatal) = self.handle.fatal() {
-                return Err(fatal);
+                return Err(StartError::Stopped(fatal));
             }
             if self.server.is_finished() {
-                return Err("the gRPC server stopped".into());
+                return Err(StartError::Stopped("the gRPC server stopped".into()));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -90,24 +91,36 @@ pub fn replica_config(cfg: &SchedulerConfig) -> ReplicaConfig {
     r
 }
 
+/// An `io::Error` about `what`, for `map_err`.
+fn io(what: String) -> impl FnOnce(std::io::Error) -> StartError {
+    move |source| StartError::Io { what, source }
+}
+
 /// Starts a replica: opens its data directory, starts Raft, binds and serves gRPC and
 /// metrics. Must run inside a tokio runtime.
-pub async fn start(cfg: &SchedulerConfig) -> Result<Running, String> {
+pub async fn start(cfg: &SchedulerConfig) -> Result<Running, StartError> {
     if cfg.backend == Backend::Etcd {
-        return Err(
-            "scheduler.backend: \"etcd\" is not built yet; use \"raft\" (the embedded default)"
-                .into(),
-        );
+        return Err(StartError::Config {
+            field: "scheduler.backend",
+            message: "\"etcd\" is not built yet; use \"raft\" (the embedded default)".into(),
+        });
     }
     let listener = tokio::net::TcpListener::bind(&cfg.listen_address)
         .await
-        .map_err(|e| format!("scheduler.listen_address {}: {e}", cfg.listen_address))?;
+        .map_err(io(format!(
+            "scheduler.listen_address {}",
+            cfg.listen_address
+        )))?;
     let grpc_address = listener
         .local_addr()
-        .map_err(|e| format!("scheduler.listen_address: {e}"))?;
-    let (metrics_listener, metrics_address) = metrics::bind(&cfg.metrics_address)
-        .await
-        .map_err(|e| format!("scheduler.metrics_address {}: {e}", cfg.metrics_address))?;
+        .map_err(io("scheduler.listen_address".into()))?;
+    let (metrics_listener, metrics_address) =
+        metrics::bind(&cfg.metrics_address)
+            .await
+            .map_err(io(format!(
+                "scheduler.metrics_address {}",
+                cfg.metrics_address
+            )))?;
 
     let founders: BTreeMap<u64, String> = cfg
         .peers
@@ -126,8 +139,9 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<Running, String> {
         slog::Level::Info
     };
     let open = move || {
-        let disk = EngineDisk::open(&data_dir)
-            .map_err(|e| format!("scheduler.data_dir {}: {e}", data_dir.display()))?;
+        let disk = EngineDisk::open(&data_dir).map_err(|e| {
+            StartError::Replica(format!("scheduler.data_dir {}: {e}", data_dir.display()))
+        })?;
         Replica::open(
             replica_cfg,
             disk,
@@ -136,7 +150,12 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<Running, String> {
             incarnation,
             &slog_bridge::logger(log_level),
         )
-        .map_err(|e| format!("opening the replica in {}: {e}", data_dir.display()))
+        .map_err(|e| {
+            StartError::Replica(format!(
+                "opening the replica in {}: {e}",
+                data_dir.display()
+            ))
+        })
     };
     let metrics = Metrics::new();
     let driver_cfg = DriverConfig {
@@ -162,35 +181,33 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<Running, String> {
     let services = Services::new(handle.clone(), cfg.cluster_id.clone(), liveness);
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
-        .set_serving::<SandboxServiceServer<Services>>()
+        .set_serving::<SandboxServiceServer<SandboxApi>>()
         .await;
     health_reporter
-        .set_serving::<AdminServiceServer<Services>>()
+        .set_serving::<AdminServiceServer<AdminApi>>()
         .await;
     health_reporter
-        .set_serving::<NodeServiceServer<Services>>()
+        .set_serving::<NodeServiceServer<NodeApi>>()
         .await;
-    health_reporter.set_serving::<PeerServer<Services>>().await;
+    health_reporter.set_serving::<PeerServer<PeerApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(berth_proto::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(|e| format!("gRPC reflection: {e}"))?;
+        .map_err(|e| StartError::Replica(format!("gRPC reflection: {e}")))?;
     let (stop, stopped) = oneshot::channel::<()>();
-    let router = Server::builder()
-        .tcp_nodelay(true)
-        .concurrency_limit_per_connection(1_024)
+    let router = berth_net::server(&NetConfig::replica_server())
         .add_service(
-            SandboxServiceServer::new(services.clone())
+            SandboxServiceServer::new(services.sandbox)
                 .max_decoding_message_size(MAX_CLIENT_MESSAGE),
         )
         .add_service(
-            AdminServiceServer::new(services.clone()).max_decoding_message_size(MAX_CLIENT_MESSAGE),
+            AdminServiceServer::new(services.admin).max_decoding_message_size(MAX_CLIENT_MESSAGE),
         )
         .add_service(
-            NodeServiceServer::new(services.clone()).max_decoding_message_size(MAX_CLIENT_MESSAGE),
+            NodeServiceServer::new(services.node).max_decoding_message_size(MAX_CLIENT_MESSAGE),
         )
         .add_service(
-            PeerServer::new(services)
+            PeerServer::new(services.peer)
                 .max_decoding_message_size(MAX_PEER_MESSAGE)
                 .max_encoding_message_size(MAX_PEER_MESSAGE),
         )

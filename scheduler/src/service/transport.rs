@@ -12,7 +12,7 @@ use std::time::Duration;
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use berth_proto::pb::v1 as pb;
 use berth_proto::pb::v1::peer_client::PeerClient;
@@ -24,8 +24,7 @@ use super::metrics::Metrics;
 const PEER_QUEUE: usize = 1_024;
 /// Largest snapshot chunk.
 pub const SNAPSHOT_CHUNK: usize = 4 << 20;
-/// Largest gRPC message between peers (an append of `max_message_bytes` plus framing).
-pub const MAX_PEER_MESSAGE: usize = 64 << 20;
+pub use berth_net::MAX_PEER_MESSAGE;
 
 struct PeerSender {
     address: String,
@@ -42,16 +41,6 @@ pub struct Transport {
     handle: ReplicaHandle,
     metrics: Metrics,
     peers: HashMap<u64, PeerSender>,
-}
-
-/// A client for a peer address (connects lazily, reconnects on its own).
-pub fn peer_channel(address: &str) -> Result<Channel, String> {
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| format!("peer address {address:?}: {e}"))?
-        .connect_timeout(Duration::from_millis(500))
-        .timeout(Duration::from_secs(5))
-        .tcp_nodelay(true);
-    Ok(endpoint.connect_lazy())
 }
 
 impl Transport {
@@ -89,7 +78,7 @@ impl Transport {
             }
             let channel = {
                 let _guard = self.runtime.enter();
-                peer_channel(address)
+                berth_net::channel(address, &berth_net::NetConfig::peer())
             };
             let channel = match channel {
                 Ok(c) => c,

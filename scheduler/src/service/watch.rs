@@ -20,8 +20,8 @@ use tonic::Status;
 
 use berth_proto::pb::v1 as pb;
 
-use super::convert;
 use super::driver::ReplicaHandle;
+use crate::convert;
 use crate::model::SandboxId;
 
 /// Most concurrent watch streams per replica.

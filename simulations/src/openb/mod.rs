@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use berth_scheduler::config::PolicyName;
-use berth_scheduler::placement::fragmentation::TypicalWorkload;
-use berth_scheduler::placement::{Placer, PlacerConfig};
+use berth_core::placement::PolicyName;
+use berth_core::placement::fragmentation::TypicalWorkload;
+use berth_core::placement::{Placer, PlacerConfig};
 
 use protocol::{CURVE_BUCKETS, Experiment, SeedResult};
 

@@ -15,12 +15,12 @@
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
 
-use berth_scheduler::invariants;
-use berth_scheduler::model::NodeSpec;
-use berth_scheduler::placement::Placer;
-use berth_scheduler::placement::fragmentation::TypicalWorkload;
-use berth_scheduler::placement::view::{ClusterView, NodeView};
-use berth_scheduler::state::{Command, ItemOutcome, State, Submission};
+use berth_core::invariants;
+use berth_core::model::NodeSpec;
+use berth_core::placement::Placer;
+use berth_core::placement::fragmentation::TypicalWorkload;
+use berth_core::placement::view::{ClusterView, NodeView};
+use berth_core::state::{Command, ItemOutcome, State, Submission};
 
 use super::trace::TracePod;
 

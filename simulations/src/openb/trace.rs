@@ -11,9 +11,9 @@ use std::path::Path;
 use serde::Deserialize;
 use thiserror::Error;
 
+use berth_core::model::{NodeSpec, SandboxSpec};
 use berth_proto::GpuModelName;
 use berth_proto::gpu::{GpuAmount, GpuOption, GpuRequest};
-use berth_scheduler::model::{NodeSpec, SandboxSpec};
 
 /// Most rows read from one file (the published traces have under 10,000).
 const MAX_ROWS: usize = 1_000_000;

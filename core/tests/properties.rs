@@ -4,15 +4,15 @@ use proptest::prelude::*;
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::SeedableRng;
 
+use berth_core::invariants;
+use berth_core::model::{NodeStatus, Placement, SandboxId, SandboxSpec, TenantQuota};
+use berth_core::placement::PolicyName;
+use berth_core::placement::fragmentation::TypicalWorkload;
+use berth_core::placement::view::ClusterView;
+use berth_core::placement::{Placer, PlacerConfig};
+use berth_core::state::{Command, State, StatusChange, StatusUpdate, Submission};
+use berth_core::testing::{gpu_node, spec};
 use berth_proto::GpuModel;
-use berth_scheduler::config::PolicyName;
-use berth_scheduler::invariants;
-use berth_scheduler::model::{NodeStatus, Placement, SandboxId, SandboxSpec, TenantQuota};
-use berth_scheduler::placement::fragmentation::TypicalWorkload;
-use berth_scheduler::placement::view::ClusterView;
-use berth_scheduler::placement::{Placer, PlacerConfig};
-use berth_scheduler::state::{Command, State, StatusChange, StatusUpdate, Submission};
-use berth_scheduler::testing::{gpu_node, spec};
 
 const MODELS: [GpuModel; 3] = [GpuModel::T4, GpuModel::L4, GpuModel::H100];
 const SPECS: [&[&str]; 7] = [
@@ -265,7 +265,7 @@ proptest! {
             .map(|(id, d)| Submission { request_id: format!("r{}", id.0), spec: specs[id.0 as usize].clone(), placement: d.placement.clone() })
             .collect();
         for outcome in state.apply(&Command::SubmitSandboxes { items }, 1) {
-            let accepted = matches!(outcome, berth_scheduler::state::ItemOutcome::Created { bind_rejected: None, .. });
+            let accepted = matches!(outcome, berth_core::state::ItemOutcome::Created { bind_rejected: None, .. });
             prop_assert!(accepted, "apply refused the engine's own plan: {:?}", outcome);
         }
         prop_assert!(invariants::check(&state).is_empty());

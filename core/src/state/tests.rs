@@ -440,9 +440,10 @@ fn invalid_specs_name_the_field() {
     bad.cpu_milli = 0;
     bad.tenant = "Bad Tenant".into();
     let out = apply_checked(&mut state, &submit("a", bad, None), 1);
-    let [ItemOutcome::Rejected(Rejection::InvalidSpec(message))] = out.as_slice() else {
+    let [ItemOutcome::Rejected(Rejection::InvalidSpec(errors))] = out.as_slice() else {
         panic!("{out:?}")
     };
+    let message = errors.one_line();
     assert!(
         message.contains("spec.tenant:")
             && message.contains("spec.resources.cpu_milli: 0 is outside"),
@@ -549,7 +550,7 @@ fn log_entries_hold_only_what_the_parser_accepts() {
     });
     let out = apply_checked(&mut state, &submit("a", bad, None), 1);
     assert!(
-        matches!(&out[0], ItemOutcome::Rejected(Rejection::InvalidSpec(m)) if m.contains("spec.resources.gpu")),
+        matches!(&out[0], ItemOutcome::Rejected(Rejection::InvalidSpec(m)) if m.one_line().contains("spec.resources.gpu")),
         "{out:?}"
     );
 }

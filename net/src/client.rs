@@ -18,8 +18,8 @@ use berth_proto::pb::v1::admin_service_client::AdminServiceClient;
 use berth_proto::pb::v1::node_service_client::NodeServiceClient;
 use berth_proto::pb::v1::sandbox_service_client::SandboxServiceClient;
 
-use super::driver::{LEADER_METADATA, is_not_leader};
-use super::transport::peer_channel;
+use crate::NetConfig;
+use crate::leader::{LEADER_METADATA, READ_MODE_METADATA, is_not_leader};
 
 /// A cluster client.
 #[derive(Clone)]
@@ -77,7 +77,8 @@ impl Client {
         if let Some(c) = self.channels.get(address) {
             return Ok(c.clone());
         }
-        let channel = peer_channel(address).map_err(Status::invalid_argument)?;
+        let channel = crate::channel(address, &NetConfig::peer())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.channels.insert(address.to_owned(), channel.clone());
         Ok(channel)
     }
@@ -350,7 +351,7 @@ impl Client {
                             Ok(Response::new(ack))
                         }
                         Some(pb::scheduler_message::Message::NotLeader(nl)) => Err(
-                            super::driver::not_leader_status(nl.leader_id, &nl.leader_address),
+                            crate::leader::not_leader_status(nl.leader_id, &nl.leader_address),
                         ),
                         _ => Err(Status::internal(
                             "unexpected first message from the scheduler",
@@ -383,7 +384,8 @@ fn node_request(node_id: &str, reason: &str) -> pb::NodeRequest {
 /// Reads every sandbox id in one replica's applied state (`berth-read: local`), following
 /// pages. Tests use it to check what each replica holds.
 pub async fn local_sandbox_ids(address: &str) -> Result<Vec<String>, Status> {
-    let channel = peer_channel(address).map_err(Status::invalid_argument)?;
+    let channel = crate::channel(address, &NetConfig::peer())
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
     let mut client = SandboxServiceClient::new(channel);
     let mut ids = Vec::new();
     let mut token = String::new();
@@ -394,7 +396,7 @@ pub async fn local_sandbox_ids(address: &str) -> Result<Vec<String>, Status> {
             ..Default::default()
         });
         request.metadata_mut().insert(
-            super::driver::READ_MODE_METADATA,
+            READ_MODE_METADATA,
             tonic::metadata::MetadataValue::from_static("local"),
         );
         let page = client.list_sandboxes(request).await?.into_inner();
@@ -409,7 +411,7 @@ pub async fn local_sandbox_ids(address: &str) -> Result<Vec<String>, Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::service::driver::not_leader_status;
+    use crate::leader::not_leader_status;
 
     #[test]
     fn only_not_leader_answers_and_unreachable_replicas_are_retried() {

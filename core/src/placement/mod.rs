@@ -24,6 +24,7 @@
 
 pub mod filters;
 pub mod fragmentation;
+mod name;
 pub mod policy;
 pub mod view;
 
@@ -36,10 +37,10 @@ use rand_chacha::rand_core::SeedableRng;
 use berth_proto::GpuModelName;
 use berth_proto::gpu::{GpuAmount, GpuModelSelector, GpuOption};
 
-use crate::config::PolicyName;
 use crate::model::{Placement, SandboxId, SandboxSpec};
 use filters::Reason;
 use fragmentation::TypicalWorkload;
+pub use name::PolicyName;
 use policy::{GpuAsk, Policy, ScoreContext};
 use view::{ClusterView, Location, NodeIndex};
 

@@ -1,8 +1,8 @@
 //! Conversions between the `berth.v1` wire messages and the scheduler's model, for the gRPC
-//! handlers.
+//! handlers, the autoscaler and the CLI.
 //!
 //! Reading from the wire validates as it converts and collects every problem before
-//! answering: a client gets one `INVALID_ARGUMENT` whose message lists each bad field with
+//! answering: the [`FieldErrors`] (which the service layer turns into one `INVALID_ARGUMENT`) list each bad field with
 //! its full path (`spec.resources.cpu_milli: ...; spec.resources.gpu.options[0]: ...`), in
 //! the order the fields are declared in the .proto. Bounds come from the model's own
 //! `validate` methods, so the API and `State::apply` agree on what is acceptable.
@@ -11,8 +11,6 @@
 //! the model does not keep, are listed on each function.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-
-use tonic::Status;
 
 use berth_proto::convert::{gpu_request_from_pb, gpu_request_to_pb};
 use berth_proto::node::{CapacityType, TaintEffect};
@@ -30,17 +28,6 @@ pub const MAX_CACHED_IMAGES: usize = 256;
 
 /// Highest accepted node price, in US dollars per hour.
 pub const MAX_PRICE_PER_HOUR_USD: f64 = 1_000_000.0;
-
-/// The `INVALID_ARGUMENT` status for field errors: every `path: problem`, joined by `"; "`.
-pub fn invalid_argument(errors: &FieldErrors) -> Status {
-    let message = errors
-        .0
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ");
-    Status::invalid_argument(message)
-}
 
 // ---------------------------------------------------------------------------------------
 // Collecting problems
@@ -102,13 +89,12 @@ impl Problems {
         )
     }
 
-    /// `Ok` when there is nothing, else the `INVALID_ARGUMENT` naming everything, each path
-    /// under `prefix`.
-    fn into_result(self, prefix: &str) -> Result<(), Status> {
+    /// `Ok` when there is nothing, else everything, each path under `prefix`.
+    fn into_result(self, prefix: &str) -> Result<(), FieldErrors> {
         if self.0.is_empty() {
             Ok(())
         } else {
-            Err(invalid_argument(&FieldErrors(self.prefixed(prefix).0)))
+            Err(FieldErrors(self.prefixed(prefix).0))
         }
     }
 }
@@ -126,14 +112,9 @@ fn join(prefix: &str, field: &str) -> String {
     }
 }
 
-/// `INVALID_ARGUMENT` for a message that is absent.
-fn missing(field: &str) -> Status {
-    let mut problems = Problems::default();
-    problems.add("", "must be set");
-    match problems.into_result(field) {
-        Err(status) => status,
-        Ok(()) => Status::invalid_argument("a required message is missing"),
-    }
+/// The error for a message that is absent.
+fn missing(field: &str) -> FieldErrors {
+    FieldErrors::missing(field)
 }
 
 /// How an enum value reads in an error: its .proto name, or the number when unknown.
@@ -178,7 +159,10 @@ const SPEC_FIELDS: &[&str] = &[
 /// key, and `constraints.capacity_type` must be a known value. `timeout_ms` is copied as
 /// is: 0 stays 0 (the model reads it as "no limit"; applying a tenant default is the
 /// caller's business).
-pub fn spec_from_pb(spec: Option<&pb::SandboxSpec>, field: &str) -> Result<SandboxSpec, Status> {
+pub fn spec_from_pb(
+    spec: Option<&pb::SandboxSpec>,
+    field: &str,
+) -> Result<SandboxSpec, FieldErrors> {
     let spec = spec.ok_or_else(|| missing(field))?;
     let (model, problems) = read_spec(spec);
     problems.into_result(field)?;
@@ -190,7 +174,7 @@ pub fn spec_from_pb(spec: Option<&pb::SandboxSpec>, field: &str) -> Result<Sandb
 /// request id and the spec.
 pub fn create_request_from_pb(
     request: &pb::CreateSandboxRequest,
-) -> Result<(String, SandboxSpec), Status> {
+) -> Result<(String, SandboxSpec), FieldErrors> {
     let mut problems = Problems::default();
     let id_len = request.request_id.len();
     if !(1..=limits::REQUEST_ID_LEN).contains(&id_len) {
@@ -511,7 +495,10 @@ const INVENTORY_FIELDS: &[&str] = &[
 /// Not kept by the model (so [`node_to_pb`] reports them empty): GPU `product_name`,
 /// `mig_mode`, `health_reason`, `compute_capability`, `nvlink_peers`; node
 /// `cached_images`, `driver_version`, `cuda_version`, `inventory_source`.
-pub fn node_spec_from_pb(inv: Option<&pb::NodeInventory>, field: &str) -> Result<NodeSpec, Status> {
+pub fn node_spec_from_pb(
+    inv: Option<&pb::NodeInventory>,
+    field: &str,
+) -> Result<NodeSpec, FieldErrors> {
     let inv = inv.ok_or_else(|| missing(field))?;
     let mut conversion = Problems::default();
 
@@ -790,7 +777,7 @@ const QUOTA_FIELDS: &[&str] = &[
 pub fn quota_from_pb(
     q: Option<&pb::TenantQuota>,
     field: &str,
-) -> Result<(String, TenantQuota), Status> {
+) -> Result<(String, TenantQuota), FieldErrors> {
     let q = q.ok_or_else(|| missing(field))?;
     let mut problems = Problems::default();
     problems.validate(|v| v.identifier("tenant", &q.tenant, limits::TENANT_LEN));
@@ -865,7 +852,7 @@ pub fn quota_to_pb(tenant: &str, quota: &TenantQuota) -> pb::TenantQuota {
 pub fn status_update_from_pb(
     node: &str,
     u: &pb::SandboxStatusUpdate,
-) -> Result<StatusUpdate, Status> {
+) -> Result<StatusUpdate, FieldErrors> {
     let mut problems = Problems::default();
     let sandbox = match u.sandbox_id.parse::<SandboxId>() {
         Ok(id) => Some(id),
@@ -903,7 +890,7 @@ pub fn status_update_from_pb(
             node: node.to_owned(),
             change,
         }),
-        _ => Err(Status::invalid_argument("invalid sandbox status update")),
+        _ => Err(FieldErrors::one("state", "invalid sandbox status update")),
     }
 }
 
@@ -911,20 +898,19 @@ pub fn status_update_from_pb(
 mod tests {
     use super::*;
     use berth_proto::GpuRequest;
-    use tonic::Code;
 
     use crate::model::{Binding, Placement};
     use crate::state::{Command, ItemOutcome};
     use crate::testing::{apply_checked, gpu_node, spec, submit};
 
-    /// A conversion's result with the status reduced to its message, so it can be compared.
-    fn ok<T>(r: Result<T, Status>) -> Result<T, String> {
-        r.map_err(|s| s.message().to_owned())
+    /// A conversion's result with the errors reduced to the message a client reads, so it
+    /// can be compared.
+    fn ok<T>(r: Result<T, FieldErrors>) -> Result<T, String> {
+        r.map_err(|e| e.one_line())
     }
 
-    fn message(status: &Status) -> &str {
-        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-        status.message()
+    fn message(errors: &FieldErrors) -> String {
+        errors.one_line()
     }
 
     fn wire_spec() -> pb::SandboxSpec {

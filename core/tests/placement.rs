@@ -3,19 +3,19 @@
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::SeedableRng;
 
+use berth_core::model::{SandboxId, SandboxSpec, Taint, TenantQuota, Toleration};
+use berth_core::placement::PolicyName;
+use berth_core::placement::filters::Reason;
+use berth_core::placement::fragmentation::TypicalWorkload;
+use berth_core::placement::view::ClusterView;
+use berth_core::placement::{Decision, Placer, PlacerConfig};
+use berth_core::state::{Command, State};
+use berth_core::testing::{apply_checked, gpu_node, spec};
 use berth_proto::GpuModel;
 use berth_proto::gpu::GpuRequest;
 use berth_proto::node::TaintEffect;
-use berth_scheduler::config::PolicyName;
-use berth_scheduler::model::{SandboxId, SandboxSpec, Taint, TenantQuota, Toleration};
-use berth_scheduler::placement::filters::Reason;
-use berth_scheduler::placement::fragmentation::TypicalWorkload;
-use berth_scheduler::placement::view::ClusterView;
-use berth_scheduler::placement::{Decision, Placer, PlacerConfig};
-use berth_scheduler::state::{Command, State};
-use berth_scheduler::testing::{apply_checked, gpu_node, spec};
 
-fn cluster(nodes: Vec<berth_scheduler::model::NodeSpec>) -> State {
+fn cluster(nodes: Vec<berth_core::model::NodeSpec>) -> State {
     let mut state = State::new();
     for node in nodes {
         apply_checked(&mut state, &Command::RegisterNode { spec: node }, 0);
@@ -274,7 +274,7 @@ fn unhealthy_gpus_and_cordoned_nodes_get_nothing() {
         &mut state,
         &Command::SetNodeStatus {
             node: "cordoned".into(),
-            status: berth_scheduler::model::NodeStatus::Cordoned,
+            status: berth_core::model::NodeStatus::Cordoned,
             reason: "maintenance".into(),
         },
         1,
@@ -319,7 +319,7 @@ fn releasing_onto_an_unhealthy_gpu_does_not_make_it_free() {
     let mut view = ClusterView::from_state(&state, 1);
     let index = view.index_of("n").expect("node");
     assert_eq!(view.node(index).gpu_milli_free, vec![1000, 0]);
-    let plan = berth_scheduler::model::Placement {
+    let plan = berth_core::model::Placement {
         node: "n".into(),
         epoch: 1,
         option: 0,

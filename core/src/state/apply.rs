@@ -6,7 +6,7 @@ use berth_proto::gpu::{
 };
 use std::collections::BTreeSet;
 
-use berth_proto::{GpuModelName, Validator};
+use berth_proto::{FieldErrors, GpuModelName, Validator};
 
 use super::command::{
     Command, ItemOutcome, MAX_BATCH_ITEMS, Rejection, StatusChange, StatusUpdate, Submission,
@@ -92,7 +92,7 @@ impl State {
                 let mut v = Validator::new();
                 v.identifier("tenant", tenant, crate::model::limits::TENANT_LEN);
                 match v.finish() {
-                    Err(e) => vec![ItemOutcome::Rejected(Rejection::InvalidSpec(e.to_string()))],
+                    Err(e) => vec![ItemOutcome::Rejected(Rejection::InvalidSpec(e))],
                     Ok(()) => {
                         let revision = self.revision;
                         let record = self.tenants.entry(tenant.clone()).or_default();
@@ -114,9 +114,9 @@ impl State {
         now_ms: u64,
     ) -> Result<(), Rejection> {
         if holder.is_empty() || holder.len() > super::MAX_HOLDER_LEN {
-            return Err(Rejection::InvalidSpec(format!(
-                "holder: must be 1..={} bytes",
-                super::MAX_HOLDER_LEN
+            return Err(Rejection::InvalidSpec(FieldErrors::one(
+                "holder",
+                format!("must be 1..={} bytes", super::MAX_HOLDER_LEN),
             )));
         }
         let record = &mut self.autoscaler;
@@ -149,8 +149,7 @@ impl State {
     ) -> Result<(), Rejection> {
         let mut v = Validator::new();
         spec.validate(&mut v);
-        v.finish()
-            .map_err(|e| Rejection::InvalidSpec(e.to_string()))?;
+        v.finish().map_err(Rejection::InvalidSpec)?;
         let Some(existing) = self.nodes.get_mut(&spec.id) else {
             self.nodes.insert(
                 spec.id.clone(),
@@ -283,7 +282,7 @@ impl State {
             }
         });
         if let Err(e) = v.finish() {
-            return ItemOutcome::Rejected(Rejection::InvalidSpec(e.to_string()));
+            return ItemOutcome::Rejected(Rejection::InvalidSpec(e));
         }
         let tenant = self.tenants.entry(item.spec.tenant.clone()).or_default();
         if let Some(max) = tenant.quota.max_concurrent_sandboxes {

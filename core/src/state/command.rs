@@ -5,6 +5,8 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use berth_proto::FieldErrors;
+
 use crate::model::{NodeId, NodeSpec, NodeStatus, Placement, SandboxId, SandboxSpec, TenantQuota};
 
 /// Most items in one batched command; a bigger batch is refused whole.
@@ -108,7 +110,8 @@ impl Command {
     }
 }
 
-/// One create.
+/// One create, from the API to the log: the API makes it with no placement, the leader's
+/// planner adds one when the sandbox fits now.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Submission {
     /// Idempotency key, unique per tenant.
@@ -117,6 +120,17 @@ pub struct Submission {
     pub spec: SandboxSpec,
     /// Where to bind it right away, if the leader placed it.
     pub placement: Option<Placement>,
+}
+
+impl Submission {
+    /// A create not placed yet.
+    pub fn new(request_id: String, spec: SandboxSpec) -> Submission {
+        Submission {
+            request_id,
+            spec,
+            placement: None,
+        }
+    }
 }
 
 /// A sandbox status change.
@@ -173,9 +187,9 @@ pub enum ItemOutcome {
 /// Why `apply` refused an item. The message says what to do about it.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum Rejection {
-    /// The spec breaks a bound or rule.
-    #[error("invalid spec: {0}")]
-    InvalidSpec(String),
+    /// The spec breaks a bound or rule; every bad field with its path.
+    #[error("invalid spec: {}", .0.one_line())]
+    InvalidSpec(FieldErrors),
     /// The batch is above [`MAX_BATCH_ITEMS`].
     #[error("batch of {0} items is above the limit of {MAX_BATCH_ITEMS}")]
     BatchTooLarge(usize),

@@ -11,9 +11,9 @@ use rand_chacha::rand_core::Rng;
 
 use berth_proto::GpuModelName;
 
+use super::PolicyName;
 use super::fragmentation::TypicalWorkload;
 use super::view::NodeView;
-use crate::config::PolicyName;
 use crate::model::SandboxSpec;
 
 /// GPUs wanted from one node, for one option of the request.

@@ -7,29 +7,33 @@
 //! control queue. Raft traffic that finds the control queue full is dropped, which Raft
 //! tolerates. Clients hold a [`ReplicaHandle`].
 
+mod handle;
+mod waiters;
+
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, select};
-use raft::eraftpb::Message;
-use tokio::sync::{oneshot, watch};
-use tonic::Status;
-use tonic::metadata::MetadataValue;
+use crossbeam_channel::{Receiver, bounded, select};
+use tokio::sync::watch;
 
 use berth_proto::pb::v1 as pb;
 
-use super::convert;
 use super::metrics::Metrics;
 use super::transport::Transport;
+use super::{ServiceError, StartError};
+use crate::convert;
 use crate::invariants;
-use crate::model::NodeStatus;
 use crate::replication::log_store::Durable;
-use crate::replication::{
-    Applied, CreateItem, MembershipChange, ProposalId, ProposeError, RaftStatus, Replica,
+use crate::replication::{Applied, ProposalId, Replica};
+use crate::state::{Command, ItemOutcome, Rejection, Submission};
+
+pub use handle::{
+    CommandResult, CreateRequest, DeleteRequest, Published, ReadView, ReplicaHandle, Write,
 };
-use crate::state::{Command, ItemOutcome, Rejection, State};
+use handle::{Input, ReadFn};
+use waiters::{Waiter, fail};
 
 /// Control-queue capacity (Raft traffic, commands, reads).
 const CONTROL_QUEUE: usize = 16_384;
@@ -44,359 +48,12 @@ const SLOW_STEP: Duration = Duration::from_millis(20);
 /// How often the pool gauges (a pass over the nodes) are refreshed.
 const POOL_GAUGES: Duration = Duration::from_secs(1);
 
-/// Metadata key carrying the leader's address on a redirect.
-pub const LEADER_METADATA: &str = "berth-leader";
-/// Metadata key a client sets to `local` to read a follower's applied state (may be stale).
-pub const READ_MODE_METADATA: &str = "berth-read";
-
-/// What a read sees.
-pub struct ReadView<'a> {
-    /// The applied state.
-    pub state: &'a State,
-    /// Raft status of this replica.
-    pub raft: RaftStatus,
-    /// Member addresses.
-    pub peers: &'a BTreeMap<u64, String>,
-    /// Invariant violations found since start.
-    pub invariant_violations: u64,
-}
-
-type ReadFn = Box<dyn FnOnce(Result<&ReadView<'_>, Status>) + Send>;
-type CommandReply = oneshot::Sender<Result<CommandResult, Status>>;
-
-/// The result of a command: per-item outcomes, and a view built on the Raft thread.
-pub struct CommandResult {
-    /// Outcomes.
-    pub outcomes: Vec<ItemOutcome>,
-    /// Revision after the command.
-    pub revision: u64,
-}
-
-/// One create waiting for the batcher.
-pub struct CreateRequest {
-    item: CreateItem,
-    arrived: Instant,
-    reply: oneshot::Sender<Result<pb::CreateSandboxResponse, Status>>,
-}
-
-/// One delete waiting for the batcher.
-pub struct DeleteRequest {
-    id: crate::model::SandboxId,
-    reply: oneshot::Sender<Result<bool, Status>>,
-}
-
-/// A write the leader batches: creates become one `SubmitSandboxes` entry, deletes one
-/// `DeleteSandboxes` entry.
-pub enum Write {
-    /// A create.
-    Create(Box<CreateRequest>),
-    /// A delete.
-    Delete(DeleteRequest),
-}
-
-enum Input {
-    Raft(Vec<Message>),
-    Unreachable(u64),
-    SnapshotStatus {
-        to: u64,
-        ok: bool,
-    },
-    Command {
-        // Boxed: a command (a node's whole inventory) is far larger than the other inputs.
-        command: Box<Command>,
-        reply: CommandReply,
-    },
-    Membership {
-        change: MembershipChange,
-        reply: oneshot::Sender<Result<(), Status>>,
-    },
-    Read {
-        linearizable: bool,
-        f: ReadFn,
-    },
-    Campaign,
-    Shutdown,
-}
-
-/// What the Raft thread publishes for handlers that must not wait on it.
-#[derive(Default)]
-pub struct Published {
-    leader: AtomicU64,
-    is_leader: AtomicBool,
-    peers: RwLock<BTreeMap<u64, String>>,
-    fatal: Mutex<Option<String>>,
-}
-
-/// A cloneable handle to the Raft thread.
-#[derive(Clone)]
-pub struct ReplicaHandle {
-    id: u64,
-    creates: Sender<Write>,
-    control: Sender<Input>,
-    published: Arc<Published>,
-    revisions: watch::Receiver<u64>,
-    metrics: Metrics,
-    max_queued_creates: usize,
-}
-
-/// The Status a follower answers with: FAILED_PRECONDITION, and the leader's address in
-/// `berth-leader` metadata. The metadata is always there (empty while no leader is known),
-/// which is what tells this answer apart from a FAILED_PRECONDITION refusal
-/// ([`is_not_leader`]).
-pub fn not_leader_status(leader: u64, address: &str) -> Status {
-    let msg = if leader == 0 {
-        "this replica is not the leader and no leader is known yet; retry shortly".to_owned()
-    } else {
-        format!("this replica is not the leader; the leader is replica {leader} at {address}")
-    };
-    let mut status = Status::failed_precondition(msg);
-    let hint = address
-        .parse()
-        .unwrap_or_else(|_| MetadataValue::from_static(""));
-    status.metadata_mut().insert(LEADER_METADATA, hint);
-    status
-}
-
-/// Whether a Status is a follower's "not the leader" answer (worth sending to the leader),
-/// as opposed to a refusal that would be the same anywhere.
-pub fn is_not_leader(status: &Status) -> bool {
-    status.code() == tonic::Code::FailedPrecondition
-        && status.metadata().get(LEADER_METADATA).is_some()
-}
-
-fn propose_status(e: ProposeError) -> Status {
-    match e {
-        ProposeError::NotLeader { leader, address } => not_leader_status(leader, &address),
-        ProposeError::Dropped(why) => Status::unavailable(format!(
-            "the proposal was dropped ({why}); retry (creates with the same request_id)"
-        )),
-        ProposeError::Membership(why) => Status::failed_precondition(why),
-    }
-}
-
-/// The Status for a rejected item.
-pub fn rejection_status(r: &Rejection) -> Status {
-    match r {
-        Rejection::InvalidSpec(_) => Status::invalid_argument(r.to_string()),
-        Rejection::BatchTooLarge(_) => Status::resource_exhausted(r.to_string()),
-        Rejection::ConcurrencyQuota { .. } | Rejection::GpuQuota { .. } => {
-            Status::resource_exhausted(r.to_string())
-        }
-        Rejection::UnknownNode(_) | Rejection::UnknownSandbox(_) => {
-            Status::not_found(r.to_string())
-        }
-        _ => Status::failed_precondition(r.to_string()),
-    }
-}
-
-fn lost_leadership() -> Status {
-    Status::unavailable(
-        "leadership changed before the request committed; retry with the same request_id \
-         (retries are idempotent)",
-    )
-}
+pub use berth_net::leader::{LEADER_METADATA, READ_MODE_METADATA};
 
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-impl ReplicaHandle {
-    /// Raft id.
-    pub fn id(&self) -> u64 {
-        self.id
-    }
-
-    /// Metrics.
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
-    }
-
-    /// The leader as last published: (id, address); id 0 when unknown.
-    pub fn leader(&self) -> (u64, String) {
-        let id = self.published.leader.load(Ordering::Relaxed);
-        let address = self
-            .published
-            .peers
-            .read()
-            .ok()
-            .and_then(|p| p.get(&id).cloned())
-            .unwrap_or_default();
-        (id, address)
-    }
-
-    /// Whether this replica leads (as last published).
-    pub fn is_leader(&self) -> bool {
-        self.published.is_leader.load(Ordering::Relaxed)
-    }
-
-    /// The redirect Status unless this replica leads.
-    pub fn require_leader(&self) -> Result<(), Status> {
-        if self.is_leader() {
-            return Ok(());
-        }
-        let (id, address) = self.leader();
-        Err(not_leader_status(id, &address))
-    }
-
-    /// Why the Raft thread stopped, if it did.
-    pub fn fatal(&self) -> Option<String> {
-        self.published.fatal.lock().ok().and_then(|f| f.clone())
-    }
-
-    /// A receiver that changes whenever the applied revision does.
-    pub fn revisions(&self) -> watch::Receiver<u64> {
-        self.revisions.clone()
-    }
-
-    /// Member addresses as last published.
-    pub fn peers(&self) -> BTreeMap<u64, String> {
-        self.published
-            .peers
-            .read()
-            .map(|p| p.clone())
-            .unwrap_or_default()
-    }
-
-    fn send_control(&self, input: Input) -> Result<(), Status> {
-        self.control.try_send(input).map_err(|e| match e {
-            TrySendError::Full(_) => Status::resource_exhausted(
-                "the replica's control queue is full; retry with backoff",
-            ),
-            TrySendError::Disconnected(_) => Status::unavailable(
-                self.fatal()
-                    .unwrap_or_else(|| "the replica is shutting down".to_owned()),
-            ),
-        })
-    }
-
-    async fn wait<T>(rx: oneshot::Receiver<Result<T, Status>>) -> Result<T, Status> {
-        match tokio::time::timeout(COMMIT_TIMEOUT, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(Status::unavailable(
-                "the replica stopped before answering; retry with the same request_id",
-            )),
-            Err(_) => Err(Status::deadline_exceeded(format!(
-                "not committed within {} s (no quorum?); retry with the same request_id",
-                COMMIT_TIMEOUT.as_secs()
-            ))),
-        }
-    }
-
-    /// Creates one sandbox through the leader's batcher. Answered after commit and apply.
-    pub async fn create(&self, item: CreateItem) -> Result<pb::CreateSandboxResponse, Status> {
-        self.require_leader()?;
-        let (reply, rx) = oneshot::channel();
-        let request = CreateRequest {
-            item,
-            arrived: Instant::now(),
-            reply,
-        };
-        match self.creates.try_send(Write::Create(Box::new(request))) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                self.metrics
-                    .creates_refused
-                    .with_label_values(&["queue_full"])
-                    .inc();
-                return Err(Status::resource_exhausted(format!(
-                    "the leader has {} creates queued (batching.max_queued_creates); retry \
-                     with backoff and the same request_id",
-                    self.max_queued_creates
-                )));
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                return Err(Status::unavailable("the replica is shutting down"));
-            }
-        }
-        Self::wait(rx).await
-    }
-
-    /// Deletes a sandbox through the leader's batcher; `false` when it did not exist.
-    pub async fn delete(&self, id: crate::model::SandboxId) -> Result<bool, Status> {
-        self.require_leader()?;
-        let (reply, rx) = oneshot::channel();
-        match self
-            .creates
-            .try_send(Write::Delete(DeleteRequest { id, reply }))
-        {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                return Err(Status::resource_exhausted(format!(
-                    "the leader has {} writes queued (batching.max_queued_creates); retry \
-                     with backoff",
-                    self.max_queued_creates
-                )));
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                return Err(Status::unavailable("the replica is shutting down"));
-            }
-        }
-        Self::wait(rx).await
-    }
-
-    /// Proposes a command and waits until it applies.
-    pub async fn command(&self, command: Command) -> Result<CommandResult, Status> {
-        self.require_leader()?;
-        let (reply, rx) = oneshot::channel();
-        self.send_control(Input::Command {
-            command: Box::new(command),
-            reply,
-        })?;
-        Self::wait(rx).await
-    }
-
-    /// Changes membership and waits until the change applies.
-    pub async fn membership(&self, change: MembershipChange) -> Result<(), Status> {
-        self.require_leader()?;
-        let (reply, rx) = oneshot::channel();
-        self.send_control(Input::Membership { change, reply })?;
-        Self::wait(rx).await
-    }
-
-    /// Runs `f` on the Raft thread against the applied state: after a ReadIndex round when
-    /// `linearizable` (leader only), or at once against this replica's state otherwise.
-    pub async fn read<T: Send + 'static>(
-        &self,
-        linearizable: bool,
-        f: impl FnOnce(&ReadView<'_>) -> T + Send + 'static,
-    ) -> Result<T, Status> {
-        if linearizable {
-            self.require_leader()?;
-        }
-        let (tx, rx) = oneshot::channel();
-        let f: ReadFn = Box::new(move |view| {
-            let _ = tx.send(view.map(f));
-        });
-        self.send_control(Input::Read { linearizable, f })?;
-        Self::wait(rx).await
-    }
-
-    /// Hands Raft messages from a peer to the thread; dropped when the queue is full.
-    pub fn step(&self, messages: Vec<Message>) -> Result<(), Status> {
-        self.send_control(Input::Raft(messages))
-    }
-
-    pub(super) fn unreachable(&self, peer: u64) {
-        let _ = self.control.try_send(Input::Unreachable(peer));
-    }
-
-    pub(super) fn snapshot_status(&self, to: u64, ok: bool) {
-        let _ = self.control.try_send(Input::SnapshotStatus { to, ok });
-    }
-
-    /// Stops the Raft thread (after the current round).
-    pub fn shutdown(&self) {
-        let _ = self
-            .control
-            .send_timeout(Input::Shutdown, std::time::Duration::from_secs(1));
-    }
-
-    /// Asks this replica to campaign (operators, tests).
-    pub fn campaign(&self) -> Result<(), Status> {
-        self.send_control(Input::Campaign)
-    }
 }
 
 /// Settings of the Raft thread.
@@ -412,13 +69,6 @@ pub struct DriverConfig {
     pub max_queued_creates: usize,
     /// Cluster id (peers refuse other clusters).
     pub cluster_id: String,
-}
-
-enum Waiter {
-    Creates { replies: Vec<CreateRequest> },
-    Deletes { replies: Vec<DeleteRequest> },
-    Command(CommandReply),
-    Membership(oneshot::Sender<Result<(), Status>>),
 }
 
 struct Driver<D: Durable> {
@@ -444,12 +94,12 @@ struct Driver<D: Durable> {
 
 /// Starts the Raft thread for `replica`. The transport sends its messages on `runtime`.
 pub fn spawn<D: Durable + Send + 'static>(
-    open: impl FnOnce() -> Result<Replica<D>, String> + Send + 'static,
+    open: impl FnOnce() -> Result<Replica<D>, StartError> + Send + 'static,
     id: u64,
     cfg: DriverConfig,
     metrics: Metrics,
     runtime: tokio::runtime::Handle,
-) -> Result<(ReplicaHandle, std::thread::JoinHandle<()>), String> {
+) -> Result<(ReplicaHandle, std::thread::JoinHandle<()>), StartError> {
     let (control_tx, control_rx) = bounded(CONTROL_QUEUE);
     let (creates_tx, creates_rx) = bounded(cfg.max_queued_creates.max(1));
     let published = Arc::new(Published::default());
@@ -507,11 +157,13 @@ pub fn spawn<D: Durable + Send + 'static>(
             };
             driver.run();
         })
-        .map_err(|e| format!("starting the Raft thread: {e}"))?;
+        .map_err(|e| StartError::Replica(format!("starting the Raft thread: {e}")))?;
     match ready_rx.recv() {
         Ok(Ok(())) => Ok((handle, join)),
         Ok(Err(e)) => Err(e),
-        Err(_) => Err("the Raft thread stopped while opening the replica".into()),
+        Err(_) => Err(StartError::Replica(
+            "the Raft thread stopped while opening the replica".into(),
+        )),
     }
 }
 
@@ -584,7 +236,7 @@ impl<D: Durable> Driver<D> {
             if now >= next_pool {
                 next_pool = now + POOL_GAUGES;
                 let t = Instant::now();
-                publish_pool(&self.metrics, self.replica.state());
+                super::metrics::publish_pool(&self.metrics, self.replica.state());
                 slow("refreshing pool gauges", t);
                 self.metrics
                     .log_entries_in_memory
@@ -604,9 +256,14 @@ impl<D: Durable> Driver<D> {
                 }
             }
             if self.stopping {
-                self.fail_batch(Status::unavailable("the replica is shutting down"));
+                self.fail_batch(ServiceError::Unavailable(
+                    "the replica is shutting down".into(),
+                ));
                 for (_, w) in self.waiters.drain() {
-                    fail(w, Status::unavailable("the replica is shutting down"));
+                    fail(
+                        w,
+                        ServiceError::Unavailable("the replica is shutting down".into()),
+                    );
                 }
                 return;
             }
@@ -638,12 +295,12 @@ impl<D: Durable> Driver<D> {
         }
     }
 
-    fn fail_batch(&mut self, status: Status) {
+    fn fail_batch(&mut self, error: ServiceError) {
         for c in std::mem::take(&mut self.batch) {
-            let _ = c.reply.send(Err(status.clone()));
+            let _ = c.reply.send(Err(error.clone()));
         }
         for d in std::mem::take(&mut self.deletes) {
-            let _ = d.reply.send(Err(status.clone()));
+            let _ = d.reply.send(Err(error.clone()));
         }
         self.batch_started = None;
     }
@@ -666,9 +323,9 @@ impl<D: Durable> Driver<D> {
                 self.waiters.insert(p, Waiter::Deletes { replies: deletes });
             }
             Err(e) => {
-                let status = propose_status(e);
+                let error = ServiceError::from(e);
                 for d in deletes {
-                    let _ = d.reply.send(Err(status.clone()));
+                    let _ = d.reply.send(Err(error.clone()));
                 }
             }
         }
@@ -681,7 +338,7 @@ impl<D: Durable> Driver<D> {
         if batch.is_empty() {
             return;
         }
-        let items: Vec<CreateItem> = batch.iter().map(|c| c.item.clone()).collect();
+        let items: Vec<Submission> = batch.iter().map(|c| c.item.clone()).collect();
         let started = Instant::now();
         let n = items.len();
         match self.replica.propose_creates(items, now_ms()) {
@@ -697,9 +354,9 @@ impl<D: Durable> Driver<D> {
                 self.waiters.insert(p, Waiter::Creates { replies: batch });
             }
             Err(e) => {
-                let status = propose_status(e);
+                let error = ServiceError::from(e);
                 for c in batch {
-                    let _ = c.reply.send(Err(status.clone()));
+                    let _ = c.reply.send(Err(error.clone()));
                 }
             }
         }
@@ -720,7 +377,7 @@ impl<D: Durable> Driver<D> {
                     self.waiters.insert(p, Waiter::Command(reply));
                 }
                 Err(e) => {
-                    let _ = reply.send(Err(propose_status(e)));
+                    let _ = reply.send(Err(ServiceError::from(e)));
                 }
             },
             Input::Membership { change, reply } => match self.replica.propose_membership(change) {
@@ -732,7 +389,7 @@ impl<D: Durable> Driver<D> {
                     self.waiters.insert(p, Waiter::Membership(reply));
                 }
                 Err(e) => {
-                    let _ = reply.send(Err(propose_status(e)));
+                    let _ = reply.send(Err(ServiceError::from(e)));
                 }
             },
             Input::Read { linearizable, f } => {
@@ -747,7 +404,7 @@ impl<D: Durable> Driver<D> {
                     Ok(()) => {
                         self.reads.insert(id, f);
                     }
-                    Err(e) => f(Err(propose_status(e))),
+                    Err(e) => f(Err(ServiceError::from(e))),
                 }
             }
             Input::Campaign => self.replica.campaign(),
@@ -785,7 +442,7 @@ impl<D: Durable> Driver<D> {
         }
         for p in out.dropped {
             if let Some(w) = self.waiters.remove(&p) {
-                fail(w, lost_leadership());
+                fail(w, ServiceError::LostLeadership);
             }
         }
         for (p, applied) in out.applied {
@@ -795,7 +452,7 @@ impl<D: Durable> Driver<D> {
         }
         for id in out.reads_failed {
             if let Some(f) = self.reads.remove(&id) {
-                f(Err(lost_leadership()));
+                f(Err(ServiceError::LostLeadership));
             }
         }
         if !out.reads_ready.is_empty() {
@@ -812,7 +469,7 @@ impl<D: Durable> Driver<D> {
         if !self.replica.is_leader() && self.batch_len() > 0 {
             // Writes queued on a replica that lost leadership.
             let (leader, address) = self.handle.leader();
-            self.fail_batch(not_leader_status(leader, &address));
+            self.fail_batch(ServiceError::NotLeader { leader, address });
         }
         if out.entries_applied > 0 || out.leader_changed || out.became_leader {
             self.publish();
@@ -838,13 +495,15 @@ impl<D: Durable> Driver<D> {
                                     }),
                                     deduplicated: matches!(outcome, ItemOutcome::Duplicate { .. }),
                                 }),
-                                None => Err(Status::not_found(format!(
+                                None => Err(ServiceError::NotFound(format!(
                                     "sandbox {id} was deleted before this answer"
                                 ))),
                             }
                         }
-                        ItemOutcome::Rejected(r) => Err(rejection_status(&r)),
-                        ItemOutcome::Applied => Err(Status::internal("unexpected outcome")),
+                        ItemOutcome::Rejected(r) => Err(ServiceError::Rejected(r)),
+                        ItemOutcome::Applied => {
+                            Err(ServiceError::Internal("unexpected outcome".into()))
+                        }
                     };
                     self.metrics
                         .create_seconds
@@ -857,8 +516,10 @@ impl<D: Durable> Driver<D> {
                     let result = match outcome {
                         ItemOutcome::Applied => Ok(true),
                         ItemOutcome::Rejected(Rejection::UnknownSandbox(_)) => Ok(false),
-                        ItemOutcome::Rejected(r) => Err(rejection_status(&r)),
-                        other => Err(Status::internal(format!("unexpected outcome {other:?}"))),
+                        ItemOutcome::Rejected(r) => Err(ServiceError::Rejected(r)),
+                        other => Err(ServiceError::Internal(format!(
+                            "unexpected outcome {other:?}"
+                        ))),
                     };
                     let _ = d.reply.send(result);
                 }
@@ -867,9 +528,12 @@ impl<D: Durable> Driver<D> {
                 let _ = reply.send(Ok(CommandResult { outcomes, revision }));
             }
             (Waiter::Membership(reply), Applied::Membership(result)) => {
-                let _ = reply.send(result.map_err(Status::failed_precondition));
+                let _ = reply.send(result.map_err(ServiceError::Precondition));
             }
-            (w, _) => fail(w, Status::internal("proposal and result kinds differ")),
+            (w, _) => fail(
+                w,
+                ServiceError::Internal("proposal and result kinds differ".into()),
+            ),
         }
     }
 
@@ -905,37 +569,6 @@ impl<D: Durable> Driver<D> {
     }
 }
 
-/// Sets the node and GPU gauges from a state (a pass over the nodes).
-pub fn publish_pool(metrics: &Metrics, state: &State) {
-    let mut total: BTreeMap<String, u64> = BTreeMap::new();
-    let mut allocated: BTreeMap<String, u64> = BTreeMap::new();
-    let mut nodes: BTreeMap<&'static str, i64> = BTreeMap::new();
-    for record in state.nodes().values() {
-        *nodes.entry(node_status_name(record.status)).or_default() += 1;
-        for (i, gpu) in record.spec.gpus.iter().enumerate() {
-            let model = gpu.model.to_string();
-            *total.entry(model.clone()).or_default() += 1000;
-            *allocated.entry(model).or_default() +=
-                u64::from(record.gpu_milli_allocated.get(i).copied().unwrap_or(0));
-        }
-    }
-    for (model, milli) in total {
-        metrics
-            .gpu_total_milli
-            .with_label_values(&[model.as_str()])
-            .set(milli as i64);
-    }
-    for (model, milli) in allocated {
-        metrics
-            .gpu_allocated_milli
-            .with_label_values(&[model.as_str()])
-            .set(milli as i64);
-    }
-    for (status, n) in nodes {
-        metrics.nodes.with_label_values(&[status]).set(n);
-    }
-}
-
 /// Logs a Raft-thread step that held the thread long enough to show in client latency.
 fn slow(what: &str, started: Instant) {
     let took = started.elapsed();
@@ -944,35 +577,5 @@ fn slow(what: &str, started: Instant) {
             took_ms = took.as_millis() as u64,
             "slow Raft-thread step: {what}"
         );
-    }
-}
-
-fn node_status_name(status: NodeStatus) -> &'static str {
-    match status {
-        NodeStatus::Ready => "ready",
-        NodeStatus::Cordoned => "cordoned",
-        NodeStatus::Draining => "draining",
-        NodeStatus::Down => "down",
-    }
-}
-
-fn fail(waiter: Waiter, status: Status) {
-    match waiter {
-        Waiter::Creates { replies } => {
-            for c in replies {
-                let _ = c.reply.send(Err(status.clone()));
-            }
-        }
-        Waiter::Deletes { replies } => {
-            for d in replies {
-                let _ = d.reply.send(Err(status.clone()));
-            }
-        }
-        Waiter::Command(reply) => {
-            let _ = reply.send(Err(status));
-        }
-        Waiter::Membership(reply) => {
-            let _ = reply.send(Err(status));
-        }
     }
 }

@@ -1,0 +1,175 @@
+//! The tonic services of a scheduler replica, one file per service:
+//! [`sandbox`] (`SandboxService`), [`admin`] (`AdminService`), [`node`] (`NodeService`, the
+//! scheduler's side of the agent stream) and [`peer`] (`Peer`, Raft traffic). They share
+//! one [`Shared`] and the request checks below.
+//!
+//! Writes go to the leader; a follower answers FAILED_PRECONDITION with the leader's address
+//! in the `berth-leader` metadata. Reads are linearizable (ReadIndex on the leader) unless
+//! the client sends `berth-read: local`, which reads this replica's applied state. Errors
+//! are [`ServiceError`]s, turned into a `Status` at the edge.
+
+mod admin;
+mod node;
+mod peer;
+mod sandbox;
+
+use tonic::Request;
+
+use berth_net::{ChannelPool, NetConfig};
+use berth_proto::pb::v1 as pb;
+
+use super::ServiceError;
+use super::driver::{READ_MODE_METADATA, ReplicaHandle};
+use super::liveness::Liveness;
+use super::watch::WatchSlots;
+use crate::model::SandboxId;
+use crate::state::ItemOutcome;
+
+/// Largest page of a list.
+pub const PAGE_MAX: u32 = 1_000;
+/// Most sandboxes an agent may report in its registration.
+pub const MAX_OBSERVED: usize = 10_000;
+/// Largest snapshot a replica accepts from a leader.
+pub const SNAPSHOT_MAX_BYTES: usize = 4 << 30;
+
+/// What every service of a replica holds: the Raft thread's handle, the cluster id, the
+/// agents' liveness, the watch slots and the channels to node agents (reused, one per
+/// agent address).
+#[derive(Clone)]
+pub struct Shared {
+    handle: ReplicaHandle,
+    cluster_id: String,
+    liveness: Liveness,
+    watches: WatchSlots,
+    agents: ChannelPool,
+}
+
+/// The four services of one replica, sharing one [`Shared`].
+#[derive(Clone)]
+pub struct Services {
+    /// `SandboxService`.
+    pub sandbox: SandboxApi,
+    /// `AdminService`.
+    pub admin: AdminApi,
+    /// `NodeService` (the agents' streams).
+    pub node: NodeApi,
+    /// `Peer` (Raft traffic).
+    pub peer: PeerApi,
+}
+
+impl Services {
+    /// Services over a replica; `liveness` records the agents' heartbeats.
+    pub fn new(handle: ReplicaHandle, cluster_id: String, liveness: Liveness) -> Services {
+        let shared = Shared {
+            handle,
+            cluster_id,
+            liveness,
+            watches: WatchSlots::default(),
+            agents: ChannelPool::new(NetConfig::peer()),
+        };
+        Services {
+            sandbox: SandboxApi(shared.clone()),
+            admin: AdminApi(shared.clone()),
+            node: NodeApi(shared.clone()),
+            peer: PeerApi(shared),
+        }
+    }
+}
+
+macro_rules! service {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone)]
+        pub struct $name(Shared);
+
+        impl std::ops::Deref for $name {
+            type Target = Shared;
+            fn deref(&self) -> &Shared {
+                &self.0
+            }
+        }
+    };
+}
+
+service!(
+    /// `SandboxService`: create, get, list, delete, watch, logs.
+    SandboxApi
+);
+service!(
+    /// `AdminService`: cluster status, nodes, quotas, membership, the autoscaler's calls.
+    AdminApi
+);
+service!(
+    /// `NodeService`: the scheduler's side of each agent's stream.
+    NodeApi
+);
+service!(
+    /// `Peer`: Raft messages and snapshots from other replicas.
+    PeerApi
+);
+
+fn linearizable<T>(request: &Request<T>) -> bool {
+    request
+        .metadata()
+        .get(READ_MODE_METADATA)
+        .and_then(|v| v.to_str().ok())
+        != Some("local")
+}
+
+/// Largest create request; the spec's own limits (argv and env at 64 KiB each) keep a valid
+/// one far below.
+pub const MAX_CREATE_BYTES: usize = 1 << 20;
+
+/// Refuses an oversized create with RESOURCE_EXHAUSTED naming its largest field.
+fn check_create_size(req: &pb::CreateSandboxRequest) -> Result<(), ServiceError> {
+    use prost::Message as _;
+    let size = req.encoded_len();
+    if size <= MAX_CREATE_BYTES {
+        return Ok(());
+    }
+    let field = match &req.spec {
+        Some(spec) => {
+            let text = |v: &[String]| v.iter().map(String::len).sum::<usize>();
+            let map = |m: &std::collections::HashMap<String, String>| {
+                m.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+            };
+            [
+                ("spec.command", text(&spec.command)),
+                ("spec.env", map(&spec.env)),
+                ("spec.labels", map(&spec.labels)),
+                ("spec.image", spec.image.len()),
+                ("request_id", req.request_id.len()),
+            ]
+            .into_iter()
+            .max_by_key(|(_, n)| *n)
+            .map_or("spec", |(f, _)| f)
+        }
+        None => "request_id",
+    };
+    Err(ServiceError::Exhausted(format!(
+        "{field}: the request is {size} bytes; a create may be at most {MAX_CREATE_BYTES} bytes"
+    )))
+}
+
+fn parse_sandbox_id(field: &str, value: &str) -> Result<SandboxId, ServiceError> {
+    value.parse::<SandboxId>().map_err(|_| {
+        ServiceError::invalid(
+            field,
+            format!("{value:?} is not a sandbox id (sbx-NNNNNNNNNN)"),
+        )
+    })
+}
+
+fn check_node_id(field: &str, value: &str) -> Result<(), ServiceError> {
+    if value.is_empty() || value.len() > 63 {
+        return Err(ServiceError::invalid(field, "must be 1..=63 characters"));
+    }
+    Ok(())
+}
+
+fn only_outcome(outcomes: Vec<ItemOutcome>) -> Result<ItemOutcome, ServiceError> {
+    outcomes
+        .into_iter()
+        .next()
+        .ok_or_else(|| ServiceError::Internal("a command produced no outcome".into()))
+}

@@ -1,0 +1,303 @@
+//! `NodeService.Connect`: the scheduler's side of an agent's stream. Only the leader serves
+//! it; a follower answers `NotLeader`. Registration proposes one `RegisterAgent`; then
+//! [`agent_inbound`] records heartbeats and reports, and [`agent_outbound`] pushes
+//! assignments and terminations as applied revisions change.
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use berth_proto::pb::v1 as pb;
+use berth_proto::pb::v1::node_service_server::NodeService;
+
+use super::{MAX_OBSERVED, NodeApi, only_outcome};
+use crate::convert;
+use crate::model::{SandboxId, SandboxState};
+use crate::service::ServiceError;
+use crate::service::driver::ReplicaHandle;
+use crate::service::liveness::Liveness;
+use crate::state::{Command, ItemOutcome};
+
+type SchedulerStream =
+    Pin<Box<dyn Stream<Item = Result<pb::SchedulerMessage, Status>> + Send + 'static>>;
+
+fn scheduler_message(m: pb::scheduler_message::Message) -> Result<pb::SchedulerMessage, Status> {
+    Ok(pb::SchedulerMessage { message: Some(m) })
+}
+
+#[tonic::async_trait]
+impl NodeService for NodeApi {
+    type ConnectStream = SchedulerStream;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = match inbound.next().await {
+            Some(Ok(m)) => m,
+            Some(Err(status)) => return Err(status),
+            None => {
+                return Err(
+                    ServiceError::invalid("message", "the stream ended before register").into(),
+                );
+            }
+        };
+        let Some(pb::agent_message::Message::Register(register)) = first.message else {
+            return Err(ServiceError::invalid(
+                "message",
+                "the first message on the stream must be register",
+            )
+            .into());
+        };
+        let (tx, rx) = mpsc::channel(256);
+        if !self.handle.is_leader() {
+            let (leader_id, leader_address) = self.handle.leader();
+            let _ = tx
+                .send(scheduler_message(
+                    pb::scheduler_message::Message::NotLeader(pb::NotLeader {
+                        leader_id,
+                        leader_address,
+                    }),
+                ))
+                .await;
+            return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+        }
+        let spec = convert::node_spec_from_pb(register.inventory.as_ref(), "register.inventory")
+            .map_err(ServiceError::from)?;
+        let node = spec.id.clone();
+        if register.running.len() > MAX_OBSERVED {
+            return Err(ServiceError::invalid(
+                "register.running",
+                format!(
+                    "{} sandboxes; an agent reports at most {MAX_OBSERVED}",
+                    register.running.len()
+                ),
+            )
+            .into());
+        }
+        // Everything the agent has, running or finished: the state machine re-adopts it and
+        // makes Lost what the agent no longer has. A malformed id is simply not ours.
+        let has: BTreeSet<SandboxId> = register
+            .running
+            .iter()
+            .filter_map(|o| o.sandbox_id.parse().ok())
+            .collect();
+        let result = self
+            .handle
+            .command(Command::RegisterAgent { spec, has })
+            .await?;
+        if let ItemOutcome::Rejected(r) = only_outcome(result.outcomes)? {
+            return Err(ServiceError::Rejected(r).into());
+        }
+        // Running on the agent but not bound to this node in the state: the agent stops them.
+        let running: Vec<String> = register
+            .running
+            .into_iter()
+            .filter(|o| o.state == pb::SandboxState::Running as i32)
+            .map(|o| o.sandbox_id)
+            .collect();
+        let lookup = node.clone();
+        let (epoch, stop) = self
+            .handle
+            .read(false, move |v| {
+                let record = v.state.node(&lookup);
+                let bound = |id: &str| {
+                    id.parse::<SandboxId>()
+                        .is_ok_and(|id| record.is_some_and(|r| r.sandboxes.contains(&id)))
+                };
+                let stop: Vec<String> = running.into_iter().filter(|id| !bound(id)).collect();
+                (record.map_or(0, |r| r.epoch), stop)
+            })
+            .await?;
+        self.liveness.heard_from(&node);
+        let _ = tx
+            .send(scheduler_message(
+                pb::scheduler_message::Message::RegisterAck(pb::RegisterAck {
+                    epoch,
+                    heartbeat_interval_ms: self.liveness.settings().heartbeat_interval.as_millis()
+                        as u64,
+                    stop_sandbox_ids: stop,
+                }),
+            ))
+            .await;
+        tracing::info!(node = %node, epoch, "agent registered");
+        tokio::spawn(agent_inbound(
+            self.handle.clone(),
+            self.liveness.clone(),
+            node.clone(),
+            inbound,
+        ));
+        tokio::spawn(agent_outbound(self.handle.clone(), node, epoch, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Heartbeats, inventory changes and status reports from an agent.
+async fn agent_inbound(
+    handle: ReplicaHandle,
+    liveness: Liveness,
+    node: String,
+    mut inbound: Streaming<pb::AgentMessage>,
+) {
+    let metrics = handle.metrics().clone();
+    metrics.agent_streams.inc();
+    while let Some(Ok(message)) = inbound.next().await {
+        liveness.heard_from(&node);
+        let command = match message.message {
+            Some(pb::agent_message::Message::Heartbeat(_)) => continue,
+            Some(pb::agent_message::Message::SandboxStatus(update)) => {
+                match convert::status_update_from_pb(&node, &update) {
+                    Ok(u) => Command::UpdateSandboxes { items: vec![u] },
+                    Err(errors) => {
+                        tracing::warn!(node = %node, errors = %errors.one_line(), "bad status report ignored");
+                        continue;
+                    }
+                }
+            }
+            Some(pb::agent_message::Message::Inventory(update)) => {
+                match convert::node_spec_from_pb(update.inventory.as_ref(), "inventory.inventory") {
+                    Ok(spec) if spec.id == node => Command::RegisterNode { spec },
+                    Ok(spec) => {
+                        tracing::warn!(node = %node, other = %spec.id, "inventory update for another node ignored");
+                        continue;
+                    }
+                    Err(errors) => {
+                        tracing::warn!(node = %node, errors = %errors.one_line(), "bad inventory update ignored");
+                        continue;
+                    }
+                }
+            }
+            Some(pb::agent_message::Message::Register(_)) | None => {
+                tracing::warn!(node = %node, "unexpected message on an agent stream ignored");
+                continue;
+            }
+        };
+        match handle.command(command).await {
+            Ok(result) => {
+                for outcome in result.outcomes {
+                    if let ItemOutcome::Rejected(r) = outcome {
+                        tracing::debug!(node = %node, rejection = %r, "agent report not applied");
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(node = %node, %error, "agent report not recorded"),
+        }
+    }
+    metrics.agent_streams.dec();
+    tracing::info!(node = %node, "agent stream closed");
+}
+
+/// Sends the agent its assignments and terminations as the applied state changes.
+async fn agent_outbound(
+    handle: ReplicaHandle,
+    node: String,
+    epoch: u64,
+    tx: mpsc::Sender<Result<pb::SchedulerMessage, Status>>,
+) {
+    let mut revisions = handle.revisions();
+    let mut sent: BTreeSet<SandboxId> = BTreeSet::new();
+    // A replica that stops leading sends the agent on to the new leader: agents heartbeat
+    // only to the leader, which is the one that marks silent nodes Down.
+    let mut leadership = tokio::time::interval(std::time::Duration::from_millis(250));
+    loop {
+        if !handle.is_leader() {
+            let (leader_id, leader_address) = handle.leader();
+            let msg = pb::scheduler_message::Message::NotLeader(pb::NotLeader {
+                leader_id,
+                leader_address,
+            });
+            let _ = tx.send(scheduler_message(msg)).await;
+            return;
+        }
+        let lookup = node.clone();
+        let known = sent.clone();
+        let diff = handle
+            .read(false, move |v| {
+                let bound: BTreeSet<SandboxId> = v
+                    .state
+                    .node(&lookup)
+                    .map(|r| r.sandboxes.clone())
+                    .unwrap_or_default();
+                let assign: Vec<pb::Sandbox> = bound
+                    .iter()
+                    .filter(|id| !known.contains(id))
+                    .filter_map(|id| v.state.sandbox(*id))
+                    .filter(|s| s.state == SandboxState::Scheduled)
+                    .map(|s| {
+                        convert::sandbox_to_pb_with_gpus(
+                            s,
+                            v.state.node(&lookup).map(|n| &n.spec),
+                            v.state.revision(),
+                        )
+                    })
+                    .collect();
+                // Gone from the node: deleted, or Lost. One that ended on its own (Exited,
+                // Failed) was reported by the agent, which keeps its output for `logs`.
+                let terminate: Vec<SandboxId> = known
+                    .iter()
+                    .filter(|id| !bound.contains(id))
+                    .filter(|id| {
+                        !v.state.sandbox(**id).is_some_and(|s| {
+                            matches!(
+                                s.state,
+                                SandboxState::Exited { .. } | SandboxState::Failed { .. }
+                            )
+                        })
+                    })
+                    .copied()
+                    .collect();
+                (assign, terminate, bound)
+            })
+            .await;
+        let Ok((assign, terminate, bound)) = diff else {
+            return;
+        };
+        for sandbox in assign {
+            let msg = pb::scheduler_message::Message::Assign(pb::AssignSandbox {
+                sandbox: Some(sandbox),
+                epoch,
+            });
+            if tx.send(scheduler_message(msg)).await.is_err() {
+                return;
+            }
+        }
+        for id in terminate {
+            let msg = pb::scheduler_message::Message::Terminate(pb::TerminateSandbox {
+                sandbox_id: id.to_string(),
+                reason: "deleted or finished".into(),
+                grace_ms: 10_000,
+            });
+            if tx.send(scheduler_message(msg)).await.is_err() {
+                return;
+            }
+        }
+        sent = bound;
+        loop {
+            tokio::select! {
+                changed = revisions.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                _ = leadership.tick() => {
+                    if !handle.is_leader() || tx.is_closed() {
+                        break;
+                    }
+                }
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
+        // Coalesce bursts of applied entries into one look at the node. Each look is a
+        // closure on the Raft thread, per connected agent and per burst: fine for hundreds of
+        // nodes; thousands want a per-node change feed (a node revision kept by `apply`).
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

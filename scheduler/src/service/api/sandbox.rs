@@ -1,0 +1,212 @@
+//! `SandboxService`: create, get, list, delete, watch, and logs proxied to the node agent.
+
+use std::pin::Pin;
+
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use berth_proto::pb::v1 as pb;
+use berth_proto::pb::v1::agent_service_client::AgentServiceClient;
+use berth_proto::pb::v1::sandbox_service_server::SandboxService;
+
+use super::{PAGE_MAX, SandboxApi, check_create_size, linearizable, parse_sandbox_id};
+use crate::convert;
+use crate::model::SandboxId;
+use crate::service::ServiceError;
+use crate::service::driver::ReadView;
+use crate::service::watch::{self, WatchFilter};
+use crate::state::Submission;
+
+#[tonic::async_trait]
+impl SandboxService for SandboxApi {
+    async fn create_sandbox(
+        &self,
+        request: Request<pb::CreateSandboxRequest>,
+    ) -> Result<Response<pb::CreateSandboxResponse>, Status> {
+        check_create_size(request.get_ref())?;
+        let (request_id, spec) =
+            convert::create_request_from_pb(request.get_ref()).map_err(ServiceError::from)?;
+        let response = self
+            .handle
+            .create(Submission::new(request_id, spec))
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn get_sandbox(
+        &self,
+        request: Request<pb::GetSandboxRequest>,
+    ) -> Result<Response<pb::Sandbox>, Status> {
+        let linear = linearizable(&request);
+        let id = parse_sandbox_id("sandbox_id", &request.get_ref().sandbox_id)?;
+        let found = self
+            .handle
+            .read(linear, move |v| {
+                v.state
+                    .sandbox(id)
+                    .map(|s| convert::sandbox_to_pb_in(s, v.state))
+            })
+            .await?;
+        found
+            .map(Response::new)
+            .ok_or_else(|| ServiceError::NotFound(format!("sandbox {id} does not exist")).into())
+    }
+
+    async fn list_sandboxes(
+        &self,
+        request: Request<pb::ListSandboxesRequest>,
+    ) -> Result<Response<pb::ListSandboxesResponse>, Status> {
+        let linear = linearizable(&request);
+        let req = request.into_inner();
+        let page_size = match req.page_size {
+            0 => 100,
+            n if n > PAGE_MAX => {
+                return Err(ServiceError::invalid(
+                    "page_size",
+                    format!("{n} is above the limit of {PAGE_MAX}"),
+                )
+                .into());
+            }
+            n => n,
+        } as usize;
+        let after = if req.page_token.is_empty() {
+            None
+        } else {
+            Some(parse_sandbox_id("page_token", &req.page_token)?)
+        };
+        let page = self
+            .handle
+            .read(linear, move |v| list_page(v, &req, after, page_size))
+            .await?;
+        Ok(Response::new(page))
+    }
+
+    async fn delete_sandbox(
+        &self,
+        request: Request<pb::DeleteSandboxRequest>,
+    ) -> Result<Response<pb::DeleteSandboxResponse>, Status> {
+        let id = parse_sandbox_id("sandbox_id", &request.get_ref().sandbox_id)?;
+        let existed = self.handle.delete(id).await?;
+        Ok(Response::new(pb::DeleteSandboxResponse { existed }))
+    }
+
+    type WatchSandboxesStream =
+        Pin<Box<dyn Stream<Item = Result<pb::SandboxEvent, Status>> + Send + 'static>>;
+
+    async fn watch_sandboxes(
+        &self,
+        request: Request<pb::WatchSandboxesRequest>,
+    ) -> Result<Response<Self::WatchSandboxesStream>, Status> {
+        let filter = WatchFilter::from_request(request.get_ref())?;
+        let (tx, rx) = mpsc::channel(256);
+        watch::start(self.handle.clone(), &self.watches, filter, tx).await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type ReadLogsStream = LogStream;
+
+    async fn read_logs(
+        &self,
+        request: Request<pb::ReadLogsRequest>,
+    ) -> Result<Response<Self::ReadLogsStream>, Status> {
+        let req = request.into_inner();
+        let id = parse_sandbox_id("sandbox_id", &req.sandbox_id)?;
+        // The node's agent address is part of its registered inventory, so any replica's
+        // applied state knows it; no need to go through the leader.
+        let target = self
+            .handle
+            .read(false, move |v| {
+                let sandbox = v.state.sandbox(id)?;
+                let Some(binding) = &sandbox.binding else {
+                    return Some(Err(format!(
+                        "sandbox_id: {id} has not been placed on a node yet ({})",
+                        sandbox.state.name()
+                    )));
+                };
+                let node = &binding.placement.node;
+                Some(match v.state.node(node) {
+                    Some(r) if !r.spec.agent_address.is_empty() => Ok(r.spec.agent_address.clone()),
+                    Some(_) => Err(format!("node {node} registered no agent address")),
+                    None => Err(format!("node {node} is no longer registered")),
+                })
+            })
+            .await?;
+        let address = match target {
+            None => {
+                return Err(ServiceError::NotFound(format!("sandbox_id: no sandbox {id}")).into());
+            }
+            Some(Err(why)) => return Err(ServiceError::Precondition(why).into()),
+            Some(Ok(address)) => address,
+        };
+        let channel = self
+            .agents
+            .get(&address)
+            .map_err(|e| ServiceError::Precondition(format!("node agent: {e}")))?;
+        let mut agent = AgentServiceClient::new(channel);
+        let upstream = agent
+            .read_logs(req)
+            .await
+            .map_err(|s| {
+                Status::new(
+                    if s.code() == tonic::Code::NotFound {
+                        tonic::Code::NotFound
+                    } else {
+                        tonic::Code::Unavailable
+                    },
+                    format!("the agent at {address}: {}", s.message()),
+                )
+            })?
+            .into_inner();
+        Ok(Response::new(Box::pin(upstream)))
+    }
+}
+
+type LogStream = Pin<Box<dyn Stream<Item = Result<pb::LogChunk, Status>> + Send + 'static>>;
+
+fn list_page(
+    v: &ReadView<'_>,
+    req: &pb::ListSandboxesRequest,
+    after: Option<SandboxId>,
+    page_size: usize,
+) -> pb::ListSandboxesResponse {
+    let start = after.map_or(SandboxId(0), |a| SandboxId(a.0 + 1));
+    let revision = v.state.revision();
+    let mut sandboxes = Vec::new();
+    let mut next_page_token = String::new();
+    for (id, s) in v.state.sandboxes().range(start..) {
+        let matches = (req.tenant.is_empty() || s.spec.tenant == req.tenant)
+            && (req.states.is_empty()
+                || req
+                    .states
+                    .iter()
+                    .any(|f| convert::sandbox_state_matches(*f, &s.state)))
+            && (req.node_id.is_empty()
+                || s.binding
+                    .as_ref()
+                    .is_some_and(|b| b.placement.node == req.node_id))
+            && req
+                .labels
+                .iter()
+                .all(|(k, val)| s.spec.labels.get(k) == Some(val));
+        if !matches {
+            continue;
+        }
+        if sandboxes.len() == page_size {
+            if let Some(last) = sandboxes.last() {
+                let last: &pb::Sandbox = last;
+                next_page_token = last.id.clone();
+            }
+            break;
+        }
+        let mut out = convert::sandbox_to_pb_in(s, v.state);
+        out.revision = revision;
+        sandboxes.push(out);
+        let _ = id;
+    }
+    pb::ListSandboxesResponse {
+        sandboxes,
+        next_page_token,
+    }
+}
