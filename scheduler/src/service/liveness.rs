@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::driver::ReplicaHandle;
+use super::store::Store;
 use crate::model::NodeStatus;
 use crate::state::Command;
 
@@ -104,7 +104,7 @@ impl Liveness {
 }
 
 /// Runs on every replica until the replica stops; acts only while it leads.
-pub async fn run_checker(handle: ReplicaHandle, liveness: Liveness) {
+pub async fn run_checker<S: Store>(handle: S, liveness: Liveness) {
     let settings = liveness.settings();
     let period = (settings.node_ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(2));
     let mut leader_since: Option<Instant> = None;

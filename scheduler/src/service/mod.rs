@@ -1,11 +1,11 @@
 //! A scheduler replica as a network service: the Raft thread ([`driver`]), Raft traffic
-//! between replicas ([`transport`]), the tonic services ([`grpc`]) with sandbox watches
-//! ([`watch`]) and node liveness from agent heartbeats ([`liveness`]), typed errors and
-//! their gRPC codes ([`error`]), Prometheus metrics ([`metrics`]), and the
-//! process wiring ([`server`]). [`client`] is the leader-following client; [`local_cluster`]
-//! runs real replica processes on loopback for benchmarks and tests.
+//! between replicas ([`transport`]), the tonic services ([`api`], one file per service)
+//! over the [`store`] seam, sandbox watches ([`watch`]), node liveness from agent
+//! heartbeats ([`liveness`]), typed errors and their gRPC codes ([`error`]), Prometheus
+//! metrics ([`metrics`]), and the process wiring ([`server`]). [`client`] is the
+//! leader-following client (from berth-net); [`local_cluster`] runs real replica processes
+//! on loopback for benchmarks and tests. Channels and servers are built by berth-net.
 
-pub use berth_net::client;
 pub mod api;
 pub mod driver;
 pub mod error;
@@ -13,9 +13,12 @@ pub mod liveness;
 pub mod local_cluster;
 pub mod metrics;
 pub mod server;
+pub mod store;
 pub mod transport;
 pub mod watch;
 
+pub use berth_net::client;
 pub use driver::ReplicaHandle;
 pub use error::{ServiceError, StartError};
 pub use server::{Running, start};
+pub use store::Store;

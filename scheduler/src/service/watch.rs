@@ -20,7 +20,7 @@ use tonic::Status;
 
 use berth_proto::pb::v1 as pb;
 
-use super::driver::ReplicaHandle;
+use super::store::Store;
 use crate::convert;
 use crate::model::SandboxId;
 
@@ -96,8 +96,8 @@ type Events = mpsc::Sender<Result<pb::SandboxEvent, Status>>;
 
 /// Reads the current matches: id → sandbox (with its `revision` zeroed, so versions compare
 /// by content), and the state's revision. Error when the watch matches too many.
-async fn matches(
-    handle: &ReplicaHandle,
+async fn matches<S: Store>(
+    handle: &S,
     filter: &WatchFilter,
 ) -> Result<(BTreeMap<String, pb::Sandbox>, u64), Status> {
     let filter = filter.clone();
@@ -137,8 +137,8 @@ async fn matches(
 
 /// Starts a watch: the first read happens now (so a bad filter fails the call), the rest
 /// on a task feeding `tx`.
-pub async fn start(
-    handle: ReplicaHandle,
+pub async fn start<S: Store>(
+    handle: S,
     slots: &WatchSlots,
     filter: WatchFilter,
     tx: Events,

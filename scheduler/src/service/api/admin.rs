@@ -12,8 +12,8 @@ use super::{AdminApi, check_node_id, linearizable, only_outcome};
 use crate::convert;
 use crate::model::NodeStatus;
 use crate::replication::MembershipChange;
-use crate::service::ServiceError;
 use crate::service::driver::ReadView;
+use crate::service::{ServiceError, Store};
 use crate::state::{Command, ItemOutcome, Rejection};
 
 fn replicas(v: &ReadView<'_>) -> Vec<pb::Replica> {
@@ -81,7 +81,7 @@ fn cluster_status(v: &ReadView<'_>) -> pb::ClusterStatusResponse {
     }
 }
 
-impl AdminApi {
+impl<S: Store> AdminApi<S> {
     async fn set_node_status(
         &self,
         request: Request<pb::NodeRequest>,
@@ -129,7 +129,7 @@ impl AdminApi {
 }
 
 #[tonic::async_trait]
-impl AdminService for AdminApi {
+impl<S: Store> AdminService for AdminApi<S> {
     async fn cluster_status(
         &self,
         _request: Request<pb::ClusterStatusRequest>,

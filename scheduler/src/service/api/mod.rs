@@ -21,6 +21,7 @@ use berth_proto::pb::v1 as pb;
 use super::ServiceError;
 use super::driver::{READ_MODE_METADATA, ReplicaHandle};
 use super::liveness::Liveness;
+use super::store::Store;
 use super::watch::WatchSlots;
 use crate::model::SandboxId;
 use crate::state::ItemOutcome;
@@ -36,15 +37,17 @@ pub const SNAPSHOT_MAX_BYTES: usize = 4 << 30;
 /// agents' liveness, the watch slots and the channels to node agents (reused, one per
 /// agent address).
 #[derive(Clone)]
-pub struct Shared {
-    handle: ReplicaHandle,
+pub struct Shared<S: Store = ReplicaHandle> {
+    handle: S,
     cluster_id: String,
     liveness: Liveness,
     watches: WatchSlots,
     agents: ChannelPool,
 }
 
-/// The four services of one replica, sharing one [`Shared`].
+/// The four services of one Raft replica, sharing one [`Shared`]. (`SandboxApi`,
+/// `AdminApi` and `NodeApi` work over any [`Store`]; `PeerApi` carries Raft traffic and so
+/// needs the Raft thread's handle.)
 #[derive(Clone)]
 pub struct Services {
     /// `SandboxService`.
@@ -57,16 +60,23 @@ pub struct Services {
     pub peer: PeerApi,
 }
 
-impl Services {
-    /// Services over a replica; `liveness` records the agents' heartbeats.
-    pub fn new(handle: ReplicaHandle, cluster_id: String, liveness: Liveness) -> Services {
-        let shared = Shared {
+impl<S: Store> Shared<S> {
+    /// What the services share, over `handle`; `liveness` records the agents' heartbeats.
+    pub fn new(handle: S, cluster_id: String, liveness: Liveness) -> Shared<S> {
+        Shared {
             handle,
             cluster_id,
             liveness,
             watches: WatchSlots::default(),
             agents: ChannelPool::new(NetConfig::peer()),
-        };
+        }
+    }
+}
+
+impl Services {
+    /// Services over a Raft replica; `liveness` records the agents' heartbeats.
+    pub fn new(handle: ReplicaHandle, cluster_id: String, liveness: Liveness) -> Services {
+        let shared = Shared::new(handle, cluster_id, liveness);
         Services {
             sandbox: SandboxApi(shared.clone()),
             admin: AdminApi(shared.clone()),
@@ -80,11 +90,18 @@ macro_rules! service {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
         #[derive(Clone)]
-        pub struct $name(Shared);
+        pub struct $name<S: Store = ReplicaHandle>(Shared<S>);
 
-        impl std::ops::Deref for $name {
-            type Target = Shared;
-            fn deref(&self) -> &Shared {
+        impl<S: Store> $name<S> {
+            /// The service over `shared`.
+            pub fn new(shared: Shared<S>) -> $name<S> {
+                $name(shared)
+            }
+        }
+
+        impl<S: Store> std::ops::Deref for $name<S> {
+            type Target = Shared<S>;
+            fn deref(&self) -> &Shared<S> {
                 &self.0
             }
         }

@@ -17,9 +17,8 @@ use berth_proto::pb::v1::node_service_server::NodeService;
 use super::{MAX_OBSERVED, NodeApi, only_outcome};
 use crate::convert;
 use crate::model::{SandboxId, SandboxState};
-use crate::service::ServiceError;
-use crate::service::driver::ReplicaHandle;
 use crate::service::liveness::Liveness;
+use crate::service::{ServiceError, Store};
 use crate::state::{Command, ItemOutcome};
 
 type SchedulerStream =
@@ -30,7 +29,7 @@ fn scheduler_message(m: pb::scheduler_message::Message) -> Result<pb::SchedulerM
 }
 
 #[tonic::async_trait]
-impl NodeService for NodeApi {
+impl<S: Store> NodeService for NodeApi<S> {
     type ConnectStream = SchedulerStream;
 
     async fn connect(
@@ -138,8 +137,8 @@ impl NodeService for NodeApi {
 }
 
 /// Heartbeats, inventory changes and status reports from an agent.
-async fn agent_inbound(
-    handle: ReplicaHandle,
+async fn agent_inbound<S: Store>(
+    handle: S,
     liveness: Liveness,
     node: String,
     mut inbound: Streaming<pb::AgentMessage>,
@@ -193,8 +192,8 @@ async fn agent_inbound(
 }
 
 /// Sends the agent its assignments and terminations as the applied state changes.
-async fn agent_outbound(
-    handle: ReplicaHandle,
+async fn agent_outbound<S: Store>(
+    handle: S,
     node: String,
     epoch: u64,
     tx: mpsc::Sender<Result<pb::SchedulerMessage, Status>>,

@@ -14,13 +14,13 @@ use berth_proto::pb::v1::sandbox_service_server::SandboxService;
 use super::{PAGE_MAX, SandboxApi, check_create_size, linearizable, parse_sandbox_id};
 use crate::convert;
 use crate::model::SandboxId;
-use crate::service::ServiceError;
 use crate::service::driver::ReadView;
 use crate::service::watch::{self, WatchFilter};
+use crate::service::{ServiceError, Store};
 use crate::state::Submission;
 
 #[tonic::async_trait]
-impl SandboxService for SandboxApi {
+impl<S: Store> SandboxService for SandboxApi<S> {
     async fn create_sandbox(
         &self,
         request: Request<pb::CreateSandboxRequest>,
