@@ -11,10 +11,7 @@ use crate::commands::sim::SimCommand;
 use crate::config_file::ConfigFile;
 use crate::logging::LogFormat;
 
-/// Exit code of a command that failed (an invalid config, an unreachable cluster).
-pub(crate) const EXIT_FAILURE: u8 = 1;
-/// Exit code of a usage error (bad flags, a bad log filter).
-pub(crate) const EXIT_USAGE: u8 = 2;
+use crate::exit::EXIT_FAILURE;
 
 /// berth: control plane for GPU sandbox platforms.
 ///

@@ -11,6 +11,7 @@
 mod cli;
 mod commands;
 mod config_file;
+mod exit;
 mod logging;
 
 use std::process::ExitCode;
@@ -24,7 +25,7 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     if let Err(e) = logging::init(&cli.log_level, cli.log_format) {
         eprintln!("berth: {e:#}");
-        return ExitCode::from(cli::EXIT_USAGE);
+        return ExitCode::from(exit::EXIT_USAGE);
     }
     cli.run()
 }

@@ -9,8 +9,8 @@ use clap::Args;
 
 use berth_node_agent::agent::{self, AgentOptions};
 
-use crate::cli::EXIT_FAILURE;
 use crate::config_file::ConfigFile;
+use crate::exit::EXIT_FAILURE;
 
 /// Arguments of `berth agent`.
 #[derive(Debug, Args)]

@@ -21,8 +21,8 @@ use berth_node_agent::agent::find_program;
 use berth_node_agent::config::{InventorySource, RuntimeKind};
 use berth_proto::GpuModelName;
 
-use crate::cli::EXIT_FAILURE;
 use crate::config_file::ConfigFile;
+use crate::exit::EXIT_FAILURE;
 
 /// Arguments of `berth autoscaler`.
 #[derive(Debug, Args)]

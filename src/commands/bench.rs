@@ -15,7 +15,7 @@ use berth_scheduler::placement::{DEFAULT_CANDIDATE_LIMIT, Placer, PlacerConfig};
 use berth_scheduler::state::{Command, State};
 use berth_sim::synthetic;
 
-use crate::cli::EXIT_FAILURE;
+use crate::exit::EXIT_FAILURE;
 
 /// Benchmarks.
 #[derive(Debug, Subcommand)]

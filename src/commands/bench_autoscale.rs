@@ -22,7 +22,7 @@ use berth_scheduler::placement::view::ClusterView;
 use berth_scheduler::placement::{Placer, PlacerConfig};
 use berth_sim::synthetic;
 
-use crate::cli::EXIT_FAILURE;
+use crate::exit::EXIT_FAILURE;
 
 /// Arguments of `berth bench autoscale`.
 #[derive(Debug, Args)]

@@ -22,7 +22,7 @@ use berth_scheduler::service::client::Client;
 use berth_scheduler::service::local_cluster::{LocalCluster, LocalClusterConfig};
 use berth_sim::synthetic;
 
-use crate::cli::EXIT_FAILURE;
+use crate::exit::EXIT_FAILURE;
 
 /// Arguments of `berth bench create`.
 #[derive(Debug, Args)]

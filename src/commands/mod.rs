@@ -9,7 +9,7 @@ use tonic::{Code, Status};
 
 use berth_scheduler::service::client::Client;
 
-use crate::cli::EXIT_FAILURE;
+use crate::exit::EXIT_FAILURE;
 
 pub(crate) mod agent;
 pub(crate) mod autoscaler;

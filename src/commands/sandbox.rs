@@ -21,7 +21,7 @@ use berth_proto::pb::v1::SandboxState;
 use berth_scheduler::service::client::Client;
 
 use super::{CallTimeout, DEFAULT_CALL_TIMEOUT, Endpoint, Table, emit, enum_label, parse_duration};
-use crate::cli::{EXIT_FAILURE, EXIT_USAGE};
+use crate::exit::{EXIT_FAILURE, EXIT_USAGE};
 
 /// Most rows `sandbox list` prints; more would be a dump, not a listing.
 const LIST_ROWS_MAX: usize = 10_000;

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::cli::EXIT_FAILURE;
 use crate::config_file::ConfigFile;
+use crate::exit::EXIT_FAILURE;
 
 /// Arguments of `berth scheduler`.
 #[derive(Debug, Args)]

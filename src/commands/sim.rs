@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use berth_scheduler::config::PolicyName;
 use berth_sim::openb::{MAX_SEEDS, OpenbRun};
 
-use crate::cli::EXIT_FAILURE;
+use crate::exit::EXIT_FAILURE;
 
 /// Simulations.
 #[derive(Debug, Subcommand)]

@@ -12,7 +12,7 @@ use berth_sim::engine::{self, Run};
 use berth_sim::report;
 use berth_sim::scenario::Scenario;
 
-use crate::cli::EXIT_FAILURE;
+use crate::exit::EXIT_FAILURE;
 
 /// Arguments of `berth sim run`.
 #[derive(Debug, Args)]

@@ -17,7 +17,6 @@ use tonic::transport::Channel;
 use berth_proto::pb::v1 as pb;
 use berth_proto::pb::v1::peer_client::PeerClient;
 
-use super::driver::ReplicaHandle;
 use super::metrics::Metrics;
 
 /// Batches queued per peer before messages are dropped.
@@ -33,25 +32,34 @@ struct PeerSender {
     client: PeerClient<Channel>,
 }
 
+/// What the transport tells the Raft thread about its sends (the driver's handle
+/// implements it, so the transport does not depend on the driver).
+pub trait PeerFeedback: Clone + Send + Sync + 'static {
+    /// `peer` could not be reached; Raft probes it instead of streaming to it.
+    fn unreachable(&self, peer: u64);
+    /// How sending a snapshot to `to` ended.
+    fn snapshot_status(&self, to: u64, ok: bool);
+}
+
 /// Sends Raft messages to peers.
-pub struct Transport {
+pub struct Transport<F: PeerFeedback> {
     id: u64,
     cluster_id: String,
     runtime: tokio::runtime::Handle,
-    handle: ReplicaHandle,
+    handle: F,
     metrics: Metrics,
     peers: HashMap<u64, PeerSender>,
 }
 
-impl Transport {
+impl<F: PeerFeedback> Transport<F> {
     /// A transport with no peers yet.
     pub fn new(
         id: u64,
         cluster_id: String,
         runtime: tokio::runtime::Handle,
-        handle: ReplicaHandle,
+        handle: F,
         metrics: Metrics,
-    ) -> Transport {
+    ) -> Transport<F> {
         Transport {
             id,
             cluster_id,
@@ -155,7 +163,7 @@ impl Transport {
     }
 }
 
-impl Drop for Transport {
+impl<F: PeerFeedback> Drop for Transport<F> {
     fn drop(&mut self) {
         for sender in self.peers.values() {
             sender.task.abort();
@@ -163,13 +171,13 @@ impl Drop for Transport {
     }
 }
 
-async fn send_loop(
+async fn send_loop<F: PeerFeedback>(
     from: u64,
     to: u64,
     cluster_id: String,
     mut client: PeerClient<Channel>,
     mut rx: mpsc::Receiver<Vec<Message>>,
-    handle: ReplicaHandle,
+    handle: F,
     metrics: Metrics,
 ) {
     let label = to.to_string();
@@ -210,12 +218,12 @@ fn encode_into(out: &mut Vec<Vec<u8>>, batch: Vec<Message>) {
     }
 }
 
-async fn send_snapshot(
+async fn send_snapshot<F: PeerFeedback>(
     from: u64,
     cluster_id: String,
     mut client: PeerClient<Channel>,
     mut message: Message,
-    handle: ReplicaHandle,
+    handle: F,
 ) {
     let to = message.to;
     let data = message.mut_snapshot().take_data();

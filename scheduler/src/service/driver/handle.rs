@@ -17,6 +17,7 @@ use super::COMMIT_TIMEOUT;
 use crate::replication::{MembershipChange, RaftStatus};
 use crate::service::ServiceError;
 use crate::service::metrics::Metrics;
+use crate::service::transport::PeerFeedback;
 use crate::state::{Command, ItemOutcome, State, Submission};
 
 /// What a read sees.
@@ -292,14 +293,6 @@ impl ReplicaHandle {
         self.send_control(Input::Raft(messages))
     }
 
-    pub(crate) fn unreachable(&self, peer: u64) {
-        let _ = self.control.try_send(Input::Unreachable(peer));
-    }
-
-    pub(crate) fn snapshot_status(&self, to: u64, ok: bool) {
-        let _ = self.control.try_send(Input::SnapshotStatus { to, ok });
-    }
-
     /// Stops the Raft thread (after the current round).
     pub fn shutdown(&self) {
         let _ = self
@@ -310,5 +303,15 @@ impl ReplicaHandle {
     /// Asks this replica to campaign (operators, tests).
     pub fn campaign(&self) -> Result<(), ServiceError> {
         self.send_control(Input::Campaign)
+    }
+}
+
+impl PeerFeedback for ReplicaHandle {
+    fn unreachable(&self, peer: u64) {
+        let _ = self.control.try_send(Input::Unreachable(peer));
+    }
+
+    fn snapshot_status(&self, to: u64, ok: bool) {
+        let _ = self.control.try_send(Input::SnapshotStatus { to, ok });
     }
 }

@@ -79,7 +79,7 @@ struct Driver<D: Durable> {
     handle: ReplicaHandle,
     published: Arc<Published>,
     revisions: watch::Sender<u64>,
-    transport: Transport,
+    transport: Transport<ReplicaHandle>,
     metrics: Metrics,
     waiters: HashMap<ProposalId, Waiter>,
     reads: HashMap<u64, ReadFn>,
