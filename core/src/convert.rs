@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use berth_proto::convert::{gpu_request_from_pb, gpu_request_to_pb};
 use berth_proto::node::{CapacityType, TaintEffect};
 use berth_proto::pb::v1 as pb;
-use berth_proto::{FieldError, FieldErrors, GpuModel, GpuModelName, Validator};
+use berth_proto::{FieldErrors, GpuModel, GpuModelName, Validator};
 
 use crate::model::{
     Constraints, GpuDevice, NodeSpec, NodeStatus, Sandbox, SandboxId, SandboxSpec, SandboxState,
@@ -31,86 +31,6 @@ pub const MAX_PRICE_PER_HOUR_USD: f64 = 1_000_000.0;
 
 // ---------------------------------------------------------------------------------------
 // Collecting problems
-
-/// Problems with one message, with paths relative to it.
-#[derive(Debug, Default)]
-struct Problems(Vec<FieldError>);
-
-impl Problems {
-    fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
-        self.0.push(FieldError {
-            field: field.into(),
-            message: message.into(),
-        });
-    }
-
-    /// Runs a model's `validate` (or any check written against a [`Validator`]) and keeps
-    /// what it found.
-    fn validate(&mut self, f: impl FnOnce(&mut Validator)) {
-        let mut v = Validator::new();
-        f(&mut v);
-        if let Err(errors) = v.finish() {
-            self.0.extend(errors.0);
-        }
-    }
-
-    fn append(&mut self, other: Problems) {
-        self.0.extend(other.0);
-    }
-
-    /// Orders the problems by the top-level field they concern, in `fields` order (the
-    /// .proto's), then by list index (`gpus[0]` before `gpus[1]`), keeping the order found
-    /// otherwise. Unknown fields go last.
-    fn sort(&mut self, fields: &[&str]) {
-        self.0.sort_by_key(|e| {
-            let top = e.field.split(['.', '[']).next().unwrap_or_default();
-            let rank = fields
-                .iter()
-                .position(|f| *f == top)
-                .unwrap_or(fields.len());
-            let index = e.field[top.len()..]
-                .strip_prefix('[')
-                .and_then(|rest| rest.split(']').next())
-                .and_then(|i| i.parse::<usize>().ok());
-            (rank, index)
-        });
-    }
-
-    /// The problems with `prefix` prepended to every path.
-    fn prefixed(self, prefix: &str) -> Problems {
-        Problems(
-            self.0
-                .into_iter()
-                .map(|e| FieldError {
-                    field: join(prefix, &e.field),
-                    message: e.message,
-                })
-                .collect(),
-        )
-    }
-
-    /// `Ok` when there is nothing, else everything, each path under `prefix`.
-    fn into_result(self, prefix: &str) -> Result<(), FieldErrors> {
-        if self.0.is_empty() {
-            Ok(())
-        } else {
-            Err(FieldErrors(self.prefixed(prefix).0))
-        }
-    }
-}
-
-/// `prefix.field`, `prefix[i]`, or whichever of the two is not empty.
-fn join(prefix: &str, field: &str) -> String {
-    if prefix.is_empty() {
-        field.to_owned()
-    } else if field.is_empty() {
-        prefix.to_owned()
-    } else if field.starts_with('[') {
-        format!("{prefix}{field}")
-    } else {
-        format!("{prefix}.{field}")
-    }
-}
 
 /// The error for a message that is absent.
 fn missing(field: &str) -> FieldErrors {
@@ -165,7 +85,7 @@ pub fn spec_from_pb(
 ) -> Result<SandboxSpec, FieldErrors> {
     let spec = spec.ok_or_else(|| missing(field))?;
     let (model, problems) = read_spec(spec);
-    problems.into_result(field)?;
+    problems.finish_under(field)?;
     Ok(model)
 }
 
@@ -175,10 +95,10 @@ pub fn spec_from_pb(
 pub fn create_request_from_pb(
     request: &pb::CreateSandboxRequest,
 ) -> Result<(String, SandboxSpec), FieldErrors> {
-    let mut problems = Problems::default();
+    let mut problems = Validator::new();
     let id_len = request.request_id.len();
     if !(1..=limits::REQUEST_ID_LEN).contains(&id_len) {
-        problems.add(
+        problems.error(
             "request_id",
             format!(
                 "is {id_len} bytes long, outside 1..={}",
@@ -189,15 +109,15 @@ pub fn create_request_from_pb(
     let spec = match &request.spec {
         Some(spec) => {
             let (model, spec_problems) = read_spec(spec);
-            problems.append(spec_problems.prefixed("spec"));
+            problems.nested("spec", |v| v.absorb(spec_problems));
             Some(model)
         }
         None => {
-            problems.add("spec", "must be set");
+            problems.error("spec", "must be set");
             None
         }
     };
-    problems.into_result("")?;
+    problems.finish_under("")?;
     match spec {
         Some(spec) => Ok((request.request_id.clone(), spec)),
         None => Err(missing("spec")),
@@ -206,15 +126,15 @@ pub fn create_request_from_pb(
 
 /// Converts a spec, returning what it found wrong with paths relative to the spec, in
 /// .proto field order.
-fn read_spec(spec: &pb::SandboxSpec) -> (SandboxSpec, Problems) {
-    let mut conversion = Problems::default();
+fn read_spec(spec: &pb::SandboxSpec) -> (SandboxSpec, Validator) {
+    let mut conversion = Validator::new();
     let (cpu_milli, memory_mib, gpu) = match &spec.resources {
         Some(resources) => {
             let gpu = match &resources.gpu {
                 Some(gpu) => match gpu_request_from_pb(gpu, "resources.gpu") {
                     Ok(request) => Some(request),
                     Err(e) => {
-                        conversion.0.push(e);
+                        conversion.errors_mut().push(e);
                         None
                     }
                 },
@@ -223,7 +143,7 @@ fn read_spec(spec: &pb::SandboxSpec) -> (SandboxSpec, Problems) {
             (resources.cpu_milli, resources.memory_mib, gpu)
         }
         None => {
-            conversion.add("resources", "must be set");
+            conversion.error("resources", "must be set");
             (0, 0, None)
         }
     };
@@ -246,21 +166,23 @@ fn read_spec(spec: &pb::SandboxSpec) -> (SandboxSpec, Problems) {
         network: spec.network,
         labels: btree(&spec.labels),
     };
-    let mut problems = Problems::default();
-    problems.validate(|v| model.validate(v));
+    let mut problems = Validator::new();
+    model.validate(&mut problems);
     if spec.resources.is_none() {
         // "resources: must be set" says it all; no need to add that 0 CPU is too little.
-        problems.0.retain(|e| !e.field.starts_with("resources."));
+        problems
+            .errors_mut()
+            .retain(|e| !e.field.starts_with("resources."));
     }
-    problems.append(conversion);
-    problems.sort(SPEC_FIELDS);
+    problems.absorb(conversion);
+    problems.sort_by_fields(SPEC_FIELDS);
     (model, problems)
 }
 
-fn read_constraints(c: &pb::PlacementConstraints, problems: &mut Problems) -> Constraints {
+fn read_constraints(c: &pb::PlacementConstraints, problems: &mut Validator) -> Constraints {
     for (i, t) in c.tolerations.iter().enumerate() {
         if t.key.is_empty() {
-            problems.add(format!("constraints.tolerations[{i}].key"), "must be set");
+            problems.error(&format!("constraints.tolerations[{i}].key"), "must be set");
         }
     }
     let capacity_type = match pb::CapacityType::try_from(c.capacity_type) {
@@ -268,7 +190,7 @@ fn read_constraints(c: &pb::PlacementConstraints, problems: &mut Problems) -> Co
         Ok(pb::CapacityType::OnDemand) => Some(CapacityType::OnDemand),
         Ok(pb::CapacityType::Spot) => Some(CapacityType::Spot),
         Err(_) => {
-            problems.add(
+            problems.error(
                 "constraints.capacity_type",
                 format!(
                     "unknown value {} (use CAPACITY_TYPE_UNSPECIFIED for either, \
@@ -500,13 +422,13 @@ pub fn node_spec_from_pb(
     field: &str,
 ) -> Result<NodeSpec, FieldErrors> {
     let inv = inv.ok_or_else(|| missing(field))?;
-    let mut conversion = Problems::default();
+    let mut conversion = Validator::new();
 
     let capacity_type = match pb::CapacityType::try_from(inv.capacity_type) {
         Ok(pb::CapacityType::OnDemand) => CapacityType::OnDemand,
         Ok(pb::CapacityType::Spot) => CapacityType::Spot,
         Ok(pb::CapacityType::Unspecified) | Err(_) => {
-            conversion.add(
+            conversion.error(
                 "capacity_type",
                 format!(
                     "must be CAPACITY_TYPE_ON_DEMAND or CAPACITY_TYPE_SPOT, not {}",
@@ -523,7 +445,7 @@ pub fn node_spec_from_pb(
             // At most 1e12 micro-dollars: exact in an f64 and far inside a u64.
             (price * 1_000_000.0).round() as u64
         } else {
-            conversion.add(
+            conversion.error(
                 "price_per_hour_usd",
                 format!("{price} must be a finite number in 0..={MAX_PRICE_PER_HOUR_USD}"),
             );
@@ -533,14 +455,14 @@ pub fn node_spec_from_pb(
     let mut taints = Vec::with_capacity(inv.taints.len());
     for (i, t) in inv.taints.iter().enumerate() {
         if t.key.is_empty() {
-            conversion.add(format!("taints[{i}].key"), "must be set");
+            conversion.error(&format!("taints[{i}].key"), "must be set");
         }
         let effect = match pb::TaintEffect::try_from(t.effect) {
             Ok(pb::TaintEffect::NoSchedule) => TaintEffect::NoSchedule,
             Ok(pb::TaintEffect::PreferNoSchedule) => TaintEffect::PreferNoSchedule,
             Ok(pb::TaintEffect::Unspecified) | Err(_) => {
-                conversion.add(
-                    format!("taints[{i}].effect"),
+                conversion.error(
+                    &format!("taints[{i}].effect"),
                     format!(
                         "must be TAINT_EFFECT_NO_SCHEDULE or TAINT_EFFECT_PREFER_NO_SCHEDULE, \
                          not {}",
@@ -561,10 +483,10 @@ pub fn node_spec_from_pb(
     let mut uuids: BTreeMap<&str, usize> = BTreeMap::new();
     for (i, g) in inv.gpus.iter().enumerate() {
         if g.uuid.is_empty() {
-            conversion.add(format!("gpus[{i}].uuid"), "must be set");
+            conversion.error(&format!("gpus[{i}].uuid"), "must be set");
         } else if let Some(first) = uuids.insert(&g.uuid, i) {
-            conversion.add(
-                format!("gpus[{i}].uuid"),
+            conversion.error(
+                &format!("gpus[{i}].uuid"),
                 format!("{:?} is also the uuid of gpus[{first}]", g.uuid),
             );
         }
@@ -573,8 +495,8 @@ pub fn node_spec_from_pb(
         } else if !g.product_name.trim().is_empty() {
             GpuModelName::from_nvml_product_name(&g.product_name)
         } else {
-            conversion.add(
-                format!("gpus[{i}].model"),
+            conversion.error(
+                &format!("gpus[{i}].model"),
                 "must be set (or product_name, to resolve it from)",
             );
             GpuModelName::Other(String::new())
@@ -583,8 +505,8 @@ pub fn node_spec_from_pb(
             Ok(pb::GpuHealth::Healthy) => true,
             Ok(pb::GpuHealth::Unhealthy) => false,
             Ok(pb::GpuHealth::Unspecified) | Err(_) => {
-                conversion.add(
-                    format!("gpus[{i}].health"),
+                conversion.error(
+                    &format!("gpus[{i}].health"),
                     format!(
                         "must be GPU_HEALTH_HEALTHY or GPU_HEALTH_UNHEALTHY, not {}",
                         enum_value(g.health, pb::GpuHealth::as_str_name)
@@ -603,7 +525,7 @@ pub fn node_spec_from_pb(
     }
 
     if inv.cached_images.len() > MAX_CACHED_IMAGES {
-        conversion.add(
+        conversion.error(
             "cached_images",
             format!(
                 "{} images; the limit is {MAX_CACHED_IMAGES}",
@@ -627,17 +549,17 @@ pub fn node_spec_from_pb(
         gpus,
         agent_address: inv.agent_address.clone(),
     };
-    let mut problems = Problems::default();
-    problems.validate(|v| spec.validate(v));
-    for e in &mut problems.0 {
+    let mut problems = Validator::new();
+    spec.validate(&mut problems);
+    for e in problems.errors_mut() {
         // The model calls it `id`; the wire, `node_id`.
         if e.field == "id" {
             e.field = "node_id".into();
         }
     }
-    problems.append(conversion);
-    problems.sort(INVENTORY_FIELDS);
-    problems.into_result(field)?;
+    problems.absorb(conversion);
+    problems.sort_by_fields(INVENTORY_FIELDS);
+    problems.finish_under(field)?;
     Ok(spec)
 }
 
@@ -779,8 +701,8 @@ pub fn quota_from_pb(
     field: &str,
 ) -> Result<(String, TenantQuota), FieldErrors> {
     let q = q.ok_or_else(|| missing(field))?;
-    let mut problems = Problems::default();
-    problems.validate(|v| v.identifier("tenant", &q.tenant, limits::TENANT_LEN));
+    let mut problems = Validator::new();
+    problems.identifier("tenant", &q.tenant, limits::TENANT_LEN);
     // Sorted, so the errors come in the same order every time.
     let mut entries: Vec<(&String, &u32)> = q.max_gpus_per_model.iter().collect();
     entries.sort();
@@ -789,8 +711,8 @@ pub fn quota_from_pb(
     for (name, gpus) in entries {
         let path = format!("max_gpus_per_model[{name:?}]");
         match GpuModel::from_name(name) {
-            None => problems.add(
-                path,
+            None => problems.error(
+                &path,
                 format!(
                     "{name:?} is not a GPU model of the catalog ({})",
                     GpuModel::ALL.map(GpuModel::name).join(", ")
@@ -798,8 +720,8 @@ pub fn quota_from_pb(
             ),
             Some(model) => {
                 if let Some(first) = seen.insert(model, name) {
-                    problems.add(
-                        path,
+                    problems.error(
+                        &path,
                         format!("{name:?} and {first:?} are both the model {model}"),
                     );
                 } else {
@@ -809,8 +731,8 @@ pub fn quota_from_pb(
             }
         }
     }
-    problems.sort(QUOTA_FIELDS);
-    problems.into_result(field)?;
+    problems.sort_by_fields(QUOTA_FIELDS);
+    problems.finish_under(field)?;
     let quota = TenantQuota {
         max_concurrent_sandboxes: (q.max_concurrent_sandboxes > 0)
             .then_some(q.max_concurrent_sandboxes),
@@ -853,11 +775,11 @@ pub fn status_update_from_pb(
     node: &str,
     u: &pb::SandboxStatusUpdate,
 ) -> Result<StatusUpdate, FieldErrors> {
-    let mut problems = Problems::default();
+    let mut problems = Validator::new();
     let sandbox = match u.sandbox_id.parse::<SandboxId>() {
         Ok(id) => Some(id),
         Err(message) => {
-            problems.add("sandbox_id", message);
+            problems.error("sandbox_id", message);
             None
         }
     };
@@ -872,7 +794,7 @@ pub fn status_update_from_pb(
             },
         }),
         _ => {
-            problems.add(
+            problems.error(
                 "state",
                 format!(
                     "must be SANDBOX_STATE_RUNNING, SANDBOX_STATE_EXITED or \
@@ -883,7 +805,7 @@ pub fn status_update_from_pb(
             None
         }
     };
-    problems.into_result("")?;
+    problems.finish_under("")?;
     match (sandbox, change) {
         (Some(sandbox), Some(change)) => Ok(StatusUpdate {
             sandbox,

@@ -180,6 +180,59 @@ impl Validator {
         }
     }
 
+    /// Takes every problem `other` found, each under this validator's current path (a
+    /// message converted on its own, then placed where it sits in the request).
+    pub fn absorb(&mut self, other: Validator) {
+        for e in other.errors {
+            let field = self.path(&e.field);
+            self.errors.push(FieldError {
+                field,
+                message: e.message,
+            });
+        }
+    }
+
+    /// Orders the problems by the top-level field they concern, in `fields` order (a
+    /// message's fields as its .proto declares them), then by list index (`gpus[0]` before
+    /// `gpus[1]`), keeping the order found otherwise. Unknown fields go last.
+    pub fn sort_by_fields(&mut self, fields: &[&str]) {
+        self.errors.sort_by_key(|e| {
+            let top = e.field.split(['.', '[']).next().unwrap_or_default();
+            let rank = fields
+                .iter()
+                .position(|f| *f == top)
+                .unwrap_or(fields.len());
+            let index = e.field[top.len()..]
+                .strip_prefix('[')
+                .and_then(|rest| rest.split(']').next())
+                .and_then(|i| i.parse::<usize>().ok());
+            (rank, index)
+        });
+    }
+
+    /// The problems recorded so far, to drop or rename some (a model's `id` that the wire
+    /// calls `node_id`).
+    pub fn errors_mut(&mut self) -> &mut Vec<FieldError> {
+        &mut self.errors
+    }
+
+    /// As [`Validator::finish`], with `prefix` put before every path (`"spec"` makes
+    /// `tenant` read `spec.tenant`, `[2]` reads `spec[2]`, an empty path reads `spec`).
+    pub fn finish_under(self, prefix: &str) -> Result<(), FieldErrors> {
+        if self.errors.is_empty() {
+            return Ok(());
+        }
+        Err(FieldErrors(
+            self.errors
+                .into_iter()
+                .map(|e| FieldError {
+                    field: join(prefix, &e.field),
+                    message: e.message,
+                })
+                .collect(),
+        ))
+    }
+
     /// Whether nothing has been recorded.
     pub fn is_ok(&self) -> bool {
         self.errors.is_empty()
@@ -195,9 +248,66 @@ impl Validator {
     }
 }
 
+/// `prefix.field`, `prefix[i]`, or whichever of the two is not empty.
+fn join(prefix: &str, field: &str) -> String {
+    if prefix.is_empty() {
+        field.to_owned()
+    } else if field.is_empty() {
+        prefix.to_owned()
+    } else if field.starts_with('[') {
+        format!("{prefix}{field}")
+    } else {
+        format!("{prefix}.{field}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absorbed_problems_sort_by_field_order_and_finish_under_a_prefix() {
+        let mut inner = Validator::new();
+        inner.error("gpus[1].uuid", "must be set");
+        inner.error("cpu_milli", "must be > 0");
+        inner.error("gpus[0].model", "unknown");
+        inner.error("id", "must be set");
+        let mut v = Validator::new();
+        v.error("zzz", "not a field of the message");
+        v.absorb(inner);
+        v.sort_by_fields(&["id", "cpu_milli", "gpus"]);
+        for e in v.errors_mut() {
+            if e.field == "id" {
+                e.field = "node_id".into();
+            }
+        }
+        let errors = v.finish_under("register.inventory").expect_err("problems");
+        let fields: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "register.inventory.node_id",
+                "register.inventory.cpu_milli",
+                "register.inventory.gpus[0].model",
+                "register.inventory.gpus[1].uuid",
+                "register.inventory.zzz",
+            ]
+        );
+        let mut under = Validator::new();
+        under.nested("spec", |v| {
+            let mut inner = Validator::new();
+            inner.error("tenant", "must be set");
+            inner.error("", "is odd");
+            v.absorb(inner);
+        });
+        under.error("[2]", "listed twice");
+        let errors = under.finish_under("items").expect_err("problems");
+        assert_eq!(
+            errors.one_line(),
+            "items.spec.tenant: must be set; items.spec: is odd; items[2]: listed twice"
+        );
+        assert_eq!(Validator::new().finish_under("x"), Ok(()));
+    }
 
     #[test]
     fn addresses_and_identifiers() {
