@@ -1,0 +1,296 @@
+//! Nodes: an agent's inventory validated and converted, written back, and a node as the
+//! API shows it (allocations per GPU, status).
+
+use super::*;
+
+/// Fields of `NodeInventory` in .proto order.
+const INVENTORY_FIELDS: &[&str] = &[
+    "node_id",
+    "provider",
+    "region",
+    "zone",
+    "instance_type",
+    "capacity_type",
+    "price_per_hour_usd",
+    "labels",
+    "taints",
+    "cpu_milli",
+    "memory_mib",
+    "gpus",
+    "cached_images",
+    "driver_version",
+    "cuda_version",
+    "inventory_source",
+    "agent_address",
+];
+
+/// Validates and converts an agent's inventory (errors: `INVALID_ARGUMENT` naming every bad
+/// field under `field`, e.g. `"register.inventory.gpus[1].uuid: must be set"`), including
+/// everything [`NodeSpec::validate`] checks.
+///
+/// Rules: `capacity_type` must be ON_DEMAND or SPOT; `price_per_hour_usd` finite in
+/// 0..=[`MAX_PRICE_PER_HOUR_USD`] (kept as micro-dollars, rounded); each taint needs a key
+/// and an effect NO_SCHEDULE or PREFER_NO_SCHEDULE; each GPU needs a unique `uuid`, a
+/// `model` (resolved through the catalog; when empty, `product_name` is used instead) and
+/// `health` HEALTHY or UNHEALTHY; at most [`MAX_CACHED_IMAGES`] cached images.
+///
+/// Not kept by the model (so [`node_to_pb`] reports them empty): GPU `product_name`,
+/// `mig_mode`, `health_reason`, `compute_capability`, `nvlink_peers`; node
+/// `cached_images`, `driver_version`, `cuda_version`, `inventory_source`.
+pub fn node_spec_from_pb(
+    inv: Option<&pb::NodeInventory>,
+    field: &str,
+) -> Result<NodeSpec, FieldErrors> {
+    let inv = inv.ok_or_else(|| missing(field))?;
+    let mut conversion = Validator::new();
+
+    let capacity_type = match pb::CapacityType::try_from(inv.capacity_type) {
+        Ok(pb::CapacityType::OnDemand) => CapacityType::OnDemand,
+        Ok(pb::CapacityType::Spot) => CapacityType::Spot,
+        Ok(pb::CapacityType::Unspecified) | Err(_) => {
+            conversion.error(
+                "capacity_type",
+                format!(
+                    "must be CAPACITY_TYPE_ON_DEMAND or CAPACITY_TYPE_SPOT, not {}",
+                    enum_value(inv.capacity_type, pb::CapacityType::as_str_name)
+                ),
+            );
+            CapacityType::OnDemand
+        }
+    };
+
+    let price = inv.price_per_hour_usd;
+    let price_micro_usd_per_hour =
+        if price.is_finite() && (0.0..=MAX_PRICE_PER_HOUR_USD).contains(&price) {
+            // At most 1e12 micro-dollars: exact in an f64 and far inside a u64.
+            (price * 1_000_000.0).round() as u64
+        } else {
+            conversion.error(
+                "price_per_hour_usd",
+                format!("{price} must be a finite number in 0..={MAX_PRICE_PER_HOUR_USD}"),
+            );
+            0
+        };
+
+    let mut taints = Vec::with_capacity(inv.taints.len());
+    for (i, t) in inv.taints.iter().enumerate() {
+        if t.key.is_empty() {
+            conversion.error(&format!("taints[{i}].key"), "must be set");
+        }
+        let effect = match pb::TaintEffect::try_from(t.effect) {
+            Ok(pb::TaintEffect::NoSchedule) => TaintEffect::NoSchedule,
+            Ok(pb::TaintEffect::PreferNoSchedule) => TaintEffect::PreferNoSchedule,
+            Ok(pb::TaintEffect::Unspecified) | Err(_) => {
+                conversion.error(
+                    &format!("taints[{i}].effect"),
+                    format!(
+                        "must be TAINT_EFFECT_NO_SCHEDULE or TAINT_EFFECT_PREFER_NO_SCHEDULE, \
+                         not {}",
+                        enum_value(t.effect, pb::TaintEffect::as_str_name)
+                    ),
+                );
+                TaintEffect::NoSchedule
+            }
+        };
+        taints.push(Taint {
+            key: t.key.clone(),
+            value: t.value.clone(),
+            effect,
+        });
+    }
+
+    let mut gpus = Vec::with_capacity(inv.gpus.len());
+    let mut uuids: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, g) in inv.gpus.iter().enumerate() {
+        if g.uuid.is_empty() {
+            conversion.error(&format!("gpus[{i}].uuid"), "must be set");
+        } else if let Some(first) = uuids.insert(&g.uuid, i) {
+            conversion.error(
+                &format!("gpus[{i}].uuid"),
+                format!("{:?} is also the uuid of gpus[{first}]", g.uuid),
+            );
+        }
+        let model = if !g.model.trim().is_empty() {
+            GpuModelName::resolve(&g.model)
+        } else if !g.product_name.trim().is_empty() {
+            GpuModelName::from_nvml_product_name(&g.product_name)
+        } else {
+            conversion.error(
+                &format!("gpus[{i}].model"),
+                "must be set (or product_name, to resolve it from)",
+            );
+            GpuModelName::Other(String::new())
+        };
+        let healthy = match pb::GpuHealth::try_from(g.health) {
+            Ok(pb::GpuHealth::Healthy) => true,
+            Ok(pb::GpuHealth::Unhealthy) => false,
+            Ok(pb::GpuHealth::Unspecified) | Err(_) => {
+                conversion.error(
+                    &format!("gpus[{i}].health"),
+                    format!(
+                        "must be GPU_HEALTH_HEALTHY or GPU_HEALTH_UNHEALTHY, not {}",
+                        enum_value(g.health, pb::GpuHealth::as_str_name)
+                    ),
+                );
+                false
+            }
+        };
+        gpus.push(GpuDevice {
+            index: g.index,
+            uuid: g.uuid.clone(),
+            model,
+            memory_mib: g.memory_mib,
+            healthy,
+        });
+    }
+
+    if inv.cached_images.len() > MAX_CACHED_IMAGES {
+        conversion.error(
+            "cached_images",
+            format!(
+                "{} images; the limit is {MAX_CACHED_IMAGES}",
+                inv.cached_images.len()
+            ),
+        );
+    }
+
+    let spec = NodeSpec {
+        id: inv.node_id.clone(),
+        provider: inv.provider.clone(),
+        region: inv.region.clone(),
+        zone: inv.zone.clone(),
+        instance_type: inv.instance_type.clone(),
+        capacity_type,
+        price_micro_usd_per_hour,
+        labels: btree(&inv.labels),
+        taints,
+        cpu_milli: inv.cpu_milli,
+        memory_mib: inv.memory_mib,
+        gpus,
+        agent_address: inv.agent_address.clone(),
+    };
+    let mut problems = Validator::new();
+    spec.validate(&mut problems);
+    for e in problems.errors_mut() {
+        // The model calls it `id`; the wire, `node_id`.
+        if e.field == "id" {
+            e.field = "node_id".into();
+        }
+    }
+    problems.absorb(conversion);
+    problems.sort_by_fields(INVENTORY_FIELDS);
+    problems.finish_under(field)?;
+    Ok(spec)
+}
+
+/// A node's inventory on the wire, as far as the model keeps it (see
+/// [`node_spec_from_pb`] for what is not kept; those fields are empty/UNSPECIFIED).
+pub fn node_inventory_to_pb(spec: &NodeSpec) -> pb::NodeInventory {
+    pb::NodeInventory {
+        node_id: spec.id.clone(),
+        provider: spec.provider.clone(),
+        region: spec.region.clone(),
+        zone: spec.zone.clone(),
+        instance_type: spec.instance_type.clone(),
+        capacity_type: capacity_type_to_pb(spec.capacity_type) as i32,
+        price_per_hour_usd: spec.price_micro_usd_per_hour as f64 / 1_000_000.0,
+        labels: hash(&spec.labels),
+        taints: spec
+            .taints
+            .iter()
+            .map(|t| pb::Taint {
+                key: t.key.clone(),
+                value: t.value.clone(),
+                effect: taint_effect_to_pb(t.effect) as i32,
+            })
+            .collect(),
+        cpu_milli: spec.cpu_milli,
+        memory_mib: spec.memory_mib,
+        gpus: spec
+            .gpus
+            .iter()
+            .map(|g| pb::Gpu {
+                index: g.index,
+                uuid: g.uuid.clone(),
+                model: g.model.as_str().to_owned(),
+                memory_mib: g.memory_mib,
+                health: if g.healthy {
+                    pb::GpuHealth::Healthy
+                } else {
+                    pb::GpuHealth::Unhealthy
+                } as i32,
+                ..Default::default()
+            })
+            .collect(),
+        agent_address: spec.agent_address.clone(),
+        ..Default::default()
+    }
+}
+
+/// A node as the API shows it: inventory, status and reason, epoch, CPU/memory allocated,
+/// and one `GpuAllocation` per GPU of the inventory (in inventory order) with the
+/// milli-GPU allocated and the ids of the Scheduled/Running sandboxes bound to it, in id
+/// order. `last_heartbeat_unix_ms` is 0: liveness is not in the replicated state, so the
+/// caller fills it from the leader's own tracking if it has it.
+pub fn node_to_pb(record: &NodeRecord, state: &State) -> pb::Node {
+    let mut by_gpu: BTreeMap<u32, Vec<SandboxId>> = BTreeMap::new();
+    for id in &record.sandboxes {
+        let Some(binding) = state.sandbox(*id).and_then(|s| s.binding.as_ref()) else {
+            continue;
+        };
+        if binding.placement.node != record.spec.id {
+            continue;
+        }
+        // A set: a GPU listed twice in a placement still names the sandbox once.
+        let indices: BTreeSet<u32> = binding.placement.gpu_indices.iter().copied().collect();
+        for index in indices {
+            by_gpu.entry(index).or_default().push(*id);
+        }
+    }
+    let gpu_allocations = record
+        .spec
+        .gpus
+        .iter()
+        .enumerate()
+        .map(|(position, gpu)| pb::GpuAllocation {
+            index: gpu.index,
+            allocated_milli: record
+                .gpu_milli_allocated
+                .get(position)
+                .copied()
+                .unwrap_or(0),
+            sandbox_ids: by_gpu
+                .get(&gpu.index)
+                .map(|ids| ids.iter().map(ToString::to_string).collect())
+                .unwrap_or_default(),
+        })
+        .collect();
+    pb::Node {
+        inventory: Some(node_inventory_to_pb(&record.spec)),
+        status: node_status_to_pb(record.status) as i32,
+        epoch: record.epoch,
+        cpu_milli_allocated: record.cpu_milli_allocated,
+        memory_mib_allocated: record.memory_mib_allocated,
+        gpu_allocations,
+        sandboxes: u32::try_from(record.sandboxes.len()).unwrap_or(u32::MAX),
+        last_heartbeat_unix_ms: 0,
+        status_reason: record.status_reason.clone(),
+    }
+}
+
+/// A node status on the wire.
+pub fn node_status_to_pb(s: NodeStatus) -> pb::NodeStatus {
+    match s {
+        NodeStatus::Ready => pb::NodeStatus::Ready,
+        NodeStatus::Cordoned => pb::NodeStatus::Cordoned,
+        NodeStatus::Draining => pb::NodeStatus::Draining,
+        NodeStatus::Down => pb::NodeStatus::Down,
+    }
+}
+
+/// Whether a node status matches a `ListNodesRequest.statuses` value (raw `i32`).
+/// `UNSPECIFIED` and unknown values match nothing.
+pub fn node_status_matches(filter: i32, s: NodeStatus) -> bool {
+    pb::NodeStatus::try_from(filter)
+        .is_ok_and(|f| f != pb::NodeStatus::Unspecified && f == node_status_to_pb(s))
+}

@@ -1,0 +1,101 @@
+//! Sandboxes as the API shows them: status, binding, GPU UUIDs; states and state filters.
+
+use super::*;
+
+/// A sandbox as the API shows it, viewed at `revision`.
+///
+/// The status carries state, node, GPU indices, milli per GPU, bound model, exit code
+/// (`Exited` only, else 0), reason (`Failed`/`Lost` reason, or the pending reason while
+/// `Pending`, else empty) and times (0 when not reached). Node and GPUs come from the
+/// binding, which is kept for the record once the sandbox is terminal, so a Lost sandbox
+/// still shows where it ran. Left empty: `gpu_uuids` (the sandbox does not hold them; use
+/// [`sandbox_to_pb_with_gpus`], which the agent's `AssignSandbox` needs) and
+/// `explanation` (the model keeps only the one-line pending reason).
+pub fn sandbox_to_pb(s: &Sandbox, revision: u64) -> pb::Sandbox {
+    sandbox_to_pb_with_gpus(s, None, revision)
+}
+
+/// As [`sandbox_to_pb_with_gpus`], looking the bound node up in `state` (what the API
+/// answers: the GPU UUIDs are filled whenever the node is still registered).
+pub fn sandbox_to_pb_in(s: &Sandbox, state: &State) -> pb::Sandbox {
+    let node = s
+        .binding
+        .as_ref()
+        .and_then(|b| state.node(&b.placement.node))
+        .map(|r| &r.spec);
+    sandbox_to_pb_with_gpus(s, node, state.revision())
+}
+
+/// As [`sandbox_to_pb`], and fills `gpu_uuids` from `node`, the inventory of the node the
+/// sandbox is bound to (ignored when it is another node). The UUIDs are those the node
+/// reports now at the bound indices; when any bound index is missing from the inventory
+/// the list is left empty rather than misaligned with `gpu_indices`.
+pub fn sandbox_to_pb_with_gpus(s: &Sandbox, node: Option<&NodeSpec>, revision: u64) -> pb::Sandbox {
+    let mut status = pb::SandboxStatus {
+        state: sandbox_state_to_pb(&s.state) as i32,
+        created_unix_ms: s.created_ms,
+        scheduled_unix_ms: s.scheduled_ms.unwrap_or(0),
+        started_unix_ms: s.started_ms.unwrap_or(0),
+        finished_unix_ms: s.finished_ms.unwrap_or(0),
+        ..Default::default()
+    };
+    match &s.state {
+        SandboxState::Pending => status.reason = s.pending_reason.clone().unwrap_or_default(),
+        SandboxState::Exited { code } => status.exit_code = *code,
+        SandboxState::Failed { reason } | SandboxState::Lost { reason } => {
+            status.reason = reason.clone();
+        }
+        SandboxState::Scheduled | SandboxState::Running => {}
+    }
+    if let Some(binding) = &s.binding {
+        let placement = &binding.placement;
+        status.node_id = placement.node.clone();
+        status.gpu_indices = placement.gpu_indices.clone();
+        status.gpu_milli_per_gpu = placement.gpu_milli_per_gpu;
+        status.gpu_model = binding
+            .gpu_model
+            .as_ref()
+            .map(|m| m.as_str().to_owned())
+            .unwrap_or_default();
+        if let Some(node) = node.filter(|n| n.id == placement.node) {
+            let uuids: Option<Vec<String>> = placement
+                .gpu_indices
+                .iter()
+                .map(|i| {
+                    node.gpus
+                        .iter()
+                        .find(|g| g.index == *i)
+                        .map(|g| g.uuid.clone())
+                })
+                .collect();
+            status.gpu_uuids = uuids.unwrap_or_default();
+        }
+    }
+    pb::Sandbox {
+        id: s.id.to_string(),
+        request_id: s.request_id.clone(),
+        spec: Some(spec_to_pb(&s.spec)),
+        status: Some(status),
+        revision,
+    }
+}
+
+/// A sandbox's state on the wire.
+pub fn sandbox_state_to_pb(s: &SandboxState) -> pb::SandboxState {
+    match s {
+        SandboxState::Pending => pb::SandboxState::Pending,
+        SandboxState::Scheduled => pb::SandboxState::Scheduled,
+        SandboxState::Running => pb::SandboxState::Running,
+        SandboxState::Exited { .. } => pb::SandboxState::Exited,
+        SandboxState::Failed { .. } => pb::SandboxState::Failed,
+        SandboxState::Lost { .. } => pb::SandboxState::Lost,
+    }
+}
+
+/// Whether a sandbox state matches a list filter value (the raw `i32` of the request).
+/// `UNSPECIFIED` and unknown values match nothing; an empty filter list (match all) is the
+/// caller's to handle.
+pub fn sandbox_state_matches(filter: i32, s: &SandboxState) -> bool {
+    pb::SandboxState::try_from(filter)
+        .is_ok_and(|f| f != pb::SandboxState::Unspecified && f == sandbox_state_to_pb(s))
+}
