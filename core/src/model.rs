@@ -80,7 +80,28 @@ pub struct GpuDevice {
     pub memory_mib: u64,
     /// False after a fatal XID or uncorrectable ECC error: no new sandboxes.
     pub healthy: bool,
+    /// Multi-Instance GPU mode, as reported.
+    pub mig_mode: MigMode,
+    /// Indices of the node's other GPUs reachable over NVLink, when known.
+    pub nvlink_peers: Vec<u32>,
 }
+
+/// NVIDIA Multi-Instance GPU mode of a device, as the agent reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum MigMode {
+    /// Not reported.
+    #[default]
+    Unknown,
+    /// MIG is off.
+    Disabled,
+    /// MIG is on (the GPU is partitioned into instances).
+    Enabled,
+    /// The device does not support MIG.
+    Unsupported,
+}
+
+/// Most images a node may report as cached (`types.proto`).
+pub const MAX_CACHED_IMAGES: usize = 256;
 
 /// A taint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +141,9 @@ pub struct NodeSpec {
     pub memory_mib: u64,
     /// GPUs, in index order.
     pub gpus: Vec<GpuDevice>,
+    /// Images already present on the node (image-cache affinity), at most
+    /// [`MAX_CACHED_IMAGES`].
+    pub cached_images: Vec<String>,
     /// Where the node's agent serves its AgentService (logs), `host:port`; empty if none.
     pub agent_address: String,
 }
@@ -146,6 +170,7 @@ impl NodeSpec {
             memory_mib,
             gpus,
             agent_address: String::new(),
+            cached_images: Vec::new(),
         }
     }
 
@@ -163,6 +188,8 @@ impl NodeSpec {
                 model: model.clone(),
                 memory_mib,
                 healthy: true,
+                mig_mode: crate::model::MigMode::Unknown,
+                nvlink_peers: Vec::new(),
             })
             .collect()
     }
@@ -177,7 +204,23 @@ impl NodeSpec {
             v.check(gpu.index as usize == i, &format!("gpus[{i}].index"), || {
                 format!("is {}; GPUs must be listed in index order 0..n", gpu.index)
             });
+            for (j, peer) in gpu.nvlink_peers.iter().enumerate() {
+                let known = (*peer as usize) < self.gpus.len() && *peer != gpu.index;
+                v.check(known, &format!("gpus[{i}].nvlink_peers[{j}]"), || {
+                    format!("{peer} is not the index of another GPU of this node")
+                });
+            }
         }
+        v.check(
+            self.cached_images.len() <= MAX_CACHED_IMAGES,
+            "cached_images",
+            || {
+                format!(
+                    "{} images; the limit is {MAX_CACHED_IMAGES}",
+                    self.cached_images.len()
+                )
+            },
+        );
         v.check(self.labels.len() <= 64, "labels", || {
             format!("{} labels; the limit is 64", self.labels.len())
         });

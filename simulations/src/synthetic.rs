@@ -204,6 +204,7 @@ pub fn pool(n: usize, seed: u64) -> Vec<NodeSpec> {
                 memory_mib: instance.memory_mib,
                 gpus,
                 agent_address: String::new(),
+                cached_images: Vec::new(),
             }
         })
         .collect()

@@ -27,8 +27,7 @@ use crate::model::{
 };
 use crate::state::{NodeRecord, State, StatusChange, StatusUpdate};
 
-/// Most images a node may report as cached (`types.proto`).
-pub const MAX_CACHED_IMAGES: usize = 256;
+pub use crate::model::MAX_CACHED_IMAGES;
 
 /// Highest accepted node price, in US dollars per hour.
 pub const MAX_PRICE_PER_HOUR_USD: f64 = 1_000_000.0;
@@ -65,7 +64,8 @@ mod spec;
 mod tests;
 
 pub use node::{
-    node_inventory_to_pb, node_spec_from_pb, node_status_matches, node_status_to_pb, node_to_pb,
+    mig_mode_to_pb, node_inventory_to_pb, node_spec_from_pb, node_status_matches,
+    node_status_to_pb, node_to_pb,
 };
 pub use quota::{quota_from_pb, quota_to_pb};
 pub use report::status_update_from_pb;

@@ -2,6 +2,7 @@
 //! API shows it (allocations per GPU, status).
 
 use super::*;
+use crate::model::MigMode;
 
 /// Fields of `NodeInventory` in .proto order.
 const INVENTORY_FIELDS: &[&str] = &[
@@ -34,9 +35,13 @@ const INVENTORY_FIELDS: &[&str] = &[
 /// `model` (resolved through the catalog; when empty, `product_name` is used instead) and
 /// `health` HEALTHY or UNHEALTHY; at most [`MAX_CACHED_IMAGES`] cached images.
 ///
+/// Kept and written back by [`node_inventory_to_pb`]: each GPU's `mig_mode` (an unknown
+/// value is an error) and `nvlink_peers` (each must be the index of another GPU of the
+/// node), and the node's `cached_images`.
+///
 /// Not kept by the model (so [`node_to_pb`] reports them empty): GPU `product_name`,
-/// `mig_mode`, `health_reason`, `compute_capability`, `nvlink_peers`; node
-/// `cached_images`, `driver_version`, `cuda_version`, `inventory_source`.
+/// `health_reason`, `compute_capability`; node `driver_version`, `cuda_version`,
+/// `inventory_source`.
 pub fn node_spec_from_pb(
     inv: Option<&pb::NodeInventory>,
     field: &str,
@@ -141,17 +146,9 @@ pub fn node_spec_from_pb(
             model,
             memory_mib: g.memory_mib,
             healthy,
+            mig_mode: read_mig_mode(g.mig_mode, i, &mut conversion),
+            nvlink_peers: g.nvlink_peers.clone(),
         });
-    }
-
-    if inv.cached_images.len() > MAX_CACHED_IMAGES {
-        conversion.error(
-            "cached_images",
-            format!(
-                "{} images; the limit is {MAX_CACHED_IMAGES}",
-                inv.cached_images.len()
-            ),
-        );
     }
 
     let spec = NodeSpec {
@@ -168,6 +165,7 @@ pub fn node_spec_from_pb(
         memory_mib: inv.memory_mib,
         gpus,
         agent_address: inv.agent_address.clone(),
+        cached_images: inv.cached_images.clone(),
     };
     let mut problems = Validator::new();
     spec.validate(&mut problems);
@@ -219,9 +217,12 @@ pub fn node_inventory_to_pb(spec: &NodeSpec) -> pb::NodeInventory {
                 } else {
                     pb::GpuHealth::Unhealthy
                 } as i32,
+                mig_mode: mig_mode_to_pb(g.mig_mode) as i32,
+                nvlink_peers: g.nvlink_peers.clone(),
                 ..Default::default()
             })
             .collect(),
+        cached_images: spec.cached_images.clone(),
         agent_address: spec.agent_address.clone(),
         ..Default::default()
     }
@@ -293,4 +294,31 @@ pub fn node_status_to_pb(s: NodeStatus) -> pb::NodeStatus {
 pub fn node_status_matches(filter: i32, s: NodeStatus) -> bool {
     pb::NodeStatus::try_from(filter)
         .is_ok_and(|f| f != pb::NodeStatus::Unspecified && f == node_status_to_pb(s))
+}
+
+/// A GPU's MIG mode from the wire; an unknown value is a problem of `gpus[i].mig_mode`.
+fn read_mig_mode(value: i32, i: usize, problems: &mut Validator) -> MigMode {
+    match pb::MigMode::try_from(value) {
+        Ok(pb::MigMode::Unspecified) => MigMode::Unknown,
+        Ok(pb::MigMode::Disabled) => MigMode::Disabled,
+        Ok(pb::MigMode::Enabled) => MigMode::Enabled,
+        Ok(pb::MigMode::Unsupported) => MigMode::Unsupported,
+        Err(_) => {
+            problems.error(
+                &format!("gpus[{i}].mig_mode"),
+                format!("unknown value {value}"),
+            );
+            MigMode::Unknown
+        }
+    }
+}
+
+/// A MIG mode on the wire.
+pub fn mig_mode_to_pb(m: MigMode) -> pb::MigMode {
+    match m {
+        MigMode::Unknown => pb::MigMode::Unspecified,
+        MigMode::Disabled => pb::MigMode::Disabled,
+        MigMode::Enabled => pb::MigMode::Enabled,
+        MigMode::Unsupported => pb::MigMode::Unsupported,
+    }
 }

@@ -504,6 +504,8 @@ fn node_inventory_converts_and_keeps_what_the_model_holds() {
                     model: GpuModelName::Known(GpuModel::H100),
                     memory_mib: 81_559,
                     healthy: true,
+                    mig_mode: crate::model::MigMode::Disabled,
+                    nvlink_peers: vec![1],
                 },
                 GpuDevice {
                     index: 1,
@@ -511,9 +513,12 @@ fn node_inventory_converts_and_keeps_what_the_model_holds() {
                     model: GpuModelName::Known(GpuModel::H100),
                     memory_mib: 81_559,
                     healthy: false,
+                    mig_mode: crate::model::MigMode::Disabled,
+                    nvlink_peers: vec![0],
                 },
             ],
             agent_address: "10.0.0.5:7071".into(),
+            cached_images: vec!["python:3.12".into()],
         }
     );
     let back = node_inventory_to_pb(&spec);
@@ -521,8 +526,32 @@ fn node_inventory_converts_and_keeps_what_the_model_holds() {
     assert_eq!(back.gpus[0].model, "H100");
     assert_eq!(back.gpus[0].product_name, "");
     assert_eq!(back.gpus[1].health, pb::GpuHealth::Unhealthy as i32);
-    assert!(back.cached_images.is_empty());
+    assert_eq!(back.cached_images, ["python:3.12"]);
+    assert_eq!(back.gpus[0].mig_mode, pb::MigMode::Disabled as i32);
+    assert_eq!(back.gpus[1].nvlink_peers, [0]);
     assert_eq!(ok(node_spec_from_pb(Some(&back), "inventory")), Ok(spec));
+}
+
+#[test]
+fn mig_mode_nvlink_peers_and_cached_images_are_checked() {
+    let mut inv = wire_inventory();
+    inv.gpus[0].mig_mode = 9;
+    inv.gpus[0].nvlink_peers = vec![1, 0, 7];
+    inv.cached_images = (0..=MAX_CACHED_IMAGES)
+        .map(|i| format!("img:{i}"))
+        .collect();
+    let err = node_spec_from_pb(Some(&inv), "register.inventory").expect_err("bad");
+    assert_eq!(
+        message(&err),
+        "register.inventory.gpus[0].nvlink_peers[1]: 0 is not the index of another GPU of this \
+         node; register.inventory.gpus[0].nvlink_peers[2]: 7 is not the index of another GPU \
+         of this node; register.inventory.gpus[0].mig_mode: unknown value 9; \
+         register.inventory.cached_images: 257 images; the limit is 256"
+    );
+    let mut enabled = wire_inventory();
+    enabled.gpus[1].mig_mode = pb::MigMode::Enabled as i32;
+    let spec = node_spec_from_pb(Some(&enabled), "inventory").expect("valid");
+    assert_eq!(spec.gpus[1].mig_mode, crate::model::MigMode::Enabled);
 }
 
 #[test]

@@ -8,7 +8,8 @@ use crate::invariants;
 
 const MAGIC: &[u8; 6] = b"BERTH\0";
 // 2: the autoscaler lease record joined the state.
-const FORMAT_VERSION: u8 = 2;
+// 3: nodes keep MIG mode and NVLink peers per GPU, and cached images.
+const FORMAT_VERSION: u8 = 3;
 
 /// Why a snapshot could not be restored.
 #[derive(Debug, Error)]
