@@ -440,6 +440,14 @@ impl<D: Durable> Driver<D> {
         for peer in unreachable {
             self.replica.report_unreachable(peer);
         }
+        // Publish before answering, so a client that got its answer sees the revision and
+        // the gauges of the state that answered it (a /metrics scrape right after a create
+        // finds the sandbox counted).
+        if out.entries_applied > 0 || out.leader_changed || out.became_leader {
+            self.publish();
+        } else {
+            self.publish_raft();
+        }
         for p in out.dropped {
             if let Some(w) = self.waiters.remove(&p) {
                 fail(w, ServiceError::LostLeadership);
@@ -470,11 +478,6 @@ impl<D: Durable> Driver<D> {
             // Writes queued on a replica that lost leadership.
             let (leader, address) = self.handle.leader();
             self.fail_batch(ServiceError::NotLeader { leader, address });
-        }
-        if out.entries_applied > 0 || out.leader_changed || out.became_leader {
-            self.publish();
-        } else {
-            self.publish_raft();
         }
         Ok(())
     }
