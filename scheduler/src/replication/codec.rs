@@ -9,7 +9,8 @@ use thiserror::Error;
 
 use crate::state::Command;
 
-const ENTRY_FORMAT: u8 = 1;
+// 2: node specs in commands carry MIG mode, NVLink peers and cached images.
+const ENTRY_FORMAT: u8 = 2;
 const SNAPSHOT_FORMAT: u8 = 1;
 
 /// Identifies a proposal so the proposer can answer its client once the entry applies.
@@ -166,7 +167,7 @@ mod tests {
         let err = Envelope::decode(&other).err().map(|e| e.to_string());
         assert_eq!(
             err.as_deref(),
-            Some("log entry format 9 is not supported (this build reads 1)")
+            Some("log entry format 9 is not supported (this build reads 2)")
         );
         assert!(Envelope::decode(&bytes[..bytes.len() - 1]).is_err());
         assert!(Envelope::decode(&[]).is_err());
