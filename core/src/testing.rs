@@ -43,3 +43,14 @@ pub fn submit(request_id: &str, spec: SandboxSpec, placement: Option<Placement>)
         }],
     }
 }
+
+/// A placement on `node` at `epoch` of `milli` on each of `gpus` (option 0).
+pub fn placement(node: &str, epoch: u64, gpus: &[u32], milli: u32) -> Placement {
+    Placement {
+        node: node.into(),
+        epoch,
+        option: 0,
+        gpu_indices: gpus.to_vec(),
+        gpu_milli_per_gpu: milli,
+    }
+}

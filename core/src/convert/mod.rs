@@ -11,7 +11,7 @@
 //! the model does not keep, are listed on each function.
 //!
 //! One file per thing converted: `spec.rs` (sandbox specs), `sandbox.rs`, `node.rs`,
-//! `quota.rs` and `report.rs` (agent status reports); the tests are in `tests.rs`. Every
+//! `quota.rs` and `report.rs` (agent status reports); each file's tests are beside its code, with shared fixtures in `fixtures.rs`. Every
 //! public function is re-exported here, so callers name `berth_core::convert::X`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -55,13 +55,13 @@ fn hash(map: &BTreeMap<String, String>) -> HashMap<String, String> {
     map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
+#[cfg(test)]
+mod fixtures;
 mod node;
 mod quota;
 mod report;
 mod sandbox;
 mod spec;
-#[cfg(test)]
-mod tests;
 
 pub use node::{
     mig_mode_to_pb, node_inventory_to_pb, node_spec_from_pb, node_status_matches,

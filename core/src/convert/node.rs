@@ -322,3 +322,220 @@ pub fn mig_mode_to_pb(m: MigMode) -> pb::MigMode {
         MigMode::Unsupported => pb::MigMode::Unsupported,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::convert::fixtures::*;
+
+    use crate::state::{Command, ItemOutcome};
+    use crate::testing::{apply_checked, gpu_node};
+
+    #[test]
+    fn node_to_pb_lists_gpu_allocations_with_their_sandboxes() {
+        let (mut state, [a, b, c]) = busy_node();
+        let record = state.node("n1").expect("registered");
+        let node = node_to_pb(record, &state);
+        assert_eq!(node.status, pb::NodeStatus::Ready as i32);
+        assert_eq!(node.epoch, record.epoch);
+        assert_eq!(node.cpu_milli_allocated, 3000);
+        assert_eq!(node.memory_mib_allocated, 3 * 1024);
+        assert_eq!(node.sandboxes, 3);
+        assert_eq!(
+            node.gpu_allocations,
+            [
+                pb::GpuAllocation {
+                    index: 0,
+                    allocated_milli: 1000,
+                    sandbox_ids: vec![a.to_string()],
+                },
+                pb::GpuAllocation {
+                    index: 1,
+                    allocated_milli: 750,
+                    sandbox_ids: vec![b.to_string(), c.to_string()],
+                },
+                pb::GpuAllocation {
+                    index: 2,
+                    allocated_milli: 0,
+                    sandbox_ids: vec![],
+                },
+            ]
+        );
+        // The inventory reads back to the node's spec.
+        assert_eq!(
+            ok(node_spec_from_pb(node.inventory.as_ref(), "inventory")),
+            Ok(record.spec.clone())
+        );
+
+        // Once `b` exits, it is off GPU 1 but still shows where it ran.
+        let update = status_update_from_pb(
+            "n1",
+            &pb::SandboxStatusUpdate {
+                sandbox_id: b.to_string(),
+                state: pb::SandboxState::Exited as i32,
+                exit_code: 3,
+                reason: String::new(),
+                at_unix_ms: 0,
+            },
+        )
+        .expect("valid");
+        assert_eq!(
+            apply_checked(
+                &mut state,
+                &Command::UpdateSandboxes {
+                    items: vec![update]
+                },
+                20
+            ),
+            [ItemOutcome::Applied]
+        );
+        let node = node_to_pb(state.node("n1").expect("registered"), &state);
+        assert_eq!(node.gpu_allocations[1].allocated_milli, 250);
+        assert_eq!(node.gpu_allocations[1].sandbox_ids, [c.to_string()]);
+        assert_eq!(node.sandboxes, 2);
+
+        let exited = state.sandbox(b).expect("kept");
+        let out =
+            sandbox_to_pb_with_gpus(exited, state.node("n1").map(|n| &n.spec), state.revision());
+        assert_eq!(out.revision, state.revision());
+        assert_eq!(
+            out.status,
+            Some(pb::SandboxStatus {
+                state: pb::SandboxState::Exited as i32,
+                node_id: "n1".into(),
+                gpu_indices: vec![1],
+                gpu_uuids: vec!["GPU-n1-1".into()],
+                gpu_milli_per_gpu: 500,
+                gpu_model: "H100".into(),
+                exit_code: 3,
+                reason: String::new(),
+                created_unix_ms: 11,
+                scheduled_unix_ms: 11,
+                started_unix_ms: 0,
+                finished_unix_ms: 20,
+                explanation: None,
+            })
+        );
+        // Without the node, no UUIDs; with another node, none either.
+        let bare = sandbox_to_pb(exited, 1);
+        assert_eq!(bare.status.map(|s| s.gpu_uuids), Some(vec![]));
+        let other = gpu_node("n2", GpuModel::H100, 2);
+        let out = sandbox_to_pb_with_gpus(exited, Some(&other), 1);
+        assert_eq!(out.status.map(|s| s.gpu_uuids), Some(vec![]));
+    }
+
+    #[test]
+    fn node_inventory_converts_and_keeps_what_the_model_holds() {
+        let spec = node_spec_from_pb(Some(&wire_inventory()), "register.inventory").expect("valid");
+        assert_eq!(
+            spec,
+            NodeSpec {
+                id: "gpu-1.us-east".into(),
+                provider: "aws".into(),
+                region: "us-east-1".into(),
+                zone: "us-east-1a".into(),
+                instance_type: "p5.48xlarge".into(),
+                capacity_type: CapacityType::Spot,
+                price_micro_usd_per_hour: 12_345_679,
+                labels: BTreeMap::from([("pool".into(), "h100".into())]),
+                taints: vec![Taint {
+                    key: "dedicated".into(),
+                    value: "ml".into(),
+                    effect: TaintEffect::PreferNoSchedule,
+                }],
+                cpu_milli: 190_000,
+                memory_mib: 2_000_000,
+                gpus: vec![
+                    GpuDevice {
+                        index: 0,
+                        uuid: "GPU-abc-0".into(),
+                        model: GpuModelName::Known(GpuModel::H100),
+                        memory_mib: 81_559,
+                        healthy: true,
+                        mig_mode: crate::model::MigMode::Disabled,
+                        nvlink_peers: vec![1],
+                    },
+                    GpuDevice {
+                        index: 1,
+                        uuid: "GPU-abc-1".into(),
+                        model: GpuModelName::Known(GpuModel::H100),
+                        memory_mib: 81_559,
+                        healthy: false,
+                        mig_mode: crate::model::MigMode::Disabled,
+                        nvlink_peers: vec![0],
+                    },
+                ],
+                agent_address: "10.0.0.5:7071".into(),
+                cached_images: vec!["python:3.12".into()],
+            }
+        );
+        let back = node_inventory_to_pb(&spec);
+        assert_eq!(back.price_per_hour_usd, 12.345_679);
+        assert_eq!(back.gpus[0].model, "H100");
+        assert_eq!(back.gpus[0].product_name, "");
+        assert_eq!(back.gpus[1].health, pb::GpuHealth::Unhealthy as i32);
+        assert_eq!(back.cached_images, ["python:3.12"]);
+        assert_eq!(back.gpus[0].mig_mode, pb::MigMode::Disabled as i32);
+        assert_eq!(back.gpus[1].nvlink_peers, [0]);
+        assert_eq!(ok(node_spec_from_pb(Some(&back), "inventory")), Ok(spec));
+    }
+
+    #[test]
+    fn mig_mode_nvlink_peers_and_cached_images_are_checked() {
+        let mut inv = wire_inventory();
+        inv.gpus[0].mig_mode = 9;
+        inv.gpus[0].nvlink_peers = vec![1, 0, 7];
+        inv.cached_images = (0..=MAX_CACHED_IMAGES)
+            .map(|i| format!("img:{i}"))
+            .collect();
+        let err = node_spec_from_pb(Some(&inv), "register.inventory").expect_err("bad");
+        assert_eq!(
+            message(&err),
+            "register.inventory.gpus[0].nvlink_peers[1]: 0 is not the index of another GPU of this \
+         node; register.inventory.gpus[0].nvlink_peers[2]: 7 is not the index of another GPU \
+         of this node; register.inventory.gpus[0].mig_mode: unknown value 9; \
+         register.inventory.cached_images: 257 images; the limit is 256"
+        );
+        let mut enabled = wire_inventory();
+        enabled.gpus[1].mig_mode = pb::MigMode::Enabled as i32;
+        let spec = node_spec_from_pb(Some(&enabled), "inventory").expect("valid");
+        assert_eq!(spec.gpus[1].mig_mode, crate::model::MigMode::Enabled);
+    }
+
+    #[test]
+    fn node_inventory_errors_name_every_field() {
+        let err = node_spec_from_pb(None, "register.inventory").expect_err("absent");
+        assert_eq!(message(&err), "register.inventory: must be set");
+
+        let mut inv = wire_inventory();
+        inv.node_id = "Node_1".into();
+        inv.capacity_type = pb::CapacityType::Unspecified as i32;
+        inv.price_per_hour_usd = f64::NAN;
+        inv.taints[0].effect = 7;
+        inv.gpus[1].index = 5;
+        inv.gpus[1].uuid = "GPU-abc-0".into();
+        inv.gpus[1].product_name = String::new();
+        inv.gpus[0].health = pb::GpuHealth::Unspecified as i32;
+        inv.cached_images = vec![String::new(); MAX_CACHED_IMAGES + 1];
+        let err = node_spec_from_pb(Some(&inv), "inv").expect_err("many mistakes");
+        assert_eq!(
+            message(&err),
+            [
+                "inv.node_id: \"Node_1\" must be lowercase letters, digits, '-' and '.', \
+             starting and ending with a letter or digit",
+                "inv.capacity_type: must be CAPACITY_TYPE_ON_DEMAND or CAPACITY_TYPE_SPOT, \
+             not CAPACITY_TYPE_UNSPECIFIED",
+                "inv.price_per_hour_usd: NaN must be a finite number in 0..=1000000",
+                "inv.taints[0].effect: must be TAINT_EFFECT_NO_SCHEDULE or \
+             TAINT_EFFECT_PREFER_NO_SCHEDULE, not unknown value 7",
+                "inv.gpus[0].health: must be GPU_HEALTH_HEALTHY or GPU_HEALTH_UNHEALTHY, \
+             not GPU_HEALTH_UNSPECIFIED",
+                "inv.gpus[1].index: is 5; GPUs must be listed in index order 0..n",
+                "inv.gpus[1].uuid: \"GPU-abc-0\" is also the uuid of gpus[0]",
+                "inv.gpus[1].model: must be set (or product_name, to resolve it from)",
+                "inv.cached_images: 257 images; the limit is 256",
+            ]
+            .join("; ")
+        );
+    }
+}

@@ -86,3 +86,83 @@ pub fn quota_to_pb(tenant: &str, quota: &TenantQuota) -> pb::TenantQuota {
         priority: 0,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::convert::fixtures::*;
+
+    #[test]
+    fn quota_round_trips() {
+        let wire = pb::TenantQuota {
+            tenant: "acme".into(),
+            max_concurrent_sandboxes: 50,
+            max_gpus_per_model: HashMap::from([("H100".into(), 8), ("A100-80GB".into(), 0)]),
+            max_creates_per_second: 0,
+            priority: 0,
+        };
+        let (tenant, quota) = quota_from_pb(Some(&wire), "quota").expect("valid");
+        assert_eq!(tenant, "acme");
+        assert_eq!(
+            quota,
+            TenantQuota {
+                max_concurrent_sandboxes: Some(50),
+                max_gpu_milli_per_model: BTreeMap::from([
+                    (GpuModelName::Known(GpuModel::A100_80GB), 0),
+                    (GpuModelName::Known(GpuModel::H100), 8000),
+                ]),
+            }
+        );
+        assert_eq!(quota_to_pb(&tenant, &quota), wire);
+
+        // Aliases resolve to the canonical name; 0 concurrent is unlimited; the fields the
+        // model does not keep come back as 0.
+        let wire = pb::TenantQuota {
+            tenant: "t".into(),
+            max_concurrent_sandboxes: 0,
+            max_gpus_per_model: HashMap::from([("a10g".into(), 2)]),
+            max_creates_per_second: 100,
+            priority: 5,
+        };
+        let (tenant, quota) = quota_from_pb(Some(&wire), "quota").expect("valid");
+        assert_eq!(quota.max_concurrent_sandboxes, None);
+        assert_eq!(
+            quota_to_pb(&tenant, &quota),
+            pb::TenantQuota {
+                tenant: "t".into(),
+                max_concurrent_sandboxes: 0,
+                max_gpus_per_model: HashMap::from([("A10".into(), 2)]),
+                max_creates_per_second: 0,
+                priority: 0,
+            }
+        );
+    }
+
+    #[test]
+    fn quota_errors_name_tenant_and_model_keys() {
+        let err = quota_from_pb(None, "quota").expect_err("absent");
+        assert_eq!(message(&err), "quota: must be set");
+        let wire = pb::TenantQuota {
+            tenant: String::new(),
+            max_concurrent_sandboxes: 1,
+            max_gpus_per_model: HashMap::from([
+                ("H10".into(), 1),
+                ("H100".into(), 1),
+                ("h100".into(), 2),
+            ]),
+            max_creates_per_second: 0,
+            priority: 0,
+        };
+        let err = quota_from_pb(Some(&wire), "quota").expect_err("bad");
+        assert_eq!(
+            message(&err),
+            [
+                "quota.tenant: must be set",
+                "quota.max_gpus_per_model[\"H10\"]: \"H10\" is not a GPU model of the catalog \
+             (T4, L4, A10, L40S, A100-40GB, A100-80GB, RTX-PRO-6000, H100, H200, B200)",
+                "quota.max_gpus_per_model[\"h100\"]: \"h100\" and \"H100\" are both the model H100",
+            ]
+            .join("; ")
+        );
+    }
+}

@@ -99,3 +99,131 @@ pub fn sandbox_state_matches(filter: i32, s: &SandboxState) -> bool {
     pb::SandboxState::try_from(filter)
         .is_ok_and(|f| f != pb::SandboxState::Unspecified && f == sandbox_state_to_pb(s))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::convert::fixtures::*;
+    use crate::model::Binding;
+    use crate::state::Command;
+    use crate::testing::{apply_checked, placement, spec};
+
+    #[test]
+    fn lost_and_failed_sandboxes_show_their_reason() {
+        let (mut state, [a, ..]) = busy_node();
+        apply_checked(
+            &mut state,
+            &Command::SetNodeStatus {
+                node: "n1".into(),
+                status: NodeStatus::Down,
+                reason: "heartbeats stopped".into(),
+            },
+            30,
+        );
+        let lost = state.sandbox(a).expect("kept");
+        let SandboxState::Lost { reason } = &lost.state else {
+            panic!("{:?}", lost.state)
+        };
+        let status = sandbox_to_pb(lost, 9).status.expect("status");
+        assert_eq!(status.state, pb::SandboxState::Lost as i32);
+        assert_eq!(&status.reason, reason);
+        assert_eq!(status.node_id, "n1");
+        assert_eq!(status.finished_unix_ms, 30);
+        let node = node_to_pb(state.node("n1").expect("kept"), &state);
+        assert_eq!(node.status, pb::NodeStatus::Down as i32);
+        assert_eq!(node.status_reason, "heartbeats stopped");
+
+        let mut failed = lost.clone();
+        failed.state = SandboxState::Failed {
+            reason: "timeout".into(),
+        };
+        let status = sandbox_to_pb(&failed, 9).status.expect("status");
+        assert_eq!(status.state, pb::SandboxState::Failed as i32);
+        assert_eq!(status.reason, "timeout");
+        assert_eq!(status.exit_code, 0);
+    }
+
+    #[test]
+    fn state_filters_match_exactly() {
+        let running = SandboxState::Running;
+        let exited = SandboxState::Exited { code: 1 };
+        assert!(sandbox_state_matches(
+            pb::SandboxState::Running as i32,
+            &running
+        ));
+        assert!(!sandbox_state_matches(
+            pb::SandboxState::Running as i32,
+            &exited
+        ));
+        assert!(sandbox_state_matches(
+            pb::SandboxState::Exited as i32,
+            &exited
+        ));
+        assert!(!sandbox_state_matches(
+            pb::SandboxState::Unspecified as i32,
+            &running
+        ));
+        assert!(!sandbox_state_matches(99, &running));
+        assert!(!sandbox_state_matches(-1, &running));
+        assert_eq!(
+            sandbox_state_to_pb(&SandboxState::Lost { reason: "x".into() }),
+            pb::SandboxState::Lost
+        );
+        assert!(node_status_matches(
+            pb::NodeStatus::Draining as i32,
+            NodeStatus::Draining
+        ));
+        assert!(!node_status_matches(
+            pb::NodeStatus::Ready as i32,
+            NodeStatus::Cordoned
+        ));
+        assert!(!node_status_matches(0, NodeStatus::Ready));
+        assert!(!node_status_matches(17, NodeStatus::Ready));
+        assert_eq!(node_status_to_pb(NodeStatus::Down), pb::NodeStatus::Down);
+    }
+
+    #[test]
+    fn bindings_without_a_model_or_gpus_report_empty_fields() {
+        let mut cpu_only = Sandbox {
+            id: SandboxId(1),
+            request_id: "r".into(),
+            spec: spec(&[]),
+            state: SandboxState::Running,
+            binding: Some(Binding {
+                placement: placement("n1", 1, &[], 0),
+                gpu_model: None,
+                bound_revision: 2,
+            }),
+            pending_reason: Some("stale".into()),
+            created_revision: 1,
+            created_ms: 1,
+            scheduled_ms: Some(2),
+            started_ms: Some(3),
+            finished_ms: None,
+        };
+        let status = sandbox_to_pb(&cpu_only, 4).status.expect("status");
+        assert_eq!(
+            status,
+            pb::SandboxStatus {
+                state: pb::SandboxState::Running as i32,
+                node_id: "n1".into(),
+                created_unix_ms: 1,
+                scheduled_unix_ms: 2,
+                started_unix_ms: 3,
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            sandbox_to_pb(&cpu_only, 4)
+                .spec
+                .and_then(|s| s.resources)
+                .map(|r| r.gpu),
+            Some(None)
+        );
+        cpu_only.binding = None;
+        assert_eq!(
+            sandbox_to_pb(&cpu_only, 4).status.map(|s| s.node_id),
+            Some(String::new())
+        );
+    }
+}

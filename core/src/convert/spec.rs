@@ -225,3 +225,172 @@ pub fn taint_effect_to_pb(e: TaintEffect) -> pb::TaintEffect {
         TaintEffect::PreferNoSchedule => pb::TaintEffect::PreferNoSchedule,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::convert::fixtures::*;
+
+    use berth_proto::GpuRequest;
+
+    #[test]
+    fn a_valid_spec_round_trips() {
+        let wire = wire_spec();
+        let spec = spec_from_pb(Some(&wire), "spec").expect("valid");
+        assert_eq!(
+            spec,
+            SandboxSpec {
+                tenant: "acme".into(),
+                image: "python:3.12".into(),
+                command: vec!["python".into(), "-c".into(), "print(1)".into()],
+                env: BTreeMap::from([("A".into(), "1".into())]),
+                cpu_milli: 2000,
+                memory_mib: 4096,
+                gpu: Some(
+                    GpuRequest::parse(&["H100!:2", "A100-80GB:2"], Some(40_000)).expect("valid")
+                ),
+                constraints: Constraints {
+                    providers: vec!["aws".into()],
+                    regions: vec!["us-east-1".into()],
+                    node_labels: BTreeMap::from([("pool".into(), "gpu".into())]),
+                    tolerations: vec![Toleration {
+                        key: "dedicated".into(),
+                        value: String::new(),
+                    }],
+                    capacity_type: Some(CapacityType::Spot),
+                },
+                priority: 10,
+                timeout_ms: 60_000,
+                network: true,
+                labels: BTreeMap::from([("team".into(), "ml".into())]),
+            }
+        );
+        assert_eq!(spec_to_pb(&spec), wire);
+
+        let sandbox = Sandbox {
+            id: SandboxId(7),
+            request_id: "req-1".into(),
+            spec: spec.clone(),
+            state: SandboxState::Pending,
+            binding: None,
+            pending_reason: Some("no node has 2 free H100".into()),
+            created_revision: 3,
+            created_ms: 1_000,
+            scheduled_ms: None,
+            started_ms: None,
+            finished_ms: None,
+        };
+        let out = sandbox_to_pb(&sandbox, 42);
+        assert_eq!(out.id, "sbx-0000000007");
+        assert_eq!(out.request_id, "req-1");
+        assert_eq!(out.revision, 42);
+        assert_eq!(out.spec.as_ref(), Some(&wire));
+        assert_eq!(
+            out.status,
+            Some(pb::SandboxStatus {
+                state: pb::SandboxState::Pending as i32,
+                reason: "no node has 2 free H100".into(),
+                created_unix_ms: 1_000,
+                ..Default::default()
+            })
+        );
+        // And the wire form reads back to the same spec.
+        assert_eq!(ok(spec_from_pb(out.spec.as_ref(), "spec")), Ok(spec));
+    }
+
+    #[test]
+    fn a_cpu_only_spec_has_no_gpu_request() {
+        let mut wire = wire_spec();
+        if let Some(r) = wire.resources.as_mut() {
+            r.gpu = None;
+        }
+        wire.constraints = None;
+        let spec = spec_from_pb(Some(&wire), "spec").expect("valid");
+        assert_eq!(spec.gpu, None);
+        assert_eq!(spec.constraints, Constraints::default());
+    }
+
+    #[test]
+    fn every_mistake_is_named_with_its_full_path_in_field_order() {
+        let mut wire = wire_spec();
+        wire.resources = Some(pb::Resources {
+            cpu_milli: 0,
+            memory_mib: 1024,
+            gpu: Some(pb::GpuRequest {
+                options: vec!["H100:0".into()],
+                min_memory_mib: 0,
+            }),
+        });
+        let err = spec_from_pb(Some(&wire), "spec").expect_err("two mistakes");
+        assert_eq!(
+            message(&err),
+            "spec.resources.cpu_milli: 0 is outside 1..=1024000; \
+         spec.resources.gpu.options[0]: GPU spec \"H100:0\": the GPU count must be at least 1"
+        );
+
+        // More, across the spec: reported in .proto field order whatever the checker.
+        wire.tenant = "Bad_Tenant".into();
+        wire.priority = 5000;
+        if let Some(c) = wire.constraints.as_mut() {
+            c.capacity_type = 9;
+            c.tolerations[0].key = String::new();
+        }
+        let err = spec_from_pb(Some(&wire), "req.spec").expect_err("many mistakes");
+        assert_eq!(
+            message(&err),
+            [
+                "req.spec.tenant: \"Bad_Tenant\" must be lowercase letters, digits, '-' and '.', \
+             starting and ending with a letter or digit",
+                "req.spec.resources.cpu_milli: 0 is outside 1..=1024000",
+                "req.spec.resources.gpu.options[0]: GPU spec \"H100:0\": the GPU count must be \
+             at least 1",
+                "req.spec.constraints.tolerations[0].key: must be set",
+                "req.spec.constraints.capacity_type: unknown value 9 (use \
+             CAPACITY_TYPE_UNSPECIFIED for either, CAPACITY_TYPE_ON_DEMAND or \
+             CAPACITY_TYPE_SPOT)",
+                "req.spec.priority: 5000 is outside -1000..=1000",
+            ]
+            .join("; ")
+        );
+    }
+
+    #[test]
+    fn missing_spec_and_resources_are_named() {
+        let err = spec_from_pb(None, "spec").expect_err("no spec");
+        assert_eq!(message(&err), "spec: must be set");
+
+        let mut wire = wire_spec();
+        wire.resources = None;
+        let err = spec_from_pb(Some(&wire), "spec").expect_err("no resources");
+        // Only the missing message: not also that its CPU and memory are 0.
+        assert_eq!(message(&err), "spec.resources: must be set");
+    }
+
+    #[test]
+    fn create_request_reports_request_id_and_spec_together() {
+        let mut wire = wire_spec();
+        wire.tenant = String::new();
+        let request = pb::CreateSandboxRequest {
+            request_id: String::new(),
+            spec: Some(wire),
+        };
+        let err = create_request_from_pb(&request).expect_err("two mistakes");
+        assert_eq!(
+            message(&err),
+            "request_id: is 0 bytes long, outside 1..=128; spec.tenant: must be set"
+        );
+        let err = create_request_from_pb(&pb::CreateSandboxRequest {
+            request_id: "r".into(),
+            spec: None,
+        })
+        .expect_err("no spec");
+        assert_eq!(message(&err), "spec: must be set");
+        let (id, spec) = create_request_from_pb(&pb::CreateSandboxRequest {
+            request_id: "r".into(),
+            spec: Some(wire_spec()),
+        })
+        .expect("valid");
+        assert_eq!(id, "r");
+        assert_eq!(spec.tenant, "acme");
+    }
+}

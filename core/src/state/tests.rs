@@ -3,18 +3,8 @@
 use berth_proto::GpuModel;
 
 use super::*;
-use crate::model::{NodeStatus, Placement, SandboxState, TenantQuota};
-use crate::testing::{apply_checked, gpu_node, spec, submit};
-
-fn placement(node: &str, epoch: u64, gpus: &[u32], milli: u32) -> Placement {
-    Placement {
-        node: node.into(),
-        epoch,
-        option: 0,
-        gpu_indices: gpus.to_vec(),
-        gpu_milli_per_gpu: milli,
-    }
-}
+use crate::model::{NodeStatus, SandboxState, TenantQuota};
+use crate::testing::{apply_checked, gpu_node, placement, spec, submit};
 
 fn created(out: &[ItemOutcome]) -> (SandboxId, bool) {
     match out {
