@@ -1,20 +1,13 @@
 //! The transitions of the state machine.
 
-use berth_proto::gpu::{
-    GpuAmount, GpuModelSelector, GpuRequest,
-    request::{MAX_GPU_OPTIONS, MAX_GPUS_PER_SANDBOX},
-};
-use std::collections::BTreeSet;
+use berth_proto::{FieldErrors, Validator};
 
-use berth_proto::{FieldErrors, GpuModelName, Validator};
-
+use super::State;
+use super::checks::{check_fit, validate_gpu_request};
 use super::command::{
     Command, ItemOutcome, MAX_BATCH_ITEMS, Rejection, StatusChange, StatusUpdate, Submission,
 };
-use super::{NodeRecord, State};
-use crate::model::{
-    Binding, NodeSpec, NodeStatus, Placement, Sandbox, SandboxId, SandboxSpec, SandboxState,
-};
+use crate::model::{Binding, Placement, Sandbox, SandboxId, SandboxState};
 
 impl State {
     /// Applies one command at time `now_ms` (the leader's clock, carried in the entry) and
@@ -136,130 +129,6 @@ impl State {
                 .decisions
                 .push_back(truncate(line, super::MAX_DECISION_LEN));
         }
-        Ok(())
-    }
-
-    /// Registers or re-registers a node. With `has` (an agent's registration), a sandbox
-    /// the state has Running there that the agent does not have is Lost.
-    fn register_node(
-        &mut self,
-        spec: &NodeSpec,
-        has: Option<&BTreeSet<SandboxId>>,
-        now_ms: u64,
-    ) -> Result<(), Rejection> {
-        let mut v = Validator::new();
-        spec.validate(&mut v);
-        v.finish().map_err(Rejection::InvalidSpec)?;
-        let Some(existing) = self.nodes.get_mut(&spec.id) else {
-            self.nodes.insert(
-                spec.id.clone(),
-                NodeRecord {
-                    spec: spec.clone(),
-                    status: NodeStatus::Ready,
-                    status_reason: String::new(),
-                    // The revision of the registration: unique and increasing even across a
-                    // remove and re-add, so a plan for an earlier registration is always stale.
-                    epoch: self.revision,
-                    cpu_milli_allocated: 0,
-                    memory_mib_allocated: 0,
-                    gpu_milli_allocated: vec![0; spec.gpus.len()],
-                    sandboxes: Default::default(),
-                },
-            );
-            return Ok(());
-        };
-        existing.epoch = self.revision;
-        existing.spec = spec.clone();
-        if existing.status == NodeStatus::Down {
-            existing.status = NodeStatus::Ready;
-            existing.status_reason = "re-registered".into();
-        }
-        // Re-adopt what still fits the new inventory; what does not is Lost.
-        let held: Vec<SandboxId> = existing.sandboxes.iter().copied().collect();
-        existing.cpu_milli_allocated = 0;
-        existing.memory_mib_allocated = 0;
-        existing.gpu_milli_allocated = vec![0; spec.gpus.len()];
-        existing.sandboxes.clear();
-        for id in held {
-            // Tenant usage is recomputed along with the node's: released here, re-held below.
-            self.account_tenant(id, false);
-            let Some(sandbox) = self.sandboxes.get(&id) else {
-                continue;
-            };
-            let node = self.nodes.get(&spec.id);
-            if has.is_some_and(|has| !has.contains(&id)) && sandbox.state == SandboxState::Running {
-                let reason = format!("the agent on {} restarted without it", spec.id);
-                self.finish(id, SandboxState::Lost { reason }, now_ms, false);
-                continue;
-            }
-            let fits = match (&sandbox.binding, node) {
-                (Some(b), Some(node)) => {
-                    b.placement.gpu_indices.iter().all(|i| {
-                        node.gpu_milli_free(*i as usize) >= b.placement.gpu_milli_per_gpu
-                            && spec.gpus.get(*i as usize).map(|g| &g.model) == b.gpu_model.as_ref()
-                    }) && node.cpu_milli_free() >= sandbox.spec.cpu_milli
-                        && node.memory_mib_free() >= sandbox.spec.memory_mib
-                }
-                _ => false,
-            };
-            if fits {
-                self.hold(id);
-            } else {
-                let reason = format!(
-                    "node {} re-registered without the resources it was bound to",
-                    spec.id
-                );
-                self.finish(id, SandboxState::Lost { reason }, now_ms, false);
-            }
-        }
-        Ok(())
-    }
-
-    fn set_node_status(
-        &mut self,
-        id: &str,
-        status: NodeStatus,
-        reason: &str,
-        now_ms: u64,
-    ) -> Result<(), Rejection> {
-        let node = self
-            .nodes
-            .get_mut(id)
-            .ok_or_else(|| Rejection::UnknownNode(id.to_owned()))?;
-        if node.status == NodeStatus::Down && status != NodeStatus::Down {
-            return Err(Rejection::MustReregister(id.to_owned()));
-        }
-        let reason = truncate(reason, 1024);
-        node.status = status;
-        node.status_reason = reason.clone();
-        if status == NodeStatus::Down {
-            let held: Vec<SandboxId> = node.sandboxes.iter().copied().collect();
-            for sandbox in held {
-                self.finish(
-                    sandbox,
-                    SandboxState::Lost {
-                        reason: format!("node {id} is down: {reason}"),
-                    },
-                    now_ms,
-                    true,
-                );
-            }
-        }
-        Ok(())
-    }
-
-    fn remove_node(&mut self, id: &str) -> Result<(), Rejection> {
-        let node = self
-            .nodes
-            .get(id)
-            .ok_or_else(|| Rejection::UnknownNode(id.to_owned()))?;
-        if !node.sandboxes.is_empty() {
-            return Err(Rejection::NodeNotEmpty {
-                node: id.to_owned(),
-                count: node.sandboxes.len(),
-            });
-        }
-        self.nodes.remove(id);
         Ok(())
     }
 
@@ -465,7 +334,13 @@ impl State {
     }
 
     /// Moves a sandbox to a terminal state, releasing what it holds (when `release`).
-    fn finish(&mut self, id: SandboxId, state: SandboxState, now_ms: u64, release: bool) {
+    pub(super) fn finish(
+        &mut self,
+        id: SandboxId,
+        state: SandboxState,
+        now_ms: u64,
+        release: bool,
+    ) {
         let Some(sandbox) = self.sandboxes.get_mut(&id) else {
             return;
         };
@@ -490,13 +365,13 @@ impl State {
     }
 
     /// Adds a bound sandbox's resources to its node and tenant.
-    fn hold(&mut self, id: SandboxId) {
+    pub(super) fn hold(&mut self, id: SandboxId) {
         self.account_node(id, true);
         self.account_tenant(id, true);
     }
 
     /// Takes a bound sandbox's resources off its node and tenant.
-    fn release(&mut self, id: SandboxId) {
+    pub(super) fn release(&mut self, id: SandboxId) {
         self.account_node(id, false);
         self.account_tenant(id, false);
     }
@@ -504,7 +379,7 @@ impl State {
     /// Adds (`hold`) or removes a bound sandbox's CPU, memory and GPU share on its node. A
     /// sandbox is counted exactly while it is in the node's set, so repeating either is a
     /// no-op.
-    fn account_node(&mut self, id: SandboxId, hold: bool) {
+    pub(super) fn account_node(&mut self, id: SandboxId, hold: bool) {
         let Some(sandbox) = self.sandboxes.get(&id) else {
             return;
         };
@@ -542,7 +417,7 @@ impl State {
     }
 
     /// Adds (`hold`) or removes a bound sandbox's GPUs from its tenant's usage per model.
-    fn account_tenant(&mut self, id: SandboxId, hold: bool) {
+    pub(super) fn account_tenant(&mut self, id: SandboxId, hold: bool) {
         let Some(sandbox) = self.sandboxes.get(&id) else {
             return;
         };
@@ -566,7 +441,7 @@ impl State {
         }
     }
 
-    fn count_state(&mut self, name: &str, delta: i64) {
+    pub(super) fn count_state(&mut self, name: &str, delta: i64) {
         let count = self.sandboxes_by_state.entry(name.to_owned()).or_default();
         *count = count.saturating_add_signed(delta);
         if *count == 0 {
@@ -575,170 +450,12 @@ impl State {
     }
 }
 
-/// Checks that a GPU request read from a log entry is well formed (the wire parser already
-/// guarantees this for requests that came through the API; entries are checked anyway).
-fn validate_gpu_request(gpu: &GpuRequest, v: &mut Validator) {
-    // What the parser would build from this request's own spec strings must be this request:
-    // an entry can then hold nothing the API could not have accepted.
-    if GpuRequest::parse(&gpu.specs(), gpu.min_memory_mib).as_ref() != Ok(gpu) {
-        v.error(
-            "",
-            format!("{gpu} is not a request the GPU spec parser accepts"),
-        );
-        return;
-    }
-    v.check(
-        (1..=MAX_GPU_OPTIONS).contains(&gpu.options.len()),
-        "options",
-        || {
-            format!(
-                "{} options; 1..={MAX_GPU_OPTIONS} allowed",
-                gpu.options.len()
-            )
-        },
-    );
-    for (i, option) in gpu.options.iter().enumerate() {
-        let ok = match option.amount {
-            GpuAmount::Whole(n) => (1..=MAX_GPUS_PER_SANDBOX).contains(&n),
-            GpuAmount::Shared(m) => (1..1000).contains(&m),
-        };
-        v.check(ok, &format!("options[{i}]"), || {
-            format!("{option} has an amount out of range")
-        });
-    }
-}
-
-/// Re-checks a placement against the node as it is now. Returns the bound GPU model.
-pub(crate) fn check_fit(
-    spec: &SandboxSpec,
-    node: &NodeRecord,
-    placement: &Placement,
-) -> Result<Option<GpuModelName>, Rejection> {
-    let node_id = &node.spec.id;
-    if placement.epoch != node.epoch {
-        return Err(Rejection::StaleEpoch {
-            node: node_id.clone(),
-            planned: placement.epoch,
-            current: node.epoch,
-        });
-    }
-    if node.status != NodeStatus::Ready {
-        return Err(Rejection::NodeNotReady {
-            node: node_id.clone(),
-            status: node.status,
-        });
-    }
-    check_constraints(spec, &node.spec)?;
-    for (resource, free, need) in [
-        ("cpu_milli", node.cpu_milli_free(), spec.cpu_milli),
-        ("memory_mib", node.memory_mib_free(), spec.memory_mib),
-    ] {
-        if free < need {
-            return Err(Rejection::Insufficient {
-                node: node_id.clone(),
-                resource,
-                free,
-                need,
-            });
-        }
-    }
-    let Some(request) = &spec.gpu else {
-        if !placement.gpu_indices.is_empty() {
-            return Err(Rejection::PlanMismatch(
-                "a CPU-only sandbox was given GPUs".into(),
-            ));
-        }
-        return Ok(None);
-    };
-    let option = request
-        .options
-        .get(placement.option as usize)
-        .ok_or_else(|| {
-            Rejection::PlanMismatch(format!("option {} does not exist", placement.option))
-        })?;
-    if placement.gpu_indices.len() != option.amount.gpu_count() as usize {
-        return Err(Rejection::PlanMismatch(format!(
-            "{} GPUs given; {option} asks for {}",
-            placement.gpu_indices.len(),
-            option.amount.gpu_count()
-        )));
-    }
-    if placement.gpu_milli_per_gpu != option.amount.milli_per_gpu() {
-        return Err(Rejection::PlanMismatch(format!(
-            "{} milli per GPU given; {option} asks for {}",
-            placement.gpu_milli_per_gpu,
-            option.amount.milli_per_gpu()
-        )));
-    }
-    let mut model: Option<&GpuModelName> = None;
-    for (k, index) in placement.gpu_indices.iter().enumerate() {
-        let gpu_err = |why: String| Rejection::Gpu {
-            node: node_id.clone(),
-            index: *index,
-            why,
-        };
-        if placement.gpu_indices[..k].contains(index) {
-            return Err(gpu_err("listed twice".into()));
-        }
-        let gpu = node
-            .spec
-            .gpus
-            .get(*index as usize)
-            .ok_or_else(|| gpu_err("does not exist".into()))?;
-        if !gpu.healthy {
-            return Err(gpu_err("is unhealthy".into()));
-        }
-        // The state machine enforces `!` and the model ladder; whether upgrades are wanted
-        // at all is the placement engine's (operator-configured) choice.
-        if !option.accepts(&gpu.model, true) {
-            return Err(gpu_err(format!(
-                "is a {}, which {option} does not accept",
-                gpu.model
-            )));
-        }
-        if model.is_some_and(|m| m != &gpu.model) {
-            return Err(gpu_err(
-                "is a different model from the other GPUs in the plan".into(),
-            ));
-        }
-        model = Some(&gpu.model);
-        if let Some(min) = request.min_memory_mib {
-            if gpu.memory_mib < min {
-                return Err(gpu_err(format!(
-                    "has {} MiB; the request needs {min}",
-                    gpu.memory_mib
-                )));
-            }
-        }
-        let free = node.gpu_milli_free(*index as usize);
-        if free < placement.gpu_milli_per_gpu {
-            return Err(gpu_err(format!(
-                "has {free} milli free; the sandbox needs {}",
-                placement.gpu_milli_per_gpu
-            )));
-        }
-    }
-    if matches!(option.model, GpuModelSelector::Model(_)) && model.is_none() {
-        return Err(Rejection::PlanMismatch("no GPUs given".into()));
-    }
-    Ok(model.cloned())
-}
-
-/// Hard constraints of a sandbox against a node: the placement engine's own inventory
-/// filters, so placement and `apply` agree on what fits.
-pub(crate) fn check_constraints(spec: &SandboxSpec, node: &NodeSpec) -> Result<(), Rejection> {
-    crate::placement::filters::check_spec(spec, node).map_err(|reason| Rejection::Constraint {
-        node: node.id.clone(),
-        why: reason.to_string(),
-    })
-}
-
 /// The outcome of an item whose transition either applied or was refused.
 fn outcome(result: Result<(), Rejection>) -> ItemOutcome {
     result.map_or_else(ItemOutcome::Rejected, |()| ItemOutcome::Applied)
 }
 
-fn truncate(text: &str, max: usize) -> String {
+pub(super) fn truncate(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_owned();
     }

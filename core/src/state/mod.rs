@@ -12,11 +12,15 @@
 //!
 //! # Layout
 //! - [`command`]: commands and per-item outcomes.
-//! - `apply`: the transitions.
+//! - `apply`: the transitions of sandboxes, tenants and the autoscaler lease; `nodes`: node
+//!   registration, status and removal; `checks`: what an entry is checked against (GPU
+//!   request well formed, fit, constraints).
 //! - [`snapshot`]: compact binary snapshot and restore.
 
 mod apply;
+mod checks;
 pub mod command;
+mod nodes;
 pub mod snapshot;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,137 @@
+//! Node transitions: registration (with an agent's re-adoption), status, removal.
+
+use std::collections::BTreeSet;
+
+use berth_proto::Validator;
+
+use super::command::Rejection;
+use super::{NodeRecord, State};
+use crate::model::{NodeSpec, NodeStatus, SandboxId, SandboxState};
+
+use super::apply::truncate;
+
+impl State {
+    /// Registers or re-registers a node. With `has` (an agent's registration), a sandbox
+    /// the state has Running there that the agent does not have is Lost.
+    pub(super) fn register_node(
+        &mut self,
+        spec: &NodeSpec,
+        has: Option<&BTreeSet<SandboxId>>,
+        now_ms: u64,
+    ) -> Result<(), Rejection> {
+        let mut v = Validator::new();
+        spec.validate(&mut v);
+        v.finish().map_err(Rejection::InvalidSpec)?;
+        let Some(existing) = self.nodes.get_mut(&spec.id) else {
+            self.nodes.insert(
+                spec.id.clone(),
+                NodeRecord {
+                    spec: spec.clone(),
+                    status: NodeStatus::Ready,
+                    status_reason: String::new(),
+                    // The revision of the registration: unique and increasing even across a
+                    // remove and re-add, so a plan for an earlier registration is always stale.
+                    epoch: self.revision,
+                    cpu_milli_allocated: 0,
+                    memory_mib_allocated: 0,
+                    gpu_milli_allocated: vec![0; spec.gpus.len()],
+                    sandboxes: Default::default(),
+                },
+            );
+            return Ok(());
+        };
+        existing.epoch = self.revision;
+        existing.spec = spec.clone();
+        if existing.status == NodeStatus::Down {
+            existing.status = NodeStatus::Ready;
+            existing.status_reason = "re-registered".into();
+        }
+        // Re-adopt what still fits the new inventory; what does not is Lost.
+        let held: Vec<SandboxId> = existing.sandboxes.iter().copied().collect();
+        existing.cpu_milli_allocated = 0;
+        existing.memory_mib_allocated = 0;
+        existing.gpu_milli_allocated = vec![0; spec.gpus.len()];
+        existing.sandboxes.clear();
+        for id in held {
+            // Tenant usage is recomputed along with the node's: released here, re-held below.
+            self.account_tenant(id, false);
+            let Some(sandbox) = self.sandboxes.get(&id) else {
+                continue;
+            };
+            let node = self.nodes.get(&spec.id);
+            if has.is_some_and(|has| !has.contains(&id)) && sandbox.state == SandboxState::Running {
+                let reason = format!("the agent on {} restarted without it", spec.id);
+                self.finish(id, SandboxState::Lost { reason }, now_ms, false);
+                continue;
+            }
+            let fits = match (&sandbox.binding, node) {
+                (Some(b), Some(node)) => {
+                    b.placement.gpu_indices.iter().all(|i| {
+                        node.gpu_milli_free(*i as usize) >= b.placement.gpu_milli_per_gpu
+                            && spec.gpus.get(*i as usize).map(|g| &g.model) == b.gpu_model.as_ref()
+                    }) && node.cpu_milli_free() >= sandbox.spec.cpu_milli
+                        && node.memory_mib_free() >= sandbox.spec.memory_mib
+                }
+                _ => false,
+            };
+            if fits {
+                self.hold(id);
+            } else {
+                let reason = format!(
+                    "node {} re-registered without the resources it was bound to",
+                    spec.id
+                );
+                self.finish(id, SandboxState::Lost { reason }, now_ms, false);
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn set_node_status(
+        &mut self,
+        id: &str,
+        status: NodeStatus,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<(), Rejection> {
+        let node = self
+            .nodes
+            .get_mut(id)
+            .ok_or_else(|| Rejection::UnknownNode(id.to_owned()))?;
+        if node.status == NodeStatus::Down && status != NodeStatus::Down {
+            return Err(Rejection::MustReregister(id.to_owned()));
+        }
+        let reason = truncate(reason, 1024);
+        node.status = status;
+        node.status_reason = reason.clone();
+        if status == NodeStatus::Down {
+            let held: Vec<SandboxId> = node.sandboxes.iter().copied().collect();
+            for sandbox in held {
+                self.finish(
+                    sandbox,
+                    SandboxState::Lost {
+                        reason: format!("node {id} is down: {reason}"),
+                    },
+                    now_ms,
+                    true,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn remove_node(&mut self, id: &str) -> Result<(), Rejection> {
+        let node = self
+            .nodes
+            .get(id)
+            .ok_or_else(|| Rejection::UnknownNode(id.to_owned()))?;
+        if !node.sandboxes.is_empty() {
+            return Err(Rejection::NodeNotEmpty {
+                node: id.to_owned(),
+                count: node.sandboxes.len(),
+            });
+        }
+        self.nodes.remove(id);
+        Ok(())
+    }
+}
