@@ -4,7 +4,8 @@
 //!   leader's batched placement. Production and the harness run the same code.
 //! - [`log_store`]: the in-memory log raft-rs reads, and the [`log_store::Durable`] trait.
 //! - [`engine`]: the production durable store on raft-engine.
-//! - [`harness`]: a deterministic cluster with a seeded faulty network and crashes.
+//! - [`harness`]: a deterministic cluster with a seeded faulty network (`harness/network.rs`)
+//!   and crashes, and clients that retry (`harness/clients.rs`).
 //! - [`codec`]: what berth puts in entries and snapshots.
 //! - [`slog_bridge`]: raft-rs logs through slog; this forwards it to tracing.
 
