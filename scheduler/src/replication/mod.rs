@@ -1,7 +1,7 @@
 //! Replication: the scheduler state machine made highly available with Raft.
 //!
 //! - [`replica`]: one replica, sans-IO: raft-rs `RawNode`, the state machine, and the
-//!   leader's batched placement. Production and the harness run the same code.
+//!   leader's planner ([`crate::leader`]). Production and the harness run the same code.
 //! - [`log_store`]: the in-memory log raft-rs reads, and the [`log_store::Durable`] trait.
 //! - [`engine`]: the production durable store on raft-engine.
 //! - [`harness`]: a deterministic cluster with a seeded faulty network (`harness/network.rs`)
