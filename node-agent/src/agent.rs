@@ -11,15 +11,16 @@
 //! or the replica stops leading, the agent reconnects, following the leader hint, with
 //! capped exponential backoff.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use berth_net::NetConfig;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::Channel;
@@ -29,16 +30,16 @@ use berth_proto::pb::v1::agent_service_server::AgentServiceServer;
 use berth_proto::pb::v1::node_service_client::NodeServiceClient;
 
 use crate::config::{AgentConfig, RuntimeKind};
+use crate::image::{ImageSettings, ImageStore};
 use crate::inventory::{self, GpuSource};
 use crate::logs::Logs;
-use crate::runtime::{ExitRecord, Launch, LocalState, Outcome, Runtime, cgroup_v2, unix_ms};
+use crate::metrics::AgentMetrics;
+use crate::monitor::Monitor;
+use crate::runtime::{ExitRecord, Launch, LocalState, Outcome, Runtime, unix_ms};
+use crate::starter::{StartRequest, Starter};
 
-/// Finished sandboxes whose output is kept (for `berth sandbox logs`), newest first.
-const MAX_FINISHED_KEPT: usize = 1_000;
-/// How long a finished sandbox's output is kept.
-const FINISHED_RETENTION: Duration = Duration::from_secs(3_600);
-/// How often the agent looks at its sandboxes.
-const MONITOR_EVERY: Duration = Duration::from_millis(100);
+/// Cached images listed in the inventory (the scheduler's limit on `cached_images`).
+const MAX_CACHED_IMAGES_REPORTED: usize = 256;
 /// Grace period for sandboxes the scheduler does not know.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Reconnect backoff bounds.
@@ -107,15 +108,41 @@ pub async fn run(
             cfg.runsc_path
         )));
     }
-    if let Err(why) = cgroup_v2() {
+    if let Err(why) = crate::cgroups::detect().and_then(|h| crate::cgroups::writable(&h)) {
         tracing::warn!("{why}");
     }
     // Like the scheduler's data_dir, relative to the working directory.
     let state_dir = PathBuf::from(&cfg.state_dir);
     let runtime = Runtime::new(state_dir.join("sandboxes"), opts.shim.clone())
         .map_err(io_error(format!("state_dir {}", state_dir.display())))?;
+    let metrics = Arc::new(AgentMetrics::new());
+    let images = ImageStore::open(
+        ImageSettings {
+            dir: cfg.image_cache_path(),
+            max_bytes: cfg.image_cache_max_bytes,
+            max_concurrent_pulls: cfg.max_concurrent_pulls,
+            registries: cfg.registries_resolved(&opts.config_dir),
+        },
+        metrics.clone(),
+    )
+    .map_err(io_error(format!(
+        "image_cache_dir {}",
+        cfg.image_cache_path().display()
+    )))?;
     let mut gpus = GpuSource::open(&cfg, &opts.config_dir);
     let inventory = gpus.read()?;
+    let metrics_server = if cfg.metrics_address.is_empty() {
+        None
+    } else {
+        let listener = tokio::net::TcpListener::bind(&cfg.metrics_address)
+            .await
+            .map_err(io_error(format!("metrics_address {}", cfg.metrics_address)))?;
+        tracing::info!(node = %cfg.node_id, address = %listener.local_addr().map_err(io_error("metrics_address"))?, "agent metrics on /metrics");
+        let registry = metrics.registry().clone();
+        Some(tokio::spawn(berth_net::metrics_http::serve(
+            registry, listener,
+        )))
+    };
 
     let listener = tokio::net::TcpListener::bind(&cfg.listen_address)
         .await
@@ -142,14 +169,23 @@ pub async fn run(
         logs = %advertised,
         "agent started"
     );
+    let monitor = Monitor::start(runtime.clone(), images.clone()).await;
+    let starter = Starter::new(
+        runtime.clone(),
+        images.clone(),
+        metrics.clone(),
+        cfg.max_concurrent_starts,
+    );
+    let inventory = spawn_inventory(&cfg, gpus, inventory, &advertised, images.clone());
     let mut agent = Agent {
-        inventory: inventory::to_pb(&cfg, &inventory, &advertised),
         cfg,
-        gpus,
+        inventory,
         runtime,
-        doomed: BTreeSet::new(),
+        starter,
+        monitor,
+        metrics,
         sequence: 0,
-        last_scan: BTreeMap::new(),
+        last_heartbeat: None,
     };
     tokio::pin!(shutdown);
     let mut endpoint = 0usize;
@@ -193,6 +229,9 @@ pub async fn run(
     }
     let _ = stop_server.send(());
     let _ = server.await;
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     tracing::info!(node = %agent.cfg.node_id, "agent stopped");
     Ok(())
 }
@@ -205,14 +244,14 @@ enum SessionEnd {
 
 struct Agent {
     cfg: AgentConfig,
-    gpus: GpuSource,
-    inventory: pb::NodeInventory,
+    /// The node's inventory as it should be registered (GPUs, cached images).
+    inventory: watch::Receiver<pb::NodeInventory>,
     runtime: Runtime,
-    /// Sandboxes the scheduler no longer has: their directories go once they end.
-    doomed: BTreeSet<String>,
+    starter: Starter,
+    monitor: Monitor,
+    metrics: Arc<AgentMetrics>,
     sequence: u64,
-    /// The previous look at the sandboxes (finished ones are not read again).
-    last_scan: BTreeMap<String, crate::runtime::LocalSandbox>,
+    last_heartbeat: Option<Instant>,
 }
 
 fn channel(address: &str) -> Result<Channel, berth_net::NetError> {
@@ -251,9 +290,75 @@ fn status_message(id: &str, state: &LocalState) -> pb::AgentMessage {
     ))
 }
 
+/// Keeps the node's inventory fresh off the session loop: NVML is re-read every
+/// `inventory_refresh_s` on the blocking pool, and the cached images are re-listed whenever
+/// the image cache changes.
+fn spawn_inventory(
+    cfg: &AgentConfig,
+    gpus: GpuSource,
+    first: inventory::Inventory,
+    advertised: &str,
+    images: ImageStore,
+) -> watch::Receiver<pb::NodeInventory> {
+    let build = {
+        let cfg = cfg.clone();
+        let advertised = advertised.to_owned();
+        let images = images.clone();
+        move |inv: &inventory::Inventory| {
+            let mut pb = inventory::to_pb(&cfg, inv, &advertised);
+            pb.cached_images = images.references(MAX_CACHED_IMAGES_REPORTED);
+            pb
+        }
+    };
+    let (tx, rx) = watch::channel(build(&first));
+    let refresh_every = Duration::from_secs(cfg.inventory_refresh_s.max(1));
+    let gpus = Arc::new(std::sync::Mutex::new(gpus));
+    tokio::spawn(async move {
+        let mut last = first;
+        let mut cached = images.subscribe();
+        let mut refresh =
+            tokio::time::interval_at(tokio::time::Instant::now() + refresh_every, refresh_every);
+        loop {
+            tokio::select! {
+                _ = refresh.tick() => {
+                    let gpus = gpus.clone();
+                    let read = tokio::task::spawn_blocking(move || {
+                        gpus.lock().unwrap_or_else(std::sync::PoisonError::into_inner).read()
+                    })
+                    .await;
+                    match read {
+                        Ok(Ok(inv)) => last = inv,
+                        Ok(Err(e)) => tracing::warn!(error = %e, "inventory refresh failed; keeping the last one"),
+                        Err(_) => {}
+                    }
+                }
+                changed = cached.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+            }
+            let fresh = build(&last);
+            tx.send_if_modified(|current| {
+                if *current == fresh {
+                    false
+                } else {
+                    tracing::info!("inventory changed; re-registering it");
+                    *current = fresh;
+                    true
+                }
+            });
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 impl Agent {
-    /// The launch record of an assignment.
-    fn launch_of(&self, sandbox: &pb::Sandbox, epoch: u64) -> Launch {
+    /// The start request of an assignment.
+    fn request_of(&self, sandbox: &pb::Sandbox, epoch: u64) -> StartRequest {
         let spec = sandbox.spec.clone().unwrap_or_default();
         let resources = spec.resources.clone().unwrap_or_default();
         let gpu_uuids = sandbox
@@ -261,21 +366,36 @@ impl Agent {
             .as_ref()
             .map(|s| s.gpu_uuids.clone())
             .unwrap_or_default();
-        Launch {
-            sandbox_id: sandbox.id.clone(),
-            epoch,
+        StartRequest {
+            launch: Launch {
+                sandbox_id: sandbox.id.clone(),
+                epoch,
+                command: Vec::new(),
+                env: BTreeMap::new(),
+                image: spec.image.clone(),
+                image_digest: String::new(),
+                rootfs: None,
+                workdir: String::new(),
+                uid: 0,
+                gid: 0,
+                gpu_uuids,
+                cpu_milli: resources.cpu_milli,
+                memory_mib: resources.memory_mib,
+                timeout_ms: spec.timeout_ms,
+                network: spec.network,
+                runtime: self.cfg.runtime,
+                runsc_path: self.cfg.runsc_path.clone(),
+                runsc_platform: self.cfg.runsc_platform.clone(),
+                max_output_bytes: self.cfg.max_output_bytes,
+            },
             command: spec.command,
             env: spec.env.into_iter().collect(),
-            gpu_uuids,
-            cpu_milli: resources.cpu_milli,
-            memory_mib: resources.memory_mib,
-            timeout_ms: spec.timeout_ms,
-            network: spec.network,
-            runtime: self.cfg.runtime,
-            runsc_path: self.cfg.runsc_path.clone(),
-            runsc_platform: self.cfg.runsc_platform.clone(),
-            max_output_bytes: self.cfg.max_output_bytes,
         }
+    }
+
+    /// What a session reports of a sandbox: nothing while it is still starting.
+    fn reportable(s: &crate::runtime::LocalSandbox) -> bool {
+        s.started || s.state != LocalState::Running
     }
 
     async fn session(&mut self, target: &str) -> SessionEnd {
@@ -283,7 +403,7 @@ impl Agent {
             Ok(c) => c,
             Err(e) => return SessionEnd::Broken(e.to_string()),
         };
-        let local = self.runtime.scan_cached(&self.last_scan);
+        let local = self.monitor.current();
         let running = local
             .iter()
             .map(|(id, s)| {
@@ -298,8 +418,9 @@ impl Agent {
             })
             .collect();
         let (tx, rx) = mpsc::channel::<pb::AgentMessage>(1_024);
+        let mut inventory = self.inventory.clone();
         let register = message(pb::agent_message::Message::Register(pb::Register {
-            inventory: Some(self.inventory.clone()),
+            inventory: Some(inventory.borrow_and_update().clone()),
             running,
             agent_version: env!("CARGO_PKG_VERSION").into(),
         }));
@@ -336,56 +457,31 @@ impl Agent {
         );
         for id in &ack.stop_sandbox_ids {
             tracing::info!(sandbox = %id, "the scheduler does not have this sandbox; stopping it");
-            if let Err(e) = self
-                .runtime
-                .terminate(id, STOP_GRACE, "the scheduler no longer has it")
-            {
-                tracing::warn!(sandbox = %id, error = %e, "could not stop sandbox");
-            }
-            self.doomed.insert(id.clone());
+            self.stop(id, STOP_GRACE, "the scheduler no longer has it");
         }
         // Everything else: tell the new session where it stands (idempotent).
-        let mut reported: BTreeMap<String, LocalState> = BTreeMap::new();
-        for (id, s) in &local {
-            if self.doomed.contains(id) {
-                continue;
-            }
-            if tx.send(status_message(id, &s.state)).await.is_err() {
-                return SessionEnd::Broken("the stream closed".into());
-            }
-            reported.insert(id.clone(), s.state.clone());
+        let mut sent: BTreeMap<String, LocalState> = BTreeMap::new();
+        let mut snapshots = self.monitor.subscribe();
+        if let Err(end) = self
+            .send_changes(&tx, &snapshots.borrow_and_update().clone(), &mut sent)
+            .await
+        {
+            return end;
         }
         let heartbeat_every = Duration::from_millis(ack.heartbeat_interval_ms.clamp(50, 60_000));
         let mut heartbeat = tokio::time::interval(heartbeat_every);
-        let mut monitor = tokio::time::interval(MONITOR_EVERY);
-        monitor.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let refresh_every = Duration::from_secs(self.cfg.inventory_refresh_s.max(1));
-        let mut refresh =
-            tokio::time::interval_at(tokio::time::Instant::now() + refresh_every, refresh_every);
         loop {
             tokio::select! {
+                biased;
                 _ = heartbeat.tick() => {
                     self.sequence += 1;
+                    self.note_heartbeat();
                     let hb = message(pb::agent_message::Message::Heartbeat(pb::Heartbeat {
                         epoch,
                         sequence: self.sequence,
                     }));
                     if tx.send(hb).await.is_err() {
                         return SessionEnd::Broken("the stream closed".into());
-                    }
-                }
-                _ = monitor.tick() => {
-                    for m in self.monitor(&mut reported) {
-                        if tx.send(m).await.is_err() {
-                            return SessionEnd::Broken("the stream closed".into());
-                        }
-                    }
-                }
-                _ = refresh.tick() => {
-                    if let Some(m) = self.refresh_inventory() {
-                        if tx.send(m).await.is_err() {
-                            return SessionEnd::Broken("the stream closed".into());
-                        }
                     }
                 }
                 next = inbound.next() => {
@@ -397,18 +493,13 @@ impl Agent {
                     match m.message {
                         Some(pb::scheduler_message::Message::Assign(assign)) => {
                             let Some(sandbox) = assign.sandbox else { continue };
-                            if let Some(reply) = self.assign(&sandbox, assign.epoch, &mut reported) {
-                                if tx.send(reply).await.is_err() {
-                                    return SessionEnd::Broken("the stream closed".into());
-                                }
+                            if !sent.contains_key(&sandbox.id) {
+                                self.starter.submit(self.request_of(&sandbox, assign.epoch));
                             }
                         }
                         Some(pb::scheduler_message::Message::Terminate(t)) => {
                             let grace = Duration::from_millis(if t.grace_ms == 0 { 10_000 } else { t.grace_ms.min(600_000) });
-                            if let Err(e) = self.runtime.terminate(&t.sandbox_id, grace, &t.reason) {
-                                tracing::warn!(sandbox = %t.sandbox_id, error = %e, "could not stop sandbox");
-                            }
-                            self.doomed.insert(t.sandbox_id);
+                            self.stop(&t.sandbox_id, grace, &t.reason);
                         }
                         Some(pb::scheduler_message::Message::NotLeader(nl)) => {
                             return SessionEnd::NotLeader((!nl.leader_address.is_empty()).then_some(nl.leader_address));
@@ -416,108 +507,76 @@ impl Agent {
                         Some(pb::scheduler_message::Message::RegisterAck(_)) | None => {}
                     }
                 }
-            }
-        }
-    }
-
-    /// Starts an assigned sandbox (once) and says so.
-    fn assign(
-        &mut self,
-        sandbox: &pb::Sandbox,
-        epoch: u64,
-        reported: &mut BTreeMap<String, LocalState>,
-    ) -> Option<pb::AgentMessage> {
-        let launch = self.launch_of(sandbox, epoch);
-        match self.runtime.start(&launch) {
-            Ok(started) => {
-                if started {
-                    tracing::info!(
-                        sandbox = %sandbox.id,
-                        gpus = launch.gpu_uuids.len(),
-                        runtime = ?launch.runtime,
-                        "sandbox started"
-                    );
-                }
-                if reported.contains_key(&sandbox.id) {
-                    return None;
-                }
-                reported.insert(sandbox.id.clone(), LocalState::Running);
-                Some(status_message(&sandbox.id, &LocalState::Running))
-            }
-            Err(e) => {
-                tracing::warn!(sandbox = %sandbox.id, error = %e, "could not start sandbox");
-                let state = LocalState::Finished(ExitRecord {
-                    outcome: Outcome::Failed {
-                        reason: format!("the agent could not start it: {e}"),
-                    },
-                    finished_unix_ms: unix_ms(),
-                    stdout_truncated: false,
-                    stderr_truncated: false,
-                });
-                reported.insert(sandbox.id.clone(), state.clone());
-                Some(status_message(&sandbox.id, &state))
-            }
-        }
-    }
-
-    /// Reports sandboxes that ended, and cleans up what is no longer needed.
-    fn monitor(&mut self, reported: &mut BTreeMap<String, LocalState>) -> Vec<pb::AgentMessage> {
-        let mut out = Vec::new();
-        let local = self.runtime.scan_cached(&self.last_scan);
-        let mut finished: Vec<(u64, &String)> = Vec::new();
-        for (id, s) in &local {
-            if let LocalState::Finished(record) = &s.state {
-                if self.doomed.contains(id) {
-                    if let Err(e) = self.runtime.remove(id) {
-                        tracing::warn!(sandbox = %id, error = %e, "could not remove sandbox directory");
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        return SessionEnd::Broken("the monitor stopped".into());
                     }
-                    continue;
+                    let snapshot = snapshots.borrow_and_update().clone();
+                    if let Err(end) = self.send_changes(&tx, &snapshot, &mut sent).await {
+                        return end;
+                    }
                 }
-                finished.push((record.finished_unix_ms, id));
-            }
-            if reported.get(id) != Some(&s.state) && !self.doomed.contains(id) {
-                if let LocalState::Finished(record) = &s.state {
-                    tracing::info!(sandbox = %id, outcome = ?record.outcome, "sandbox ended");
+                changed = inventory.changed() => {
+                    if changed.is_err() {
+                        continue;
+                    }
+                    let fresh = inventory.borrow_and_update().clone();
+                    let m = message(pb::agent_message::Message::Inventory(pb::InventoryUpdate {
+                        inventory: Some(fresh),
+                    }));
+                    if tx.send(m).await.is_err() {
+                        return SessionEnd::Broken("the stream closed".into());
+                    }
                 }
-                out.push(status_message(id, &s.state));
-                reported.insert(id.clone(), s.state.clone());
             }
         }
-        self.doomed.retain(|id| local.contains_key(id));
-        self.last_scan = local.clone();
-        // Keep the newest finished sandboxes' output for a while.
-        finished.sort_unstable_by(|a, b| b.cmp(a));
-        let now = unix_ms();
-        for (i, (at, id)) in finished.into_iter().enumerate() {
-            let old = now.saturating_sub(at) > FINISHED_RETENTION.as_millis() as u64;
-            if i >= MAX_FINISHED_KEPT || old {
-                let _ = self.runtime.remove(id);
-                reported.remove(id);
-            }
-        }
-        out
     }
 
-    /// Re-reads the inventory; a message when it changed.
-    fn refresh_inventory(&mut self) -> Option<pb::AgentMessage> {
-        let fresh = match self.gpus.read() {
-            Ok(inv) => inv,
-            Err(e) => {
-                tracing::warn!(error = %e, "inventory refresh failed; keeping the last one");
-                return None;
+    fn note_heartbeat(&mut self) {
+        let now = Instant::now();
+        if let Some(last) = self.last_heartbeat.replace(now) {
+            let gap = now - last;
+            self.metrics
+                .heartbeat_gap_seconds
+                .observe(gap.as_secs_f64());
+            let ms = gap.as_millis() as i64;
+            if ms > self.metrics.heartbeat_gap_max_ms.get() {
+                self.metrics.heartbeat_gap_max_ms.set(ms);
             }
-        };
-        let pb = inventory::to_pb(&self.cfg, &fresh, &self.inventory.agent_address);
-        if pb == self.inventory {
-            return None;
         }
-        tracing::info!("inventory changed; re-registering it");
-        self.inventory = pb.clone();
-        Some(message(pb::agent_message::Message::Inventory(
-            pb::InventoryUpdate {
-                inventory: Some(pb),
-            },
-        )))
+    }
+
+    /// Stops a sandbox wherever it is: waiting to start, or running.
+    fn stop(&self, id: &str, grace: Duration, reason: &str) {
+        self.starter.cancel(id, reason);
+        if let Err(e) = self.runtime.terminate(id, grace, reason) {
+            tracing::warn!(sandbox = %id, error = %e, "could not stop sandbox");
+        }
+        self.monitor.doom(id);
+    }
+
+    /// Sends the status of every sandbox whose reportable state changed since `sent`.
+    async fn send_changes(
+        &self,
+        tx: &mpsc::Sender<pb::AgentMessage>,
+        snapshot: &crate::monitor::Snapshot,
+        sent: &mut BTreeMap<String, LocalState>,
+    ) -> Result<(), SessionEnd> {
+        for (id, s) in snapshot.iter() {
+            if self.monitor.is_doomed(id) || !Self::reportable(s) || sent.get(id) == Some(&s.state)
+            {
+                continue;
+            }
+            if let LocalState::Finished(record) = &s.state {
+                tracing::info!(sandbox = %id, outcome = ?record.outcome, "sandbox ended");
+            }
+            if tx.send(status_message(id, &s.state)).await.is_err() {
+                return Err(SessionEnd::Broken("the stream closed".into()));
+            }
+            sent.insert(id.clone(), s.state.clone());
+        }
+        sent.retain(|id, _| snapshot.contains_key(id));
+        Ok(())
     }
 
     /// Stops every sandbox and waits (bounded) for them to end.

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use berth_proto::Validator;
 
+use crate::image::RegistryConfig;
 use crate::static_inventory::StaticInventory;
 pub use berth_proto::node::{CapacityType, TaintEffect};
 
@@ -60,6 +61,19 @@ pub struct AgentConfig {
     pub inventory_refresh_s: u64,
     /// Cap on each sandbox's captured stdout and stderr, in bytes each.
     pub max_output_bytes: u64,
+    /// Where pulled images are kept; empty for `<state_dir>/images`.
+    pub image_cache_dir: String,
+    /// Size of the image cache past which the least recently used unused images go.
+    pub image_cache_max_bytes: u64,
+    /// Image pulls at once.
+    pub max_concurrent_pulls: usize,
+    /// Sandbox starts at once (from shim launch until the runtime runs the sandbox); more
+    /// queue on the node.
+    pub max_concurrent_starts: usize,
+    /// Registries that need plain HTTP (`insecure`) or credentials.
+    pub registries: Vec<RegistryConfig>,
+    /// Where the agent serves Prometheus `/metrics`; empty for nowhere, port 0 picks one.
+    pub metrics_address: String,
     /// Node labels used by placement constraints.
     pub labels: BTreeMap<String, String>,
     /// Taints; sandboxes must tolerate them.
@@ -125,6 +139,12 @@ impl Default for AgentConfig {
             reserved_memory_mib: 1024,
             inventory_refresh_s: 30,
             max_output_bytes: 8 * 1024 * 1024,
+            image_cache_dir: String::new(),
+            image_cache_max_bytes: 20 << 30,
+            max_concurrent_pulls: 2,
+            max_concurrent_starts: 3,
+            registries: Vec::new(),
+            metrics_address: String::new(),
             labels: BTreeMap::new(),
             taints: Vec::new(),
         }
@@ -202,6 +222,52 @@ impl AgentConfig {
             "max_output_bytes",
             || format!("{} is outside 4096..=1073741824", self.max_output_bytes),
         );
+        v.check(
+            self.image_cache_max_bytes >= 64 << 20,
+            "image_cache_max_bytes",
+            || format!("{} is below 67108864 (64 MiB)", self.image_cache_max_bytes),
+        );
+        v.check(
+            (1..=64).contains(&self.max_concurrent_pulls),
+            "max_concurrent_pulls",
+            || format!("{} is outside 1..=64", self.max_concurrent_pulls),
+        );
+        v.check(
+            (1..=256).contains(&self.max_concurrent_starts),
+            "max_concurrent_starts",
+            || format!("{} is outside 1..=256", self.max_concurrent_starts),
+        );
+        for (i, r) in self.registries.iter().enumerate() {
+            v.check(
+                !r.host.is_empty()
+                    && !r.host.contains('/')
+                    && !r.host.contains(char::is_whitespace),
+                &format!("registries[{i}].host"),
+                || format!("{:?} is not a registry host (host or host:port)", r.host),
+            );
+            if !r.username.is_empty() {
+                let path = config_dir.join(&r.password_file);
+                v.check(
+                    !r.password_file.is_empty() && path.is_file(),
+                    &format!("registries[{i}].password_file"),
+                    || {
+                        format!(
+                            "{} is not a readable file (needed with a username)",
+                            path.display()
+                        )
+                    },
+                );
+            }
+        }
+        if !self.metrics_address.is_empty() {
+            let ok = self
+                .metrics_address
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            v.check(ok, "metrics_address", || {
+                format!("{:?} is not a host:port address", self.metrics_address)
+            });
+        }
         v.check(self.labels.len() <= MAX_LABELS, "labels", || {
             format!("{} labels; the limit is {MAX_LABELS}", self.labels.len())
         });
@@ -221,6 +287,30 @@ impl AgentConfig {
                 format!("{:?} is not a valid key", taint.key)
             });
         }
+    }
+
+    /// The image cache directory.
+    pub fn image_cache_path(&self) -> PathBuf {
+        if self.image_cache_dir.is_empty() {
+            Path::new(&self.state_dir).join("images")
+        } else {
+            PathBuf::from(&self.image_cache_dir)
+        }
+    }
+
+    /// The registries, with password files resolved against the config file's folder.
+    pub fn registries_resolved(&self, config_dir: &Path) -> Vec<RegistryConfig> {
+        self.registries
+            .iter()
+            .map(|r| RegistryConfig {
+                password_file: if r.password_file.is_empty() {
+                    String::new()
+                } else {
+                    config_dir.join(&r.password_file).display().to_string()
+                },
+                ..r.clone()
+            })
+            .collect()
     }
 
     /// The static inventory file, resolved against the config file's folder.

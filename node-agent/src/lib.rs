@@ -6,17 +6,32 @@
 //! - [`static_inventory`]: static GPU inventory files (stand-ins for NVML).
 //! - [`inventory`]: the node's GPUs (NVML, or a static file when there is no driver), CPU
 //!   and memory, as the scheduler's `NodeInventory`.
-//! - [`runtime`]: sandbox directories and the shim that runs each sandbox under `runsc`
-//!   (gVisor) or as a plain process, captures its output and records how it ended.
+//! - [`image`]: the image cache (pulls with oci-client, layers unpacked once, LRU).
+//! - [`launch`]: what a sandbox runs, from its spec and its image's config.
+//! - [`bundle`]: a sandbox's overlay root and its OCI runtime bundle.
+//! - [`cgroups`]: CPU and memory limits on cgroup v1 and v2.
+//! - [`shim`]: the per-sandbox shim (`berth agent-shim`).
+//! - [`runtime`]: the agent's handle on sandbox directories (start, stop, scan, remove).
+//! - [`starter`]: starting assignments off the session loop, with bounded pulls and starts.
+//! - [`monitor`]: watching the sandboxes off the session loop.
+//! - [`metrics`]: the agent's Prometheus metrics.
 //! - [`logs`]: `AgentService`, serving captured output to the schedulers.
 //! - [`agent`]: the session loop with the scheduler leader (register, heartbeat,
 //!   assignments, status, re-adoption after a restart).
 
 pub mod agent;
+pub mod bundle;
+pub mod cgroups;
 pub mod config;
+pub mod image;
 pub mod inventory;
+pub mod launch;
 pub mod logs;
+pub mod metrics;
+pub mod monitor;
 pub mod runtime;
+pub mod shim;
+pub mod starter;
 pub mod static_inventory;
 
 pub use config::AgentConfig;

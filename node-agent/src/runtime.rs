@@ -1,13 +1,6 @@
-//! Sandbox runtimes and the per-sandbox shim.
-//!
-//! Every sandbox runs under a **shim**: a small process (`berth agent-shim DIR`, the berth
-//! binary itself) that the agent starts in its own process group and never waits on for
-//! the sandbox's sake. The shim starts the sandbox (under gVisor's `runsc` or as a plain
-//! process), copies its stdout and stderr into files with a size cap, enforces the timeout,
-//! obeys a `terminate` request, and finally writes `exit.json`. Because the shim, not the
-//! agent, is the sandbox's parent, an agent can crash or restart while sandboxes keep
-//! running; the restarted agent finds them in its state directory and re-adopts them (the
-//! containerd-shim pattern).
+//! The agent's handle on its sandbox directories: start a sandbox's shim, ask it to stop,
+//! read where every sandbox stands, remove what is finished. The shim itself is
+//! [`crate::shim`].
 //!
 //! One directory per sandbox under `<state_dir>/sandboxes/<id>/`:
 //!
@@ -15,10 +8,13 @@
 //! |---|---|---|
 //! | `launch.json` | agent, before the shim starts | what to run ([`Launch`]) |
 //! | `shim.pid` | shim, first thing | the shim's pid, to tell whether it still runs |
+//! | `started` | shim | the runtime runs the sandbox (its start is over) |
 //! | `stdout`, `stderr` | shim | captured output, at most `max_output_bytes` each |
 //! | `terminate` | agent | "stop it": grace period in ms, then the reason |
-//! | `exit.json` | shim, last thing | how it ended ([`ExitRecord`]) |
+//! | `exit.json` | shim, last thing (or the agent, when it could not start it) | how it ended ([`ExitRecord`]) |
 //! | `shim.log` | shim (its stderr) | the shim's own messages |
+//! | `fs/upper`, `fs/merged` | shim | the sandbox's writes over its image, and its root |
+//! | `bundle/config.json` | shim | the OCI runtime spec runsc runs |
 //!
 //! Files are written atomically (write to a temporary name, then rename), so a reader sees
 //! either nothing or the whole file.
@@ -26,20 +22,18 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs;
-use std::io::{self, Read, Write};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::io::{self, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::process::{Command, Stdio};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use nix::sys::signal::{Signal, kill, killpg};
+use nix::sys::signal::kill;
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use crate::config::RuntimeKind;
+pub use crate::launch::Launch;
 
 /// File names inside a sandbox directory.
 pub mod files {
@@ -57,44 +51,8 @@ pub mod files {
     pub const EXIT: &str = "exit.json";
     /// The shim's own log.
     pub const SHIM_LOG: &str = "shim.log";
-}
-
-/// How long the shim waits after SIGTERM before SIGKILL when a timeout fires.
-const TIMEOUT_GRACE: Duration = Duration::from_secs(2);
-/// How often the shim looks at its child, the clock and the terminate file.
-const SHIM_POLL: Duration = Duration::from_millis(25);
-/// The PATH a sandbox sees.
-const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-/// What the shim runs: everything it needs, so it depends on nothing else of the agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Launch {
-    /// Sandbox id.
-    pub sandbox_id: String,
-    /// Node epoch the sandbox was assigned in.
-    pub epoch: u64,
-    /// argv.
-    pub command: Vec<String>,
-    /// Environment from the spec.
-    pub env: BTreeMap<String, String>,
-    /// UUIDs of the GPUs assigned to it, in order.
-    pub gpu_uuids: Vec<String>,
-    /// CPU limit.
-    pub cpu_milli: u64,
-    /// Memory limit.
-    pub memory_mib: u64,
-    /// Wall-clock limit; 0 for none.
-    pub timeout_ms: u64,
-    /// Whether it may use the network.
-    pub network: bool,
-    /// Runtime.
-    pub runtime: RuntimeKind,
-    /// `runsc` binary (gvisor runtime).
-    pub runsc_path: String,
-    /// `runsc --platform` value (gvisor runtime).
-    pub runsc_platform: String,
-    /// Cap on each of stdout and stderr, in bytes.
-    pub max_output_bytes: u64,
+    /// The runtime runs it.
+    pub const STARTED: &str = "started";
 }
 
 /// How a sandbox ended.
@@ -142,6 +100,8 @@ pub struct LocalSandbox {
     pub launch: Launch,
     /// Where it stands.
     pub state: LocalState,
+    /// Its runtime runs it (`started` is there); a running sandbox without it is starting.
+    pub started: bool,
 }
 
 /// Now, in Unix milliseconds (record times for operators, never for decisions).
@@ -170,333 +130,6 @@ pub fn valid_sandbox_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
-/// Whether cgroup v2 is mounted at `/sys/fs/cgroup` with the cpu and memory controllers:
-/// `Err` says why limits cannot be enforced.
-pub fn cgroup_v2() -> Result<PathBuf, String> {
-    let root = PathBuf::from("/sys/fs/cgroup");
-    let controllers = fs::read_to_string(root.join("cgroup.controllers")).map_err(|_| {
-        "cgroup v2 is not mounted at /sys/fs/cgroup (this host uses cgroup v1 or a hybrid \
-         layout); sandbox CPU and memory limits are not enforced"
-            .to_owned()
-    })?;
-    for needed in ["cpu", "memory"] {
-        if !controllers.split_whitespace().any(|c| c == needed) {
-            return Err(format!(
-                "the cgroup v2 {needed} controller is not available; sandbox CPU and memory \
-                 limits are not enforced"
-            ));
-        }
-    }
-    Ok(root)
-}
-
-/// A cgroup v2 leaf holding one sandbox, removed on drop.
-struct Cgroup(PathBuf);
-
-impl Cgroup {
-    fn create(root: &Path, id: &str, cpu_milli: u64, memory_mib: u64) -> io::Result<Cgroup> {
-        let parent = root.join("berth");
-        fs::create_dir_all(&parent)?;
-        // Delegating controllers may already be done (or not permitted); the limit writes
-        // below are what must succeed.
-        let _ = fs::write(root.join("cgroup.subtree_control"), "+cpu +memory");
-        let _ = fs::write(parent.join("cgroup.subtree_control"), "+cpu +memory");
-        let dir = parent.join(id);
-        fs::create_dir_all(&dir)?;
-        let group = Cgroup(dir);
-        if cpu_milli > 0 {
-            // Quota per 100 ms period: 1000 milli-CPU = 100,000 µs.
-            fs::write(
-                group.0.join("cpu.max"),
-                format!("{} 100000", cpu_milli * 100),
-            )?;
-        }
-        if memory_mib > 0 {
-            fs::write(group.0.join("memory.max"), (memory_mib << 20).to_string())?;
-        }
-        Ok(group)
-    }
-
-    fn add(&self, pid: u32) -> io::Result<()> {
-        fs::write(self.0.join("cgroup.procs"), pid.to_string())
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir(&self.0);
-    }
-}
-
-/// The command line that starts a sandbox under its runtime.
-fn sandbox_command(launch: &Launch, work: &Path) -> Result<Command, String> {
-    let Some((program, args)) = launch.command.split_first() else {
-        return Err("the command is empty".into());
-    };
-    let mut command = match launch.runtime {
-        RuntimeKind::Process => {
-            let mut c = Command::new(program);
-            c.args(args).current_dir(work);
-            c
-        }
-        RuntimeKind::Gvisor => {
-            let mut c = Command::new(&launch.runsc_path);
-            // `runsc do` runs the command in a sandbox over a read-only view of the host's
-            // root with a writable tmpfs overlay. Cgroups are handled around the shim.
-            c.arg(format!("--platform={}", launch.runsc_platform))
-                .arg(if launch.network {
-                    "--network=host"
-                } else {
-                    "--network=none"
-                })
-                .arg("--ignore-cgroups")
-                .arg(format!("--root={}", work.join("runsc").display()))
-                .args(["do", "-quiet", "-cwd", "/tmp", "--"])
-                .arg(program)
-                .args(args);
-            c
-        }
-    };
-    let gpus = launch.gpu_uuids.join(",");
-    command
-        .env_clear()
-        .env("PATH", SANDBOX_PATH)
-        .env("HOME", "/tmp")
-        .env("LANG", "C.UTF-8")
-        .envs(&launch.env)
-        .env("BERTH_SANDBOX_ID", &launch.sandbox_id)
-        // With no GPUs, an empty CUDA_VISIBLE_DEVICES hides every device from CUDA, and
-        // "void" hides them from the NVIDIA container runtime.
-        .env("CUDA_VISIBLE_DEVICES", &gpus)
-        .env(
-            "NVIDIA_VISIBLE_DEVICES",
-            if gpus.is_empty() { "void" } else { &gpus },
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Its own process group, so signals reach everything it starts.
-        .process_group(0);
-    Ok(command)
-}
-
-/// Copies a pipe into a file, keeping at most `cap` bytes; sets `truncated` past the cap
-/// and keeps draining so the sandbox never blocks on a full pipe.
-fn capture(
-    mut from: impl Read + Send + 'static,
-    to: PathBuf,
-    cap: u64,
-    truncated: Arc<AtomicBool>,
-) -> thread::JoinHandle<()> {
-    thread::spawn(move || {
-        let Ok(mut file) = fs::OpenOptions::new().create(true).append(true).open(&to) else {
-            eprintln!("cannot open {}", to.display());
-            let _ = io::copy(&mut from, &mut io::sink());
-            return;
-        };
-        let mut written = file.metadata().map_or(0, |m| m.len());
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            let room = cap.saturating_sub(written) as usize;
-            if room < n {
-                truncated.store(true, Ordering::Relaxed);
-            }
-            let keep = n.min(room);
-            if keep > 0 && file.write_all(&buf[..keep]).is_ok() {
-                written += keep as u64;
-            }
-        }
-    })
-}
-
-/// Reads a `terminate` file: grace in ms on the first line, the reason after it.
-fn read_terminate(dir: &Path) -> Option<(Duration, String)> {
-    let text = fs::read_to_string(dir.join(files::TERMINATE)).ok()?;
-    let (grace, reason) = text.split_once('\n').unwrap_or((&text, ""));
-    let grace = grace.trim().parse::<u64>().unwrap_or(10_000).min(600_000);
-    Some((Duration::from_millis(grace), reason.trim().to_owned()))
-}
-
-/// Sends a signal to the child's process group (and the child, in case it left it).
-fn signal(child: &Child, sig: Signal) {
-    let pid = Pid::from_raw(child.id() as i32);
-    let _ = killpg(pid, sig);
-    let _ = kill(pid, sig);
-}
-
-/// The shim's main: runs the sandbox in `dir` to completion and writes `exit.json`.
-/// Returns the shim's process exit code (0 once a record is written).
-pub fn run_shim(dir: &Path) -> i32 {
-    let launch: Launch = match fs::read(dir.join(files::LAUNCH))
-        .map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-    {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!(
-                "berth agent-shim: {}: {e}",
-                dir.join(files::LAUNCH).display()
-            );
-            return 1;
-        }
-    };
-    if let Err(e) = write_atomic(
-        &dir.join(files::PID),
-        std::process::id().to_string().as_bytes(),
-    ) {
-        eprintln!("berth agent-shim: writing the pid file: {e}");
-    }
-    let stdout_truncated = Arc::new(AtomicBool::new(false));
-    let stderr_truncated = Arc::new(AtomicBool::new(false));
-    let outcome = supervise(dir, &launch, &stdout_truncated, &stderr_truncated);
-    let record = ExitRecord {
-        outcome,
-        finished_unix_ms: unix_ms(),
-        stdout_truncated: stdout_truncated.load(Ordering::Relaxed),
-        stderr_truncated: stderr_truncated.load(Ordering::Relaxed),
-    };
-    let bytes = serde_json::to_vec(&record).unwrap_or_default();
-    match write_atomic(&dir.join(files::EXIT), &bytes) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("berth agent-shim: writing exit.json: {e}");
-            1
-        }
-    }
-}
-
-fn supervise(
-    dir: &Path,
-    launch: &Launch,
-    stdout_truncated: &Arc<AtomicBool>,
-    stderr_truncated: &Arc<AtomicBool>,
-) -> Outcome {
-    let work = dir.join("work");
-    if let Err(e) = fs::create_dir_all(&work) {
-        return Outcome::Failed {
-            reason: format!("cannot create {}: {e}", work.display()),
-        };
-    }
-    let mut command = match sandbox_command(launch, &work) {
-        Ok(c) => c,
-        Err(reason) => return Outcome::Failed { reason },
-    };
-    let cgroup = match cgroup_v2() {
-        Ok(root) => {
-            match Cgroup::create(
-                &root,
-                &launch.sandbox_id,
-                launch.cpu_milli,
-                launch.memory_mib,
-            ) {
-                Ok(g) => Some(g),
-                Err(e) => {
-                    eprintln!("cgroup v2 not writable ({e}); limits are not enforced");
-                    None
-                }
-            }
-        }
-        Err(why) => {
-            eprintln!("{why}");
-            None
-        }
-    };
-    let started = Instant::now();
-    let mut child = match command.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            let what = match launch.runtime {
-                RuntimeKind::Gvisor => launch.runsc_path.as_str(),
-                RuntimeKind::Process => launch.command[0].as_str(),
-            };
-            return Outcome::Failed {
-                reason: format!("could not start {what}: {e}"),
-            };
-        }
-    };
-    if let Some(group) = &cgroup {
-        if let Err(e) = group.add(child.id()) {
-            eprintln!("could not move the sandbox into its cgroup: {e}");
-        }
-    }
-    let cap = launch.max_output_bytes;
-    let mut copiers = Vec::new();
-    if let Some(out) = child.stdout.take() {
-        copiers.push(capture(
-            out,
-            dir.join(files::STDOUT),
-            cap,
-            stdout_truncated.clone(),
-        ));
-    }
-    if let Some(err) = child.stderr.take() {
-        copiers.push(capture(
-            err,
-            dir.join(files::STDERR),
-            cap,
-            stderr_truncated.clone(),
-        ));
-    }
-    let deadline =
-        (launch.timeout_ms > 0).then(|| started + Duration::from_millis(launch.timeout_ms));
-    // Once set: why it is being stopped, and when SIGKILL follows.
-    let mut stopping: Option<(String, Instant)> = None;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Ok(status),
-            Ok(None) => {}
-            Err(e) => break Err(e),
-        }
-        let now = Instant::now();
-        match &stopping {
-            Some((_, kill_at)) if now >= *kill_at => {
-                signal(&child, Signal::SIGKILL);
-            }
-            Some(_) => {}
-            None => {
-                if deadline.is_some_and(|d| now >= d) {
-                    signal(&child, Signal::SIGTERM);
-                    stopping = Some((
-                        format!("timed out after {} ms", launch.timeout_ms),
-                        now + TIMEOUT_GRACE,
-                    ));
-                } else if let Some((grace, reason)) = read_terminate(dir) {
-                    signal(&child, Signal::SIGTERM);
-                    let reason = if reason.is_empty() {
-                        "terminated".to_owned()
-                    } else {
-                        format!("terminated: {reason}")
-                    };
-                    stopping = Some((reason, now + grace));
-                }
-            }
-        }
-        thread::sleep(SHIM_POLL);
-    };
-    // Whatever is left of the group goes with it.
-    signal(&child, Signal::SIGKILL);
-    for c in copiers {
-        let _ = c.join();
-    }
-    drop(cgroup);
-    match (status, stopping) {
-        (_, Some((reason, _))) => Outcome::Failed { reason },
-        (Ok(status), None) => Outcome::Exited {
-            code: status
-                .code()
-                .or_else(|| status.signal().map(|s| 128 + s))
-                .unwrap_or(-1),
-        },
-        (Err(e), None) => Outcome::Failed {
-            reason: format!("waiting for the sandbox: {e}"),
-        },
-    }
 }
 
 /// The agent's handle on its sandbox directories.
@@ -570,11 +203,52 @@ impl Runtime {
         )
     }
 
-    /// Removes a finished sandbox's directory (its logs go with it).
+    /// Records that a sandbox could not be started (its image could not be pulled, ...):
+    /// its directory gets the launch and a failed `exit.json`, and no shim runs.
+    pub fn record_failure(&self, launch: &Launch, reason: &str) -> io::Result<()> {
+        if !valid_sandbox_id(&launch.sandbox_id) {
+            return Ok(());
+        }
+        let dir = self.dir(&launch.sandbox_id);
+        if dir.join(files::LAUNCH).exists() {
+            return Ok(());
+        }
+        fs::create_dir_all(&dir)?;
+        let record = ExitRecord {
+            outcome: Outcome::Failed {
+                reason: reason.to_owned(),
+            },
+            finished_unix_ms: unix_ms(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+        };
+        write_atomic(
+            &dir.join(files::EXIT),
+            &serde_json::to_vec(&record).map_err(io::Error::other)?,
+        )?;
+        write_atomic(
+            &dir.join(files::LAUNCH),
+            &serde_json::to_vec_pretty(launch).map_err(io::Error::other)?,
+        )
+    }
+
+    /// Whether a sandbox's start is over: its runtime runs it, or it already ended (or its
+    /// shim is gone).
+    pub fn start_settled(&self, id: &str) -> bool {
+        let dir = self.dir(id);
+        dir.join(files::STARTED).exists()
+            || dir.join(files::EXIT).exists()
+            || (dir.join(files::PID).exists() && !shim_alive(&dir))
+    }
+
+    /// Removes a finished sandbox's directory (its logs and write layer go with it).
     pub fn remove(&self, id: &str) -> io::Result<()> {
         if !valid_sandbox_id(id) {
             return Ok(());
         }
+        // A shim killed before it cleaned up may have left the overlay mounted: never
+        // delete through it.
+        crate::bundle::unmount_rootfs(&self.dir(id));
         match fs::remove_dir_all(self.dir(id)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -648,7 +322,12 @@ impl Runtime {
                 }
             }
         };
-        Some(LocalSandbox { launch, state })
+        let started = dir.join(files::STARTED).exists();
+        Some(LocalSandbox {
+            launch,
+            state,
+            started,
+        })
     }
 }
 
@@ -689,15 +368,22 @@ fn shim_alive(dir: &Path) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::config::RuntimeKind;
 
-    fn launch(id: &str, command: &[&str]) -> Launch {
+    pub(crate) fn launch(id: &str, command: &[&str]) -> Launch {
         Launch {
             sandbox_id: id.into(),
             epoch: 1,
             command: command.iter().map(|s| s.to_string()).collect(),
             env: BTreeMap::from([("GREETING".to_string(), "hello".to_string())]),
+            image: String::new(),
+            image_digest: String::new(),
+            rootfs: None,
+            workdir: String::new(),
+            uid: 0,
+            gid: 0,
             gpu_uuids: vec!["GPU-a".into(), "GPU-b".into()],
             cpu_milli: 500,
             memory_mib: 256,
@@ -710,85 +396,13 @@ mod tests {
         }
     }
 
-    /// Runs the shim in-process (as `berth agent-shim` would) and returns its record.
-    fn run(dir: &Path, l: &Launch) -> ExitRecord {
+    fn write_launch(dir: &Path, l: &Launch) {
         fs::create_dir_all(dir).expect("dir");
         write_atomic(
             &dir.join(files::LAUNCH),
             &serde_json::to_vec(l).expect("json"),
         )
         .expect("launch");
-        assert_eq!(run_shim(dir), 0);
-        read_exit(dir).expect("exit.json")
-    }
-
-    #[test]
-    fn the_shim_passes_gpus_and_env_and_reports_the_exit_code() {
-        let tmp = tempfile::tempdir().expect("tmp");
-        let dir = tmp.path().join("sbx-1");
-        let l = launch(
-            "sbx-1",
-            &[
-                "sh",
-                "-c",
-                "echo $CUDA_VISIBLE_DEVICES $NVIDIA_VISIBLE_DEVICES $GREETING $BERTH_SANDBOX_ID; echo oops >&2; exit 7",
-            ],
-        );
-        let record = run(&dir, &l);
-        assert_eq!(record.outcome, Outcome::Exited { code: 7 });
-        assert_eq!(
-            fs::read_to_string(dir.join(files::STDOUT)).expect("stdout"),
-            "GPU-a,GPU-b GPU-a,GPU-b hello sbx-1\n"
-        );
-        assert_eq!(
-            fs::read_to_string(dir.join(files::STDERR)).expect("stderr"),
-            "oops\n"
-        );
-        assert!(!record.stdout_truncated);
-    }
-
-    #[test]
-    fn output_is_capped_and_marked_truncated() {
-        let tmp = tempfile::tempdir().expect("tmp");
-        let dir = tmp.path().join("sbx-2");
-        let l = launch("sbx-2", &["sh", "-c", "head -c 100000 /dev/zero"]);
-        let record = run(&dir, &l);
-        assert_eq!(record.outcome, Outcome::Exited { code: 0 });
-        assert!(record.stdout_truncated);
-        assert_eq!(
-            fs::metadata(dir.join(files::STDOUT)).expect("out").len(),
-            4096
-        );
-    }
-
-    #[test]
-    fn a_timeout_kills_the_whole_process_group() {
-        let tmp = tempfile::tempdir().expect("tmp");
-        let dir = tmp.path().join("sbx-3");
-        let mut l = launch("sbx-3", &["sh", "-c", "sleep 30 & sleep 30"]);
-        l.timeout_ms = 200;
-        let started = Instant::now();
-        let record = run(&dir, &l);
-        assert!(started.elapsed() < Duration::from_secs(10));
-        assert_eq!(
-            record.outcome,
-            Outcome::Failed {
-                reason: "timed out after 200 ms".into()
-            }
-        );
-    }
-
-    #[test]
-    fn a_missing_program_is_a_failure_that_names_it() {
-        let tmp = tempfile::tempdir().expect("tmp");
-        let dir = tmp.path().join("sbx-4");
-        let record = run(&dir, &launch("sbx-4", &["/nonexistent/program"]));
-        match record.outcome {
-            Outcome::Failed { reason } => {
-                assert!(reason.contains("/nonexistent/program"), "{reason}")
-            }
-            other => panic!("{other:?}"),
-        }
     }
 
     #[test]
@@ -798,22 +412,19 @@ mod tests {
         let runtime = Runtime::new(tmp.path().to_path_buf(), vec!["true".into()]).expect("rt");
         let l = launch("sbx-5", &["sleep", "30"]);
         let dir = runtime.dir("sbx-5");
-        fs::create_dir_all(&dir).expect("dir");
-        write_atomic(
-            &dir.join(files::LAUNCH),
-            &serde_json::to_vec(&l).expect("json"),
-        )
-        .expect("launch");
+        write_launch(&dir, &l);
         // Launched, no pid file yet: starting, which counts as running.
         assert_eq!(runtime.scan()["sbx-5"].state, LocalState::Running);
+        assert!(!runtime.start_settled("sbx-5"));
         let shim = {
             let dir = dir.clone();
-            thread::spawn(move || run_shim(&dir))
+            thread::spawn(move || crate::shim::run_shim(&dir))
         };
         runtime
             .terminate("sbx-5", Duration::from_millis(100), "deleted")
             .expect("terminate");
         assert_eq!(shim.join().expect("shim"), 0);
+        assert!(runtime.start_settled("sbx-5"));
         match &runtime.scan()["sbx-5"].state {
             LocalState::Finished(r) => assert_eq!(
                 r.outcome,
@@ -832,7 +443,8 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tmp");
         let runtime = Runtime::new(tmp.path().to_path_buf(), vec!["true".into()]).expect("rt");
         let dir = runtime.dir("sbx-7");
-        run(&dir, &launch("sbx-7", &["true"]));
+        write_launch(&dir, &launch("sbx-7", &["true"]));
+        assert_eq!(crate::shim::run_shim(&dir), 0);
         let first = runtime.scan();
         assert!(matches!(first["sbx-7"].state, LocalState::Finished(_)));
         // Unreadable now, but a finished sandbox never changes: the earlier look stands.
@@ -847,16 +459,33 @@ mod tests {
     }
 
     #[test]
+    fn a_failure_recorded_before_start_is_reported_and_no_shim_runs() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let runtime = Runtime::new(tmp.path().to_path_buf(), vec!["false".into()]).expect("rt");
+        let l = launch("sbx-8", &["true"]);
+        runtime
+            .record_failure(&l, "image \"x\": manifest unknown")
+            .expect("record");
+        assert!(runtime.start_settled("sbx-8"));
+        match &runtime.scan()["sbx-8"].state {
+            LocalState::Finished(r) => assert_eq!(
+                r.outcome,
+                Outcome::Failed {
+                    reason: "image \"x\": manifest unknown".into()
+                }
+            ),
+            other => panic!("{other:?}"),
+        }
+        // A later start of the same sandbox is a no-op.
+        assert!(!runtime.start(&l).expect("start"));
+    }
+
+    #[test]
     fn a_dead_shim_without_a_record_is_reported_failed() {
         let tmp = tempfile::tempdir().expect("tmp");
         let runtime = Runtime::new(tmp.path().to_path_buf(), vec!["true".into()]).expect("rt");
         let dir = runtime.dir("sbx-6");
-        fs::create_dir_all(&dir).expect("dir");
-        write_atomic(
-            &dir.join(files::LAUNCH),
-            &serde_json::to_vec(&launch("sbx-6", &["true"])).expect("json"),
-        )
-        .expect("launch");
+        write_launch(&dir, &launch("sbx-6", &["true"]));
         // A pid that is not a shim of this directory (our own process).
         write_atomic(
             &dir.join(files::PID),

@@ -91,7 +91,7 @@ async fn parent_gone() {
 }
 
 pub(crate) fn shim(args: &ShimArgs) -> ExitCode {
-    match berth_node_agent::runtime::run_shim(&args.dir) {
+    match berth_node_agent::shim::run_shim(&args.dir) {
         0 => ExitCode::SUCCESS,
         _ => ExitCode::from(EXIT_FAILURE),
     }

@@ -57,6 +57,12 @@ pub(crate) struct DevArgs {
     /// Run no autoscaler.
     #[arg(long)]
     no_autoscaler: bool,
+    /// A registry the agents pull from over plain HTTP (e.g. `127.0.0.1:5000`); repeatable.
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    insecure_registries: Vec<String>,
+    /// Metrics port of the first static agent's `/metrics`; the others use the next ones.
+    #[arg(long, default_value_t = 9190)]
+    agent_metrics_port: u16,
     /// Idle time before the autoscaler removes a node (default config only).
     #[arg(long, default_value_t = 120)]
     scale_down_cooldown_s: u64,
@@ -259,7 +265,17 @@ async fn dev(args: &DevArgs) -> Result<(), String> {
     let (stop_agents, agents_stop) = watch::channel(false);
     let mut agents = Vec::new();
     let static_nodes: &[DevNode] = if args.no_static_nodes { &[] } else { NODES };
-    for node in static_nodes {
+    let registries: Vec<berth_node_agent::image::RegistryConfig> = args
+        .insecure_registries
+        .iter()
+        .map(|host| berth_node_agent::image::RegistryConfig {
+            host: host.clone(),
+            insecure: true,
+            ..Default::default()
+        })
+        .collect();
+    for (i, node) in static_nodes.iter().enumerate() {
+        let metrics_port = port(args.agent_metrics_port, i as u16, "agent-metrics-port")?;
         let cfg = AgentConfig {
             node_id: node.id.into(),
             schedulers: grpc.clone(),
@@ -278,6 +294,8 @@ async fn dev(args: &DevArgs) -> Result<(), String> {
                 .to_string(),
             reserved_cpu_milli: 0,
             reserved_memory_mib: 0,
+            registries: registries.clone(),
+            metrics_address: format!("127.0.0.1:{metrics_port}"),
             ..AgentConfig::default()
         };
         let opts = AgentOptions {

@@ -1,0 +1,567 @@
+//! The per-sandbox shim: `berth agent-shim DIR`, the berth binary itself, started by the
+//! agent in its own process group and never waited on for the sandbox's sake.
+//!
+//! It assembles the sandbox's root (see [`crate::bundle`]), creates its cgroups
+//! ([`crate::cgroups`]), starts it (a gVisor OCI bundle through `runsc run`, or a plain
+//! process, chrooted into the image's root when there is one), writes `started` once the
+//! runtime runs it, copies its stdout and stderr into files with a size cap, enforces the
+//! timeout, obeys a `terminate` request, and finally writes `exit.json`. Because the shim,
+//! not the agent, is the sandbox's parent, an agent can crash or restart while sandboxes
+//! keep running (the containerd-shim pattern).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+
+use crate::bundle;
+use crate::cgroups::{self, SandboxCgroup};
+use crate::config::RuntimeKind;
+use crate::launch::Launch;
+use crate::runtime::{ExitRecord, Outcome, files, read_exit, unix_ms, write_atomic};
+
+/// How long the shim waits after SIGTERM before SIGKILL when a timeout fires.
+const TIMEOUT_GRACE: Duration = Duration::from_secs(2);
+/// How often the shim looks at its child, the clock and the terminate file.
+const SHIM_POLL: Duration = Duration::from_millis(25);
+
+/// The shim's main: runs the sandbox in `dir` to completion and writes `exit.json`.
+/// Returns the shim's process exit code (0 once a record is written).
+pub fn run_shim(dir: &Path) -> i32 {
+    let launch: Launch = match fs::read(dir.join(files::LAUNCH))
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "berth agent-shim: {}: {e}",
+                dir.join(files::LAUNCH).display()
+            );
+            return 1;
+        }
+    };
+    if read_exit(dir).is_some() {
+        // Already decided (the agent recorded a failure before starting it).
+        return 0;
+    }
+    if let Err(e) = write_atomic(
+        &dir.join(files::PID),
+        std::process::id().to_string().as_bytes(),
+    ) {
+        eprintln!("berth agent-shim: writing the pid file: {e}");
+    }
+    let stdout_truncated = Arc::new(AtomicBool::new(false));
+    let stderr_truncated = Arc::new(AtomicBool::new(false));
+    let outcome = supervise(dir, &launch, &stdout_truncated, &stderr_truncated);
+    let record = ExitRecord {
+        outcome,
+        finished_unix_ms: unix_ms(),
+        stdout_truncated: stdout_truncated.load(Ordering::Relaxed),
+        stderr_truncated: stderr_truncated.load(Ordering::Relaxed),
+    };
+    let bytes = serde_json::to_vec(&record).unwrap_or_default();
+    match write_atomic(&dir.join(files::EXIT), &bytes) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("berth agent-shim: writing exit.json: {e}");
+            1
+        }
+    }
+}
+
+/// The environment the sandbox's process gets: its resolved env plus berth's variables.
+fn sandbox_env(launch: &Launch) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::from([
+        ("HOME".to_owned(), "/tmp".to_owned()),
+        ("LANG".to_owned(), "C.UTF-8".to_owned()),
+    ]);
+    env.extend(launch.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.insert("BERTH_SANDBOX_ID".into(), launch.sandbox_id.clone());
+    // With no GPUs, an empty CUDA_VISIBLE_DEVICES hides every device from CUDA, and
+    // "void" hides them from the NVIDIA container runtime.
+    let gpus = launch.gpu_uuids.join(",");
+    env.insert("CUDA_VISIBLE_DEVICES".into(), gpus.clone());
+    env.insert(
+        "NVIDIA_VISIBLE_DEVICES".into(),
+        if gpus.is_empty() { "void".into() } else { gpus },
+    );
+    env
+}
+
+/// The command line that starts the sandbox under its runtime, on `root` (the merged image
+/// root, or `None` for the host's).
+fn sandbox_command(
+    dir: &Path,
+    launch: &Launch,
+    root: Option<&Path>,
+    cgroup: Option<&SandboxCgroup>,
+) -> Result<Command, String> {
+    let mut launch = launch.clone();
+    launch.env = sandbox_env(&launch);
+    let Some((program, args)) = launch.command.split_first() else {
+        return Err("the command is empty".into());
+    };
+    let work = dir.join("work");
+    fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+    let mut command = match launch.runtime {
+        RuntimeKind::Process => match root {
+            None => {
+                let mut c = Command::new(program);
+                c.args(args).current_dir(&work);
+                c
+            }
+            Some(root) => {
+                if !nix::unistd::geteuid().is_root() {
+                    return Err(
+                        "the process runtime runs image sandboxes with chroot, which \
+                                needs the agent to run as root"
+                            .into(),
+                    );
+                }
+                // The working directory is entered before chroot and stays valid inside.
+                let cwd = root.join(launch.workdir.trim_start_matches('/'));
+                let mut c = Command::new("chroot");
+                c.arg(format!("--userspec={}:{}", launch.uid, launch.gid))
+                    .arg(root)
+                    .arg(program)
+                    .args(args)
+                    .current_dir(if cwd.is_dir() {
+                        cwd
+                    } else {
+                        root.to_path_buf()
+                    });
+                c
+            }
+        },
+        RuntimeKind::Gvisor => {
+            if root.is_none() {
+                launch.workdir = "/tmp".into();
+            }
+            let bundle = bundle::write_config(
+                dir,
+                &launch,
+                root.unwrap_or(Path::new("/")),
+                root.is_none(),
+                cgroup.map(SandboxCgroup::oci_path),
+            )?;
+            let mut c = Command::new(&launch.runsc_path);
+            c.args(runsc_globals(dir, &launch, cgroup.is_some()))
+                // An image root is a host overlay already: writes go straight to its upper
+                // directory. The host's root gets gVisor's memory-backed overlay.
+                .arg(if root.is_some() {
+                    "--overlay2=none"
+                } else {
+                    "--overlay2=root:memory"
+                })
+                .arg("run")
+                .arg(format!("--bundle={}", bundle.display()))
+                .arg(&launch.sandbox_id);
+            c
+        }
+    };
+    command.env_clear().stdin(Stdio::null());
+    if launch.runtime == RuntimeKind::Process {
+        command.envs(&launch.env);
+    }
+    command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group, so signals reach everything it starts.
+        .process_group(0);
+    Ok(command)
+}
+
+/// `runsc`'s global flags for this sandbox.
+fn runsc_globals(dir: &Path, launch: &Launch, cgroups: bool) -> Vec<String> {
+    let mut flags = vec![
+        format!("--platform={}", launch.runsc_platform),
+        format!("--root={}", dir.join("runsc").display()),
+        if launch.network {
+            "--network=host".into()
+        } else {
+            "--network=none".into()
+        },
+    ];
+    if !cgroups {
+        flags.push("--ignore-cgroups".into());
+    }
+    flags
+}
+
+/// Runs `runsc kill` (or `delete`) for the sandbox; errors are the shim's log's business.
+fn runsc(dir: &Path, launch: &Launch, cgroups: bool, args: &[&str]) {
+    let status = Command::new(&launch.runsc_path)
+        .args(runsc_globals(dir, launch, cgroups))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status();
+    if let Err(e) = status {
+        eprintln!("runsc {args:?}: {e}");
+    }
+}
+
+/// Whether runsc reports the sandbox running (its state file under `--root`).
+fn runsc_running(dir: &Path) -> bool {
+    let Ok(entries) = fs::read_dir(dir.join("runsc")) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        e.file_name().to_string_lossy().ends_with(".state")
+            && fs::read(e.path())
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .is_some_and(|v| v["status"] == "running")
+    })
+}
+
+fn supervise(
+    dir: &Path,
+    launch: &Launch,
+    stdout_truncated: &Arc<AtomicBool>,
+    stderr_truncated: &Arc<AtomicBool>,
+) -> Outcome {
+    let cgroup = match cgroups::detect() {
+        Ok(h) => {
+            if let Err(e) = cgroups::join_parent(&h) {
+                eprintln!("could not join the berth cgroup: {e}");
+            }
+            match SandboxCgroup::create(&h, &launch.sandbox_id, launch.cpu_milli, launch.memory_mib)
+            {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    eprintln!("cgroups not writable ({e}); limits are not enforced");
+                    None
+                }
+            }
+        }
+        Err(why) => {
+            eprintln!("{why}");
+            None
+        }
+    };
+    let root = match &launch.rootfs {
+        Some(lower) => match bundle::mount_rootfs(dir, lower) {
+            Ok(root) => Some(root),
+            Err(reason) => return Outcome::Failed { reason },
+        },
+        None => None,
+    };
+    let outcome = run(
+        dir,
+        launch,
+        root.as_deref(),
+        cgroup.as_ref(),
+        stdout_truncated,
+        stderr_truncated,
+    );
+    if launch.runtime == RuntimeKind::Gvisor {
+        runsc(
+            dir,
+            launch,
+            cgroup.is_some(),
+            &["delete", "--force", &launch.sandbox_id],
+        );
+    }
+    if root.is_some() {
+        bundle::unmount_rootfs(dir);
+    }
+    let oom = cgroup
+        .as_ref()
+        .filter(|g| g.oom_killed())
+        .map(SandboxCgroup::memory_mib);
+    drop(cgroup);
+    match (oom, outcome) {
+        (_, Outcome::Failed { reason }) if reason.starts_with("terminated") => {
+            Outcome::Failed { reason }
+        }
+        (Some(mib), _) => Outcome::Failed {
+            reason: format!(
+                "out of memory: the sandbox went over its memory limit of {mib} MiB and was killed"
+            ),
+        },
+        (None, outcome) => outcome,
+    }
+}
+
+fn run(
+    dir: &Path,
+    launch: &Launch,
+    root: Option<&Path>,
+    cgroup: Option<&SandboxCgroup>,
+    stdout_truncated: &Arc<AtomicBool>,
+    stderr_truncated: &Arc<AtomicBool>,
+) -> Outcome {
+    let mut command = match sandbox_command(dir, launch, root, cgroup) {
+        Ok(c) => c,
+        Err(reason) => return Outcome::Failed { reason },
+    };
+    let started = Instant::now();
+    let mut child = match command.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let what = match (launch.runtime, root) {
+                (RuntimeKind::Gvisor, _) => launch.runsc_path.as_str(),
+                (RuntimeKind::Process, Some(_)) => "chroot",
+                (RuntimeKind::Process, None) => launch.command[0].as_str(),
+            };
+            return Outcome::Failed {
+                reason: format!("could not start {what}: {e}"),
+            };
+        }
+    };
+    let gvisor = launch.runtime == RuntimeKind::Gvisor;
+    if let (Some(group), false) = (cgroup, gvisor) {
+        if let Err(e) = group.add(child.id()) {
+            eprintln!("could not move the sandbox into its cgroup: {e}");
+        }
+    }
+    let mut marked_started = false;
+    let mark_started = || {
+        let _ = write_atomic(&dir.join(files::STARTED), unix_ms().to_string().as_bytes());
+    };
+    if !gvisor {
+        mark_started();
+        marked_started = true;
+    }
+    let cap = launch.max_output_bytes;
+    let mut copiers = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        copiers.push(capture(
+            out,
+            dir.join(files::STDOUT),
+            cap,
+            stdout_truncated.clone(),
+        ));
+    }
+    if let Some(err) = child.stderr.take() {
+        copiers.push(capture(
+            err,
+            dir.join(files::STDERR),
+            cap,
+            stderr_truncated.clone(),
+        ));
+    }
+    let deadline =
+        (launch.timeout_ms > 0).then(|| started + Duration::from_millis(launch.timeout_ms));
+    let cgroups = cgroup.is_some();
+    let pid = child.id();
+    let stop = |sig: Signal| {
+        signal_pid(pid, sig);
+        if gvisor {
+            let name = if sig == Signal::SIGKILL {
+                "KILL"
+            } else {
+                "TERM"
+            };
+            runsc(
+                dir,
+                launch,
+                cgroups,
+                &["kill", "--all", &launch.sandbox_id, name],
+            );
+        }
+    };
+    // Once set: why it is being stopped, and when SIGKILL follows.
+    let mut stopping: Option<(String, Instant)> = None;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Ok(status),
+            Ok(None) => {}
+            Err(e) => break Err(e),
+        }
+        if !marked_started && runsc_running(dir) {
+            mark_started();
+            marked_started = true;
+        }
+        let now = Instant::now();
+        match &stopping {
+            Some((_, kill_at)) if now >= *kill_at => stop(Signal::SIGKILL),
+            Some(_) => {}
+            None => {
+                if deadline.is_some_and(|d| now >= d) {
+                    stop(Signal::SIGTERM);
+                    stopping = Some((
+                        format!("timed out after {} ms", launch.timeout_ms),
+                        now + TIMEOUT_GRACE,
+                    ));
+                } else if let Some((grace, reason)) = read_terminate(dir) {
+                    stop(Signal::SIGTERM);
+                    let reason = if reason.is_empty() {
+                        "terminated".to_owned()
+                    } else {
+                        format!("terminated: {reason}")
+                    };
+                    stopping = Some((reason, now + grace));
+                }
+            }
+        }
+        thread::sleep(SHIM_POLL);
+    };
+    // Whatever is left of the group goes with it.
+    signal(&child, Signal::SIGKILL);
+    for c in copiers {
+        let _ = c.join();
+    }
+    match (status, stopping) {
+        (_, Some((reason, _))) => Outcome::Failed { reason },
+        (Ok(status), None) => Outcome::Exited {
+            code: status
+                .code()
+                .or_else(|| status.signal().map(|s| 128 + s))
+                .unwrap_or(-1),
+        },
+        (Err(e), None) => Outcome::Failed {
+            reason: format!("waiting for the sandbox: {e}"),
+        },
+    }
+}
+
+/// Copies a pipe into a file, keeping at most `cap` bytes; sets `truncated` past the cap
+/// and keeps draining so the sandbox never blocks on a full pipe.
+fn capture(
+    mut from: impl Read + Send + 'static,
+    to: PathBuf,
+    cap: u64,
+    truncated: Arc<AtomicBool>,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let Ok(mut file) = fs::OpenOptions::new().create(true).append(true).open(&to) else {
+            eprintln!("cannot open {}", to.display());
+            let _ = io::copy(&mut from, &mut io::sink());
+            return;
+        };
+        let mut written = file.metadata().map_or(0, |m| m.len());
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let room = cap.saturating_sub(written) as usize;
+            if room < n {
+                truncated.store(true, Ordering::Relaxed);
+            }
+            let keep = n.min(room);
+            if keep > 0 && file.write_all(&buf[..keep]).is_ok() {
+                written += keep as u64;
+            }
+        }
+    })
+}
+
+/// Reads a `terminate` file: grace in ms on the first line, the reason after it.
+fn read_terminate(dir: &Path) -> Option<(Duration, String)> {
+    let text = fs::read_to_string(dir.join(files::TERMINATE)).ok()?;
+    let (grace, reason) = text.split_once('\n').unwrap_or((&text, ""));
+    let grace = grace.trim().parse::<u64>().unwrap_or(10_000).min(600_000);
+    Some((Duration::from_millis(grace), reason.trim().to_owned()))
+}
+
+/// Sends a signal to the child's process group (and the child, in case it left it).
+fn signal(child: &Child, sig: Signal) {
+    signal_pid(child.id(), sig);
+}
+
+fn signal_pid(pid: u32, sig: Signal) {
+    let pid = Pid::from_raw(pid as i32);
+    let _ = killpg(pid, sig);
+    let _ = kill(pid, sig);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::tests::launch;
+
+    /// Runs the shim in-process (as `berth agent-shim` would) and returns its record.
+    fn run(dir: &Path, l: &Launch) -> ExitRecord {
+        fs::create_dir_all(dir).expect("dir");
+        write_atomic(
+            &dir.join(files::LAUNCH),
+            &serde_json::to_vec(l).expect("json"),
+        )
+        .expect("launch");
+        assert_eq!(run_shim(dir), 0);
+        read_exit(dir).expect("exit.json")
+    }
+
+    #[test]
+    fn the_shim_passes_gpus_and_env_and_reports_the_exit_code() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("sbx-1");
+        let l = launch(
+            "sbx-1",
+            &[
+                "sh",
+                "-c",
+                "echo $CUDA_VISIBLE_DEVICES $NVIDIA_VISIBLE_DEVICES $GREETING $BERTH_SANDBOX_ID; echo oops >&2; exit 7",
+            ],
+        );
+        let record = run(&dir, &l);
+        assert_eq!(record.outcome, Outcome::Exited { code: 7 });
+        assert_eq!(
+            fs::read_to_string(dir.join(files::STDOUT)).expect("stdout"),
+            "GPU-a,GPU-b GPU-a,GPU-b hello sbx-1\n"
+        );
+        assert_eq!(
+            fs::read_to_string(dir.join(files::STDERR)).expect("stderr"),
+            "oops\n"
+        );
+        assert!(!record.stdout_truncated);
+    }
+
+    #[test]
+    fn output_is_capped_and_marked_truncated() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("sbx-2");
+        let l = launch("sbx-2", &["sh", "-c", "head -c 100000 /dev/zero"]);
+        let record = run(&dir, &l);
+        assert_eq!(record.outcome, Outcome::Exited { code: 0 });
+        assert!(record.stdout_truncated);
+        assert_eq!(
+            fs::metadata(dir.join(files::STDOUT)).expect("out").len(),
+            4096
+        );
+    }
+
+    #[test]
+    fn a_timeout_kills_the_whole_process_group() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("sbx-3");
+        let mut l = launch("sbx-3", &["sh", "-c", "sleep 30 & sleep 30"]);
+        l.timeout_ms = 200;
+        let started = Instant::now();
+        let record = run(&dir, &l);
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert_eq!(
+            record.outcome,
+            Outcome::Failed {
+                reason: "timed out after 200 ms".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_missing_program_is_a_failure_that_names_it() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("sbx-4");
+        let record = run(&dir, &launch("sbx-4", &["/nonexistent/program"]));
+        match record.outcome {
+            Outcome::Failed { reason } => {
+                assert!(reason.contains("/nonexistent/program"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
