@@ -462,10 +462,8 @@ impl Agent {
         // Everything else: tell the new session where it stands (idempotent).
         let mut sent: BTreeMap<String, LocalState> = BTreeMap::new();
         let mut snapshots = self.monitor.subscribe();
-        if let Err(end) = self
-            .send_changes(&tx, &snapshots.borrow_and_update().clone(), &mut sent)
-            .await
-        {
+        let first = snapshots.borrow_and_update().clone();
+        if let Err(end) = self.send_changes(&tx, &first, &mut sent).await {
             return end;
         }
         let heartbeat_every = Duration::from_millis(ack.heartbeat_interval_ms.clamp(50, 60_000));

@@ -30,6 +30,9 @@ pub(crate) enum BenchCommand {
     Failover(super::bench_create::FailoverArgs),
     /// The time of one autoscaler policy decision for a large fleet and backlog.
     Autoscale(super::bench_autoscale::AutoscaleArgs),
+    /// A burst of small sandboxes onto `berth dev` from many clients: nothing may be lost,
+    /// no leader may change, no heartbeat may be late.
+    Burst(super::bench_burst::BurstArgs),
 }
 
 /// Arguments of `berth bench place`.
@@ -78,6 +81,7 @@ impl BenchCommand {
             BenchCommand::Create(args) => super::bench_create::run(&args),
             BenchCommand::Failover(args) => super::bench_create::failover(&args),
             BenchCommand::Autoscale(args) => super::bench_autoscale::run(&args),
+            BenchCommand::Burst(args) => super::bench_burst::run(&args),
         }
     }
 }

@@ -60,7 +60,8 @@ pub(crate) struct DevArgs {
     /// A registry the agents pull from over plain HTTP (e.g. `127.0.0.1:5000`); repeatable.
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     insecure_registries: Vec<String>,
-    /// Metrics port of the first static agent's `/metrics`; the others use the next ones.
+    /// Metrics port of the first static agent's `/metrics`; the others use the next ones
+    /// (0: each agent takes a free port and logs it).
     #[arg(long, default_value_t = 9190)]
     agent_metrics_port: u16,
     /// Idle time before the autoscaler removes a node (default config only).
@@ -275,7 +276,11 @@ async fn dev(args: &DevArgs) -> Result<(), String> {
         })
         .collect();
     for (i, node) in static_nodes.iter().enumerate() {
-        let metrics_port = port(args.agent_metrics_port, i as u16, "agent-metrics-port")?;
+        let metrics_port = if args.agent_metrics_port == 0 {
+            0
+        } else {
+            port(args.agent_metrics_port, i as u16, "agent-metrics-port")?
+        };
         let cfg = AgentConfig {
             node_id: node.id.into(),
             schedulers: grpc.clone(),

@@ -15,6 +15,7 @@ pub(crate) mod agent;
 pub(crate) mod autoscaler;
 pub(crate) mod bench;
 pub(crate) mod bench_autoscale;
+pub(crate) mod bench_burst;
 pub(crate) mod bench_create;
 pub(crate) mod cluster;
 pub(crate) mod dev;

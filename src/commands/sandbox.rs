@@ -134,10 +134,11 @@ struct CreateArgs {
     /// Print the sandbox's id (or, with -o json, the sandbox) and return at once.
     #[arg(long)]
     detach: bool,
-    /// The command and its arguments, after `--`.
+    /// The command and its arguments, after `--`; optional with `--image`, whose cmd runs
+    /// when there is none (a command replaces the image's cmd, as `docker run` does).
     #[arg(
         value_name = "CMD",
-        required = true,
+        required_unless_present = "image",
         trailing_var_arg = true,
         allow_hyphen_values = true
     )]

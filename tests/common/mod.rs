@@ -25,6 +25,15 @@ fn free_ports() -> u16 {
     panic!("no free ports in 12000..14400");
 }
 
+/// Agents' metrics on free ports unless the test chose them.
+fn agent_metrics(extra: &[&str]) -> Vec<&'static str> {
+    if extra.contains(&"--agent-metrics-port") {
+        vec![]
+    } else {
+        vec!["--agent-metrics-port", "0"]
+    }
+}
+
 pub(crate) struct Dev {
     child: Child,
     pub(crate) endpoint: String,
@@ -45,6 +54,7 @@ impl Dev {
             .arg(dir.join("state"))
             .args(["--port", &port.to_string()])
             .args(["--metrics-port", &(port + 3).to_string()])
+            .args(agent_metrics(extra))
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(dir.join("dev.out")).expect("out"))
             .stderr(std::fs::File::create(&log).expect("log"))

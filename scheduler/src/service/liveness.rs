@@ -9,6 +9,7 @@
 //! epoch.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -32,6 +33,8 @@ pub struct LivenessSettings {
 pub struct Liveness {
     settings: LivenessSettings,
     seen: Arc<Mutex<HashMap<String, Instant>>>,
+    /// The longest silence between two signs of life from one node, in ms.
+    max_gap_ms: Arc<AtomicU64>,
 }
 
 impl Liveness {
@@ -40,6 +43,7 @@ impl Liveness {
         Liveness {
             settings,
             seen: Arc::default(),
+            max_gap_ms: Arc::default(),
         }
     }
 
@@ -56,11 +60,21 @@ impl Liveness {
     fn heard_at(&self, node: &str, when: Instant) {
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         match seen.get_mut(node) {
-            Some(at) => *at = when,
+            Some(at) => {
+                let gap = when.saturating_duration_since(*at).as_millis() as u64;
+                self.max_gap_ms.fetch_max(gap, Ordering::Relaxed);
+                *at = when;
+            }
             None => {
                 seen.insert(node.to_owned(), when);
             }
         }
+    }
+
+    /// The longest gap between two signs of life from one node seen here, in ms (a leader
+    /// change restarts every node's clock, so a reconnect after it does not count).
+    pub fn max_gap_ms(&self) -> u64 {
+        self.max_gap_ms.load(Ordering::Relaxed)
     }
 
     /// When the node was last heard from, as Unix milliseconds (0 when never, here).
@@ -115,6 +129,10 @@ pub async fn run_checker<S: Store>(handle: S, liveness: Liveness) {
         if handle.fatal().is_some() {
             return;
         }
+        handle
+            .metrics()
+            .heartbeat_gap_max_ms
+            .set(liveness.max_gap_ms() as i64);
         if !handle.is_leader() {
             leader_since = None;
             continue;
@@ -193,6 +211,7 @@ mod tests {
         assert_eq!(expired, ["a", "never"]);
         // A heartbeat renews: heard 400 ms in, "a" is not silent long enough at 600 ms.
         l.heard_at("a", start + Duration::from_millis(400));
+        assert!(l.max_gap_ms() >= 400 - 5, "{}", l.max_gap_ms());
         let expired = l.expired(&nodes, start, later);
         assert_eq!(expired.len(), 1, "{expired:?}");
         assert_eq!(expired[0].0, "never");

@@ -53,6 +53,8 @@ pub struct Metrics {
     pub nodes_marked_down: IntCounter,
     /// Agent streams open on this replica.
     pub agent_streams: IntGauge,
+    /// The longest gap between two heartbeats of one node seen by this replica, in ms.
+    pub heartbeat_gap_max_ms: IntGauge,
     /// Raft messages dropped because a peer's queue was full or it was unreachable.
     pub peer_messages_dropped: IntCounterVec,
     /// Snapshots taken or installed.
@@ -150,6 +152,10 @@ impl Metrics {
                 "berth_agent_streams",
                 "Node agent streams open on this replica.",
             ),
+            heartbeat_gap_max_ms: gauge(
+                "berth_node_heartbeat_gap_max_ms",
+                "The longest gap between two heartbeats of one node seen by this replica, in ms.",
+            ),
             invariant_violations: counter(
                 "berth_invariant_violations_total",
                 "State invariant violations found by the periodic checker (must stay 0).",
@@ -185,6 +191,7 @@ impl Metrics {
             Box::new(m.invariant_violations.clone()),
             Box::new(m.nodes_marked_down.clone()),
             Box::new(m.agent_streams.clone()),
+            Box::new(m.heartbeat_gap_max_ms.clone()),
             Box::new(m.peer_messages_dropped.clone()),
             Box::new(m.log_entries_in_memory.clone()),
         ];
