@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use berth_proto::gpu::GpuRequest;
 use berth_proto::node::{CapacityType, TaintEffect};
-use berth_proto::{GpuModelName, Validator};
+use berth_proto::{GpuModelName, ImageReference, Validator};
 
 /// Bounds on what one sandbox spec may carry (documented in `types.proto`).
 pub mod limits {
@@ -19,7 +19,9 @@ pub mod limits {
     /// Longest request id.
     pub const REQUEST_ID_LEN: usize = 128;
     /// Longest image reference.
-    pub const IMAGE_LEN: usize = 512;
+    pub const IMAGE_LEN: usize = berth_proto::image::MAX_REFERENCE_LEN;
+    /// Longest label key or value, provider, region or toleration key or value.
+    pub const SHORT_TEXT_BYTES: usize = 256;
     /// Most argv entries.
     pub const COMMAND_ARGS: usize = 256;
     /// Most environment variables.
@@ -336,9 +338,25 @@ impl SandboxSpec {
     pub fn validate(&self, v: &mut Validator) {
         use limits::*;
         v.identifier("tenant", &self.tenant, TENANT_LEN);
-        v.check(self.image.len() <= IMAGE_LEN, "image", || {
-            format!("is {} bytes; the limit is {IMAGE_LEN}", self.image.len())
-        });
+        // Empty: the node's default root file system. Otherwise an OCI reference, checked
+        // here so that a malformed one is refused at the API rather than by a failed pull.
+        if !self.image.is_empty() {
+            if let Err(why) = ImageReference::parse(&self.image) {
+                v.error("image", why);
+            }
+        }
+        for (i, arg) in self.command.iter().enumerate() {
+            v.check(!arg.contains('\0'), &format!("command[{i}]"), || {
+                "contains a NUL byte".into()
+            });
+        }
+        v.check(
+            self.command
+                .first()
+                .is_none_or(|program| !program.is_empty()),
+            "command[0]",
+            || "the program is empty".into(),
+        );
         v.check(self.command.len() <= COMMAND_ARGS, "command", || {
             format!(
                 "{} arguments; the limit is {COMMAND_ARGS}",
@@ -356,6 +374,22 @@ impl SandboxSpec {
         v.check(env_bytes <= TEXT_BYTES, "env", || {
             format!("{env_bytes} bytes; the limit is {TEXT_BYTES}")
         });
+        for (name, value) in &self.env {
+            let field = format!("env[{name:?}]");
+            if name.is_empty() {
+                v.error(&field, "the name is empty");
+            } else if name.contains('=') {
+                v.error(
+                    &field,
+                    "the name contains '=', which ends a name in an environment",
+                );
+            } else if name.contains('\0') {
+                v.error(&field, "the name contains a NUL byte");
+            }
+            v.check(!value.contains('\0'), &field, || {
+                "the value contains a NUL byte".into()
+            });
+        }
         v.check(
             (1..=CPU_MILLI).contains(&self.cpu_milli),
             "resources.cpu_milli",
@@ -399,6 +433,31 @@ impl SandboxSpec {
         v.check(self.labels.len() <= LABELS, "labels", || {
             format!("{} labels; the limit is {LABELS}", self.labels.len())
         });
+        // Every short string of the spec is bounded too, so no map entry or list item can
+        // carry a large payload into the replicated state.
+        let short = |v: &mut Validator, field: String, text: &str| {
+            v.check(text.len() <= SHORT_TEXT_BYTES, &field, || {
+                format!("is {} bytes; the limit is {SHORT_TEXT_BYTES}", text.len())
+            });
+        };
+        for (key, value) in &self.labels {
+            short(v, format!("labels[{key:?}]"), key);
+            short(v, format!("labels[{key:?}]"), value);
+        }
+        for (i, p) in c.providers.iter().enumerate() {
+            short(v, format!("constraints.providers[{i}]"), p);
+        }
+        for (i, r) in c.regions.iter().enumerate() {
+            short(v, format!("constraints.regions[{i}]"), r);
+        }
+        for (key, value) in &c.node_labels {
+            short(v, format!("constraints.node_labels[{key:?}]"), key);
+            short(v, format!("constraints.node_labels[{key:?}]"), value);
+        }
+        for (i, t) in c.tolerations.iter().enumerate() {
+            short(v, format!("constraints.tolerations[{i}].key"), &t.key);
+            short(v, format!("constraints.tolerations[{i}].value"), &t.value);
+        }
     }
 
     /// Milli-GPUs this spec takes if bound with `option` of its request.

@@ -11,7 +11,9 @@
 //! the model does not keep, are listed on each function.
 //!
 //! One file per thing converted: `spec.rs` (sandbox specs), `sandbox.rs`, `node.rs`,
-//! `quota.rs` and `report.rs` (agent status reports); each file's tests are beside its code, with shared fixtures in `fixtures.rs`. Every
+//! `quota.rs` and `report.rs` (agent status reports); each file's tests are beside its code, with shared fixtures in `fixtures.rs`
+//! (and the create's checks at the door, NUL bytes, env names, image references, something
+//! to run, in `spec_checks.rs`). Every
 //! public function is re-exported here, so callers name `berth_core::convert::X`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -62,6 +64,8 @@ mod quota;
 mod report;
 mod sandbox;
 mod spec;
+#[cfg(test)]
+mod spec_checks;
 
 pub use node::{
     mig_mode_to_pb, node_inventory_to_pb, node_spec_from_pb, node_status_matches,
