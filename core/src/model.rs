@@ -244,7 +244,8 @@ pub enum NodeStatus {
     Cordoned,
     /// Cordoned, to be removed once empty.
     Draining,
-    /// Missed its heartbeats; its sandboxes are Lost.
+    /// Missed its heartbeats (its sandboxes are Unknown for the disconnect grace, then
+    /// Lost), or declared down by an operator (its sandboxes are Lost at once).
     Down,
 }
 
@@ -493,6 +494,20 @@ pub enum SandboxState {
         /// Why.
         reason: String,
     },
+    /// Its node stopped heartbeating while it was Scheduled or Running (Nomad's
+    /// disconnected client). It keeps its CPU, memory and GPUs until its node reports
+    /// again, when the agent's report stands, or until `lost_after_ms`, when it is Lost.
+    Unknown {
+        /// Why (its node's down reason).
+        reason: String,
+        /// When its node was marked down (ms since the unix epoch, the entry's clock).
+        since_ms: u64,
+        /// When it becomes Lost unless its node reports first.
+        lost_after_ms: u64,
+        /// Whether it had been reported running (otherwise it was Scheduled): what it
+        /// returns to when its node registers again.
+        was_running: bool,
+    },
 }
 
 impl SandboxState {
@@ -504,9 +519,12 @@ impl SandboxState {
         )
     }
 
-    /// Scheduled or Running: holds resources on a node.
+    /// Scheduled, Running or Unknown: holds resources on a node.
     pub fn holds_resources(&self) -> bool {
-        matches!(self, SandboxState::Scheduled | SandboxState::Running)
+        matches!(
+            self,
+            SandboxState::Scheduled | SandboxState::Running | SandboxState::Unknown { .. }
+        )
     }
 
     /// Stable short name for metrics and counters.
@@ -518,6 +536,7 @@ impl SandboxState {
             SandboxState::Exited { .. } => "exited",
             SandboxState::Failed { .. } => "failed",
             SandboxState::Lost { .. } => "lost",
+            SandboxState::Unknown { .. } => "unknown",
         }
     }
 }
@@ -559,7 +578,7 @@ pub struct Sandbox {
     pub spec: SandboxSpec,
     /// State.
     pub state: SandboxState,
-    /// Binding while Scheduled or Running (kept, for the record, once terminal).
+    /// Binding while Scheduled, Running or Unknown (kept, for the record, once terminal).
     pub binding: Option<Binding>,
     /// Why it is still Pending, from the last placement attempt.
     pub pending_reason: Option<String>,

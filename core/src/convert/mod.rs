@@ -72,7 +72,7 @@ pub use node::{
     node_status_to_pb, node_to_pb,
 };
 pub use quota::{quota_from_pb, quota_to_pb};
-pub use report::status_update_from_pb;
+pub use report::{observed_from_pb, status_update_from_pb};
 pub use sandbox::{
     sandbox_state_matches, sandbox_state_to_pb, sandbox_to_pb, sandbox_to_pb_in,
     sandbox_to_pb_with_gpus,

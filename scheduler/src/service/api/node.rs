@@ -79,13 +79,14 @@ impl<S: Store> NodeService for NodeApi<S> {
             )
             .into());
         }
-        // Everything the agent has, running or finished: the state machine re-adopts it and
-        // makes Lost what the agent no longer has. A malformed id is simply not ours.
-        let has: BTreeSet<SandboxId> = register
-            .running
-            .iter()
-            .filter_map(|o| o.sandbox_id.parse().ok())
-            .collect();
+        // Everything the agent has, running or finished, with its state there: the state
+        // machine re-adopts it, lets the agent's report stand, and makes Lost what the agent
+        // no longer has. An entry that does not read is simply not ours.
+        let (has, problems) =
+            convert::observed_from_pb(&node, &register.running, "register.running");
+        if let Some(problems) = problems {
+            tracing::warn!(node = %node, errors = %problems.one_line(), "unreadable sandboxes in a registration left out");
+        }
         let result = self
             .handle
             .command(Command::RegisterAgent { spec, has })
