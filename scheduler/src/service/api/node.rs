@@ -16,7 +16,7 @@ use berth_proto::pb::v1::node_service_server::NodeService;
 
 use super::{MAX_OBSERVED, NodeApi, only_outcome};
 use crate::convert;
-use crate::model::{SandboxId, SandboxState};
+use crate::model::{NodeStatus, SandboxId, SandboxState};
 use crate::service::liveness::Liveness;
 use crate::service::{ServiceError, Store};
 use crate::state::{Command, ItemOutcome};
@@ -218,6 +218,15 @@ async fn agent_outbound<S: Store>(
         let known = sent.clone();
         let diff = handle
             .read(false, move |v| {
+                // A Down node's agent must register again (a stopped or starved agent
+                // whose stream outlived its TTL): end the stream, and the agent
+                // reconnects with everything it has, which brings the node back.
+                if v.state
+                    .node(&lookup)
+                    .is_none_or(|r| r.status == NodeStatus::Down)
+                {
+                    return None;
+                }
                 let bound: BTreeSet<SandboxId> = v
                     .state
                     .node(&lookup)
@@ -251,10 +260,13 @@ async fn agent_outbound<S: Store>(
                     })
                     .copied()
                     .collect();
-                (assign, terminate, bound)
+                Some((assign, terminate, bound))
             })
             .await;
-        let Ok((assign, terminate, bound)) = diff else {
+        let Ok(Some((assign, terminate, bound))) = diff else {
+            if matches!(diff, Ok(None)) {
+                tracing::info!(node = %node, "node is down or gone; closing its stream so the agent registers again");
+            }
             return;
         };
         for sandbox in assign {
