@@ -1,226 +1,22 @@
 //! Node agents as real processes against a real three-replica scheduler cluster: liveness
-//! (a killed agent's node goes Down, its sandboxes Lost, its GPUs unused until it
-//! re-registers) and re-adoption (an agent restarted while a sandbox runs picks it up
-//! again; the sandbox runs once and its final status arrives).
+//! (a killed agent's node goes Down and its sandboxes Unknown, keeping their GPUs; past the
+//! disconnect grace they are Lost, and its GPUs stay unused until it re-registers) and
+//! re-adoption (an agent restarted while a sandbox runs picks it up again; the sandbox runs
+//! once and its final status arrives). `tests/disconnect.rs` brings agents back within the
+//! grace.
 //!
 //! Agents here use the `process` runtime so the tests are about the agent, not gVisor;
 //! `tests/dev.rs` runs sandboxes under runsc.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use berth_proto::pb::v1 as pb;
-use berth_scheduler::service::client::Client;
-use berth_scheduler::service::local_cluster::{LocalCluster, LocalClusterConfig};
 
-const TTL_MS: u64 = 1_500;
-
-fn cluster(dir: &Path) -> LocalCluster {
-    let mut cfg = LocalClusterConfig::new(env!("CARGO_BIN_EXE_berth"));
-    cfg.extra = format!(
-        "[scheduler.liveness]\nheartbeat_interval_ms = 250\nnode_ttl_ms = {TTL_MS}\nleader_grace_ms = {TTL_MS}\n"
-    );
-    LocalCluster::start(cfg, dir).expect("start the cluster")
-}
-
-/// A cluster with a leader, a client of it, and a started agent for `node`.
-async fn cluster_with_agent(dir: &Path, node: &str) -> (LocalCluster, Client, AgentProcess) {
-    let mut cluster = cluster(dir);
-    cluster
-        .wait_for_leader(Duration::from_secs(20))
-        .await
-        .expect("a leader");
-    let client = cluster.client();
-    let mut agent = AgentProcess::new(dir, node, &cluster.endpoints());
-    agent.start();
-    (cluster, client, agent)
-}
-
-/// A `berth agent` process for one node with a static 8×H100 inventory.
-struct AgentProcess {
-    config: PathBuf,
-    log: PathBuf,
-    state_dir: PathBuf,
-    child: Option<Child>,
-}
-
-impl AgentProcess {
-    fn new(dir: &Path, node: &str, schedulers: &[String]) -> AgentProcess {
-        let inventory = dir.join("8xh100.toml");
-        std::fs::write(
-            &inventory,
-            "[[gpus]]\nproduct_name = \"NVIDIA H100 80GB HBM3\"\ncount = 8\n",
-        )
-        .expect("inventory");
-        let state_dir = dir.join(format!("agent-{node}"));
-        let config = dir.join(format!("agent-{node}.toml"));
-        let list: Vec<String> = schedulers.iter().map(|s| format!("{s:?}")).collect();
-        std::fs::write(
-            &config,
-            format!(
-                "[agent]\nnode_id = {node:?}\nschedulers = [{}]\nprovider = \"aws\"\nregion = \"us-east-1\"\n\
-                 instance_type = \"p5.48xlarge\"\ninventory = {{ static = \"8xh100.toml\" }}\n\
-                 runtime = \"process\"\nstate_dir = {:?}\nreserved_cpu_milli = 0\nreserved_memory_mib = 0\n",
-                list.join(", "),
-                state_dir.display().to_string(),
-            ),
-        )
-        .expect("agent config");
-        AgentProcess {
-            log: dir.join(format!("agent-{node}.log")),
-            config,
-            state_dir,
-            child: None,
-        }
-    }
-
-    fn start(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_berth"))
-            .args(["--log-level", "info", "agent", "--config"])
-            .arg(&self.config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn the agent");
-        self.child = Some(child);
-    }
-
-    /// `kill -9`: the agent dies, the sandboxes' shims do not.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        self.kill();
-        // Stop sandboxes left running by a killed agent.
-        if let Ok(entries) = std::fs::read_dir(self.state_dir.join("sandboxes")) {
-            for e in entries.flatten() {
-                let _ = std::fs::write(e.path().join("terminate"), "0\ntest over\n");
-            }
-        }
-    }
-}
-
-async fn nodes(client: &mut Client) -> Vec<pb::Node> {
-    client
-        .list_nodes(pb::ListNodesRequest::default())
-        .await
-        .expect("list nodes")
-        .nodes
-}
-
-async fn node(client: &mut Client, id: &str) -> Option<pb::Node> {
-    nodes(client)
-        .await
-        .into_iter()
-        .find(|n| n.inventory.as_ref().is_some_and(|i| i.node_id == id))
-}
-
-/// Waits until node `id` is in `status`, and returns it.
-async fn node_in(
-    client: &Client,
-    id: &str,
-    status: pb::NodeStatus,
-    limit: Duration,
-    agent: &AgentProcess,
-) -> pb::Node {
-    wait_for(limit, &format!("node {id} {status:?}"), agent, || {
-        let mut client = client.clone();
-        async move {
-            node(&mut client, id)
-                .await
-                .filter(|n| n.status == status as i32)
-        }
-    })
-    .await
-}
-
-/// Polls `check` every 50 ms until it returns `Some`, or panics with `what` after `limit`.
-async fn wait_for<T, F, Fut>(limit: Duration, what: &str, agent: &AgentProcess, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let started = Instant::now();
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            started.elapsed() < limit,
-            "{what} within {limit:?}; agent log:\n{}",
-            agent.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn state(s: &pb::Sandbox) -> pb::SandboxState {
-    s.status
-        .as_ref()
-        .and_then(|st| pb::SandboxState::try_from(st.state).ok())
-        .unwrap_or(pb::SandboxState::Unspecified)
-}
-
-fn sandbox_spec(gpu: &str, command: &[&str]) -> pb::SandboxSpec {
-    pb::SandboxSpec {
-        tenant: "acme".into(),
-        command: command.iter().map(|s| s.to_string()).collect(),
-        resources: Some(pb::Resources {
-            cpu_milli: 1_000,
-            memory_mib: 512,
-            gpu: Some(pb::GpuRequest {
-                options: vec![gpu.into()],
-                min_memory_mib: 0,
-            }),
-        }),
-        ..Default::default()
-    }
-}
-
-async fn sandbox_in(
-    client: &mut Client,
-    id: &str,
-    want: pb::SandboxState,
-    agent: &AgentProcess,
-) -> pb::Sandbox {
-    let id = id.to_owned();
-    wait_for(
-        Duration::from_secs(20),
-        &format!("sandbox {id} {want:?}"),
-        agent,
-        || {
-            let mut client = client.clone();
-            let id = id.clone();
-            async move {
-                let s = client.get(&id).await.ok()?;
-                (state(&s) == want).then_some(s)
-            }
-        },
-    )
-    .await
-}
+mod common;
+use common::agents::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_killed_agent_is_marked_down_and_its_gpus_wait_for_it_to_reregister() {
+async fn a_killed_agent_past_the_grace_loses_its_sandboxes_and_its_gpus_wait_for_it() {
     let dir = tempfile::tempdir().expect("tmp");
     let (_cluster, mut client, mut agent) = cluster_with_agent(dir.path(), "h100-a").await;
     let first = node_in(
@@ -250,17 +46,18 @@ async fn a_killed_agent_is_marked_down_and_its_gpus_wait_for_it_to_reregister() 
         &agent,
     )
     .await;
+    let down_at = Instant::now();
     eprintln!(
         "node down {} ms after the kill (ttl {TTL_MS} ms): {}",
         killed.elapsed().as_millis(),
         down.status_reason
     );
     assert!(down.status_reason.contains("no heartbeat"), "{down:?}");
-    let lost = sandbox_in(&mut client, &big, pb::SandboxState::Lost, &agent).await;
-    let reason = lost.status.expect("status").reason;
-    assert!(reason.contains("h100-a"), "{reason}");
-
-    // Its GPUs are free in the books, but the node is Down: nothing is placed there.
+    // Unknown first: it keeps its eight GPUs for the grace, and nothing else is placed on
+    // the Down node.
+    let unknown = sandbox_in(&mut client, &big, pb::SandboxState::Unknown, &agent).await;
+    let reason = unknown.status.expect("status").reason;
+    assert!(reason.contains("node h100-a is down"), "{reason}");
     let waiting = client
         .create("after", sandbox_spec("H100:1", &["echo", "placed"]))
         .await
@@ -268,7 +65,33 @@ async fn a_killed_agent_is_marked_down_and_its_gpus_wait_for_it_to_reregister() 
         .sandbox
         .expect("sandbox")
         .id;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held = node(&mut client, "h100-a").await.expect("node");
+    assert_eq!(gpu_milli_allocated(&held), 8_000, "{held:?}");
+    let s = client.get(&waiting).await.expect("get");
+    assert_eq!(state(&s), pb::SandboxState::Pending, "{s:?}");
+
+    // The agent stays away past the grace: Lost, with its GPUs free in the books, but the
+    // node is Down: still nothing is placed there.
+    let lost = sandbox_in(&mut client, &big, pb::SandboxState::Lost, &agent).await;
+    let waited = down_at.elapsed();
+    eprintln!(
+        "lost {} ms after the node went down (grace {GRACE_MS} ms)",
+        waited.as_millis()
+    );
+    assert!(
+        waited >= Duration::from_millis(GRACE_MS - 500),
+        "lost after {waited:?}, before the grace ended"
+    );
+    let reason = lost.status.expect("status").reason;
+    assert!(
+        reason.contains(&format!(
+            "node h100-a did not come back within the {GRACE_MS} ms disconnect grace"
+        )),
+        "{reason}"
+    );
+    let freed = node(&mut client, "h100-a").await.expect("node");
+    assert_eq!(gpu_milli_allocated(&freed), 0, "{freed:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let s = client.get(&waiting).await.expect("get");
     assert_eq!(state(&s), pb::SandboxState::Pending, "{s:?}");
     assert!(s.status.expect("status").node_id.is_empty());
@@ -292,7 +115,7 @@ async fn a_killed_agent_is_marked_down_and_its_gpus_wait_for_it_to_reregister() 
     );
     let done = sandbox_in(&mut client, &waiting, pb::SandboxState::Exited, &agent).await;
     assert_eq!(done.status.expect("status").node_id, "h100-a");
-    let old = agent.state_dir.join("sandboxes").join(&big);
+    let old = agent.sandbox_dir(&big);
     wait_for(
         Duration::from_secs(20),
         "the lost sandbox is stopped",

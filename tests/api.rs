@@ -215,6 +215,103 @@ async fn bad_requests_name_the_field_and_the_replica_keeps_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_node_would_refuse_is_invalid_argument_naming_the_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = single_replica(dir.path()).await;
+    let address = cluster.members[0].address.clone();
+    let channel = berth_net::channel(&address, &berth_net::NetConfig::peer()).expect("channel");
+    let mut sandboxes = SandboxServiceClient::new(channel);
+    let cases: Vec<(&str, pb::SandboxSpec, &str)> = vec![
+        (
+            "nul-arg",
+            pb::SandboxSpec {
+                command: vec!["sh".into(), "-c".into(), "echo \0".into()],
+                ..valid_spec()
+            },
+            "spec.command[2]: contains a NUL byte",
+        ),
+        (
+            "eq-key",
+            pb::SandboxSpec {
+                env: [("A=B".to_string(), "1".to_string())].into(),
+                ..valid_spec()
+            },
+            "spec.env[\"A=B\"]: the name contains '='",
+        ),
+        (
+            "empty-key",
+            pb::SandboxSpec {
+                env: [(String::new(), "1".to_string())].into(),
+                ..valid_spec()
+            },
+            "spec.env[\"\"]: the name is empty",
+        ),
+        (
+            "nul-key",
+            pb::SandboxSpec {
+                env: [("A\0".to_string(), "1".to_string())].into(),
+                ..valid_spec()
+            },
+            "spec.env[\"A\\0\"]: the name contains a NUL byte",
+        ),
+        (
+            "nul-value",
+            pb::SandboxSpec {
+                env: [("A".to_string(), "\0".to_string())].into(),
+                ..valid_spec()
+            },
+            "spec.env[\"A\"]: the value contains a NUL byte",
+        ),
+        (
+            "bad-image",
+            pb::SandboxSpec {
+                image: "Registry:99999/Python:3.12".into(),
+                ..valid_spec()
+            },
+            "spec.image: \"Registry:99999/Python:3.12\" is not an image reference: registry",
+        ),
+        (
+            "nothing-to-run",
+            pb::SandboxSpec {
+                image: String::new(),
+                command: vec![],
+                ..valid_spec()
+            },
+            "spec.command: required when spec.image is empty",
+        ),
+    ];
+    for (request_id, spec, expected) in cases {
+        let s = create_err(
+            &mut sandboxes,
+            pb::CreateSandboxRequest {
+                request_id: request_id.into(),
+                spec: Some(spec),
+            },
+        )
+        .await;
+        assert_eq!(s.code(), Code::InvalidArgument, "{request_id}: {s:?}");
+        assert!(
+            s.message().starts_with(expected),
+            "{request_id}: {}",
+            s.message()
+        );
+    }
+    // An image and no command is fine: the image's entrypoint runs.
+    let created = sandboxes
+        .create_sandbox(pb::CreateSandboxRequest {
+            request_id: "image-only".into(),
+            spec: Some(pb::SandboxSpec {
+                image: "127.0.0.1:5000/busybox:1".into(),
+                command: vec![],
+                ..valid_spec()
+            }),
+        })
+        .await
+        .expect("an image without a command");
+    assert!(created.into_inner().sandbox.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_health_are_served() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cluster = single_replica(dir.path()).await;

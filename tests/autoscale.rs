@@ -128,7 +128,15 @@ fn pending_gpu_sandboxes_scale_a_group_up_from_zero_and_idle_nodes_go_back_to_ze
         let done: BTreeMap<String, pb::SandboxStatus> = sandboxes
             .iter()
             .filter_map(|s| Some((s.id.clone(), s.status.clone()?)))
-            .filter(|(_, st)| st.state >= pb::SandboxState::Exited as i32)
+            // Terminal states only (UNKNOWN, numbered after them, is not an end).
+            .filter(|(_, st)| {
+                [
+                    pb::SandboxState::Exited,
+                    pb::SandboxState::Failed,
+                    pb::SandboxState::Lost,
+                ]
+                .contains(&pb::SandboxState::try_from(st.state).unwrap_or_default())
+            })
             .collect();
         if done.len() == SANDBOXES {
             break done;

@@ -310,3 +310,64 @@ async fn a_replica_added_later_catches_up_by_snapshot_and_can_replace_another() 
     wait_applied(&cluster, new, commit).await;
     assert_holds_all(&cluster, new, &acked).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_knows_no_leader_answers_unavailable() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut cluster = cluster(dir.path());
+    let leader = leader_or_fail(&mut cluster).await;
+    // Two of three gone: the survivor loses (or never had) a leader and cannot elect one.
+    let survivor = (leader + 1) % 3;
+    for i in 0..3 {
+        if i != survivor {
+            cluster.kill(i);
+        }
+    }
+    let address = cluster.members[survivor].address.clone();
+    let channel = berth_net::channel(&address, &berth_net::NetConfig::peer()).expect("channel");
+    let mut raw = pb::sandbox_service_client::SandboxServiceClient::new(channel);
+    let request = pb::CreateSandboxRequest {
+        request_id: "no-leader".into(),
+        spec: Some(spec(1)),
+    };
+    let started = Instant::now();
+    // At first it may still name the dead leader (FAILED_PRECONDITION with a hint); once
+    // its election timeout passes it knows none.
+    let status = loop {
+        let status = raw
+            .create_sandbox(request.clone())
+            .await
+            .expect_err("no quorum, no create");
+        if status.code() == tonic::Code::Unavailable {
+            break status;
+        }
+        assert!(berth_net::is_not_leader(&status), "{status:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "still {status:?} after 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        status.message().contains("no leader is known yet"),
+        "{status:?}"
+    );
+    assert!(berth_net::is_not_leader(&status));
+    assert_eq!(
+        status
+            .metadata()
+            .get(berth_net::LEADER_METADATA)
+            .and_then(|v| v.to_str().ok()),
+        Some("")
+    );
+    // The leader-following client retries it until its deadline, then reports it.
+    let mut client = Client::new(vec![address]);
+    client.deadline = Duration::from_millis(1_500);
+    let tried = Instant::now();
+    let err = client
+        .create("no-leader", spec(1))
+        .await
+        .expect_err("no leader");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(tried.elapsed() >= Duration::from_millis(1_500), "retried");
+}

@@ -9,7 +9,7 @@ use std::fmt;
 
 use berth_proto::GpuModelName;
 
-use crate::model::SandboxState;
+use crate::model::{NodeStatus, SandboxState};
 use crate::state::State;
 
 /// An invariant of the state.
@@ -25,7 +25,7 @@ pub enum Invariant {
     BoundGpuExists,
     /// GPUs bound in the latest apply were healthy when bound.
     BoundGpuHealthyAtBind,
-    /// Exactly the Scheduled/Running sandboxes have a live binding on a node.
+    /// Exactly the Scheduled/Running/Unknown sandboxes have a live binding on a node.
     BindingMatchesState,
     /// A bound placement matches its request (count, milli, option).
     PlanFitsRequest,
@@ -39,6 +39,9 @@ pub enum Invariant {
     RequestIdIndexConsistent,
     /// Every sandbox id is below the next id to be assigned (so no id is handed out twice).
     SandboxIdsBelowNext,
+    /// A sandbox is Unknown exactly while it is bound to a Down node (a Down node holds
+    /// nothing Scheduled or Running), and its grace ends no earlier than it began.
+    UnknownOnlyOnDownNodes,
 }
 
 /// One broken invariant.
@@ -168,6 +171,37 @@ pub fn check(state: &State) -> Vec<Violation> {
             );
             continue;
         };
+        let unknown = match &sandbox.state {
+            SandboxState::Unknown {
+                since_ms,
+                lost_after_ms,
+                ..
+            } => {
+                if lost_after_ms < since_ms {
+                    fail(
+                        Invariant::UnknownOnlyOnDownNodes,
+                        format!(
+                            "{} is Unknown from {since_ms} ms to {lost_after_ms} ms",
+                            sandbox.id
+                        ),
+                    );
+                }
+                true
+            }
+            _ => false,
+        };
+        if unknown != (node.status == NodeStatus::Down) {
+            fail(
+                Invariant::UnknownOnlyOnDownNodes,
+                format!(
+                    "{} is {} on node {}, which is {:?}",
+                    sandbox.id,
+                    sandbox.state.name(),
+                    p.node,
+                    node.status
+                ),
+            );
+        }
         if !node.sandboxes.contains(&sandbox.id) {
             fail(
                 Invariant::BindingMatchesState,

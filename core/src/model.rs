@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use berth_proto::gpu::GpuRequest;
 use berth_proto::node::{CapacityType, TaintEffect};
-use berth_proto::{GpuModelName, Validator};
+use berth_proto::{GpuModelName, ImageReference, Validator};
 
 /// Bounds on what one sandbox spec may carry (documented in `types.proto`).
 pub mod limits {
@@ -19,7 +19,9 @@ pub mod limits {
     /// Longest request id.
     pub const REQUEST_ID_LEN: usize = 128;
     /// Longest image reference.
-    pub const IMAGE_LEN: usize = 512;
+    pub const IMAGE_LEN: usize = berth_proto::image::MAX_REFERENCE_LEN;
+    /// Longest label key or value, provider, region or toleration key or value.
+    pub const SHORT_TEXT_BYTES: usize = 256;
     /// Most argv entries.
     pub const COMMAND_ARGS: usize = 256;
     /// Most environment variables.
@@ -242,7 +244,8 @@ pub enum NodeStatus {
     Cordoned,
     /// Cordoned, to be removed once empty.
     Draining,
-    /// Missed its heartbeats; its sandboxes are Lost.
+    /// Missed its heartbeats (its sandboxes are Unknown for the disconnect grace, then
+    /// Lost), or declared down by an operator (its sandboxes are Lost at once).
     Down,
 }
 
@@ -336,9 +339,25 @@ impl SandboxSpec {
     pub fn validate(&self, v: &mut Validator) {
         use limits::*;
         v.identifier("tenant", &self.tenant, TENANT_LEN);
-        v.check(self.image.len() <= IMAGE_LEN, "image", || {
-            format!("is {} bytes; the limit is {IMAGE_LEN}", self.image.len())
-        });
+        // Empty: the node's default root file system. Otherwise an OCI reference, checked
+        // here so that a malformed one is refused at the API rather than by a failed pull.
+        if !self.image.is_empty() {
+            if let Err(why) = ImageReference::parse(&self.image) {
+                v.error("image", why);
+            }
+        }
+        for (i, arg) in self.command.iter().enumerate() {
+            v.check(!arg.contains('\0'), &format!("command[{i}]"), || {
+                "contains a NUL byte".into()
+            });
+        }
+        v.check(
+            self.command
+                .first()
+                .is_none_or(|program| !program.is_empty()),
+            "command[0]",
+            || "the program is empty".into(),
+        );
         v.check(self.command.len() <= COMMAND_ARGS, "command", || {
             format!(
                 "{} arguments; the limit is {COMMAND_ARGS}",
@@ -356,6 +375,22 @@ impl SandboxSpec {
         v.check(env_bytes <= TEXT_BYTES, "env", || {
             format!("{env_bytes} bytes; the limit is {TEXT_BYTES}")
         });
+        for (name, value) in &self.env {
+            let field = format!("env[{name:?}]");
+            if name.is_empty() {
+                v.error(&field, "the name is empty");
+            } else if name.contains('=') {
+                v.error(
+                    &field,
+                    "the name contains '=', which ends a name in an environment",
+                );
+            } else if name.contains('\0') {
+                v.error(&field, "the name contains a NUL byte");
+            }
+            v.check(!value.contains('\0'), &field, || {
+                "the value contains a NUL byte".into()
+            });
+        }
         v.check(
             (1..=CPU_MILLI).contains(&self.cpu_milli),
             "resources.cpu_milli",
@@ -399,6 +434,31 @@ impl SandboxSpec {
         v.check(self.labels.len() <= LABELS, "labels", || {
             format!("{} labels; the limit is {LABELS}", self.labels.len())
         });
+        // Every short string of the spec is bounded too, so no map entry or list item can
+        // carry a large payload into the replicated state.
+        let short = |v: &mut Validator, field: String, text: &str| {
+            v.check(text.len() <= SHORT_TEXT_BYTES, &field, || {
+                format!("is {} bytes; the limit is {SHORT_TEXT_BYTES}", text.len())
+            });
+        };
+        for (key, value) in &self.labels {
+            short(v, format!("labels[{key:?}]"), key);
+            short(v, format!("labels[{key:?}]"), value);
+        }
+        for (i, p) in c.providers.iter().enumerate() {
+            short(v, format!("constraints.providers[{i}]"), p);
+        }
+        for (i, r) in c.regions.iter().enumerate() {
+            short(v, format!("constraints.regions[{i}]"), r);
+        }
+        for (key, value) in &c.node_labels {
+            short(v, format!("constraints.node_labels[{key:?}]"), key);
+            short(v, format!("constraints.node_labels[{key:?}]"), value);
+        }
+        for (i, t) in c.tolerations.iter().enumerate() {
+            short(v, format!("constraints.tolerations[{i}].key"), &t.key);
+            short(v, format!("constraints.tolerations[{i}].value"), &t.value);
+        }
     }
 
     /// Milli-GPUs this spec takes if bound with `option` of its request.
@@ -434,6 +494,20 @@ pub enum SandboxState {
         /// Why.
         reason: String,
     },
+    /// Its node stopped heartbeating while it was Scheduled or Running (Nomad's
+    /// disconnected client). It keeps its CPU, memory and GPUs until its node reports
+    /// again, when the agent's report stands, or until `lost_after_ms`, when it is Lost.
+    Unknown {
+        /// Why (its node's down reason).
+        reason: String,
+        /// When its node was marked down (ms since the unix epoch, the entry's clock).
+        since_ms: u64,
+        /// When it becomes Lost unless its node reports first.
+        lost_after_ms: u64,
+        /// Whether it had been reported running (otherwise it was Scheduled): what it
+        /// returns to when its node registers again.
+        was_running: bool,
+    },
 }
 
 impl SandboxState {
@@ -445,9 +519,12 @@ impl SandboxState {
         )
     }
 
-    /// Scheduled or Running: holds resources on a node.
+    /// Scheduled, Running or Unknown: holds resources on a node.
     pub fn holds_resources(&self) -> bool {
-        matches!(self, SandboxState::Scheduled | SandboxState::Running)
+        matches!(
+            self,
+            SandboxState::Scheduled | SandboxState::Running | SandboxState::Unknown { .. }
+        )
     }
 
     /// Stable short name for metrics and counters.
@@ -459,6 +536,7 @@ impl SandboxState {
             SandboxState::Exited { .. } => "exited",
             SandboxState::Failed { .. } => "failed",
             SandboxState::Lost { .. } => "lost",
+            SandboxState::Unknown { .. } => "unknown",
         }
     }
 }
@@ -500,7 +578,7 @@ pub struct Sandbox {
     pub spec: SandboxSpec,
     /// State.
     pub state: SandboxState,
-    /// Binding while Scheduled or Running (kept, for the record, once terminal).
+    /// Binding while Scheduled, Running or Unknown (kept, for the record, once terminal).
     pub binding: Option<Binding>,
     /// Why it is still Pending, from the last placement attempt.
     pub pending_reason: Option<String>,

@@ -53,11 +53,23 @@ enum Op {
         node: usize,
         gpus: u32,
     },
-    /// An agent re-registers having kept every `keep`-th of the node's sandboxes.
+    /// An agent re-registers having kept every `keep`-th of the node's sandboxes, each
+    /// reported as `report` says (running, exited, failed).
     AgentReregister {
         node: usize,
         gpus: u32,
         keep: usize,
+        report: u8,
+    },
+    /// The liveness checker finds a node silent: Down, its sandboxes Unknown for `grace`.
+    Disconnect {
+        node: usize,
+        grace: u64,
+    },
+    /// The leader expires every Unknown sandbox it believes past its grace at `skew` ms
+    /// from now (the state machine re-checks against the entry's own time).
+    ExpireDisconnected {
+        skew: u64,
     },
     Quota {
         max: u32,
@@ -77,8 +89,10 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..64).prop_map(|sandbox| Op::Delete { sandbox }),
         1 => (0usize..4, 0u8..4).prop_map(|(node, status)| Op::NodeStatus { node, status }),
         1 => (0usize..4, 0u32..9).prop_map(|(node, gpus)| Op::Reregister { node, gpus }),
-        1 => (0usize..4, 0u32..9, 1usize..4)
-            .prop_map(|(node, gpus, keep)| Op::AgentReregister { node, gpus, keep }),
+        1 => (0usize..4, 0u32..9, 1usize..4, 0u8..3)
+            .prop_map(|(node, gpus, keep, report)| Op::AgentReregister { node, gpus, keep, report }),
+        1 => (0usize..4, 0u64..20).prop_map(|(node, grace)| Op::Disconnect { node, grace }),
+        1 => (0u64..20).prop_map(|skew| Op::ExpireDisconnected { skew }),
         1 => (1u32..20, 0u64..8000).prop_map(|(max, gpu_milli)| Op::Quota { max, gpu_milli }),
         1 => (0u64..200).prop_map(|before| Op::Expire { before }),
     ]
@@ -200,12 +214,40 @@ fn to_command(state: &State, op: &Op, placer: &Placer) -> Command {
         Op::Reregister { node, gpus } => Command::RegisterNode {
             spec: gpu_node(&node_id(*node), MODELS[*node % 3], *gpus),
         },
-        Op::AgentReregister { node, gpus, keep } => Command::RegisterAgent {
+        Op::AgentReregister {
+            node,
+            gpus,
+            keep,
+            report,
+        } => Command::RegisterAgent {
             spec: gpu_node(&node_id(*node), MODELS[*node % 3], *gpus),
             has: state
                 .node(&node_id(*node))
-                .map(|r| r.sandboxes.iter().copied().step_by(*keep).collect())
+                .map(|r| {
+                    r.sandboxes
+                        .iter()
+                        .step_by(*keep)
+                        .map(|id| {
+                            let change = match report {
+                                0 => StatusChange::Running,
+                                1 => StatusChange::Exited { code: 0 },
+                                _ => StatusChange::Failed {
+                                    reason: "gone".into(),
+                                },
+                            };
+                            (*id, change)
+                        })
+                        .collect()
+                })
                 .unwrap_or_default(),
+        },
+        Op::Disconnect { node, grace } => Command::NodeDisconnected {
+            node: node_id(*node),
+            reason: "no heartbeat".into(),
+            grace_ms: *grace,
+        },
+        Op::ExpireDisconnected { skew } => Command::ExpireDisconnected {
+            items: state.disconnect_grace_over(state.revision() + skew, 64),
         },
         Op::Quota { max, gpu_milli } => Command::SetTenantQuota {
             tenant: "t".into(),

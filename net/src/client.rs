@@ -2,9 +2,10 @@
 //! the tests use it.
 //!
 //! A call goes to the replica believed to lead. A follower's FAILED_PRECONDITION with a
-//! `berth-leader` address moves the client there; UNAVAILABLE, a transport error, or "no
-//! leader yet" moves it to the next endpoint after a short backoff. Creates are safe to
-//! retry because they carry a request id.
+//! `berth-leader` address moves the client there at once; UNAVAILABLE (a transport error,
+//! or "no leader is known yet" during an election, whose `berth-leader` is empty) moves it
+//! to the next endpoint after a short backoff, until the call's deadline. Creates are safe
+//! to retry because they carry a request id.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -415,9 +416,10 @@ mod tests {
 
     #[test]
     fn only_not_leader_answers_and_unreachable_replicas_are_retried() {
-        // A follower's answer, with or without a known leader.
+        // A follower's answer, with or without a known leader (UNAVAILABLE while none is).
         assert!(retryable(&not_leader_status(2, "127.0.0.1:7071")));
         assert!(retryable(&not_leader_status(0, "")));
+        assert_eq!(not_leader_status(0, "").code(), Code::Unavailable);
         assert!(retryable(&Status::unavailable("connection refused")));
         // Refusals that every replica would repeat go straight back.
         for refusal in [

@@ -10,6 +10,7 @@
 //! - [`convert`]: hand-written conversions between `pb` messages and domain types, with
 //!   errors that name the field.
 //! - [`gpu`]: the GPU catalog ([`gpu::catalog`]) and request parsing ([`gpu::request`]).
+//! - [`image`]: OCI image references, checked against the distribution grammar.
 //! - [`node`]: node vocabulary (capacity type, taint effect).
 //! - [`resources`]: CPU/memory/GPU amounts with overflow-checked arithmetic, and quantity
 //!   parsing (`"1.5"`, `"500m"`, `"16GiB"`).
@@ -17,11 +18,13 @@
 
 pub mod convert;
 pub mod gpu;
+pub mod image;
 pub mod node;
 pub mod pb;
 pub mod resources;
 pub mod validate;
 
 pub use gpu::{GpuModel, GpuModelName, GpuRequest};
+pub use image::ImageReference;
 pub use resources::Resources;
 pub use validate::{FieldError, FieldErrors, Validator};

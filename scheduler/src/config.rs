@@ -118,6 +118,11 @@ pub struct LivenessConfig {
     pub node_ttl_ms: u64,
     /// After a leader change, no node is marked Down for this long (agents reconnect).
     pub leader_grace_ms: u64,
+    /// How long the sandboxes of a node marked Down stay Unknown, keeping their GPUs, CPU
+    /// and memory, before they are Lost (Nomad's `max_client_disconnect`). If the agent
+    /// registers again within it, what it reports stands. 0 makes them Lost at the TTL.
+    /// At most one day.
+    pub node_disconnect_grace_ms: u64,
 }
 
 /// The etcd backend.
@@ -194,6 +199,7 @@ impl Default for LivenessConfig {
             heartbeat_interval_ms: 1000,
             node_ttl_ms: 10_000,
             leader_grace_ms: 15_000,
+            node_disconnect_grace_ms: 60_000,
         }
     }
 }
@@ -372,6 +378,17 @@ impl LivenessConfig {
                 )
             },
         );
+        let max = crate::state::MAX_DISCONNECT_GRACE_MS;
+        v.check(
+            self.node_disconnect_grace_ms <= max,
+            "node_disconnect_grace_ms",
+            || {
+                format!(
+                    "{} is above the limit of {max} (one day)",
+                    self.node_disconnect_grace_ms
+                )
+            },
+        );
     }
 }
 
@@ -422,6 +439,7 @@ mod tests {
             address: "nowhere".into(),
         });
         config.raft.election_ticks = 2;
+        config.liveness.node_disconnect_grace_ms = 2 * crate::state::MAX_DISCONNECT_GRACE_MS;
         let found = errors(&config);
         assert_eq!(
             found,
@@ -431,6 +449,8 @@ mod tests {
                 "node_id: 9 is not among peers[].id",
                 "peers: 2 replicas tolerate no more failures than 1; use an odd number",
                 "raft.election_ticks: 2 must be greater than heartbeat_ticks (2)",
+                "liveness.node_disconnect_grace_ms: 172800000 is above the limit of 86400000 \
+                 (one day)",
                 "etcd: must be set when backend = \"etcd\"",
             ]
         );

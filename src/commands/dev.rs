@@ -47,6 +47,10 @@ pub(crate) struct DevArgs {
     /// Agents' heartbeat TTL in ms: a killed agent's node is Down after this long.
     #[arg(long, default_value_t = 5_000)]
     node_ttl_ms: u64,
+    /// How long a Down node's sandboxes stay Unknown (holding their GPUs) before they are
+    /// Lost, in ms; an agent back within it has its report stand.
+    #[arg(long, default_value_t = 60_000)]
+    node_disconnect_grace_ms: u64,
     /// Config file whose [autoscaler] section replaces dev's default (its `schedulers`
     /// are set to dev's replicas).
     #[arg(long)]
@@ -256,6 +260,7 @@ async fn dev(args: &DevArgs) -> Result<(), String> {
         cfg.liveness.node_ttl_ms = args.node_ttl_ms;
         cfg.liveness.leader_grace_ms = args.node_ttl_ms;
         cfg.liveness.heartbeat_interval_ms = (args.node_ttl_ms / 5).max(50);
+        cfg.liveness.node_disconnect_grace_ms = args.node_disconnect_grace_ms;
         let running = berth_scheduler::service::start(&cfg)
             .await
             .map_err(|e| format!("replica {}: {e}", i + 1))?;

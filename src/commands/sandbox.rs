@@ -55,8 +55,8 @@ enum SandboxCommand {
         /// Only this tenant's sandboxes.
         #[arg(long)]
         tenant: Option<String>,
-        /// Only sandboxes in these states (pending, scheduled, running, exited, failed,
-        /// lost; comma-separated or repeated).
+        /// Only sandboxes in these states (pending, scheduled, running, unknown, exited,
+        /// failed, lost; comma-separated or repeated).
         #[arg(long = "state", value_name = "STATE", value_delimiter = ',', value_parser = parse_state)]
         states: Vec<SandboxState>,
         /// Only sandboxes on this node.
@@ -298,9 +298,11 @@ async fn follow(client: &mut Client, mut sandbox: pb::Sandbox) -> Result<ExitCod
     let waiting_since = Instant::now();
     let mut pause = Backoff::new();
     let mut said_waiting = false;
+    // Unknown: its node went silent before it was known to run or end; wait for the node
+    // to come back (Running, Exited, ...) or for the grace to end (Lost).
     while matches!(
         state(&sandbox),
-        SandboxState::Pending | SandboxState::Scheduled
+        SandboxState::Pending | SandboxState::Scheduled | SandboxState::Unknown
     ) {
         if !said_waiting
             && state(&sandbox) == SandboxState::Pending
@@ -552,7 +554,10 @@ fn parse_state(text: &str) -> Result<SandboxState, String> {
     SandboxState::from_str_name(&name)
         .filter(|s| *s != SandboxState::Unspecified)
         .ok_or_else(|| {
-            format!("{text:?} is not a state: pending, scheduled, running, exited, failed or lost")
+            format!(
+                "{text:?} is not a state: pending, scheduled, running, unknown, exited, failed \
+                 or lost"
+            )
         })
 }
 
@@ -582,12 +587,12 @@ fn gpus_summary(sandbox: &pb::Sandbox) -> String {
 }
 
 /// The AGE/EXIT column: how long ago a live sandbox was created, an exited one's code, or
-/// why it failed or was lost.
+/// why it failed, was lost or is unknown.
 fn age_or_exit(sandbox: &pb::Sandbox, now_ms: u64) -> String {
     let st = status(sandbox);
     match state(sandbox) {
         SandboxState::Exited => format!("exit {}", st.exit_code),
-        SandboxState::Failed | SandboxState::Lost => {
+        SandboxState::Failed | SandboxState::Lost | SandboxState::Unknown => {
             let reason = dash(&st.reason);
             if reason.chars().count() > 60 {
                 format!("{}…", reason.chars().take(59).collect::<String>())
@@ -855,6 +860,7 @@ mod tests {
             SandboxState::Pending,
             SandboxState::Scheduled,
             SandboxState::Running,
+            SandboxState::Unknown,
         ] {
             assert_eq!(exit_code(&sandbox(live, 0, "")), None);
         }
@@ -865,6 +871,12 @@ mod tests {
         assert_eq!(parse_state("running"), Ok(SandboxState::Running));
         assert_eq!(parse_state("EXITED"), Ok(SandboxState::Exited));
         assert_eq!(parse_state("sandbox_state_lost"), Ok(SandboxState::Lost));
+        assert_eq!(parse_state("unknown"), Ok(SandboxState::Unknown));
+        assert_eq!(state_label(SandboxState::Unknown as i32), "unknown");
+        let unknown = sandbox(SandboxState::Unknown, 0, "node n1 is down (no heartbeat)");
+        assert_eq!(sandbox_json(&unknown)["status"]["state"], "unknown");
+        assert_eq!(age_or_exit(&unknown, 0), "node n1 is down (no heartbeat)");
+        assert!(describe(&unknown, 0).contains("state: unknown\n"));
         assert!(parse_state("unspecified").is_err());
         assert!(parse_state("done").is_err());
         assert_eq!(state_label(SandboxState::Pending as i32), "pending");

@@ -1,7 +1,9 @@
 //! Test harnesses over the real binary: `berth dev` on free loopback ports driven through
-//! the `berth` CLI, and a one-replica scheduler.
+//! the `berth` CLI, a one-replica scheduler, and node agents against a cluster (`agents`).
 
 #![allow(dead_code)] // each test binary uses part of it
+
+pub(crate) mod agents;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

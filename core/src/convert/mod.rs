@@ -11,7 +11,9 @@
 //! the model does not keep, are listed on each function.
 //!
 //! One file per thing converted: `spec.rs` (sandbox specs), `sandbox.rs`, `node.rs`,
-//! `quota.rs` and `report.rs` (agent status reports); each file's tests are beside its code, with shared fixtures in `fixtures.rs`. Every
+//! `quota.rs` and `report.rs` (agent status reports); each file's tests are beside its code, with shared fixtures in `fixtures.rs`
+//! (and the create's checks at the door, NUL bytes, env names, image references, something
+//! to run, in `spec_checks.rs`). Every
 //! public function is re-exported here, so callers name `berth_core::convert::X`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -62,13 +64,15 @@ mod quota;
 mod report;
 mod sandbox;
 mod spec;
+#[cfg(test)]
+mod spec_checks;
 
 pub use node::{
     mig_mode_to_pb, node_inventory_to_pb, node_spec_from_pb, node_status_matches,
     node_status_to_pb, node_to_pb,
 };
 pub use quota::{quota_from_pb, quota_to_pb};
-pub use report::status_update_from_pb;
+pub use report::{observed_from_pb, status_update_from_pb};
 pub use sandbox::{
     sandbox_state_matches, sandbox_state_to_pb, sandbox_to_pb, sandbox_to_pb_in,
     sandbox_to_pb_with_gpus,

@@ -52,6 +52,39 @@ pub fn status_update_from_pb(
     }
 }
 
+/// What an agent's `Register.running` lists: each sandbox it has, with its state there
+/// (as [`status_update_from_pb`] reads a report). The state machine lets each report
+/// stand. An entry that does not read (a malformed id, a state an agent cannot report) is
+/// left out, as a sandbox the agent does not have, and named in the second value with its
+/// path under `field` (`register.running[3].state: ...`) for the caller to log.
+pub fn observed_from_pb(
+    node: &str,
+    observed: &[pb::ObservedSandbox],
+    field: &str,
+) -> (BTreeMap<SandboxId, StatusChange>, Option<FieldErrors>) {
+    let mut has = BTreeMap::new();
+    let mut problems = Vec::new();
+    for (i, o) in observed.iter().enumerate() {
+        let report = pb::SandboxStatusUpdate {
+            sandbox_id: o.sandbox_id.clone(),
+            state: o.state,
+            exit_code: o.exit_code,
+            reason: o.reason.clone(),
+            at_unix_ms: 0,
+        };
+        match status_update_from_pb(node, &report) {
+            Ok(update) => {
+                has.insert(update.sandbox, update.change);
+            }
+            Err(errors) => problems.extend(errors.0.into_iter().map(|e| berth_proto::FieldError {
+                field: format!("{field}[{i}].{}", e.field),
+                message: e.message,
+            })),
+        }
+    }
+    (has, (!problems.is_empty()).then_some(FieldErrors(problems)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,6 +166,47 @@ mod tests {
             message(&err),
             "state: must be SANDBOX_STATE_RUNNING, SANDBOX_STATE_EXITED or SANDBOX_STATE_FAILED, \
          not SANDBOX_STATE_PENDING"
+        );
+    }
+
+    #[test]
+    fn a_registration_lists_each_sandbox_with_its_state_and_names_what_does_not_read() {
+        let observed = |id: &str, state: pb::SandboxState, code: i32| pb::ObservedSandbox {
+            sandbox_id: id.into(),
+            state: state as i32,
+            exit_code: code,
+            reason: String::new(),
+            epoch: 4,
+        };
+        let (has, problems) = observed_from_pb(
+            "n1",
+            &[
+                observed("sbx-0000000001", pb::SandboxState::Running, 0),
+                observed("sbx-0000000002", pb::SandboxState::Exited, 3),
+                observed("sbx-0000000003", pb::SandboxState::Failed, 0),
+                observed("nope", pb::SandboxState::Running, 0),
+                observed("sbx-0000000005", pb::SandboxState::Unknown, 0),
+            ],
+            "register.running",
+        );
+        assert_eq!(
+            has,
+            BTreeMap::from([
+                (SandboxId(1), StatusChange::Running),
+                (SandboxId(2), StatusChange::Exited { code: 3 }),
+                (
+                    SandboxId(3),
+                    StatusChange::Failed {
+                        reason: "reported failed by node n1".into()
+                    }
+                ),
+            ])
+        );
+        assert_eq!(
+            problems.map(|p| p.one_line()).unwrap_or_default(),
+            "register.running[3].sandbox_id: \"nope\" is not a sandbox id (sbx-NNNNNNNNNN); \
+             register.running[4].state: must be SANDBOX_STATE_RUNNING, SANDBOX_STATE_EXITED or \
+             SANDBOX_STATE_FAILED, not SANDBOX_STATE_UNKNOWN"
         );
     }
 }

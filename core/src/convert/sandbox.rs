@@ -5,8 +5,8 @@ use super::*;
 /// A sandbox as the API shows it, viewed at `revision`.
 ///
 /// The status carries state, node, GPU indices, milli per GPU, bound model, exit code
-/// (`Exited` only, else 0), reason (`Failed`/`Lost` reason, or the pending reason while
-/// `Pending`, else empty) and times (0 when not reached). Node and GPUs come from the
+/// (`Exited` only, else 0), reason (`Failed`/`Lost` reason, why its node is down and how
+/// long it has while `Unknown`, or the pending reason while `Pending`, else empty) and times (0 when not reached). Node and GPUs come from the
 /// binding, which is kept for the record once the sandbox is terminal, so a Lost sandbox
 /// still shows where it ran. Left empty: `gpu_uuids` (the sandbox does not hold them; use
 /// [`sandbox_to_pb_with_gpus`], which the agent's `AssignSandbox` needs) and
@@ -44,6 +44,21 @@ pub fn sandbox_to_pb_with_gpus(s: &Sandbox, node: Option<&NodeSpec>, revision: u
         SandboxState::Exited { code } => status.exit_code = *code,
         SandboxState::Failed { reason } | SandboxState::Lost { reason } => {
             status.reason = reason.clone();
+        }
+        SandboxState::Unknown {
+            reason,
+            since_ms,
+            lost_after_ms,
+            ..
+        } => {
+            let node = s
+                .binding
+                .as_ref()
+                .map_or("?", |b| b.placement.node.as_str());
+            status.reason = format!(
+                "node {node} is down ({reason}); Lost unless it comes back within {} ms",
+                lost_after_ms.saturating_sub(*since_ms)
+            );
         }
         SandboxState::Scheduled | SandboxState::Running => {}
     }
@@ -89,6 +104,7 @@ pub fn sandbox_state_to_pb(s: &SandboxState) -> pb::SandboxState {
         SandboxState::Exited { .. } => pb::SandboxState::Exited,
         SandboxState::Failed { .. } => pb::SandboxState::Failed,
         SandboxState::Lost { .. } => pb::SandboxState::Lost,
+        SandboxState::Unknown { .. } => pb::SandboxState::Unknown,
     }
 }
 
@@ -141,6 +157,33 @@ mod tests {
         assert_eq!(status.state, pb::SandboxState::Failed as i32);
         assert_eq!(status.reason, "timeout");
         assert_eq!(status.exit_code, 0);
+    }
+
+    #[test]
+    fn an_unknown_sandbox_shows_its_node_and_grace() {
+        let (mut state, [a, ..]) = busy_node();
+        apply_checked(
+            &mut state,
+            &Command::NodeDisconnected {
+                node: "n1".into(),
+                reason: "no heartbeat for 1600 ms".into(),
+                grace_ms: 5_000,
+            },
+            30,
+        );
+        let unknown = state.sandbox(a).expect("kept");
+        let status = sandbox_to_pb_in(unknown, &state).status.expect("status");
+        assert_eq!(status.state, pb::SandboxState::Unknown as i32);
+        assert_eq!(
+            status.reason,
+            "node n1 is down (no heartbeat for 1600 ms); Lost unless it comes back within 5000 ms"
+        );
+        assert_eq!(status.node_id, "n1");
+        assert_eq!(status.finished_unix_ms, 0, "not finished");
+        assert!(sandbox_state_matches(
+            pb::SandboxState::Unknown as i32,
+            &unknown.state
+        ));
     }
 
     #[test]

@@ -31,7 +31,7 @@ pub fn spec_from_pb(
     field: &str,
 ) -> Result<SandboxSpec, FieldErrors> {
     let spec = spec.ok_or_else(|| missing(field))?;
-    let (model, problems) = read_spec(spec);
+    let (model, problems) = read_spec(spec, false);
     problems.finish_under(field)?;
     Ok(model)
 }
@@ -39,6 +39,12 @@ pub fn spec_from_pb(
 /// Validates a `CreateSandboxRequest` as a whole: the request id (1..=128 bytes) and the
 /// spec, every problem reported at once (`request_id: ...; spec.tenant: ...`). Returns the
 /// request id and the spec.
+///
+/// A create must also say what to run: `command` may be empty only when `image` is set
+/// (the node then runs the image's entrypoint and cmd); otherwise it is
+/// `spec.command: required when spec.image is empty`. [`spec_from_pb`] does not ask this,
+/// because specs that only describe a shape (the autoscaler's pending demand, traces) have
+/// neither.
 pub fn create_request_from_pb(
     request: &pb::CreateSandboxRequest,
 ) -> Result<(String, SandboxSpec), FieldErrors> {
@@ -55,7 +61,7 @@ pub fn create_request_from_pb(
     }
     let spec = match &request.spec {
         Some(spec) => {
-            let (model, spec_problems) = read_spec(spec);
+            let (model, spec_problems) = read_spec(spec, true);
             problems.nested("spec", |v| v.absorb(spec_problems));
             Some(model)
         }
@@ -72,8 +78,8 @@ pub fn create_request_from_pb(
 }
 
 /// Converts a spec, returning what it found wrong with paths relative to the spec, in
-/// .proto field order.
-fn read_spec(spec: &pb::SandboxSpec) -> (SandboxSpec, Validator) {
+/// .proto field order; `runnable` also requires something to run (a create).
+fn read_spec(spec: &pb::SandboxSpec, runnable: bool) -> (SandboxSpec, Validator) {
     let mut conversion = Validator::new();
     let (cpu_milli, memory_mib, gpu) = match &spec.resources {
         Some(resources) => {
@@ -122,6 +128,9 @@ fn read_spec(spec: &pb::SandboxSpec) -> (SandboxSpec, Validator) {
             .retain(|e| !e.field.starts_with("resources."));
     }
     problems.absorb(conversion);
+    if runnable && spec.image.is_empty() && spec.command.is_empty() {
+        problems.error("command", "required when spec.image is empty");
+    }
     problems.sort_by_fields(SPEC_FIELDS);
     (model, problems)
 }

@@ -26,6 +26,15 @@ impl State {
             Command::RegisterAgent { spec, has } => {
                 one(self.register_node(spec, Some(has), now_ms))
             }
+            Command::NodeDisconnected {
+                node,
+                reason,
+                grace_ms,
+            } => one(self.disconnect_node(node, reason, *grace_ms, now_ms)),
+            Command::ExpireDisconnected { items } => items
+                .iter()
+                .map(|id| outcome(self.expire_disconnected(*id, now_ms)))
+                .collect(),
             Command::SetNodeStatus {
                 node,
                 status,
@@ -258,7 +267,7 @@ impl State {
     fn update(&mut self, update: &StatusUpdate, now_ms: u64) -> Result<(), Rejection> {
         let sandbox = self
             .sandboxes
-            .get_mut(&update.sandbox)
+            .get(&update.sandbox)
             .ok_or(Rejection::UnknownSandbox(update.sandbox))?;
         let here = sandbox
             .binding
@@ -278,13 +287,11 @@ impl State {
             });
         }
         match &update.change {
+            // An Unknown sandbox stays Unknown: its node is Down and becomes Ready only by
+            // registering again, which brings it back. The scheduler closes a Down node's
+            // stream, so the agent does register again.
             StatusChange::Running => {
-                if sandbox.state == SandboxState::Scheduled {
-                    sandbox.state = SandboxState::Running;
-                    sandbox.started_ms = Some(now_ms);
-                    self.count_state("scheduled", -1);
-                    self.count_state("running", 1);
-                }
+                self.mark_running(update.sandbox, now_ms);
                 Ok(())
             }
             StatusChange::Exited { code } => {
@@ -307,6 +314,20 @@ impl State {
                 );
                 Ok(())
             }
+        }
+    }
+
+    /// A Scheduled sandbox reported running is Running from `now_ms`; any other state is
+    /// left as it is (a repeated report is a no-op).
+    pub(super) fn mark_running(&mut self, id: SandboxId, now_ms: u64) {
+        let Some(sandbox) = self.sandboxes.get_mut(&id) else {
+            return;
+        };
+        if sandbox.state == SandboxState::Scheduled {
+            sandbox.state = SandboxState::Running;
+            sandbox.started_ms = Some(now_ms);
+            self.count_state("scheduled", -1);
+            self.count_state("running", 1);
         }
     }
 

@@ -1,6 +1,6 @@
 //! Commands the state machine applies, and what each item of a command came to.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -12,6 +12,10 @@ use crate::model::{NodeId, NodeSpec, NodeStatus, Placement, SandboxId, SandboxSp
 /// Most items in one batched command; a bigger batch is refused whole.
 pub const MAX_BATCH_ITEMS: usize = 65_536;
 
+/// Longest disconnect grace a command may ask for (one day); longer ones are cut to it.
+/// A node gone longer than that is not coming back with its sandboxes intact.
+pub const MAX_DISCONNECT_GRACE_MS: u64 = 24 * 3600 * 1000;
+
 /// One replicated command. Batches carry many items and yield one outcome per item.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
@@ -20,7 +24,8 @@ pub enum Command {
         /// The inventory.
         spec: NodeSpec,
     },
-    /// Operator or liveness change of a node's status. `Down` turns its sandboxes Lost.
+    /// Operator change of a node's status. `Down` turns its sandboxes Lost at once (the
+    /// liveness checker uses [`Command::NodeDisconnected`] instead).
     SetNodeStatus {
         /// Node.
         node: NodeId,
@@ -72,14 +77,16 @@ pub enum Command {
         /// Quota.
         quota: TenantQuota,
     },
-    /// A node's agent (re)connected: register the node as [`Command::RegisterNode`] does,
-    /// and make Lost every sandbox the state has Running there that the agent does not
-    /// have (it restarted without it). What the agent has is re-adopted.
+    /// A node's agent (re)connected: register the node as [`Command::RegisterNode`] does
+    /// (Unknown sandboxes return to Scheduled or Running), make Lost every sandbox the
+    /// state has Running there that the agent does not have (it restarted without it),
+    /// and apply what the agent reports of the rest: its report stands (Running, Exited
+    /// with its code, Failed).
     RegisterAgent {
         /// The inventory.
         spec: NodeSpec,
-        /// Every sandbox the agent has, running or finished.
-        has: BTreeSet<SandboxId>,
+        /// Every sandbox the agent has, running or finished, with its state there.
+        has: BTreeMap<SandboxId, StatusChange>,
     },
     /// An autoscaler takes or renews the autoscaler lease until `now + ttl_ms`, and, when
     /// it holds it, appends its latest decisions to the record `berth cluster status`
@@ -92,6 +99,25 @@ pub enum Command {
         /// Decision lines to record, oldest first.
         decisions: Vec<String>,
     },
+    /// The liveness checker found a node silent past its TTL: the node is Down and its
+    /// Scheduled and Running sandboxes are Unknown, keeping their resources, until
+    /// `now + grace_ms` (at most [`MAX_DISCONNECT_GRACE_MS`]). A grace of 0 makes them
+    /// Lost at once. A node already Down is left as it is.
+    NodeDisconnected {
+        /// Node.
+        node: NodeId,
+        /// Why, for the record.
+        reason: String,
+        /// How long its sandboxes stay Unknown before they are Lost.
+        grace_ms: u64,
+    },
+    /// Unknown sandboxes whose disconnect grace has ended by this command's time become
+    /// Lost. Each is re-checked: one whose node came back, or whose grace runs on, is
+    /// refused and stays as it is.
+    ExpireDisconnected {
+        /// Sandboxes the leader saw past their grace.
+        items: Vec<SandboxId>,
+    },
 }
 
 impl Command {
@@ -103,6 +129,7 @@ impl Command {
             Command::SetPendingReasons { items } => items.len(),
             Command::UpdateSandboxes { items } => items.len(),
             Command::DeleteSandboxes { items } => items.len(),
+            Command::ExpireDisconnected { items } => items.len(),
             Command::RegisterAgent { has, .. } => has.len().max(1),
             Command::AutoscalerLease { decisions, .. } => decisions.len().max(1),
             _ => 1,
@@ -288,6 +315,14 @@ pub enum Rejection {
         id: SandboxId,
         /// Reporting node.
         node: String,
+    },
+    /// An Unknown sandbox's disconnect grace has not ended yet.
+    #[error("sandbox {id} stays Unknown until {lost_after_ms} ms; its grace has not ended")]
+    GraceNotOver {
+        /// Sandbox.
+        id: SandboxId,
+        /// When it may be Lost.
+        lost_after_ms: u64,
     },
     /// A down node must re-register to become Ready.
     #[error("node {0} is down; it becomes ready by registering again")]

@@ -13,17 +13,21 @@
 //! # Layout
 //! - [`command`]: commands and per-item outcomes.
 //! - `apply`: the transitions of sandboxes, tenants and the autoscaler lease; `nodes`: node
-//!   registration, status and removal; `checks`: what an entry is checked against (GPU
-//!   request well formed, fit, constraints).
+//!   registration (with an agent's reports), status and removal; `disconnect`: the
+//!   disconnect grace (a silent node's sandboxes Unknown, then Lost); `checks`: what an
+//!   entry is checked against (GPU request well formed, fit, constraints).
 //! - [`snapshot`]: compact binary snapshot and restore.
 
 mod apply;
 mod checks;
 pub mod command;
+mod disconnect;
 mod nodes;
 pub mod snapshot;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_disconnect;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -33,7 +37,10 @@ use berth_proto::GpuModelName;
 
 use crate::model::{NodeId, NodeSpec, NodeStatus, Sandbox, SandboxId, SandboxState, TenantQuota};
 
-pub use command::{Command, ItemOutcome, Rejection, StatusChange, StatusUpdate, Submission};
+pub use command::{
+    Command, ItemOutcome, MAX_DISCONNECT_GRACE_MS, Rejection, StatusChange, StatusUpdate,
+    Submission,
+};
 
 /// A node and what is allocated on it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,13 +53,13 @@ pub struct NodeRecord {
     pub status_reason: String,
     /// Incremented at every registration.
     pub epoch: u64,
-    /// CPU held by its Scheduled/Running sandboxes.
+    /// CPU held by its Scheduled/Running/Unknown sandboxes.
     pub cpu_milli_allocated: u64,
     /// Memory held.
     pub memory_mib_allocated: u64,
     /// Milli-GPU held per GPU index (0..=1000).
     pub gpu_milli_allocated: Vec<u32>,
-    /// Scheduled/Running sandboxes bound here.
+    /// Scheduled/Running/Unknown sandboxes bound here.
     pub sandboxes: BTreeSet<SandboxId>,
 }
 
@@ -86,7 +93,7 @@ pub struct TenantRecord {
     pub quota_revision: u64,
     /// Sandboxes not terminal.
     pub active_sandboxes: u32,
-    /// Milli-GPU held per model by Scheduled/Running sandboxes.
+    /// Milli-GPU held per model by Scheduled/Running/Unknown sandboxes.
     pub gpu_milli_by_model: BTreeMap<GpuModelName, u64>,
 }
 

@@ -1,22 +1,25 @@
-//! Node transitions: registration (with an agent's re-adoption), status, removal.
+//! Node transitions: registration (with an agent's re-adoption and reports), status,
+//! removal.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 use berth_proto::Validator;
 
-use super::command::Rejection;
+use super::command::{Rejection, StatusChange};
 use super::{NodeRecord, State};
 use crate::model::{NodeSpec, NodeStatus, SandboxId, SandboxState};
 
 use super::apply::truncate;
 
 impl State {
-    /// Registers or re-registers a node. With `has` (an agent's registration), a sandbox
-    /// the state has Running there that the agent does not have is Lost.
+    /// Registers or re-registers a node. Its Unknown sandboxes return to what they were
+    /// (the node is back). With `has` (an agent's registration), the agent's report of a
+    /// sandbox stands (Exited with its code, Failed, Running), and a sandbox the state has
+    /// Running there that the agent does not have is Lost.
     pub(super) fn register_node(
         &mut self,
         spec: &NodeSpec,
-        has: Option<&BTreeSet<SandboxId>>,
+        has: Option<&BTreeMap<SandboxId, StatusChange>>,
         now_ms: u64,
     ) -> Result<(), Rejection> {
         let mut v = Validator::new();
@@ -54,16 +57,31 @@ impl State {
         existing.sandboxes.clear();
         for id in held {
             // Tenant usage is recomputed along with the node's: released here, re-held below.
+            // Resources are already off the node and tenant, so `finish` must not release.
             self.account_tenant(id, false);
+            self.reconnect(id);
+            let report = has.and_then(|has| has.get(&id));
+            match report {
+                Some(StatusChange::Exited { code }) => {
+                    self.finish(id, SandboxState::Exited { code: *code }, now_ms, false);
+                    continue;
+                }
+                Some(StatusChange::Failed { reason }) => {
+                    let reason = truncate(reason, 1024);
+                    self.finish(id, SandboxState::Failed { reason }, now_ms, false);
+                    continue;
+                }
+                Some(StatusChange::Running) | None => {}
+            }
             let Some(sandbox) = self.sandboxes.get(&id) else {
                 continue;
             };
-            let node = self.nodes.get(&spec.id);
-            if has.is_some_and(|has| !has.contains(&id)) && sandbox.state == SandboxState::Running {
+            if has.is_some() && report.is_none() && sandbox.state == SandboxState::Running {
                 let reason = format!("the agent on {} restarted without it", spec.id);
                 self.finish(id, SandboxState::Lost { reason }, now_ms, false);
                 continue;
             }
+            let node = self.nodes.get(&spec.id);
             let fits = match (&sandbox.binding, node) {
                 (Some(b), Some(node)) => {
                     b.placement.gpu_indices.iter().all(|i| {
@@ -76,6 +94,9 @@ impl State {
             };
             if fits {
                 self.hold(id);
+                if report == Some(&StatusChange::Running) {
+                    self.mark_running(id, now_ms);
+                }
             } else {
                 let reason = format!(
                     "node {} re-registered without the resources it was bound to",

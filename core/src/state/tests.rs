@@ -303,7 +303,7 @@ fn an_agent_registering_without_a_running_sandbox_loses_it_and_keeps_the_rest() 
         &mut state,
         &Command::RegisterAgent {
             spec: gpu_node("n1", GpuModel::L4, 3),
-            has: [kept].into(),
+            has: [(kept, StatusChange::Running)].into(),
         },
         3,
     );

@@ -1,10 +1,12 @@
 //! Keeping the leader's view in step with the log, entry by entry. Rebuilding it (a pass
 //! over every node) per batch would dominate the hot path, so each applied entry adjusts it:
 //! the leader's own creates and binds keep the reservations `apply` accepted and give back
-//! the rest, deletes and terminations release, and anything else (node changes, a former
-//! leader's entries) drops the view for a rebuild. The view counts reservations beyond a
-//! node's free capacity ("overdraft"), so reserve then release is an exact round trip and
-//! the view cannot drift; [`Planner::view_is_consistent`] compares it with a rebuild.
+//! the rest, deletes, terminations and the end of a disconnect grace release, and anything
+//! else (node changes, a Down node's sandboxes turning Unknown, a former leader's entries)
+//! drops the view for a rebuild. Unknown sandboxes keep what they hold, in the view as in
+//! the state. The view counts reservations beyond a node's free capacity ("overdraft"), so
+//! reserve then release is an exact round trip and the view cannot drift;
+//! [`Planner::view_is_consistent`] compares it with a rebuild.
 
 use super::Planner;
 use crate::model::{Placement, SandboxId, SandboxSpec};
@@ -42,7 +44,7 @@ impl Planner {
                 ViewPlan::Ours
             }
             Command::SetPendingReasons { .. } | Command::ExpireTerminal { .. } => ViewPlan::Nothing,
-            Command::DeleteSandboxes { items } => {
+            Command::DeleteSandboxes { items } | Command::ExpireDisconnected { items } => {
                 ViewPlan::Release(items.iter().filter_map(holding).collect())
             }
             Command::UpdateSandboxes { items } => ViewPlan::Release(

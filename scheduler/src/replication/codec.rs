@@ -10,8 +10,13 @@ use thiserror::Error;
 use crate::state::Command;
 
 // 2: node specs in commands carry MIG mode, NVLink peers and cached images.
-const ENTRY_FORMAT: u8 = 2;
+// 3: `RegisterAgent` carries the agent's report per sandbox; `NodeDisconnected` and
+//    `ExpireDisconnected` (the disconnect grace) joined the commands.
+const ENTRY_FORMAT: u8 = 3;
 const SNAPSHOT_FORMAT: u8 = 1;
+// Membership contexts have had the same shape since entry format 2, so they keep that
+// number: contexts already in a log stay readable.
+const MEMBERSHIP_FORMAT: u8 = 2;
 
 /// Identifies a proposal so the proposer can answer its client once the entry applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -133,7 +138,7 @@ impl SnapshotPayload {
 impl MembershipContext {
     /// Encodes for a ConfChangeV2 context.
     pub fn encode(&self) -> Vec<u8> {
-        encode(ENTRY_FORMAT, self)
+        encode(MEMBERSHIP_FORMAT, self)
     }
 
     /// Decodes a ConfChangeV2 context (empty = no addresses).
@@ -141,7 +146,7 @@ impl MembershipContext {
         if bytes.is_empty() {
             return Ok(MembershipContext::default());
         }
-        decode("membership context", ENTRY_FORMAT, bytes)
+        decode("membership context", MEMBERSHIP_FORMAT, bytes)
     }
 }
 
@@ -167,7 +172,7 @@ mod tests {
         let err = Envelope::decode(&other).err().map(|e| e.to_string());
         assert_eq!(
             err.as_deref(),
-            Some("log entry format 9 is not supported (this build reads 2)")
+            Some("log entry format 9 is not supported (this build reads 3)")
         );
         assert!(Envelope::decode(&bytes[..bytes.len() - 1]).is_err());
         assert!(Envelope::decode(&[]).is_err());

@@ -5,9 +5,10 @@
 //! at the edge. Field paths found by validation ([`FieldErrors`]) survive into the
 //! client's message (`spec.resources.cpu_milli: ...; spec.tenant: ...`). Conditions a
 //! client should retry (a dropped proposal, a leadership change, a full queue on a
-//! replica that is shutting down) are `UNAVAILABLE`; a follower's "not the leader" is
-//! `FAILED_PRECONDITION` with the leader's address in `berth-leader` metadata, which
-//! [`berth_net::is_not_leader`] tells apart from a refusal.
+//! replica that is shutting down, no leader known yet during an election) are
+//! `UNAVAILABLE`; a follower that knows the leader answers `FAILED_PRECONDITION` with the
+//! leader's address in `berth-leader` metadata (empty, on the UNAVAILABLE answer, while no
+//! leader is known), which [`berth_net::is_not_leader`] tells apart from a refusal.
 
 use thiserror::Error;
 use tonic::Status;
@@ -27,7 +28,8 @@ pub enum ServiceError {
     #[error("{0}")]
     Rejected(#[from] Rejection),
     /// This replica is not the leader; `leader` is 0 and `address` empty when unknown.
-    /// FAILED_PRECONDITION with `berth-leader` metadata.
+    /// FAILED_PRECONDITION with the leader in `berth-leader` metadata; UNAVAILABLE (retry
+    /// shortly) with that metadata empty while no leader is known.
     #[error("{}", berth_net::leader::not_leader_message(*.leader, .address))]
     NotLeader {
         /// Leader id, 0 when unknown.
@@ -207,10 +209,13 @@ mod tests {
                 .and_then(|v| v.to_str().ok()),
             Some("127.0.0.1:7071")
         );
+        assert_eq!(follower.code(), Code::FailedPrecondition);
+        // No leader yet (an election): retryable, like every other "try again shortly".
         let unknown = Status::from(ServiceError::NotLeader {
             leader: 0,
             address: String::new(),
         });
+        assert_eq!(unknown.code(), Code::Unavailable);
         assert!(berth_net::is_not_leader(&unknown));
         assert!(unknown.message().contains("no leader is known"));
         let refusal = Status::from(ServiceError::Precondition("wrong cluster".into()));

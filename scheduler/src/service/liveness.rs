@@ -1,12 +1,18 @@
-//! Node liveness: the leader marks a node Down when its agent stops heartbeating.
+//! Node liveness: the leader marks a node Down when its agent stops heartbeating, and
+//! loses its sandboxes when the disconnect grace ends without the node coming back.
 //!
 //! Heartbeats are not replicated (they would put one log entry per node per second into
 //! Raft); each replica remembers when it last heard from each node's agent, and only the
 //! leader acts on it. Agents talk only to the leader, so a new leader knows nothing yet:
-//! for `leader_grace` after every leader change it marks nothing Down, and it counts every
-//! node as heard from at the moment it became leader. A node that is Down stays Down (its
-//! sandboxes are Lost and its GPUs unusable) until its agent registers again, with a new
-//! epoch.
+//! for `leader_grace` after every leader change it marks nothing Down and loses nothing,
+//! and it counts every node as heard from at the moment it became leader.
+//!
+//! A silent node gets `NodeDisconnected`: it is Down and its sandboxes are Unknown, holding
+//! their resources, for `disconnect_grace` (Nomad's `max_client_disconnect`). Its agent
+//! comes back by registering again (the leader closes a Down node's stream, so an agent
+//! that was only stopped or starved reconnects too), and what it reports then stands.
+//! When the grace has ended the checker proposes `ExpireDisconnected` for the sandboxes
+//! still Unknown; the state machine re-checks each against the entry's clock.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::store::Store;
 use crate::model::NodeStatus;
-use crate::state::Command;
+use crate::state::{Command, ItemOutcome};
 
 /// Liveness settings, from `[scheduler.liveness]`.
 #[derive(Debug, Clone, Copy)]
@@ -26,7 +32,13 @@ pub struct LivenessSettings {
     pub node_ttl: Duration,
     /// No node is marked Down this long after a leader change.
     pub leader_grace: Duration,
+    /// How long a Down node's sandboxes stay Unknown before they are Lost.
+    pub disconnect_grace: Duration,
 }
+
+/// Most sandboxes one `ExpireDisconnected` entry loses; more wait for the next tick (one
+/// entry stays small however many nodes vanish at once).
+const MAX_EXPIRED_PER_ENTRY: usize = 4_096;
 
 /// When each node's agent was last heard from, on this replica.
 #[derive(Clone)]
@@ -169,16 +181,59 @@ pub async fn run_checker<S: Store>(handle: S, liveness: Liveness) {
                 silent.as_millis(),
                 settings.node_ttl.as_millis()
             );
-            tracing::warn!(node = %node, %reason, "marking node down");
-            let command = Command::SetNodeStatus {
+            let grace_ms = settings.disconnect_grace.as_millis() as u64;
+            tracing::warn!(node = %node, %reason, grace_ms, "marking node down");
+            let command = Command::NodeDisconnected {
                 node: node.clone(),
-                status: NodeStatus::Down,
                 reason,
+                grace_ms,
             };
             match handle.command(command).await {
                 Ok(_) => handle.metrics().nodes_marked_down.inc(),
                 Err(status) => tracing::warn!(node = %node, %status, "could not mark node down"),
             }
+        }
+        expire_disconnected(&handle).await;
+    }
+}
+
+/// Proposes `ExpireDisconnected` for the Unknown sandboxes whose grace has ended by this
+/// leader's clock (the same clock that stamps the entry).
+async fn expire_disconnected<S: Store>(handle: &S) {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    let Ok(items) = handle
+        .read(false, move |v| {
+            v.state.disconnect_grace_over(now_ms, MAX_EXPIRED_PER_ENTRY)
+        })
+        .await
+    else {
+        return;
+    };
+    if items.is_empty() {
+        return;
+    }
+    let count = items.len();
+    match handle.command(Command::ExpireDisconnected { items }).await {
+        Ok(result) => {
+            let lost = result
+                .outcomes
+                .iter()
+                .filter(|o| matches!(o, ItemOutcome::Applied))
+                .count();
+            tracing::warn!(
+                lost,
+                "sandboxes lost: their node did not come back within the disconnect grace"
+            );
+            handle
+                .metrics()
+                .sandboxes_lost_after_grace
+                .inc_by(lost as u64);
+        }
+        Err(status) => {
+            tracing::warn!(count, %status, "could not expire the disconnect grace");
         }
     }
 }
@@ -192,6 +247,7 @@ mod tests {
             heartbeat_interval: Duration::from_millis(100),
             node_ttl: Duration::from_millis(500),
             leader_grace: Duration::from_millis(500),
+            disconnect_grace: Duration::from_millis(1_000),
         })
     }
 

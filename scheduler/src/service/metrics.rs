@@ -51,6 +51,9 @@ pub struct Metrics {
     pub invariant_violations: IntCounter,
     /// Nodes this replica marked Down for missed heartbeats (as leader).
     pub nodes_marked_down: IntCounter,
+    /// Sandboxes this replica lost as leader because their node did not come back within
+    /// the disconnect grace.
+    pub sandboxes_lost_after_grace: IntCounter,
     /// Agent streams open on this replica.
     pub agent_streams: IntGauge,
     /// The longest gap between two heartbeats of one node seen by this replica, in ms.
@@ -148,6 +151,11 @@ impl Metrics {
                 "berth_nodes_marked_down_total",
                 "Nodes this replica marked Down as leader because their heartbeats stopped.",
             ),
+            sandboxes_lost_after_grace: counter(
+                "berth_sandboxes_lost_after_grace_total",
+                "Unknown sandboxes this replica lost as leader because their node did not \
+                 come back within the disconnect grace.",
+            ),
             agent_streams: gauge(
                 "berth_agent_streams",
                 "Node agent streams open on this replica.",
@@ -190,6 +198,7 @@ impl Metrics {
             Box::new(m.nodes.clone()),
             Box::new(m.invariant_violations.clone()),
             Box::new(m.nodes_marked_down.clone()),
+            Box::new(m.sandboxes_lost_after_grace.clone()),
             Box::new(m.agent_streams.clone()),
             Box::new(m.heartbeat_gap_max_ms.clone()),
             Box::new(m.peer_messages_dropped.clone()),

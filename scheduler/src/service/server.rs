@@ -176,6 +176,7 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<Running, StartError> {
         heartbeat_interval: Duration::from_millis(cfg.liveness.heartbeat_interval_ms),
         node_ttl: Duration::from_millis(cfg.liveness.node_ttl_ms),
         leader_grace: Duration::from_millis(cfg.liveness.leader_grace_ms),
+        disconnect_grace: Duration::from_millis(cfg.liveness.node_disconnect_grace_ms),
     });
     let liveness_task = tokio::spawn(liveness::run_checker(handle.clone(), liveness.clone()));
     let services = Services::new(handle.clone(), cfg.cluster_id.clone(), liveness);

@@ -16,7 +16,7 @@ use berth_proto::pb::v1::node_service_server::NodeService;
 
 use super::{MAX_OBSERVED, NodeApi, only_outcome};
 use crate::convert;
-use crate::model::{SandboxId, SandboxState};
+use crate::model::{NodeStatus, SandboxId, SandboxState};
 use crate::service::liveness::Liveness;
 use crate::service::{ServiceError, Store};
 use crate::state::{Command, ItemOutcome};
@@ -79,13 +79,14 @@ impl<S: Store> NodeService for NodeApi<S> {
             )
             .into());
         }
-        // Everything the agent has, running or finished: the state machine re-adopts it and
-        // makes Lost what the agent no longer has. A malformed id is simply not ours.
-        let has: BTreeSet<SandboxId> = register
-            .running
-            .iter()
-            .filter_map(|o| o.sandbox_id.parse().ok())
-            .collect();
+        // Everything the agent has, running or finished, with its state there: the state
+        // machine re-adopts it, lets the agent's report stand, and makes Lost what the agent
+        // no longer has. An entry that does not read is simply not ours.
+        let (has, problems) =
+            convert::observed_from_pb(&node, &register.running, "register.running");
+        if let Some(problems) = problems {
+            tracing::warn!(node = %node, errors = %problems.one_line(), "unreadable sandboxes in a registration left out");
+        }
         let result = self
             .handle
             .command(Command::RegisterAgent { spec, has })
@@ -217,6 +218,15 @@ async fn agent_outbound<S: Store>(
         let known = sent.clone();
         let diff = handle
             .read(false, move |v| {
+                // A Down node's agent must register again (a stopped or starved agent
+                // whose stream outlived its TTL): end the stream, and the agent
+                // reconnects with everything it has, which brings the node back.
+                if v.state
+                    .node(&lookup)
+                    .is_none_or(|r| r.status == NodeStatus::Down)
+                {
+                    return None;
+                }
                 let bound: BTreeSet<SandboxId> = v
                     .state
                     .node(&lookup)
@@ -250,10 +260,13 @@ async fn agent_outbound<S: Store>(
                     })
                     .copied()
                     .collect();
-                (assign, terminate, bound)
+                Some((assign, terminate, bound))
             })
             .await;
-        let Ok((assign, terminate, bound)) = diff else {
+        let Ok(Some((assign, terminate, bound))) = diff else {
+            if matches!(diff, Ok(None)) {
+                tracing::info!(node = %node, "node is down or gone; closing its stream so the agent registers again");
+            }
             return;
         };
         for sandbox in assign {
