@@ -12,7 +12,16 @@ fn a_burst_loses_nothing_and_moves_no_leader() {
     // Ports apart from the other dev tests' ranges (12000..14400, 14500..15300).
     let base = 16_000 + (std::process::id() % 50) as u16 * 30;
     let out = Command::new(BERTH)
-        .args(["bench", "burst", "--sandboxes", "60", "--clients", "8", "--runtime", "gvisor"])
+        .args([
+            "bench",
+            "burst",
+            "--sandboxes",
+            "60",
+            "--clients",
+            "8",
+            "--runtime",
+            "gvisor",
+        ])
         .args(["--base-port", &base.to_string(), "--json"])
         .output()
         .expect("berth bench burst");
