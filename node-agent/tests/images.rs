@@ -84,7 +84,7 @@ async fn concurrent_pulls_fetch_each_blob_once_and_a_second_sandbox_fetches_none
         b"one"
     );
     assert_eq!(image.process.working_dir, "/tmp");
-    assert_eq!(images.references(10), [reference.clone()]);
+    assert_eq!(images.references(10), std::slice::from_ref(&reference));
     // A new store on the same directory finds it without the registry.
     drop(registry);
     let reopened = ImageStore::open(
