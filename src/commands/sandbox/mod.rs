@@ -1,0 +1,211 @@
+//! `berth sandbox …`: create a sandbox and follow it to its exit, list, inspect, read the
+//! output of and delete sandboxes.
+//!
+//! `create` without `--detach` behaves like running the command locally: it prints nothing
+//! but the sandbox's stdout and stderr and exits with the sandbox's exit code. It polls
+//! `GetSandbox` while the sandbox waits for a node, streams `ReadLogs` while it runs, then
+//! polls again for the final state (the agent's exit report can trail the end of output).
+//!
+//! - `create`: create and follow a sandbox to its exit.
+//! - `show`: `list` and `get` output (tables, `key: value`, JSON).
+//! - `parse`: the command line's value parsers.
+
+mod create;
+mod parse;
+mod show;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use berth_proto::pb::v1 as pb;
+use berth_proto::pb::v1::SandboxState;
+
+use super::{CallTimeout, DEFAULT_CALL_TIMEOUT, Endpoint, Table, emit, enum_label, parse_duration};
+use crate::exit::EXIT_USAGE;
+use create::{copy_output, create, spec};
+use parse::{parse_cpu_milli, parse_gpu_option, parse_key_value, parse_memory_mib, parse_state};
+use show::{describe, list, now_unix_ms, sandbox_json};
+
+/// Page size of `sandbox list` (the server's maximum).
+const LIST_PAGE_SIZE: u32 = 1_000;
+
+/// Sandbox commands.
+#[derive(Debug, Args)]
+pub(crate) struct SandboxArgs {
+    #[command(flatten)]
+    endpoint: Endpoint,
+    #[command(subcommand)]
+    command: SandboxCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum SandboxCommand {
+    /// Create a sandbox, print its output as it runs and exit with its exit code.
+    Create(CreateArgs),
+    /// List sandboxes.
+    List {
+        /// Only this tenant's sandboxes.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only sandboxes in these states (pending, scheduled, running, unknown, exited,
+        /// failed, lost; comma-separated or repeated).
+        #[arg(long = "state", value_name = "STATE", value_delimiter = ',', value_parser = parse_state)]
+        states: Vec<SandboxState>,
+        /// Only sandboxes on this node.
+        #[arg(long)]
+        node: Option<String>,
+        #[command(flatten)]
+        call: CallTimeout,
+    },
+    /// Show one sandbox.
+    Get {
+        /// Sandbox id.
+        id: String,
+        #[command(flatten)]
+        call: CallTimeout,
+    },
+    /// Print a sandbox's captured stdout and stderr.
+    Logs {
+        /// Sandbox id.
+        id: String,
+        /// Keep printing new output until the sandbox exits.
+        #[arg(short, long)]
+        follow: bool,
+        #[command(flatten)]
+        call: CallTimeout,
+    },
+    /// Stop a sandbox (if running) and remove it.
+    Delete {
+        /// Sandbox id.
+        id: String,
+        /// Time between SIGTERM and SIGKILL, e.g. 30s (default: the agent's, 10 s).
+        #[arg(long, value_parser = parse_duration)]
+        grace: Option<Duration>,
+        #[command(flatten)]
+        call: CallTimeout,
+    },
+}
+
+/// `sandbox create` flags.
+#[derive(Debug, Args)]
+struct CreateArgs {
+    /// GPU request, MODEL[!][:COUNT] or MODEL:MILLIm, e.g. H100:2, A100-80GB, any:500m;
+    /// several (comma-separated or repeated) are fallbacks in preference order.
+    #[arg(long, value_name = "SPEC", value_delimiter = ',', value_parser = parse_gpu_option)]
+    gpu: Vec<String>,
+    /// CPU cores; fractions allowed (0.5 = 500 milli-cores).
+    #[arg(long, value_name = "CORES", default_value = "1", value_parser = parse_cpu_milli)]
+    cpu: u64,
+    /// Memory: 512Mi, 2Gi, 1.5GiB; a plain number is MiB.
+    #[arg(long, value_name = "SIZE", default_value = "1Gi", value_parser = parse_memory_mib)]
+    memory: u64,
+    /// Allowed regions (comma-separated or repeated); default any.
+    #[arg(long = "region", value_name = "REGION", value_delimiter = ',')]
+    regions: Vec<String>,
+    /// Allowed providers (comma-separated or repeated); default any.
+    #[arg(long = "provider", value_name = "PROVIDER", value_delimiter = ',')]
+    providers: Vec<String>,
+    /// Tenant that owns the sandbox.
+    #[arg(long, default_value = "default")]
+    tenant: String,
+    /// OCI image to run the command in (default: the agent's).
+    #[arg(long)]
+    image: Option<String>,
+    /// Wall-clock limit once running, e.g. 90s or 10m (default: the tenant's).
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// Environment variable (repeatable).
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    env: Vec<(String, String)>,
+    /// Let the sandbox reach the network (off by default).
+    #[arg(long)]
+    network: bool,
+    /// Label for listing (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    labels: Vec<(String, String)>,
+    /// Print the sandbox's id (or, with -o json, the sandbox) and return at once.
+    #[arg(long)]
+    detach: bool,
+    /// The command and its arguments, after `--`; optional with `--image`, whose cmd runs
+    /// when there is none (a command replaces the image's cmd, as `docker run` does).
+    #[arg(
+        value_name = "CMD",
+        required_unless_present = "image",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    command: Vec<String>,
+}
+
+pub(crate) fn run(args: &SandboxArgs) -> ExitCode {
+    let json = args.endpoint.json();
+    let timeout = match &args.command {
+        SandboxCommand::Create(_) => DEFAULT_CALL_TIMEOUT,
+        SandboxCommand::List { call, .. }
+        | SandboxCommand::Get { call, .. }
+        | SandboxCommand::Logs { call, .. }
+        | SandboxCommand::Delete { call, .. } => call.timeout,
+    };
+    let spec = match &args.command {
+        SandboxCommand::Create(create) => match spec(create) {
+            Ok(spec) => Some(spec),
+            Err(message) => {
+                eprintln!("error: {message}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+        _ => None,
+    };
+    super::with_client("sandbox", &args.endpoint, timeout, async |client| {
+        match &args.command {
+            SandboxCommand::Create(create) => {
+                let spec = spec.unwrap_or_default();
+                return self::create(client, spec, create.detach, json).await;
+            }
+            SandboxCommand::List {
+                tenant,
+                states,
+                node,
+                ..
+            } => {
+                let request = pb::ListSandboxesRequest {
+                    tenant: tenant.clone().unwrap_or_default(),
+                    states: states.iter().map(|s| *s as i32).collect(),
+                    node_id: node.clone().unwrap_or_default(),
+                    page_size: LIST_PAGE_SIZE,
+                    ..Default::default()
+                };
+                list(client, request, json).await?;
+            }
+            SandboxCommand::Get { id, .. } => {
+                let sandbox = client.get(id).await?;
+                if json {
+                    emit(&format!("{}\n", sandbox_json(&sandbox)));
+                } else {
+                    emit(&describe(&sandbox, now_unix_ms()));
+                }
+            }
+            SandboxCommand::Logs { id, follow, .. } => {
+                let stream = client.read_logs(id, *follow).await?;
+                copy_output(stream).await?;
+            }
+            SandboxCommand::Delete { id, grace, .. } => {
+                let grace_ms = grace.map_or(0, |g| u64::try_from(g.as_millis()).unwrap_or(0));
+                let existed = client.delete_with_grace(id, grace_ms).await?;
+                if json {
+                    emit(&format!(
+                        "{}\n",
+                        serde_json::json!({ "id": id, "existed": existed })
+                    ));
+                } else if existed {
+                    emit(&format!("deleted {id}\n"));
+                } else {
+                    emit(&format!("{id} did not exist\n"));
+                }
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
