@@ -32,6 +32,10 @@ pub(crate) struct BurstArgs {
     /// `berth dev --runtime` (auto: gvisor when runsc is installed).
     #[arg(long, default_value = "auto")]
     runtime: String,
+    /// Run the burst onto only this one of dev's seven nodes (e.g. `gcp-euw4-g2-0`, 8 CPUs);
+    /// repeatable. Default: all seven.
+    #[arg(long = "only-node", value_name = "NODE_ID")]
+    only_nodes: Vec<String>,
     /// Heartbeat TTL of the dev cluster, in ms.
     #[arg(long, default_value_t = 5_000)]
     node_ttl_ms: u64,
@@ -185,6 +189,7 @@ async fn burst(args: &BurstArgs) -> Result<BurstReport, String> {
         .arg(format!("--runtime={}", args.runtime))
         .arg(format!("--node-ttl-ms={}", args.node_ttl_ms))
         .arg("--no-autoscaler")
+        .args(args.only_nodes.iter().map(|n| format!("--only-node={n}")))
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|e| e.to_string())?)
         .stderr(log)
@@ -195,7 +200,12 @@ async fn burst(args: &BurstArgs) -> Result<BurstReport, String> {
         .map(|i| format!("127.0.0.1:{}", grpc_port + i))
         .collect();
     let metrics_ports: Vec<u16> = (0..3).map(|i| metrics_port + i).collect();
-    wait_up(&endpoints, dir.path()).await?;
+    let nodes = if args.only_nodes.is_empty() {
+        7
+    } else {
+        args.only_nodes.len()
+    };
+    wait_up(&endpoints, nodes, dir.path()).await?;
     let changes_before: f64 = metric(&metrics_ports, "berth_raft_leader_changes_total")
         .iter()
         .sum();
@@ -310,32 +320,16 @@ async fn burst(args: &BurstArgs) -> Result<BurstReport, String> {
     })
 }
 
-async fn wait_up(endpoints: &[String], dir: &std::path::Path) -> Result<(), String> {
-    let started = Instant::now();
-    let mut client = Client::new(endpoints.to_vec());
-    client.deadline = Duration::from_secs(2);
-    loop {
-        let ready = client
-            .list_nodes(pb::ListNodesRequest::default())
-            .await
-            .map(|r| {
-                r.nodes
-                    .iter()
-                    .filter(|n| n.status == pb::NodeStatus::Ready as i32)
-                    .count()
-            })
-            .unwrap_or(0);
-        if ready >= 7 {
-            return Ok(());
-        }
-        if started.elapsed() > Duration::from_secs(90) {
+async fn wait_up(endpoints: &[String], nodes: usize, dir: &std::path::Path) -> Result<(), String> {
+    super::dev::wait_for_nodes(endpoints, nodes, Duration::from_secs(90))
+        .await
+        .map_err(|e| {
             let log = std::fs::read_to_string(dir.join("dev.log")).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(20).collect();
-            return Err(format!(
-                "berth dev did not come up with 7 nodes in 90 s; its log ends:\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            format!(
+                "berth dev did not come up: {e}; its log ends:\n{}",
+                tail.join("\n")
+            )
+        })
 }

@@ -56,8 +56,11 @@ pub(crate) struct DevArgs {
     #[arg(long)]
     autoscaler_config: Option<PathBuf>,
     /// Start none of the seven static agents: every node comes from the autoscaler.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "only_nodes")]
     no_static_nodes: bool,
+    /// Start only this one of the seven static agents (e.g. `gcp-euw4-g2-0`); repeatable.
+    #[arg(long = "only-node", value_name = "NODE_ID")]
+    only_nodes: Vec<String>,
     /// Run no autoscaler.
     #[arg(long)]
     no_autoscaler: bool,
@@ -270,7 +273,7 @@ async fn dev(args: &DevArgs) -> Result<(), String> {
     let shim = crate::commands::agent::shim_command()?;
     let (stop_agents, agents_stop) = watch::channel(false);
     let mut agents = Vec::new();
-    let static_nodes: &[DevNode] = if args.no_static_nodes { &[] } else { NODES };
+    let static_nodes = static_nodes(args)?;
     let registries: Vec<berth_node_agent::image::RegistryConfig> = args
         .insecure_registries
         .iter()
@@ -280,7 +283,7 @@ async fn dev(args: &DevArgs) -> Result<(), String> {
             ..Default::default()
         })
         .collect();
-    for (i, node) in static_nodes.iter().enumerate() {
+    for (i, node) in static_nodes.iter().copied().enumerate() {
         let metrics_port = if args.agent_metrics_port == 0 {
             0
         } else {
@@ -349,7 +352,7 @@ async fn dev(args: &DevArgs) -> Result<(), String> {
         Some((task, groups))
     };
 
-    let ready = wait_for_nodes(&grpc, static_nodes.len()).await;
+    let ready = wait_for_nodes(&grpc, static_nodes.len(), Duration::from_secs(30)).await;
     print_banner(
         args,
         &grpc,
@@ -433,8 +436,44 @@ fn autoscaler_config(
     Ok(cfg)
 }
 
+/// The static agents `args` asks for; an `--only-node` that is not one of them is an error
+/// naming the ones there are.
+fn static_nodes(args: &DevArgs) -> Result<Vec<&'static DevNode>, String> {
+    if args.no_static_nodes {
+        return Ok(Vec::new());
+    }
+    if args.only_nodes.is_empty() {
+        return Ok(NODES.iter().collect());
+    }
+    if let Some(twice) = args
+        .only_nodes
+        .iter()
+        .enumerate()
+        .find_map(|(i, id)| args.only_nodes[..i].contains(id).then_some(id))
+    {
+        return Err(format!("--only-node {twice} is given twice"));
+    }
+    args.only_nodes
+        .iter()
+        .map(|id| {
+            NODES.iter().find(|n| n.id == id.as_str()).ok_or_else(|| {
+                let ids: Vec<&str> = NODES.iter().map(|n| n.id).collect();
+                format!(
+                    "--only-node {id}: no such dev node (there are {})",
+                    ids.join(", ")
+                )
+            })
+        })
+        .collect()
+}
+
 /// Waits until `count` nodes are Ready (or 30 s pass).
-async fn wait_for_nodes(grpc: &[String], count: usize) -> Result<(), String> {
+/// Waits until `count` nodes are Ready, or says how many were after `limit`.
+pub(crate) async fn wait_for_nodes(
+    grpc: &[String],
+    count: usize,
+    limit: Duration,
+) -> Result<(), String> {
     let mut client = Client::new(grpc.to_vec());
     client.deadline = Duration::from_secs(5);
     let started = Instant::now();
@@ -450,10 +489,11 @@ async fn wait_for_nodes(grpc: &[String], count: usize) -> Result<(), String> {
             });
         match ready {
             Ok(n) if n >= count => return Ok(()),
-            _ if started.elapsed() > Duration::from_secs(30) => {
+            _ if started.elapsed() > limit => {
                 return Err(format!(
-                    "only {} of {count} nodes registered within 30 s (see the log above)",
-                    ready.unwrap_or(0)
+                    "only {} of {count} nodes registered within {} s",
+                    ready.unwrap_or(0),
+                    limit.as_secs()
                 ));
             }
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -496,6 +536,8 @@ fn print_banner(
     println!("  runtime:   {runtime}");
     if args.no_static_nodes {
         println!("  nodes:     none static (--no-static-nodes)");
+    } else if !args.only_nodes.is_empty() {
+        println!("  nodes:     {} (--only-node)", args.only_nodes.join(", "));
     } else {
         println!(
             "  nodes:     2 × 8×H100 (aws us-east-1, gcp us-central1), 1 × 8×B200 (gcp us-central1),"
