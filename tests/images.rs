@@ -31,6 +31,19 @@ fn get(port: u16) -> String {
     body
 }
 
+/// The sum over dev's seven agents of the sample whose line starts with `series`.
+fn agents_sum(metrics_base: u16, series: &str) -> f64 {
+    (0..7)
+        .map(|i| get(metrics_base + i))
+        .flat_map(|m| {
+            m.lines()
+                .filter(|l| l.starts_with(series))
+                .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
 #[test]
 fn dev_runs_an_image_pulls_it_once_and_names_bad_images() {
     let registry = TestRegistry::start().expect("docker-registry (scripts/test installs it)");
@@ -111,24 +124,11 @@ fn dev_runs_an_image_pulls_it_once_and_names_bad_images() {
     assert_eq!(text(&out.stdout), "cwd=/home/sandbox FROM_IMAGE=yes\n");
 
     // Blob fetches: never more than once per node that ran the image.
-    let pulls: f64 = (0..7)
-        .map(|i| get(metrics_base + i))
-        .flat_map(|m| {
-            m.lines()
-                .filter(|l| l.starts_with("berth_agent_image_pulls_total{result=\"ok\"}"))
-                .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
-                .collect::<Vec<_>>()
-        })
-        .sum();
-    let hits: f64 = (0..7)
-        .map(|i| get(metrics_base + i))
-        .flat_map(|m| {
-            m.lines()
-                .filter(|l| l.starts_with("berth_agent_image_cache_hits_total "))
-                .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
-                .collect::<Vec<_>>()
-        })
-        .sum();
+    let pulls = agents_sum(
+        metrics_base,
+        "berth_agent_image_pulls_total{result=\"ok\"} ",
+    );
+    let hits = agents_sum(metrics_base, "berth_agent_image_cache_hits_total ");
     assert!((1.0..=2.0).contains(&pulls), "pulls {pulls}");
     let per_blob_max = registry.blob_gets().values().copied().max().unwrap_or(0);
     assert!(

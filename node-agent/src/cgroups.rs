@@ -88,18 +88,25 @@ pub fn join_parent(h: &Hierarchy) -> io::Result<()> {
         }
         Hierarchy::V2 => {
             // No processes in an inner node on v2: shims get a leaf of their own.
-            let parent = Path::new(ROOT).join("berth");
-            fs::create_dir_all(&parent)?;
-            let _ = fs::write(
-                Path::new(ROOT).join("cgroup.subtree_control"),
-                "+cpu +memory",
-            );
-            let _ = fs::write(parent.join("cgroup.subtree_control"), "+cpu +memory");
+            let parent = v2_parent()?;
             let shims = parent.join("shims");
             fs::create_dir_all(&shims)?;
             fs::write(shims.join("cgroup.procs"), std::process::id().to_string())
         }
     }
+}
+
+/// `berth/` under the v2 root with the cpu and memory controllers enabled for its children
+/// (best effort: a controller the host does not delegate is simply not limited).
+fn v2_parent() -> io::Result<PathBuf> {
+    let parent = Path::new(ROOT).join("berth");
+    fs::create_dir_all(&parent)?;
+    let _ = fs::write(
+        Path::new(ROOT).join("cgroup.subtree_control"),
+        "+cpu +memory",
+    );
+    let _ = fs::write(parent.join("cgroup.subtree_control"), "+cpu +memory");
+    Ok(parent)
 }
 
 /// One sandbox's groups; removed on drop.
@@ -144,14 +151,7 @@ impl SandboxCgroup {
                 }
             }
             Hierarchy::V2 => {
-                let parent = Path::new(ROOT).join("berth");
-                fs::create_dir_all(&parent)?;
-                let _ = fs::write(
-                    Path::new(ROOT).join("cgroup.subtree_control"),
-                    "+cpu +memory",
-                );
-                let _ = fs::write(parent.join("cgroup.subtree_control"), "+cpu +memory");
-                let dir = parent.join(id);
+                let dir = v2_parent()?.join(id);
                 fs::create_dir_all(&dir)?;
                 group.dirs.push(dir.clone());
                 if cpu_milli > 0 {
