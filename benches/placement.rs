@@ -35,6 +35,7 @@ fn half_full(
             policy,
             allow_gpu_upgrade: true,
             candidate_limit: Some(DEFAULT_CANDIDATE_LIMIT),
+            ..PlacerConfig::default()
         },
         TypicalWorkload::from_specs(&mix),
     );

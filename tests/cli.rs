@@ -239,10 +239,74 @@ fn bench_place_prints_latency_json() {
     for key in ["nodes", "policy", "p50_us", "p99_us", "placements_per_s"] {
         assert!(json.get(key).is_some(), "{key} missing from {json}");
     }
+    assert!(
+        json.get("image_hit_pct").is_none(),
+        "no images asked: {json}"
+    );
     assert_eq!(json["nodes"], 300);
     assert!(
         json["placed"].as_u64().is_some_and(|n| n > 1000),
         "most of the mix fits a half-full pool: {json}"
+    );
+}
+
+#[test]
+fn sim_images_reports_each_rule_of_one_run() {
+    let out = berth(&[
+        "sim",
+        "images",
+        "--nodes",
+        "200",
+        "--seeds",
+        "1",
+        "--rules",
+        "off,on,bonus:10",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    assert!(
+        table.contains("hit rate") && table.contains("nodes used @50%"),
+        "{table}"
+    );
+    for rule in ["off ", "tie-break ", "bonus:10 "] {
+        assert!(
+            table.lines().any(|l| l.starts_with(rule)),
+            "{rule}in:\n{table}"
+        );
+    }
+    let out = berth(&["sim", "images", "--nodes", "200", "--seeds", "1", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(json["rules"][0]["rule"], "off");
+    assert_eq!(json["rules"][1]["rule"], "tie-break");
+    let out = berth(&["sim", "images", "--rules", "off,sometimes"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("unknown image rule \"sometimes\""),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn bench_place_with_images_reports_the_hit_rate() {
+    let out = berth(&[
+        "bench",
+        "place",
+        "--nodes",
+        "300",
+        "--sandboxes",
+        "2000",
+        "--images",
+        "50",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert!(
+        json["image_hit_pct"]
+            .as_f64()
+            .is_some_and(|p| p > 0.0 && p <= 100.0),
+        "{json}"
     );
 }
 

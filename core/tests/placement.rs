@@ -29,6 +29,7 @@ fn placer(policy: PolicyName, upgrade: bool) -> Placer {
             policy,
             allow_gpu_upgrade: upgrade,
             candidate_limit: Some(64),
+            ..PlacerConfig::default()
         },
         TypicalWorkload::default(),
     )

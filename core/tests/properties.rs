@@ -108,6 +108,7 @@ fn engine() -> Placer {
             policy: PolicyName::Berth,
             allow_gpu_upgrade: true,
             candidate_limit: Some(8),
+            ..PlacerConfig::default()
         },
         TypicalWorkload::default(),
     )
@@ -297,7 +298,7 @@ proptest! {
         }
         let specs: Vec<SandboxSpec> = specs.iter().map(|s| spec(SPECS[*s])).collect();
         let policy = PolicyName::ALL[policy];
-        let placer = Placer::new(PlacerConfig { policy, allow_gpu_upgrade: false, candidate_limit: None }, TypicalWorkload::from_specs(&specs));
+        let placer = Placer::new(PlacerConfig { policy, allow_gpu_upgrade: false, candidate_limit: None, ..PlacerConfig::default() }, TypicalWorkload::from_specs(&specs));
         let batch: Vec<(SandboxId, &SandboxSpec)> = specs.iter().enumerate().map(|(i, s)| (SandboxId(i as u64), s)).collect();
         let plan = |seed| placer.place_batch(&mut ClusterView::from_state(&state, seed), &batch, seed);
         let first = plan(seed);

@@ -94,6 +94,7 @@ pub struct BatchingConfig {
 }
 
 pub use berth_core::placement::PolicyName;
+pub use berth_core::placement::image::ImageRule;
 
 /// Placement settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,6 +107,11 @@ pub struct PlacementConfig {
     pub allow_gpu_upgrade: bool,
     /// Seed of the policy's tie-breaking randomness (placement stays deterministic).
     pub seed: u64,
+    /// How a node holding the sandbox's image counts: `"tie-break"` (default: it wins among
+    /// nodes the policy scores equal, if it already runs sandboxes), `"bonus:N"` (N points
+    /// on the policy's 0..100 score, empty or not) or `"off"`. ARCHITECTURE.md has the
+    /// measurements behind the default.
+    pub image_affinity: ImageRule,
 }
 
 /// Node liveness.
@@ -189,6 +195,7 @@ impl Default for PlacementConfig {
             policy: PolicyName::Berth,
             allow_gpu_upgrade: false,
             seed: 0,
+            image_affinity: ImageRule::DEFAULT,
         }
     }
 }
@@ -453,6 +460,24 @@ mod tests {
                  (one day)",
                 "etcd: must be set when backend = \"etcd\"",
             ]
+        );
+    }
+
+    #[test]
+    fn image_affinity_is_a_rule_name() {
+        let cfg: SchedulerConfig =
+            toml::from_str("[placement]\nimage_affinity = \"bonus:10\"\n").expect("parses");
+        assert_eq!(cfg.placement.image_affinity, ImageRule::Bonus(10));
+        assert_eq!(
+            SchedulerConfig::default().placement.image_affinity,
+            ImageRule::TieBreak
+        );
+        let err = toml::from_str::<SchedulerConfig>("[placement]\nimage_affinity = \"near\"\n")
+            .expect_err("unknown rule");
+        let text = err.to_string();
+        assert!(
+            text.contains("image_affinity") && text.contains("unknown image rule"),
+            "{text}"
         );
     }
 

@@ -13,6 +13,7 @@ use berth_scheduler::placement::fragmentation::TypicalWorkload;
 use berth_scheduler::placement::view::ClusterView;
 use berth_scheduler::placement::{DEFAULT_CANDIDATE_LIMIT, Placer, PlacerConfig};
 use berth_scheduler::state::{Command, State};
+use berth_sim::images::catalog::Catalog;
 use berth_sim::synthetic;
 
 use crate::exit::EXIT_FAILURE;
@@ -56,6 +57,11 @@ pub(crate) struct PlaceArgs {
     /// Seed of the pool and the mix.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Give sandboxes images from a catalog of this many (Zipf 1) and let each node cache
+    /// 8 of them, so image affinity does its work in the timed decisions [default: no
+    /// images, as in openb].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    images: Option<u32>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -72,6 +78,9 @@ struct PlaceReport {
     p99_us: f64,
     max_us: f64,
     placements_per_s: f64,
+    /// Placements onto a node holding the image, % (with `--images`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    image_hit_pct: Option<f64>,
 }
 
 impl BenchCommand {
@@ -87,8 +96,17 @@ impl BenchCommand {
 }
 
 fn place(args: &PlaceArgs) -> ExitCode {
+    let catalog = args.images.map(|n| Catalog::new(n as usize, 1.0));
+    let mut image_rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x1a6e);
     let mut state = State::new();
-    for node in synthetic::pool(args.nodes as usize, args.seed) {
+    for mut node in synthetic::pool(args.nodes as usize, args.seed) {
+        if let Some(catalog) = &catalog {
+            node.cached_images = catalog
+                .draw_distinct(8, &mut image_rng)
+                .into_iter()
+                .map(|k| catalog.name(k).to_owned())
+                .collect();
+        }
         state.apply(&Command::RegisterNode { spec: node }, 0);
     }
     let mut view = ClusterView::from_state(&state, args.seed);
@@ -97,13 +115,19 @@ fn place(args: &PlaceArgs) -> ExitCode {
         .iter()
         .map(|n| n.spec.gpus.len() as u64 * 1000)
         .sum();
-    let mix = synthetic::sandboxes(args.sandboxes as usize + 1, args.seed);
+    let mut mix = synthetic::sandboxes(args.sandboxes as usize + 1, args.seed);
+    if let Some(catalog) = &catalog {
+        for spec in &mut mix {
+            spec.image = catalog.name(catalog.draw(&mut image_rng)).to_owned();
+        }
+    }
     let typical = TypicalWorkload::from_specs(&mix);
     let placer = Placer::new(
         PlacerConfig {
             policy: args.policy,
             allow_gpu_upgrade: true,
             candidate_limit: Some(args.candidate_limit.max(1)),
+            ..PlacerConfig::default()
         },
         typical,
     );
@@ -127,7 +151,7 @@ fn place(args: &PlaceArgs) -> ExitCode {
     }
 
     let mut latencies_ns: Vec<u64> = Vec::with_capacity(args.sandboxes as usize);
-    let (mut placed, mut unplaceable) = (0u64, 0u64);
+    let (mut placed, mut unplaceable, mut cached) = (0u64, 0u64, 0u64);
     let started = Instant::now();
     for spec in mix.iter().take(args.sandboxes as usize) {
         let t = Instant::now();
@@ -136,6 +160,7 @@ fn place(args: &PlaceArgs) -> ExitCode {
             view.reserve(spec, p);
         }
         latencies_ns.push(t.elapsed().as_nanos() as u64);
+        cached += u64::from(decision.explanation.image_cached == Some(true));
         match decision.placement {
             Some(p) => {
                 placed += 1;
@@ -160,6 +185,9 @@ fn place(args: &PlaceArgs) -> ExitCode {
         p99_us: quantile(0.99),
         max_us: quantile(1.0),
         placements_per_s: f64::from(args.sandboxes) / total.max(1e-9),
+        image_hit_pct: catalog
+            .is_some()
+            .then(|| 100.0 * cached as f64 / placed.max(1) as f64),
     };
     if args.json {
         match serde_json::to_string(&report) {
@@ -183,6 +211,12 @@ fn place(args: &PlaceArgs) -> ExitCode {
             report.max_us,
             report.placements_per_s
         );
+        if let Some(hit) = report.image_hit_pct {
+            println!(
+                "  images: {} in the catalog, 8 cached per node; {hit:.1}% of placements onto a node holding the image",
+                args.images.unwrap_or(0)
+            );
+        }
     }
     ExitCode::SUCCESS
 }

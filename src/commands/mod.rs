@@ -23,6 +23,7 @@ pub(crate) mod node;
 pub(crate) mod sandbox;
 pub(crate) mod scheduler;
 pub(crate) mod sim;
+pub(crate) mod sim_images;
 pub(crate) mod sim_run;
 
 /// Parses a duration such as `10s`, `500ms` or `1m` (a bare number is seconds).

@@ -16,6 +16,10 @@ pub(crate) enum SimCommand {
     /// The FGD paper's placement experiment on an Alibaba openb trace: pods arrive in a
     /// seeded random order up to 130 % of GPU capacity; report unallocated GPU % at 100 %.
     Openb(OpenbArgs),
+    /// Image-aware placement: on a synthetic pool where nodes cache images of a skewed
+    /// catalog, place the same arrivals under each image rule (off, on, bonus:N) and report
+    /// cache hit rate beside packing quality for each.
+    Images(super::sim_images::ImagesArgs),
     /// Deterministic Raft chaos: replicas over a seeded faulty network with crashes; checks
     /// that no acknowledged create is lost, nothing is double-allocated, replicas converge
     /// and progress resumes. A failure prints SEED=… and replays exactly.
@@ -84,12 +88,21 @@ pub(crate) struct ChaosArgs {
 }
 
 #[derive(Debug, Clone)]
-pub(crate) struct Seeds(Vec<u64>);
+pub(crate) struct Seeds(pub(crate) Vec<u64>);
 
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Limit(Option<usize>);
+pub(crate) struct Limit(pub(crate) Option<usize>);
 
-fn parse_seeds(text: &str) -> Result<Seeds, String> {
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(n) => write!(f, "{n}"),
+            None => f.write_str("all"),
+        }
+    }
+}
+
+pub(crate) fn parse_seeds(text: &str) -> Result<Seeds, String> {
     let seeds: Vec<u64> = if let Some((a, b)) = text.split_once("..") {
         let a: u64 = a
             .trim()
@@ -118,7 +131,7 @@ fn parse_seeds(text: &str) -> Result<Seeds, String> {
     Ok(Seeds(seeds))
 }
 
-fn parse_limit(text: &str) -> Result<Limit, String> {
+pub(crate) fn parse_limit(text: &str) -> Result<Limit, String> {
     if text == "all" {
         return Ok(Limit(None));
     }
@@ -132,6 +145,7 @@ impl SimCommand {
     pub(crate) fn run(self) -> ExitCode {
         match self {
             SimCommand::Openb(args) => openb(args),
+            SimCommand::Images(args) => super::sim_images::run(&args),
             SimCommand::Chaos(args) => chaos(&args),
             SimCommand::Run(args) => super::sim_run::run(&args),
             SimCommand::Compare(args) => super::sim_run::compare(&args),

@@ -54,11 +54,13 @@ pub const MAX_FIT_PER_NODE: u32 = 1024;
 /// The placement settings the policy plans with: bestfit over 8 candidates. The plan only
 /// has to count nodes; the scheduler places for real with its own policy, and packing
 /// estimates with bestfit cost a fraction of FGD's scoring (`berth bench autoscale`).
+/// Images play no part: a plan counts nodes, and a new node holds no image anyway.
 pub fn planning_placer() -> PlacerConfig {
     PlacerConfig {
         policy: berth_core::placement::PolicyName::Bestfit,
         allow_gpu_upgrade: false,
         candidate_limit: Some(8),
+        image_rule: berth_core::placement::image::ImageRule::Off,
     }
 }
 

@@ -13,17 +13,23 @@
 //!    cost at any cluster size.
 //! 2. **Filters** ([`filters`]), cheapest first: node ready, location, capacity type, labels,
 //!    taints, CPU/memory, tenant GPU quota. Each rejection is counted by reason.
-//! 3. **Scoring** by the [`policy`]; the highest score wins, ties go to the node with the
-//!    lowest seeded rank (the FGD artifact's tie-breaking), so one seed gives one plan.
+//! 3. **Scoring** by the [`policy`], then **image affinity** ([`image`]): under the default
+//!    rule a node that holds the sandbox's image and already runs sandboxes wins among
+//!    nodes the policy scores equal (a bonus rule may add points instead). The highest standing wins, and what is still
+//!    equal goes to the node with the lowest seeded rank (the FGD artifact's tie-breaking),
+//!    so one seed gives one plan. Image affinity comes after the policy, not inside it,
+//!    because it is a separate concern with its own rule and its own explanation component.
 //!
 //! # Layout
 //! - [`view`]: free capacity per node and the indexes.
 //! - [`filters`]: feasibility filters and their reasons.
 //! - [`fragmentation`]: the FGD fragmentation measure and typical workloads.
 //! - [`policy`]: random, bestfit, fgd (the paper's baselines) and berth's default.
+//! - [`image`]: image affinity: the rule and the index of images nodes hold.
 
 pub mod filters;
 pub mod fragmentation;
+pub mod image;
 mod name;
 pub mod policy;
 pub mod view;
@@ -40,9 +46,10 @@ use berth_proto::gpu::{GpuAmount, GpuModelSelector, GpuOption};
 use crate::model::{Placement, SandboxId, SandboxSpec};
 use filters::Reason;
 use fragmentation::TypicalWorkload;
+use image::{ImageAsk, ImageRule};
 pub use name::PolicyName;
 use policy::{GpuAsk, Policy, ScoreContext};
-use view::{ClusterView, Location, NodeIndex};
+use view::{ClusterView, Location, NodeIndex, NodeView};
 
 /// Fewest feasible nodes scored per model or location when the candidate limit is split.
 const MIN_CANDIDATES_PER_MODEL: usize = 4;
@@ -57,10 +64,27 @@ pub struct Explanation {
     pub nodes_evaluated: u32,
     /// Rejections by reason, for the most preferred choice (option 0 on its own models).
     pub filtered: BTreeMap<Reason, u32>,
-    /// Best few (node, score), best first.
-    pub top_scores: Vec<(String, f64)>,
+    /// Best few nodes with their score components, best first.
+    pub top_scores: Vec<NodeScore>,
     /// The tier that placed it: (option index, upgraded model if any).
     pub tier: Option<(u32, Option<GpuModelName>)>,
+    /// Whether the chosen node holds the sandbox's image; `None` when the sandbox names no
+    /// image or image affinity is off.
+    pub image_cached: Option<bool>,
+}
+
+/// A node's score in an explanation, by named component (`types.proto`'s `NodeScore`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeScore {
+    /// Node id.
+    pub node: String,
+    /// What the candidates are ordered by first: the policy score plus any image bonus.
+    pub total: f64,
+    /// Named components: the policy's (`fragmentation`, `best_fit`, `random`), then, when
+    /// the sandbox names an image and affinity is on, `image_cached` (1 when the node holds
+    /// it; compared right after the total, and under the default rule only for nodes that
+    /// already run sandboxes) and under a bonus rule `image_bonus` (points in the total).
+    pub components: Vec<(&'static str, f64)>,
 }
 
 impl Explanation {
@@ -77,6 +101,11 @@ impl Explanation {
             None => {
                 let _ = write!(out, "no node fits ({} evaluated)", self.nodes_evaluated);
             }
+        }
+        match self.image_cached {
+            Some(true) => out.push_str(", image cached there"),
+            Some(false) => out.push_str(", image not cached there"),
+            None => {}
         }
         let mut reasons: Vec<(&Reason, &u32)> = self.filtered.iter().collect();
         reasons.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
@@ -113,6 +142,8 @@ pub struct PlacerConfig {
     pub allow_gpu_upgrade: bool,
     /// Stop scanning after this many feasible nodes per tier; `None` scores every one.
     pub candidate_limit: Option<usize>,
+    /// How a cached image counts ([`ImageRule::DEFAULT`]).
+    pub image_rule: ImageRule,
 }
 
 impl Default for PlacerConfig {
@@ -121,6 +152,7 @@ impl Default for PlacerConfig {
             policy: PolicyName::Berth,
             allow_gpu_upgrade: false,
             candidate_limit: Some(DEFAULT_CANDIDATE_LIMIT),
+            image_rule: ImageRule::DEFAULT,
         }
     }
 }
@@ -143,6 +175,8 @@ struct Tier {
     upgraded: bool,
     models: Vec<GpuModelName>,
     amount: GpuAmount,
+    /// The request's minimum memory per GPU.
+    min_memory_mib: Option<u64>,
 }
 
 impl Placer {
@@ -154,6 +188,11 @@ impl Placer {
             policy,
             typical,
         }
+    }
+
+    /// How a cached image counts.
+    pub fn image_rule(&self) -> ImageRule {
+        self.config.image_rule
     }
 
     /// The settings.
@@ -197,35 +236,39 @@ impl Placer {
             spec,
             typical: &self.typical,
         };
-        let Some(request) = &spec.gpu else {
-            let best = self.place_cpu_only(view, &ctx, rng, &mut explanation);
-            return finish(view, best, None, explanation);
+        let ranking = Ranking {
+            policy: self.policy.component(),
+            rule: self.config.image_rule,
+            image: ImageAsk::new(self.config.image_rule, &view.images, &spec.image),
         };
-        for (i, tier) in self.tiers(view, &request.options).into_iter().enumerate() {
+        let Some(request) = &spec.gpu else {
+            let best = self.place_cpu_only(view, &ctx, &ranking, rng, &mut explanation);
+            return finish(view, best, None, &ranking, explanation);
+        };
+        let tiers = self.tiers(view, &request.options, request.min_memory_mib);
+        for (i, tier) in tiers.into_iter().enumerate() {
             // Rejection counts describe the most preferred choice (option 0 on its own
             // models), so each node is counted once and the reasons answer "why not what I
             // asked for first"; later tiers only add to the nodes evaluated.
             let mut tier_explanation = Explanation::default();
-            let best = self.place_tier(
-                view,
-                &ctx,
-                &tier,
-                request.min_memory_mib,
-                rng,
-                &mut tier_explanation,
-            );
+            let best = self.place_tier(view, &ctx, &ranking, &tier, rng, &mut tier_explanation);
             explanation.nodes_evaluated += tier_explanation.nodes_evaluated;
             if i == 0 {
                 explanation.filtered = tier_explanation.filtered;
             }
             if best.is_some() {
-                return finish(view, best, Some(&tier), explanation);
+                return finish(view, best, Some(&tier), &ranking, explanation);
             }
         }
-        finish(view, None, None, explanation)
+        finish(view, None, None, &ranking, explanation)
     }
 
-    fn tiers(&self, view: &ClusterView, options: &[GpuOption]) -> Vec<Tier> {
+    fn tiers(
+        &self,
+        view: &ClusterView,
+        options: &[GpuOption],
+        min_memory_mib: Option<u64>,
+    ) -> Vec<Tier> {
         // Every option as written comes first, in order; upgrades only after all of them,
         // so a model the user listed is tried before one the operator would substitute.
         let mut tiers = Vec::new();
@@ -239,6 +282,7 @@ impl Placer {
                     upgraded: false,
                     models: view.models().map(|(m, _)| m.clone()).collect(),
                     amount: option.amount,
+                    min_memory_mib,
                 }),
                 selector => {
                     let named = selector.models();
@@ -247,6 +291,7 @@ impl Placer {
                         upgraded: false,
                         models: named.to_vec(),
                         amount: option.amount,
+                        min_memory_mib,
                     });
                     if self.config.allow_gpu_upgrade && !option.exact {
                         let wanted: Vec<_> = named.iter().filter_map(GpuModelName::known).collect();
@@ -266,6 +311,7 @@ impl Placer {
                                 upgraded: true,
                                 models,
                                 amount: option.amount,
+                                min_memory_mib,
                             });
                         }
                     }
@@ -280,6 +326,7 @@ impl Placer {
         &self,
         view: &ClusterView,
         ctx: &ScoreContext<'_>,
+        ranking: &Ranking<'_>,
         rng: &mut ChaCha8Rng,
         explanation: &mut Explanation,
     ) -> Option<Best> {
@@ -305,7 +352,7 @@ impl Placer {
                     continue;
                 }
                 if let Some(scored) = self.policy.score(ctx, node, None, rng) {
-                    best.offer(index, node.rank, scored, None);
+                    best.offer(ranking, index, node, scored, None);
                     feasible += 1;
                     if limit.is_some_and(|limit| feasible >= limit) {
                         break;
@@ -328,8 +375,8 @@ impl Placer {
         &self,
         view: &ClusterView,
         ctx: &ScoreContext<'_>,
+        ranking: &Ranking<'_>,
         tier: &Tier,
-        min_memory_mib: Option<u64>,
         rng: &mut ChaCha8Rng,
         explanation: &mut Explanation,
     ) -> Option<Best> {
@@ -350,7 +397,7 @@ impl Placer {
                 model: model.clone(),
                 count,
                 milli,
-                min_memory_mib,
+                min_memory_mib: tier.min_memory_mib,
             };
             for index in allowed {
                 let range: Box<dyn Iterator<Item = &(u32, NodeIndex)>> = if milli == 1000 {
@@ -377,7 +424,7 @@ impl Placer {
                         continue;
                     }
                     if let Some(scored) = self.policy.score(ctx, node, Some(&ask), rng) {
-                        best.offer(node_index, node.rank, scored, Some(model));
+                        best.offer(ranking, node_index, node, scored, Some(model));
                         feasible += 1;
                         if limit.is_some_and(|limit| feasible >= limit) {
                             break;
@@ -456,11 +503,81 @@ fn split_limit(limit: Option<usize>, parts: usize) -> Option<usize> {
     limit.map(|limit| limit.div_ceil(parts.max(1)).max(MIN_CANDIDATES_PER_MODEL))
 }
 
-/// A scored node: highest (score, tie) wins, then the lowest rank.
+/// How candidates are ranked for one decision: the policy's score, then image affinity.
+struct Ranking<'a> {
+    /// The policy's component name in explanations.
+    policy: &'static str,
+    rule: ImageRule,
+    /// `None` when the sandbox names no image or the rule is off.
+    image: Option<ImageAsk<'a>>,
+}
+
+impl Ranking<'_> {
+    /// Whether the node holds the sandbox's image.
+    fn holds(&self, index: NodeIndex) -> bool {
+        self.image.is_some_and(|image| image.cached(index))
+    }
+
+    fn standing(&self, node: &NodeView, holds: bool, scored: &policy::Scored) -> Standing {
+        let (cached, bonus) = match self.rule {
+            ImageRule::Off => (false, 0.0),
+            // An image is worth a tie, never a node: an empty holder does not count, or
+            // image ties would open nodes that first-fit order keeps empty (measured:
+            // +22 % nodes in use at half load and +1.1 points of unallocated GPU).
+            ImageRule::TieBreak => (holds && node.in_use(), 0.0),
+            ImageRule::Bonus(_) => (holds, if holds { self.rule.bonus_points() } else { 0.0 }),
+        };
+        Standing {
+            total: scored.score + bonus,
+            cached,
+            tie: scored.tie,
+        }
+    }
+
+    fn components(&self, holds: bool, standing: &Standing, score: f64) -> Vec<(&'static str, f64)> {
+        let mut components = vec![(self.policy, score)];
+        if self.image.is_some() {
+            components.push(("image_cached", f64::from(u8::from(holds))));
+            if let ImageRule::Bonus(_) = self.rule {
+                components.push(("image_bonus", standing.total - score));
+            }
+        }
+        components
+    }
+}
+
+/// A candidate's standing. Field order is the priority: higher wins, field by field; what
+/// is still equal goes to the lowest seeded rank.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Standing {
+    /// Policy score, plus the image bonus under a bonus rule.
+    total: f64,
+    /// The node's image counts: it holds the sandbox's image and, under the default rule,
+    /// already runs sandboxes (always false without an image question).
+    cached: bool,
+    /// The policy's own tie-break.
+    tie: f64,
+}
+
+impl Standing {
+    /// `(self, rank)` against `(other, other_rank)`: `Greater` is better. Floats compare as
+    /// `<`/`>` do (so 0.0 and -0.0 are equal, as the policies' ties assume).
+    fn order(&self, rank: u32, other: &Standing, other_rank: u32) -> std::cmp::Ordering {
+        let float = |a: f64, b: f64| a.partial_cmp(&b).unwrap_or(std::cmp::Ordering::Equal);
+        float(self.total, other.total)
+            .then(self.cached.cmp(&other.cached))
+            .then(float(self.tie, other.tie))
+            .then(other_rank.cmp(&rank))
+    }
+}
+
+/// A scored node.
 struct Candidate {
     index: NodeIndex,
     rank: u32,
-    key: (f64, f64),
+    standing: Standing,
+    /// The node holds the sandbox's image.
+    holds: bool,
     gpus: Vec<u32>,
     model: Option<GpuModelName>,
 }
@@ -469,43 +586,75 @@ struct Candidate {
 #[derive(Default)]
 struct Best {
     node: Option<Candidate>,
-    top: Vec<(NodeIndex, u32, f64)>,
+    /// The best few candidates offered, best first.
+    top: Vec<Ranked>,
+}
+
+/// A candidate as the explanation lists it. Plain data, so offering a node allocates
+/// nothing; components are named only for the few kept.
+#[derive(Debug, Clone, Copy)]
+struct Ranked {
+    index: NodeIndex,
+    rank: u32,
+    standing: Standing,
+    /// The policy's score.
+    score: f64,
+    holds: bool,
 }
 
 impl Best {
     fn offer(
         &mut self,
+        ranking: &Ranking<'_>,
         index: NodeIndex,
-        rank: u32,
+        node: &NodeView,
         scored: policy::Scored,
         model: Option<&GpuModelName>,
     ) {
+        let rank = node.rank;
+        let holds = ranking.holds(index);
+        let standing = ranking.standing(node, holds, &scored);
         let better = match &self.node {
             None => true,
-            Some(best) => {
-                let key = (scored.score, scored.tie);
-                key > best.key || (key == best.key && rank < best.rank)
-            }
+            Some(best) => standing.order(rank, &best.standing, best.rank).is_gt(),
         };
-        self.top.push((index, rank, scored.score));
-        if self.top.len() > 4 * TOP_SCORES_KEPT {
-            self.trim();
-        }
+        self.keep(Ranked {
+            index,
+            rank,
+            standing,
+            score: scored.score,
+            holds,
+        });
         if better {
             self.node = Some(Candidate {
                 index,
                 rank,
-                key: (scored.score, scored.tie),
+                standing,
+                holds,
                 gpus: scored.gpus,
                 model: model.cloned(),
             });
         }
     }
 
-    fn trim(&mut self) {
-        self.top
-            .sort_by(|a, b| b.2.total_cmp(&a.2).then(a.1.cmp(&b.1)));
-        self.top.truncate(TOP_SCORES_KEPT);
+    /// Keeps the best [`TOP_SCORES_KEPT`], best first, by insertion: most candidates lose
+    /// to the last kept one in one comparison.
+    fn keep(&mut self, ranked: Ranked) {
+        let beats = |kept: &Ranked| {
+            ranked
+                .standing
+                .order(ranked.rank, &kept.standing, kept.rank)
+                .is_gt()
+        };
+        let at = self
+            .top
+            .iter()
+            .rposition(|kept| !beats(kept))
+            .map_or(0, |i| i + 1);
+        if at < TOP_SCORES_KEPT {
+            self.top.insert(at, ranked);
+            self.top.truncate(TOP_SCORES_KEPT);
+        }
     }
 
     fn into_option(self) -> Option<Best> {
@@ -517,24 +666,32 @@ fn finish(
     view: &ClusterView,
     best: Option<Best>,
     tier: Option<&Tier>,
+    ranking: &Ranking<'_>,
     mut explanation: Explanation,
 ) -> Decision {
     let option = tier.map_or(0, |t| t.option);
     let upgraded = tier.is_some_and(|t| t.upgraded);
-    let Some(mut best) = best else {
+    let Some(best) = best else {
         return Decision {
             placement: None,
             explanation,
         };
     };
-    best.trim();
     explanation.top_scores = best
         .top
         .iter()
-        .map(|(i, _, s)| (view.node(*i).spec.id.clone(), *s))
+        .map(|r| NodeScore {
+            node: view.node(r.index).spec.id.clone(),
+            total: r.standing.total,
+            components: ranking.components(r.holds, &r.standing, r.score),
+        })
         .collect();
     let Some(Candidate {
-        index, gpus, model, ..
+        index,
+        gpus,
+        model,
+        holds,
+        ..
     }) = best.node
     else {
         return Decision {
@@ -544,6 +701,7 @@ fn finish(
     };
     let node = view.node(index);
     explanation.tier = Some((option, if upgraded { model } else { None }));
+    explanation.image_cached = ranking.image.is_some().then_some(holds);
     let milli = tier.map_or(0, |t| t.amount.milli_per_gpu());
     Decision {
         placement: Some(Placement {

@@ -111,6 +111,8 @@ pub struct Scored {
 pub trait Policy: Send + Sync {
     /// Its name in configs and reports.
     fn name(&self) -> &'static str;
+    /// The name of its score in explanations' components.
+    fn component(&self) -> &'static str;
     /// Scores a feasible node; `None` when the GPUs cannot be chosen after all.
     fn score(
         &self,
@@ -137,6 +139,10 @@ pub struct Random;
 
 impl Policy for Random {
     fn name(&self) -> &'static str {
+        "random"
+    }
+
+    fn component(&self) -> &'static str {
         "random"
     }
 
@@ -181,6 +187,10 @@ const MAX_SPEC_GPU_MILLI: f64 = 8_000.0;
 impl Policy for BestFit {
     fn name(&self) -> &'static str {
         "bestfit"
+    }
+
+    fn component(&self) -> &'static str {
+        "best_fit"
     }
 
     fn score(
@@ -258,6 +268,10 @@ pub const BERTH: FragmentationGradient = FragmentationGradient {
 impl Policy for FragmentationGradient {
     fn name(&self) -> &'static str {
         self.name
+    }
+
+    fn component(&self) -> &'static str {
+        "fragmentation"
     }
 
     fn score(

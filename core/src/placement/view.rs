@@ -18,6 +18,7 @@ use rand_chacha::rand_core::SeedableRng;
 
 use berth_proto::GpuModelName;
 
+use super::image::ImageIndex;
 use crate::model::{NodeSpec, NodeStatus, Placement, SandboxSpec, TenantQuota};
 use crate::state::State;
 
@@ -46,6 +47,11 @@ pub struct NodeView {
 }
 
 impl NodeView {
+    /// Whether anything runs here (some CPU or memory is taken).
+    pub fn in_use(&self) -> bool {
+        self.cpu_milli_free < self.spec.cpu_milli || self.memory_mib_free < self.spec.memory_mib
+    }
+
     /// Sum of free milli over GPUs.
     pub fn gpu_milli_free_total(&self) -> u64 {
         self.gpu_milli_free.iter().map(|f| u64::from(*f)).sum()
@@ -72,6 +78,8 @@ pub struct ClusterView {
     pub(crate) by_cpu_free: BTreeMap<Location, BTreeSet<(u64, NodeIndex)>>,
     pub(crate) tenant_quota: HashMap<String, TenantQuota>,
     pub(crate) tenant_gpu_milli: HashMap<(String, GpuModelName), u64>,
+    /// The images each node holds (image affinity).
+    pub(crate) images: ImageIndex,
     /// Reserved beyond what was free, per node (CPU, memory, per-GPU milli). Reservations
     /// of plans that `apply` will refuse can exceed a node; counting the excess keeps
     /// `reserve` then `release` an exact round trip, so a view kept up to date
@@ -89,6 +97,7 @@ impl ClusterView {
             by_cpu_free: BTreeMap::new(),
             tenant_quota: HashMap::new(),
             tenant_gpu_milli: HashMap::new(),
+            images: ImageIndex::default(),
             overdraft: HashMap::new(),
         }
     }
@@ -148,6 +157,7 @@ impl ClusterView {
         let first = spec.gpus.first().map(|g| g.model.clone());
         let gpu_model = first.filter(|m| spec.gpus.iter().all(|g| &g.model == m));
         self.by_id.insert(spec.id.clone(), index);
+        self.images.push_node(&spec.cached_images);
         self.nodes.push(NodeView {
             spec,
             epoch,
@@ -222,6 +232,21 @@ impl ClusterView {
     pub fn location(&self, index: NodeIndex) -> Location {
         let spec = &self.nodes[index as usize].spec;
         (spec.provider.clone(), spec.region.clone())
+    }
+
+    /// The images each node holds.
+    pub fn images(&self) -> &ImageIndex {
+        &self.images
+    }
+
+    /// Replaces the images a node holds (the simulator's pulls and evictions; the scheduler
+    /// rebuilds its view when an agent reports a new inventory instead).
+    pub fn set_cached_images(&mut self, index: NodeIndex, images: &[String]) {
+        let Some(node) = self.nodes.get_mut(index as usize) else {
+            return;
+        };
+        Arc::make_mut(&mut node.spec).cached_images = images.to_vec();
+        self.images.set_node(index, images);
     }
 
     /// Milli-GPU of `model` the tenant holds (only tracked for tenants with a GPU quota).

@@ -85,6 +85,7 @@ pub fn replica_config(cfg: &SchedulerConfig) -> ReplicaConfig {
     r.placer = PlacerConfig {
         policy: cfg.placement.policy,
         allow_gpu_upgrade: cfg.placement.allow_gpu_upgrade,
+        image_rule: cfg.placement.image_affinity,
         ..PlacerConfig::default()
     };
     r.placement_seed = cfg.placement.seed;

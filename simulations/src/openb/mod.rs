@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use berth_core::placement::PolicyName;
 use berth_core::placement::fragmentation::TypicalWorkload;
+use berth_core::placement::image::ImageRule;
 use berth_core::placement::{Placer, PlacerConfig};
 
 use protocol::{CURVE_BUCKETS, Experiment, SeedResult};
@@ -93,6 +94,8 @@ impl OpenbRun {
                 policy: self.policy,
                 allow_gpu_upgrade: false,
                 candidate_limit: self.candidate_limit,
+                // The scheduler's rule; openb pods name no image, so it never applies.
+                image_rule: ImageRule::DEFAULT,
             },
             typical.clone(),
         );
