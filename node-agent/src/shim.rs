@@ -128,18 +128,29 @@ fn sandbox_command(
                             .into(),
                     );
                 }
-                // The working directory is entered before chroot and stays valid inside.
-                let cwd = root.join(launch.workdir.trim_start_matches('/'));
-                let mut c = Command::new("chroot");
-                c.arg(format!("--userspec={}:{}", launch.uid, launch.gid))
-                    .arg(root)
+                // util-linux's unshare (no namespaces asked): chroot, then the working
+                // directory inside the root, then the image's group and user (supplementary
+                // groups dropped). chroot(1) would always land in `/`. It is found on the
+                // shim's PATH: the command's own env (the image's PATH) names directories
+                // inside the root.
+                let unshare = crate::agent::find_program("unshare")
+                    .or_else(|| crate::agent::find_program("/usr/bin/unshare"))
+                    .ok_or("the process runtime needs unshare (util-linux) on the agent's PATH")?;
+                let inside = launch.workdir.trim_start_matches('/');
+                let workdir = if !inside.is_empty() && root.join(inside).is_dir() {
+                    launch.workdir.as_str()
+                } else {
+                    "/"
+                };
+                let mut c = Command::new(unshare);
+                c.arg(format!("--root={}", root.display()))
+                    .arg(format!("--wd={workdir}"))
+                    .arg(format!("--setgid={}", launch.gid))
+                    .arg(format!("--setuid={}", launch.uid))
+                    .arg("--")
                     .arg(program)
                     .args(args)
-                    .current_dir(if cwd.is_dir() {
-                        cwd
-                    } else {
-                        root.to_path_buf()
-                    });
+                    .current_dir(root);
                 c
             }
         },

@@ -1,6 +1,7 @@
 //! Sandboxes from real images under gVisor: `runsc run` on an OCI bundle whose root is a
-//! host overlay over the cached image, with cgroup limits (v1 on this kind of host). Needs
-//! root, overlayfs and `runsc` (scripts/test installs it).
+//! host overlay over the cached image, with cgroup limits (v1 on this kind of host); and the
+//! process runtime's chroot into the same overlay. Needs root, overlayfs and `runsc`
+//! (scripts/test installs it).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -50,6 +51,7 @@ async fn run(
     reference: &str,
     command: &[&str],
     memory_mib: u64,
+    runtime: RuntimeKind,
 ) -> (Outcome, String, std::path::PathBuf) {
     let image = f.images.ensure(reference, id).await.expect("pull");
     let command: Vec<String> = command.iter().map(|s| s.to_string()).collect();
@@ -70,7 +72,7 @@ async fn run(
         memory_mib,
         timeout_ms: 60_000,
         network: false,
-        runtime: RuntimeKind::Gvisor,
+        runtime,
         runsc_path: "runsc".into(),
         runsc_platform: "ptrace".into(),
         max_output_bytes: 1 << 20,
@@ -158,6 +160,7 @@ async fn an_image_sandbox_sees_the_image_and_gvisors_kernel_and_its_writes_land_
             "cat /etc/os-release; uname -r; id -u; echo hi > /root/written",
         ],
         128,
+        RuntimeKind::Gvisor,
     )
     .await;
     assert_eq!(outcome, Outcome::Exited { code: 0 }, "{out}");
@@ -193,7 +196,7 @@ async fn the_images_cmd_env_and_working_dir_are_used_when_the_spec_has_none() {
     }
     let f = fixture().await;
     let reference = busybox(&f, "sandbox").await;
-    let (outcome, out, _) = run(&f, "sbx-img-2", &reference, &[], 128).await;
+    let (outcome, out, _) = run(&f, "sbx-img-2", &reference, &[], 128, RuntimeKind::Gvisor).await;
     assert_eq!(outcome, Outcome::Exited { code: 0 }, "{out}");
     assert_eq!(out, "FROM_IMAGE=yes\n/home/sandbox\n1000\n");
 }
@@ -215,6 +218,7 @@ async fn a_sandbox_over_its_memory_limit_is_killed_and_reported_out_of_memory() 
             "dd if=/dev/zero of=/dev/null bs=256M count=2; echo survived",
         ],
         64,
+        RuntimeKind::Gvisor,
     )
     .await;
     match outcome {
@@ -227,4 +231,42 @@ async fn a_sandbox_over_its_memory_limit_is_killed_and_reported_out_of_memory() 
         other => panic!("{other:?}: {out}"),
     }
     assert!(!out.contains("survived"), "{out}");
+}
+
+#[tokio::test]
+async fn the_process_runtime_chroots_into_the_image_as_its_user_and_writes_to_the_upper_dir() {
+    if !needs_root() {
+        return;
+    }
+    let f = fixture().await;
+    let reference = busybox(&f, "sandbox").await;
+    let (outcome, out, dir) = run(
+        &f,
+        "sbx-proc-1",
+        &reference,
+        &[
+            "sh",
+            "-c",
+            "cat /etc/os-release; id -u; pwd; echo hi > /tmp/written",
+        ],
+        128,
+        RuntimeKind::Process,
+    )
+    .await;
+    assert_eq!(outcome, Outcome::Exited { code: 0 }, "{out}");
+    assert!(
+        out.contains("NAME=\"berth-busybox\""),
+        "the image's file: {out}"
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[lines.len() - 2..], ["1000", "/home/sandbox"], "{out}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("fs/upper/tmp/written")).expect("upper"),
+        "hi\n"
+    );
+    let image = f.images.ensure(&reference, "x").await.expect("img");
+    assert!(
+        !image.rootfs.join("tmp/written").exists(),
+        "the shared image was written"
+    );
 }
