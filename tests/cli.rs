@@ -447,3 +447,25 @@ fn sim_run_writes_the_report_and_sim_compare_prints_both() {
         "{err}"
     );
 }
+
+#[test]
+fn dev_refuses_an_unknown_only_node_before_starting_anything() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("dev");
+    let out = berth(&[
+        "dev",
+        "--data-dir",
+        data.to_str().expect("utf-8"),
+        "--only-node",
+        "bogus",
+        "--no-autoscaler",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--only-node bogus: no such dev node (there are aws-use1-p5-0,"),
+        "{err}"
+    );
+    assert!(!err.contains("replica started"), "{err}");
+    assert!(!data.exists(), "nothing was written");
+}

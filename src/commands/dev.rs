@@ -223,6 +223,7 @@ fn port(base: u16, i: u16, what: &str) -> Result<u16, String> {
 
 async fn dev(args: &DevArgs) -> Result<(), String> {
     let (runtime_kind, runtime_note) = choose_runtime(args.runtime)?;
+    let static_nodes = static_nodes(args)?;
     if !args.keep && args.data_dir.exists() {
         std::fs::remove_dir_all(&args.data_dir)
             .map_err(|e| format!("emptying {}: {e}", args.data_dir.display()))?;
@@ -273,7 +274,6 @@ async fn dev(args: &DevArgs) -> Result<(), String> {
     let shim = crate::commands::agent::shim_command()?;
     let (stop_agents, agents_stop) = watch::channel(false);
     let mut agents = Vec::new();
-    let static_nodes = static_nodes(args)?;
     let registries: Vec<berth_node_agent::image::RegistryConfig> = args
         .insecure_registries
         .iter()
