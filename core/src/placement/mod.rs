@@ -26,12 +26,14 @@
 //! - [`fragmentation`]: the FGD fragmentation measure and typical workloads.
 //! - [`policy`]: random, bestfit, fgd (the paper's baselines) and berth's default.
 //! - [`image`]: image affinity: the rule and the index of images nodes hold.
+//! - `rank`: how candidates are compared and the best few kept.
 
 pub mod filters;
 pub mod fragmentation;
 pub mod image;
 mod name;
 pub mod policy;
+mod rank;
 pub mod view;
 
 use std::collections::BTreeMap;
@@ -49,7 +51,8 @@ use fragmentation::TypicalWorkload;
 use image::{ImageAsk, ImageRule};
 pub use name::PolicyName;
 use policy::{GpuAsk, Policy, ScoreContext};
-use view::{ClusterView, Location, NodeIndex, NodeView};
+use rank::{Best, Candidate, Ranking};
+use view::{ClusterView, Location, NodeIndex};
 
 /// Fewest feasible nodes scored per model or location when the candidate limit is split.
 const MIN_CANDIDATES_PER_MODEL: usize = 4;
@@ -501,165 +504,6 @@ fn allowed_locations<'a, T>(
 /// Splits a candidate limit over `parts` (at least [`MIN_CANDIDATES_PER_MODEL`] each).
 fn split_limit(limit: Option<usize>, parts: usize) -> Option<usize> {
     limit.map(|limit| limit.div_ceil(parts.max(1)).max(MIN_CANDIDATES_PER_MODEL))
-}
-
-/// How candidates are ranked for one decision: the policy's score, then image affinity.
-struct Ranking<'a> {
-    /// The policy's component name in explanations.
-    policy: &'static str,
-    rule: ImageRule,
-    /// `None` when the sandbox names no image or the rule is off.
-    image: Option<ImageAsk<'a>>,
-}
-
-impl Ranking<'_> {
-    /// Whether the node holds the sandbox's image.
-    fn holds(&self, index: NodeIndex) -> bool {
-        self.image.is_some_and(|image| image.cached(index))
-    }
-
-    fn standing(&self, node: &NodeView, holds: bool, scored: &policy::Scored) -> Standing {
-        let (cached, bonus) = match self.rule {
-            ImageRule::Off => (false, 0.0),
-            // An image is worth a tie, never a node: an empty holder does not count, or
-            // image ties would open nodes that first-fit order keeps empty (measured:
-            // +22 % nodes in use at half load and +1.1 points of unallocated GPU).
-            ImageRule::TieBreak => (holds && node.in_use(), 0.0),
-            ImageRule::Bonus(_) => (holds, if holds { self.rule.bonus_points() } else { 0.0 }),
-        };
-        Standing {
-            total: scored.score + bonus,
-            cached,
-            tie: scored.tie,
-        }
-    }
-
-    fn components(&self, holds: bool, standing: &Standing, score: f64) -> Vec<(&'static str, f64)> {
-        let mut components = vec![(self.policy, score)];
-        if self.image.is_some() {
-            components.push(("image_cached", f64::from(u8::from(holds))));
-            if let ImageRule::Bonus(_) = self.rule {
-                components.push(("image_bonus", standing.total - score));
-            }
-        }
-        components
-    }
-}
-
-/// A candidate's standing. Field order is the priority: higher wins, field by field; what
-/// is still equal goes to the lowest seeded rank.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Standing {
-    /// Policy score, plus the image bonus under a bonus rule.
-    total: f64,
-    /// The node's image counts: it holds the sandbox's image and, under the default rule,
-    /// already runs sandboxes (always false without an image question).
-    cached: bool,
-    /// The policy's own tie-break.
-    tie: f64,
-}
-
-impl Standing {
-    /// `(self, rank)` against `(other, other_rank)`: `Greater` is better. Floats compare as
-    /// `<`/`>` do (so 0.0 and -0.0 are equal, as the policies' ties assume).
-    fn order(&self, rank: u32, other: &Standing, other_rank: u32) -> std::cmp::Ordering {
-        let float = |a: f64, b: f64| a.partial_cmp(&b).unwrap_or(std::cmp::Ordering::Equal);
-        float(self.total, other.total)
-            .then(self.cached.cmp(&other.cached))
-            .then(float(self.tie, other.tie))
-            .then(other_rank.cmp(&rank))
-    }
-}
-
-/// A scored node.
-struct Candidate {
-    index: NodeIndex,
-    rank: u32,
-    standing: Standing,
-    /// The node holds the sandbox's image.
-    holds: bool,
-    gpus: Vec<u32>,
-    model: Option<GpuModelName>,
-}
-
-/// The best candidate so far, and the runners-up for the explanation.
-#[derive(Default)]
-struct Best {
-    node: Option<Candidate>,
-    /// The best few candidates offered, best first.
-    top: Vec<Ranked>,
-}
-
-/// A candidate as the explanation lists it. Plain data, so offering a node allocates
-/// nothing; components are named only for the few kept.
-#[derive(Debug, Clone, Copy)]
-struct Ranked {
-    index: NodeIndex,
-    rank: u32,
-    standing: Standing,
-    /// The policy's score.
-    score: f64,
-    holds: bool,
-}
-
-impl Best {
-    fn offer(
-        &mut self,
-        ranking: &Ranking<'_>,
-        index: NodeIndex,
-        node: &NodeView,
-        scored: policy::Scored,
-        model: Option<&GpuModelName>,
-    ) {
-        let rank = node.rank;
-        let holds = ranking.holds(index);
-        let standing = ranking.standing(node, holds, &scored);
-        let better = match &self.node {
-            None => true,
-            Some(best) => standing.order(rank, &best.standing, best.rank).is_gt(),
-        };
-        self.keep(Ranked {
-            index,
-            rank,
-            standing,
-            score: scored.score,
-            holds,
-        });
-        if better {
-            self.node = Some(Candidate {
-                index,
-                rank,
-                standing,
-                holds,
-                gpus: scored.gpus,
-                model: model.cloned(),
-            });
-        }
-    }
-
-    /// Keeps the best [`TOP_SCORES_KEPT`], best first, by insertion: most candidates lose
-    /// to the last kept one in one comparison.
-    fn keep(&mut self, ranked: Ranked) {
-        let beats = |kept: &Ranked| {
-            ranked
-                .standing
-                .order(ranked.rank, &kept.standing, kept.rank)
-                .is_gt()
-        };
-        let at = self
-            .top
-            .iter()
-            .rposition(|kept| !beats(kept))
-            .map_or(0, |i| i + 1);
-        if at < TOP_SCORES_KEPT {
-            self.top.insert(at, ranked);
-            self.top.truncate(TOP_SCORES_KEPT);
-        }
-    }
-
-    fn into_option(self) -> Option<Best> {
-        self.node.is_some().then_some(self)
-    }
 }
 
 fn finish(
