@@ -4,9 +4,11 @@
 //!   demand, `min_nodes` and headroom, with failover past groups backing off; scale-down.
 //! - [`backoff`]: how long a group waits after a provider error.
 //! - [`limits`]: the caps no scale-up crosses.
+//! - `round`: the steps of one round.
 //! - [`scale_down`]: which idle nodes go.
 
 pub mod backoff;
 pub mod decide;
 pub mod limits;
+mod round;
 pub mod scale_down;
