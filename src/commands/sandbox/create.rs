@@ -257,19 +257,7 @@ pub(super) async fn copy_output(mut stream: Streaming<pb::LogChunk>) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sandbox(state: SandboxState, exit_code: i32, reason: &str) -> pb::Sandbox {
-        pb::Sandbox {
-            id: "42".into(),
-            status: Some(pb::SandboxStatus {
-                state: state as i32,
-                exit_code,
-                reason: reason.into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
+    use crate::commands::sandbox::test_sandbox as sandbox;
 
     #[test]
     fn exit_codes_follow_the_sandbox() {

@@ -209,3 +209,18 @@ pub(crate) fn run(args: &SandboxArgs) -> ExitCode {
         Ok(ExitCode::SUCCESS)
     })
 }
+
+/// A sandbox in `state` with an exit code and reason, for the tests of `create` and `show`.
+#[cfg(test)]
+fn test_sandbox(state: SandboxState, exit_code: i32, reason: &str) -> pb::Sandbox {
+    pb::Sandbox {
+        id: "42".into(),
+        status: Some(pb::SandboxStatus {
+            state: state as i32,
+            exit_code,
+            reason: reason.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}

@@ -306,19 +306,7 @@ pub(super) fn explanation_json(e: &pb::PlacementExplanation) -> serde_json::Valu
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sandbox(state: SandboxState, exit_code: i32, reason: &str) -> pb::Sandbox {
-        pb::Sandbox {
-            id: "42".into(),
-            status: Some(pb::SandboxStatus {
-                state: state as i32,
-                exit_code,
-                reason: reason.into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
+    use crate::commands::sandbox::test_sandbox as sandbox;
 
     #[test]
     fn states_shown_by_name() {
