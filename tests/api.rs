@@ -277,7 +277,7 @@ async fn what_a_node_would_refuse_is_invalid_argument_naming_the_field() {
                 command: vec![],
                 ..valid_spec()
             },
-            "spec.command: required when spec.image is empty",
+            "spec.command: required when spec.image is empty and spec.keep_alive is false",
         ),
     ];
     for (request_id, spec, expected) in cases {

@@ -282,6 +282,53 @@ impl Constraints {
     }
 }
 
+/// The checks of a command line and its environment (a spec's, an exec's): no NUL bytes, a
+/// non-empty program, at most 256 arguments and variables and 64 KiB of each, and names
+/// that an environment can hold. Fields `command[i]`, `command`, `env`, `env["NAME"]`.
+pub fn validate_argv_env(v: &mut Validator, command: &[String], env: &BTreeMap<String, String>) {
+    use limits::*;
+    for (i, arg) in command.iter().enumerate() {
+        v.check(!arg.contains('\0'), &format!("command[{i}]"), || {
+            "contains a NUL byte".into()
+        });
+    }
+    v.check(
+        command.first().is_none_or(|program| !program.is_empty()),
+        "command[0]",
+        || "the program is empty".into(),
+    );
+    v.check(command.len() <= COMMAND_ARGS, "command", || {
+        format!("{} arguments; the limit is {COMMAND_ARGS}", command.len())
+    });
+    let argv_bytes: usize = command.iter().map(String::len).sum();
+    v.check(argv_bytes <= TEXT_BYTES, "command", || {
+        format!("{argv_bytes} bytes; the limit is {TEXT_BYTES}")
+    });
+    v.check(env.len() <= ENV_VARS, "env", || {
+        format!("{} variables; the limit is {ENV_VARS}", env.len())
+    });
+    let env_bytes: usize = env.iter().map(|(k, v)| k.len() + v.len()).sum();
+    v.check(env_bytes <= TEXT_BYTES, "env", || {
+        format!("{env_bytes} bytes; the limit is {TEXT_BYTES}")
+    });
+    for (name, value) in env {
+        let field = format!("env[{name:?}]");
+        if name.is_empty() {
+            v.error(&field, "the name is empty");
+        } else if name.contains('=') {
+            v.error(
+                &field,
+                "the name contains '=', which ends a name in an environment",
+            );
+        } else if name.contains('\0') {
+            v.error(&field, "the name contains a NUL byte");
+        }
+        v.check(!value.contains('\0'), &field, || {
+            "the value contains a NUL byte".into()
+        });
+    }
+}
+
 /// What a client asks for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct SandboxSpec {
@@ -303,12 +350,17 @@ pub struct SandboxSpec {
     pub constraints: Constraints,
     /// Higher first within a batch.
     pub priority: i32,
-    /// Wall-clock limit once running; 0 = none.
+    /// Session limit once running; 0 = none (the service layer fills in the tenant's
+    /// default before the spec reaches the log).
     pub timeout_ms: u64,
     /// Network allowed.
     pub network: bool,
     /// Labels.
     pub labels: BTreeMap<String, String>,
+    /// Stays Running after its command ends (or runs none) until deleted or a limit ends it.
+    pub keep_alive: bool,
+    /// Ends it after this long without an exec or file call; 0 = none.
+    pub idle_timeout_ms: u64,
 }
 
 impl SandboxSpec {
@@ -332,6 +384,8 @@ impl SandboxSpec {
             timeout_ms: 0,
             network: false,
             labels: BTreeMap::new(),
+            keep_alive: false,
+            idle_timeout_ms: 0,
         }
     }
 
@@ -346,51 +400,7 @@ impl SandboxSpec {
                 v.error("image", why);
             }
         }
-        for (i, arg) in self.command.iter().enumerate() {
-            v.check(!arg.contains('\0'), &format!("command[{i}]"), || {
-                "contains a NUL byte".into()
-            });
-        }
-        v.check(
-            self.command
-                .first()
-                .is_none_or(|program| !program.is_empty()),
-            "command[0]",
-            || "the program is empty".into(),
-        );
-        v.check(self.command.len() <= COMMAND_ARGS, "command", || {
-            format!(
-                "{} arguments; the limit is {COMMAND_ARGS}",
-                self.command.len()
-            )
-        });
-        let argv_bytes: usize = self.command.iter().map(String::len).sum();
-        v.check(argv_bytes <= TEXT_BYTES, "command", || {
-            format!("{argv_bytes} bytes; the limit is {TEXT_BYTES}")
-        });
-        v.check(self.env.len() <= ENV_VARS, "env", || {
-            format!("{} variables; the limit is {ENV_VARS}", self.env.len())
-        });
-        let env_bytes: usize = self.env.iter().map(|(k, v)| k.len() + v.len()).sum();
-        v.check(env_bytes <= TEXT_BYTES, "env", || {
-            format!("{env_bytes} bytes; the limit is {TEXT_BYTES}")
-        });
-        for (name, value) in &self.env {
-            let field = format!("env[{name:?}]");
-            if name.is_empty() {
-                v.error(&field, "the name is empty");
-            } else if name.contains('=') {
-                v.error(
-                    &field,
-                    "the name contains '=', which ends a name in an environment",
-                );
-            } else if name.contains('\0') {
-                v.error(&field, "the name contains a NUL byte");
-            }
-            v.check(!value.contains('\0'), &field, || {
-                "the value contains a NUL byte".into()
-            });
-        }
+        validate_argv_env(v, &self.command, &self.env);
         v.check(
             (1..=CPU_MILLI).contains(&self.cpu_milli),
             "resources.cpu_milli",
@@ -431,6 +441,11 @@ impl SandboxSpec {
         v.check(self.timeout_ms <= TIMEOUT_MS, "timeout_ms", || {
             format!("{} is above 30 days", self.timeout_ms)
         });
+        v.check(
+            self.idle_timeout_ms <= TIMEOUT_MS,
+            "idle_timeout_ms",
+            || format!("{} is above 30 days", self.idle_timeout_ms),
+        );
         v.check(self.labels.len() <= LABELS, "labels", || {
             format!("{} labels; the limit is {LABELS}", self.labels.len())
         });

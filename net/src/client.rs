@@ -195,6 +195,13 @@ impl Client {
         .await
     }
 
+    /// A `SandboxService` client on the replica calls go to now. Streaming calls (exec,
+    /// file transfers) go through it once, without retries: their requests are streams.
+    pub fn sandbox_service(&mut self) -> Result<SandboxServiceClient<Channel>, Status> {
+        let current = self.current.clone();
+        Ok(SandboxServiceClient::new(self.channel(&current)?))
+    }
+
     /// Opens a sandbox's captured output; with `follow` the stream ends when it exits. The
     /// caller reads the stream; only opening it is retried.
     pub async fn read_logs(

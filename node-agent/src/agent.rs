@@ -32,10 +32,10 @@ use berth_proto::pb::v1::node_service_client::NodeServiceClient;
 use crate::config::{AgentConfig, RuntimeKind};
 use crate::image::{ImageSettings, ImageStore};
 use crate::inventory::{self, GpuSource};
-use crate::logs::Logs;
 use crate::metrics::AgentMetrics;
 use crate::monitor::Monitor;
 use crate::runtime::{ExitRecord, Launch, LocalState, Outcome, Runtime, unix_ms};
+use crate::service::AgentApi;
 use crate::starter::{StartRequest, Starter};
 
 /// Cached images listed in the inventory (the scheduler's limit on `cached_images`).
@@ -115,6 +115,12 @@ pub async fn run(
     let state_dir = PathBuf::from(&cfg.state_dir);
     let runtime = Runtime::new(state_dir.join("sandboxes"), opts.shim.clone())
         .map_err(io_error(format!("state_dir {}", state_dir.display())))?;
+    let sandboxd_dir = crate::sandboxd::install(&state_dir)
+        .map(Some)
+        .map_err(io_error(format!(
+            "state_dir {}: installing berth-sandboxd",
+            state_dir.display()
+        )))?;
     let metrics = Arc::new(AgentMetrics::new());
     let images = ImageStore::open(
         ImageSettings {
@@ -156,7 +162,7 @@ pub async fn run(
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         berth_net::server(&NetConfig::agent_server())
-            .add_service(AgentServiceServer::new(Logs::new(runtime.clone())))
+            .add_service(AgentServiceServer::new(AgentApi::new(runtime.clone())))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 let _ = server_stopped.await;
             }),
@@ -186,6 +192,7 @@ pub async fn run(
         metrics,
         sequence: 0,
         last_heartbeat: None,
+        sandboxd_dir,
     };
     tokio::pin!(shutdown);
     let mut endpoint = 0usize;
@@ -252,6 +259,8 @@ struct Agent {
     metrics: Arc<AgentMetrics>,
     sequence: u64,
     last_heartbeat: Option<Instant>,
+    /// Where berth-sandboxd is installed.
+    sandboxd_dir: Option<PathBuf>,
 }
 
 fn channel(address: &str) -> Result<Channel, berth_net::NetError> {
@@ -387,6 +396,9 @@ impl Agent {
                 runsc_path: self.cfg.runsc_path.clone(),
                 runsc_platform: self.cfg.runsc_platform.clone(),
                 max_output_bytes: self.cfg.max_output_bytes,
+                sandboxd_dir: self.sandboxd_dir.clone(),
+                keep_alive: spec.keep_alive,
+                idle_timeout_ms: spec.idle_timeout_ms,
             },
             command: spec.command,
             env: spec.env.into_iter().collect(),

@@ -11,15 +11,18 @@
 //! **Bundle.** `bundle/config.json` is an OCI runtime spec (oci-spec's types): the merged
 //! root, the resolved process (argv, env, cwd, uid/gid), the default namespaces (without a
 //! network namespace when the sandbox may use the host network), the sandbox's cgroups
-//! path, and its CPU and memory limits.
+//! path, and its CPU and memory limits. With the helper (`Launch::sandboxd_dir`), its
+//! directory is bound read-only at `/.berth/bin`, the sandbox directory's `run/` at
+//! `/.berth/run` (where the helper's socket is made), and the process is the helper
+//! running the command.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags};
 use oci_spec::runtime::{
-    LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespaceType, LinuxResourcesBuilder, RootBuilder,
-    Spec, UserBuilder,
+    LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespaceType, LinuxResourcesBuilder, Mount,
+    MountBuilder, RootBuilder, Spec, UserBuilder,
 };
 
 use crate::launch::Launch;
@@ -79,19 +82,48 @@ pub fn write_config(
     let bundle = dir.join("bundle");
     fs::create_dir_all(&bundle).map_err(|e| format!("{}: {e}", bundle.display()))?;
     let spec =
-        spec(launch, root, readonly, cgroups_path).map_err(|e| format!("config.json: {e}"))?;
+        spec(dir, launch, root, readonly, cgroups_path).map_err(|e| format!("config.json: {e}"))?;
     spec.save(bundle.join("config.json"))
         .map_err(|e| format!("writing config.json: {e}"))?;
     Ok(bundle)
 }
 
+fn bind(source: &Path, destination: &str, readonly: bool) -> Result<Mount, oci_spec::OciSpecError> {
+    let mut options = vec!["rbind".to_owned()];
+    if readonly {
+        options.push("ro".into());
+    }
+    MountBuilder::default()
+        .destination(destination)
+        .typ("bind")
+        .source(source)
+        .options(options)
+        .build()
+}
+
 fn spec(
+    dir: &Path,
     launch: &Launch,
     root: &Path,
     readonly: bool,
     cgroups_path: Option<String>,
 ) -> Result<Spec, oci_spec::OciSpecError> {
     let mut spec = Spec::default();
+    let mut args = launch.command.clone();
+    if let Some(bin) = &launch.sandboxd_dir {
+        let mut mounts = spec.mounts().clone().unwrap_or_default();
+        mounts.push(bind(bin, berth_sandboxd::BIN_DIR, true)?);
+        mounts.push(bind(
+            &dir.join(crate::sandboxd::RUN_DIR),
+            berth_sandboxd::RUN_DIR,
+            false,
+        )?);
+        spec.set_mounts(Some(mounts));
+        args = launch.under_helper(
+            &format!("{}/{}", berth_sandboxd::BIN_DIR, berth_sandboxd::BINARY),
+            &format!("{}/{}", berth_sandboxd::RUN_DIR, berth_sandboxd::SOCKET),
+        );
+    }
     spec.set_root(Some(
         RootBuilder::default()
             .path(root)
@@ -101,7 +133,7 @@ fn spec(
     spec.set_hostname(Some("sandbox".into()));
     let mut process = spec.process().clone().unwrap_or_default();
     process.set_terminal(Some(false));
-    process.set_args(Some(launch.command.clone()));
+    process.set_args(Some(args));
     process.set_env(Some(
         launch.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
     ));
@@ -181,6 +213,9 @@ mod tests {
             runsc_path: "runsc".into(),
             runsc_platform: "ptrace".into(),
             max_output_bytes: 4096,
+            sandboxd_dir: None,
+            keep_alive: false,
+            idle_timeout_ms: 0,
         };
         let bundle = write_config(
             tmp.path(),

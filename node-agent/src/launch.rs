@@ -61,6 +61,36 @@ pub struct Launch {
     pub runsc_platform: String,
     /// Cap on each of stdout and stderr, in bytes.
     pub max_output_bytes: u64,
+    /// The helper's directory (`<state_dir>/bin`), mounted read-only at `/.berth/bin`; the
+    /// helper is then the sandbox's first process and serves exec and file calls. `None`
+    /// runs the command directly, with no calls into the sandbox.
+    #[serde(default)]
+    pub sandboxd_dir: Option<PathBuf>,
+    /// Stay up after the command ends (or run none) until stopped or a limit ends it.
+    #[serde(default)]
+    pub keep_alive: bool,
+    /// End it after this long without an exec or file call; 0 for none.
+    #[serde(default)]
+    pub idle_timeout_ms: u64,
+}
+
+impl Launch {
+    /// The argv that starts the sandbox under berth-sandboxd (at `helper`, listening on
+    /// `socket`), which then runs the command (if any).
+    pub fn under_helper(&self, helper: &str, socket: &str) -> Vec<String> {
+        let mut argv = vec![
+            helper.to_owned(),
+            "init".into(),
+            "--socket".into(),
+            socket.to_owned(),
+        ];
+        if self.keep_alive {
+            argv.push("--keep-alive".into());
+        }
+        argv.push("--".into());
+        argv.extend(self.command.iter().cloned());
+        argv
+    }
 }
 
 /// The process a sandbox runs, from its spec and its image.

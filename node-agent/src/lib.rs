@@ -15,12 +15,15 @@
 //! - [`starter`]: starting assignments off the session loop, with bounded pulls and starts.
 //! - [`monitor`]: watching the sandboxes off the session loop.
 //! - [`metrics`]: the agent's Prometheus metrics.
-//! - [`logs`]: `AgentService`, serving captured output to the schedulers.
+//! - [`sandboxd`]: the helper inside every sandbox: its binary, and calls to it.
+//! - [`logs`], [`calls`], [`service`]: `AgentService` — captured output, and exec and file
+//!   calls into sandboxes — served to the schedulers.
 //! - [`agent`]: the session loop with the scheduler leader (register, heartbeat,
 //!   assignments, status, re-adoption after a restart).
 
 pub mod agent;
 pub mod bundle;
+pub mod calls;
 pub mod cgroups;
 pub mod config;
 pub mod image;
@@ -30,6 +33,8 @@ pub mod logs;
 pub mod metrics;
 pub mod monitor;
 pub mod runtime;
+pub mod sandboxd;
+pub mod service;
 pub mod shim;
 pub mod starter;
 pub mod static_inventory;

@@ -1,4 +1,4 @@
-//! `AgentService`: serves the captured output of this node's sandboxes. The scheduler
+//! `AgentService.ReadLogs`: the captured output of this node's sandboxes. The scheduler
 //! replicas proxy it to clients (`SandboxService.ReadLogs`, `berth sandbox logs`).
 
 use std::io::{Read, Seek, SeekFrom};
@@ -12,7 +12,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use berth_proto::pb::v1 as pb;
-use berth_proto::pb::v1::agent_service_server::AgentService;
 
 use crate::runtime::{Runtime, files, read_exit, valid_sandbox_id};
 
@@ -48,7 +47,8 @@ fn read_more(path: &Path, offset: &mut u64) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-type LogStream = Pin<Box<dyn Stream<Item = Result<pb::LogChunk, Status>> + Send + 'static>>;
+/// The stream of a `ReadLogs` call.
+pub type LogStream = Pin<Box<dyn Stream<Item = Result<pb::LogChunk, Status>> + Send + 'static>>;
 
 /// Streams `dir`'s stdout and stderr into `tx`; with `follow`, until the sandbox has
 /// exited and everything it wrote has been sent.
@@ -112,14 +112,12 @@ async fn pump(dir: PathBuf, follow: bool, tx: mpsc::Sender<Result<pb::LogChunk, 
     }
 }
 
-#[tonic::async_trait]
-impl AgentService for Logs {
-    type ReadLogsStream = LogStream;
-
-    async fn read_logs(
+impl Logs {
+    /// `AgentService.ReadLogs`.
+    pub async fn read_logs(
         &self,
         request: Request<pb::ReadLogsRequest>,
-    ) -> Result<Response<Self::ReadLogsStream>, Status> {
+    ) -> Result<Response<LogStream>, Status> {
         let req = request.into_inner();
         if !valid_sandbox_id(&req.sandbox_id) {
             return Err(Status::invalid_argument(format!(

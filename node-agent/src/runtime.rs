@@ -53,6 +53,8 @@ pub mod files {
     pub const SHIM_LOG: &str = "shim.log";
     /// The runtime runs it.
     pub const STARTED: &str = "started";
+    /// When an exec or file call last touched it (unix ms), for the idle limit.
+    pub const ACTIVITY: &str = "activity";
 }
 
 /// How a sandbox ended.
@@ -393,6 +395,9 @@ pub(crate) mod tests {
             runsc_path: "runsc".into(),
             runsc_platform: "ptrace".into(),
             max_output_bytes: 4096,
+            sandboxd_dir: None,
+            keep_alive: false,
+            idle_timeout_ms: 0,
         }
     }
 

@@ -31,6 +31,8 @@ use crate::runtime::{ExitRecord, Outcome, files, read_exit, unix_ms, write_atomi
 
 /// How long the shim waits after SIGTERM before SIGKILL when a timeout fires.
 const TIMEOUT_GRACE: Duration = Duration::from_secs(2);
+/// How often the shim looks at the activity file for the idle limit.
+const IDLE_CHECK: Duration = Duration::from_millis(250);
 /// How often the shim looks at its child, the clock and the terminate file.
 const SHIM_POLL: Duration = Duration::from_millis(25);
 
@@ -108,11 +110,33 @@ fn sandbox_command(
 ) -> Result<Command, String> {
     let mut launch = launch.clone();
     launch.env = sandbox_env(&launch);
-    let Some((program, args)) = launch.command.split_first() else {
-        return Err("the command is empty".into());
-    };
     let work = dir.join("work");
     fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+    if launch.sandboxd_dir.is_some() {
+        // The helper makes its socket here, as the sandbox's user.
+        let run = dir.join(crate::sandboxd::RUN_DIR);
+        fs::create_dir_all(&run).map_err(|e| format!("cannot create {}: {e}", run.display()))?;
+        let _ = std::os::unix::fs::chown(&run, Some(launch.uid), Some(launch.gid));
+    }
+    // The process runtime runs the helper on the host, so only without an image root.
+    let host_helper = match (&launch.sandboxd_dir, launch.runtime, root) {
+        (Some(bin), RuntimeKind::Process, None) => Some(launch.under_helper(
+            &bin.join(berth_sandboxd::BINARY).to_string_lossy(),
+            &crate::sandboxd::socket(dir).to_string_lossy(),
+        )),
+        _ => None,
+    };
+    if let Some(argv) = host_helper {
+        launch.command = argv;
+    }
+    let helper = launch.sandboxd_dir.is_some() && launch.runtime == RuntimeKind::Gvisor;
+    if launch.command.is_empty() && !helper {
+        return Err("the command is empty".into());
+    }
+    let (program, args) = launch
+        .command
+        .split_first()
+        .map_or(("", &[][..]), |(p, a)| (p.as_str(), a));
     let mut command = match launch.runtime {
         RuntimeKind::Process => match root {
             None => {
@@ -176,7 +200,7 @@ fn sandbox_command(
                 })
                 .arg("run")
                 .arg(format!("--bundle={}", bundle.display()))
-                .arg(&launch.sandbox_id);
+                .arg(container_id(dir, &launch));
             c
         }
     };
@@ -192,6 +216,17 @@ fn sandbox_command(
     Ok(command)
 }
 
+/// The sandbox's container id at runsc: its id and a hash of its directory. runsc names
+/// its control socket after the container id in the abstract namespace, which every
+/// agent on a host shares, so two clusters' (or nodes') `sbx-0000000001` must differ.
+pub fn container_id(dir: &Path, launch: &Launch) -> String {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same directory gives the same id in every process.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    dir.hash(&mut h);
+    format!("{}-{:08x}", launch.sandbox_id, h.finish() as u32)
+}
+
 /// `runsc`'s global flags for this sandbox.
 fn runsc_globals(dir: &Path, launch: &Launch, cgroups: bool) -> Vec<String> {
     let mut flags = vec![
@@ -203,6 +238,11 @@ fn runsc_globals(dir: &Path, launch: &Launch, cgroups: bool) -> Vec<String> {
             "--network=none".into()
         },
     ];
+    if launch.sandboxd_dir.is_some() {
+        // The helper listens on a socket the host can reach; nothing in the sandbox may
+        // open host sockets.
+        flags.push("--host-uds=create".into());
+    }
     if !cgroups {
         flags.push("--ignore-cgroups".into());
     }
@@ -281,7 +321,7 @@ fn supervise(
             dir,
             launch,
             cgroup.is_some(),
-            &["delete", "--force", &launch.sandbox_id],
+            &["delete", "--force", &container_id(dir, launch)],
         );
     }
     if root.is_some() {
@@ -379,12 +419,14 @@ fn run(
                 dir,
                 launch,
                 cgroups,
-                &["kill", "--all", &launch.sandbox_id, name],
+                &["kill", "--all", &container_id(dir, launch), name],
             );
         }
     };
     // Once set: why it is being stopped, and when SIGKILL follows.
     let mut stopping: Option<(String, Instant)> = None;
+    let started_unix_ms = unix_ms();
+    let mut next_idle_check = started;
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break Ok(status),
@@ -400,12 +442,24 @@ fn run(
             Some((_, kill_at)) if now >= *kill_at => stop(Signal::SIGKILL),
             Some(_) => {}
             None => {
+                let idle = (launch.idle_timeout_ms > 0 && now >= next_idle_check)
+                    .then(|| {
+                        next_idle_check = now + IDLE_CHECK;
+                        idle_past_limit(dir, launch.idle_timeout_ms, started_unix_ms)
+                    })
+                    .flatten();
                 if deadline.is_some_and(|d| now >= d) {
                     stop(Signal::SIGTERM);
                     stopping = Some((
-                        format!("timed out after {} ms", launch.timeout_ms),
+                        format!(
+                            "timed out: reached its session limit (timeout_ms = {})",
+                            launch.timeout_ms
+                        ),
                         now + TIMEOUT_GRACE,
                     ));
+                } else if let Some(reason) = idle {
+                    stop(Signal::SIGTERM);
+                    stopping = Some((reason, now + TIMEOUT_GRACE));
                 } else if let Some((grace, reason)) = read_terminate(dir) {
                     stop(Signal::SIGTERM);
                     let reason = if reason.is_empty() {
@@ -469,6 +523,19 @@ fn capture(
             }
         }
     })
+}
+
+/// Why the sandbox is idle past its limit, if it is: no exec or file call (the agent's
+/// `activity` file) since `idle_ms` ago, counting from its start.
+fn idle_past_limit(dir: &Path, idle_ms: u64, started_unix_ms: u64) -> Option<String> {
+    let last = fs::read_to_string(dir.join(files::ACTIVITY))
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        .max(started_unix_ms);
+    let quiet = unix_ms().saturating_sub(last);
+    (quiet >= idle_ms)
+        .then(|| format!("idle: no exec or file call for {quiet} ms (idle_timeout_ms = {idle_ms})"))
 }
 
 /// Reads a `terminate` file: grace in ms on the first line, the reason after it.
@@ -558,7 +625,7 @@ mod tests {
         assert_eq!(
             record.outcome,
             Outcome::Failed {
-                reason: "timed out after 200 ms".into()
+                reason: "timed out: reached its session limit (timeout_ms = 200)".into()
             }
         );
     }

@@ -157,7 +157,21 @@ impl Starter {
                 }
             }
         };
-        let process = launch::resolve(&command, &env, image.as_ref());
+        // A keep-alive sandbox given no command runs nothing of the image's: the helper alone
+        // keeps it up (the image's env, working directory and user still apply to execs).
+        let bare = launch.keep_alive && command.is_empty();
+        let placeholder = ["berth-keep-alive".to_owned()];
+        let process = launch::resolve(
+            if bare { &placeholder } else { &command },
+            &env,
+            image.as_ref(),
+        )
+        .map(|mut p| {
+            if bare {
+                p.argv.clear();
+            }
+            p
+        });
         let process = match process {
             Ok(p) => p,
             Err(reason) => {

@@ -76,6 +76,9 @@ async fn run(
         runsc_path: "runsc".into(),
         runsc_platform: "ptrace".into(),
         max_output_bytes: 1 << 20,
+        sandboxd_dir: None,
+        keep_alive: false,
+        idle_timeout_ms: 0,
     };
     let dir = f.dir.path().join("sandboxes").join(id);
     std::fs::create_dir_all(&dir).expect("dir");

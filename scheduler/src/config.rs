@@ -39,6 +39,8 @@ pub struct SchedulerConfig {
     pub placement: PlacementConfig,
     /// Node heartbeats.
     pub liveness: LivenessConfig,
+    /// Session and idle limits of sandboxes, per tenant.
+    pub sessions: crate::sessions::SessionsConfig,
     /// The etcd backend; required when `backend = "etcd"`.
     pub etcd: Option<EtcdConfig>,
 }
@@ -161,6 +163,7 @@ impl Default for SchedulerConfig {
             batching: BatchingConfig::default(),
             placement: PlacementConfig::default(),
             liveness: LivenessConfig::default(),
+            sessions: crate::sessions::SessionsConfig::default(),
             etcd: None,
         }
     }
@@ -282,6 +285,7 @@ impl SchedulerConfig {
         v.nested("raft", |v| self.raft.validate(v));
         v.nested("batching", |v| self.batching.validate(v));
         v.nested("liveness", |v| self.liveness.validate(v));
+        self.sessions.validate(v);
         match (&self.etcd, self.backend) {
             (Some(etcd), _) => v.nested("etcd", |v| etcd.validate(v)),
             (None, Backend::Etcd) => v.error("etcd", "must be set when backend = \"etcd\""),

@@ -16,11 +16,13 @@
 //! - [`leader`]: the leader's planner (view, in-flight reservations, typical workload,
 //!   pending pass), which the replica calls.
 //! - [`service`]: a replica as a network service and local test clusters.
+//! - [`sessions`]: `[scheduler.sessions]`, the tenants' session and idle limits.
 
 pub mod config;
 pub mod leader;
 pub mod replication;
 pub mod service;
+pub mod sessions;
 
 pub use berth_core::{convert, invariants, model, placement, state, testing};
 

@@ -42,6 +42,8 @@ pub(super) fn wire_spec() -> pb::SandboxSpec {
         timeout_ms: 60_000,
         network: true,
         labels: HashMap::from([("team".into(), "ml".into())]),
+        keep_alive: true,
+        idle_timeout_ms: 30_000,
     }
 }
 

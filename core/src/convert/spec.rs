@@ -15,6 +15,8 @@ const SPEC_FIELDS: &[&str] = &[
     "timeout_ms",
     "network",
     "labels",
+    "keep_alive",
+    "idle_timeout_ms",
 ];
 
 /// Validates and converts a client's spec. Errors: `INVALID_ARGUMENT` whose message names
@@ -42,7 +44,7 @@ pub fn spec_from_pb(
 ///
 /// A create must also say what to run: `command` may be empty only when `image` is set
 /// (the node then runs the image's entrypoint and cmd); otherwise it is
-/// `spec.command: required when spec.image is empty`. [`spec_from_pb`] does not ask this,
+/// `spec.command: required when spec.image is empty and spec.keep_alive is false`. [`spec_from_pb`] does not ask this,
 /// because specs that only describe a shape (the autoscaler's pending demand, traces) have
 /// neither.
 pub fn create_request_from_pb(
@@ -118,6 +120,8 @@ fn read_spec(spec: &pb::SandboxSpec, runnable: bool) -> (SandboxSpec, Validator)
         timeout_ms: spec.timeout_ms,
         network: spec.network,
         labels: btree(&spec.labels),
+        keep_alive: spec.keep_alive,
+        idle_timeout_ms: spec.idle_timeout_ms,
     };
     let mut problems = Validator::new();
     model.validate(&mut problems);
@@ -128,8 +132,11 @@ fn read_spec(spec: &pb::SandboxSpec, runnable: bool) -> (SandboxSpec, Validator)
             .retain(|e| !e.field.starts_with("resources."));
     }
     problems.absorb(conversion);
-    if runnable && spec.image.is_empty() && spec.command.is_empty() {
-        problems.error("command", "required when spec.image is empty");
+    if runnable && spec.image.is_empty() && spec.command.is_empty() && !spec.keep_alive {
+        problems.error(
+            "command",
+            "required when spec.image is empty and spec.keep_alive is false",
+        );
     }
     problems.sort_by_fields(SPEC_FIELDS);
     (model, problems)
@@ -186,6 +193,8 @@ pub fn spec_to_pb(spec: &SandboxSpec) -> pb::SandboxSpec {
         timeout_ms: spec.timeout_ms,
         network: spec.network,
         labels: hash(&spec.labels),
+        keep_alive: spec.keep_alive,
+        idle_timeout_ms: spec.idle_timeout_ms,
     }
 }
 
@@ -272,6 +281,8 @@ mod tests {
                 timeout_ms: 60_000,
                 network: true,
                 labels: BTreeMap::from([("team".into(), "ml".into())]),
+                keep_alive: true,
+                idle_timeout_ms: 30_000,
             }
         );
         assert_eq!(spec_to_pb(&spec), wire);

@@ -106,7 +106,7 @@ fn a_command_is_required_only_without_an_image() {
     }));
     assert_eq!(
         err,
-        Err("spec.command: required when spec.image is empty".into())
+        Err("spec.command: required when spec.image is empty and spec.keep_alive is false".into())
     );
     // A spec that only describes a shape (pending demand, a trace) reads without one.
     let shape = with(|s| {

@@ -10,11 +10,11 @@ const MAGIC: &[u8; 6] = b"BERTH\0";
 // 2: the autoscaler lease record joined the state.
 // 3: nodes keep MIG mode and NVLink peers per GPU, and cached images.
 // 4: sandboxes may be Unknown (a variant appended to the state enum).
-const FORMAT_VERSION: u8 = 4;
-/// Formats this build reads. Format 3 is format 4 without Unknown sandboxes: postcard
-/// numbers enum variants in order and Unknown was appended, so a format 3 body decodes
-/// as it was written. A format 4 snapshot is refused by a format 3 build, by its version.
-const READS: &[u8] = &[3, FORMAT_VERSION];
+// 5: sandbox specs carry `keep_alive` and `idle_timeout_ms` (issue #15). postcard is not
+//    self-describing, so formats 3 and 4 no longer decode and are refused by version.
+const FORMAT_VERSION: u8 = 5;
+/// Formats this build reads.
+const READS: &[u8] = &[FORMAT_VERSION];
 
 /// Why a snapshot could not be restored.
 #[derive(Debug, Error)]
@@ -23,7 +23,7 @@ pub enum SnapshotError {
     #[error("not a berth state snapshot (bad magic)")]
     BadMagic,
     /// Written by an incompatible version.
-    #[error("snapshot format {0} is not supported (this build reads 3 and {FORMAT_VERSION})")]
+    #[error("snapshot format {0} is not supported (this build reads {FORMAT_VERSION})")]
     UnsupportedVersion(u8),
     /// Truncated or corrupt.
     #[error("snapshot is corrupt: {0}")]

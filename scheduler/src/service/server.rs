@@ -180,7 +180,12 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<Running, StartError> {
         disconnect_grace: Duration::from_millis(cfg.liveness.node_disconnect_grace_ms),
     });
     let liveness_task = tokio::spawn(liveness::run_checker(handle.clone(), liveness.clone()));
-    let services = Services::new(handle.clone(), cfg.cluster_id.clone(), liveness);
+    let services = Services::new(
+        handle.clone(),
+        cfg.cluster_id.clone(),
+        liveness,
+        cfg.sessions.clone(),
+    );
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<SandboxServiceServer<SandboxApi>>()

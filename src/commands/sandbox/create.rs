@@ -62,6 +62,10 @@ pub(super) fn spec(args: &CreateArgs) -> Result<pb::SandboxSpec, String> {
             .map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
         network: args.network,
         labels: args.labels.iter().cloned().collect(),
+        keep_alive: args.keep_alive,
+        idle_timeout_ms: args
+            .idle_timeout
+            .map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
     })
 }
 

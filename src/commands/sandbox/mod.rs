@@ -6,11 +6,18 @@
 //! `GetSandbox` while the sandbox waits for a node, streams `ReadLogs` while it runs, then
 //! polls again for the final state (the agent's exit report can trail the end of output).
 //!
+//! `exec`, `shell` and `cp` work inside a running sandbox (a `--keep-alive` one stays
+//! running until deleted or a limit ends it).
+//!
 //! - `create`: create and follow a sandbox to its exit.
+//! - `exec`: `exec` and `shell`.
+//! - `cp`: files in and out.
 //! - `show`: `list` and `get` output (tables, `key: value`, JSON).
 //! - `parse`: the command line's value parsers.
 
+mod cp;
 mod create;
+mod exec;
 mod parse;
 mod show;
 
@@ -76,6 +83,59 @@ enum SandboxCommand {
         #[command(flatten)]
         call: CallTimeout,
     },
+    /// Run a command in a running sandbox, like `docker exec`; exits with its exit code.
+    Exec {
+        /// Sandbox id.
+        id: String,
+        /// Send stdin even when it is a terminal (it is always sent when it is not).
+        #[arg(short, long)]
+        interactive: bool,
+        /// Give the command a terminal (use with -i for a shell).
+        #[arg(short, long)]
+        tty: bool,
+        /// Environment variable (repeatable).
+        #[arg(short, long, value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        env: Vec<(String, String)>,
+        /// Working directory in the sandbox (absolute).
+        #[arg(short, long)]
+        workdir: Option<String>,
+        /// Kill the command after this long, e.g. 30s (default: no limit of its own).
+        #[arg(long, value_parser = parse_duration)]
+        exec_timeout: Option<Duration>,
+        /// The command and its arguments, after `--`.
+        #[arg(
+            value_name = "CMD",
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true
+        )]
+        command: Vec<String>,
+        #[command(flatten)]
+        call: CallTimeout,
+    },
+    /// An interactive shell in a running sandbox (`exec -it ID -- sh`).
+    Shell {
+        /// Sandbox id.
+        id: String,
+        /// The shell.
+        #[arg(long, default_value = "sh")]
+        shell: String,
+        #[command(flatten)]
+        call: CallTimeout,
+    },
+    /// Copy a file into or out of a running sandbox: `cp LOCAL ID:PATH` or `cp ID:PATH
+    /// LOCAL` (`-` for stdin or stdout). At most 1 GiB.
+    Cp {
+        /// Source.
+        src: String,
+        /// Destination; a trailing `/` keeps the source's file name.
+        dst: String,
+        /// Create missing parent directories in the sandbox.
+        #[arg(short, long)]
+        parents: bool,
+        #[command(flatten)]
+        call: CallTimeout,
+    },
     /// Stop a sandbox (if running) and remove it.
     Delete {
         /// Sandbox id.
@@ -113,12 +173,21 @@ struct CreateArgs {
     /// OCI image to run the command in (default: the agent's).
     #[arg(long)]
     image: Option<String>,
-    /// Wall-clock limit once running, e.g. 90s or 10m (default: the tenant's).
+    /// Session limit once running, e.g. 90s or 10m (default: the tenant's, 45 min unless
+    /// the scheduler says otherwise).
     #[arg(long, value_parser = parse_duration)]
     timeout: Option<Duration>,
     /// Environment variable (repeatable).
     #[arg(long, value_name = "KEY=VALUE", value_parser = parse_key_value)]
     env: Vec<(String, String)>,
+    /// Keep the sandbox running after its command ends, or with no command at all (not
+    /// even the image's), until deleted or a limit ends it: for `exec`, `cp` and `shell`.
+    #[arg(long)]
+    keep_alive: bool,
+    /// End the sandbox after this long without an exec or file call, e.g. 10m (default:
+    /// the tenant's).
+    #[arg(long, value_parser = parse_duration)]
+    idle_timeout: Option<Duration>,
     /// Let the sandbox reach the network (off by default).
     #[arg(long)]
     network: bool,
@@ -132,7 +201,7 @@ struct CreateArgs {
     /// when there is none (a command replaces the image's cmd, as `docker run` does).
     #[arg(
         value_name = "CMD",
-        required_unless_present = "image",
+        required_unless_present_any = ["image", "keep_alive"],
         trailing_var_arg = true,
         allow_hyphen_values = true
     )]
@@ -146,6 +215,9 @@ pub(crate) fn run(args: &SandboxArgs) -> ExitCode {
         SandboxCommand::List { call, .. }
         | SandboxCommand::Get { call, .. }
         | SandboxCommand::Logs { call, .. }
+        | SandboxCommand::Exec { call, .. }
+        | SandboxCommand::Shell { call, .. }
+        | SandboxCommand::Cp { call, .. }
         | SandboxCommand::Delete { call, .. } => call.timeout,
     };
     let spec = match &args.command {
@@ -190,6 +262,45 @@ pub(crate) fn run(args: &SandboxArgs) -> ExitCode {
             SandboxCommand::Logs { id, follow, .. } => {
                 let stream = client.read_logs(id, *follow).await?;
                 copy_output(stream).await?;
+            }
+            SandboxCommand::Exec {
+                id,
+                interactive,
+                tty,
+                env,
+                workdir,
+                exec_timeout,
+                command,
+                ..
+            } => {
+                let call = exec::ExecCall {
+                    id: id.clone(),
+                    command: command.clone(),
+                    env: env.clone(),
+                    workdir: workdir.clone(),
+                    interactive: *interactive,
+                    tty: *tty,
+                    timeout_ms: exec_timeout
+                        .map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+                };
+                return exec::exec(client, call).await;
+            }
+            SandboxCommand::Shell { id, shell, .. } => {
+                let call = exec::ExecCall {
+                    id: id.clone(),
+                    command: vec![shell.clone()],
+                    env: Vec::new(),
+                    workdir: None,
+                    interactive: true,
+                    tty: std::io::IsTerminal::is_terminal(&std::io::stdin()),
+                    timeout_ms: 0,
+                };
+                return exec::exec(client, call).await;
+            }
+            SandboxCommand::Cp {
+                src, dst, parents, ..
+            } => {
+                return cp::cp(client, cp::parse_place(src), cp::parse_place(dst), *parents).await;
             }
             SandboxCommand::Delete { id, grace, .. } => {
                 let grace_ms = grace.map_or(0, |g| u64::try_from(g.as_millis()).unwrap_or(0));

@@ -267,6 +267,8 @@ pub(super) fn spec_json(spec: &pb::SandboxSpec) -> serde_json::Value {
         },
         "priority": spec.priority,
         "timeout_ms": spec.timeout_ms,
+        "idle_timeout_ms": spec.idle_timeout_ms,
+        "keep_alive": spec.keep_alive,
         "network": spec.network,
         "labels": spec.labels,
     })

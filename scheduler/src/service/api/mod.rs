@@ -12,6 +12,7 @@ mod admin;
 mod node;
 mod peer;
 mod sandbox;
+mod sandbox_calls;
 
 use tonic::Request;
 
@@ -43,6 +44,7 @@ pub struct Shared<S: Store = ReplicaHandle> {
     liveness: Liveness,
     watches: WatchSlots,
     agents: ChannelPool,
+    sessions: std::sync::Arc<crate::sessions::SessionsConfig>,
 }
 
 /// The four services of one Raft replica, sharing one [`Shared`]. (`SandboxApi`,
@@ -69,14 +71,26 @@ impl<S: Store> Shared<S> {
             liveness,
             watches: WatchSlots::default(),
             agents: ChannelPool::new(NetConfig::peer()),
+            sessions: Default::default(),
         }
+    }
+
+    /// The same, applying `sessions` to creates.
+    pub fn with_sessions(mut self, sessions: crate::sessions::SessionsConfig) -> Shared<S> {
+        self.sessions = std::sync::Arc::new(sessions);
+        self
     }
 }
 
 impl Services {
     /// Services over a Raft replica; `liveness` records the agents' heartbeats.
-    pub fn new(handle: ReplicaHandle, cluster_id: String, liveness: Liveness) -> Services {
-        let shared = Shared::new(handle, cluster_id, liveness);
+    pub fn new(
+        handle: ReplicaHandle,
+        cluster_id: String,
+        liveness: Liveness,
+        sessions: crate::sessions::SessionsConfig,
+    ) -> Services {
+        let shared = Shared::new(handle, cluster_id, liveness).with_sessions(sessions);
         Services {
             sandbox: SandboxApi(shared.clone()),
             admin: AdminApi(shared.clone()),

@@ -1,4 +1,5 @@
-//! `SandboxService`: create, get, list, delete, watch, and logs proxied to the node agent.
+//! `SandboxService`: create, get, list, delete, watch, and logs proxied to the node agent
+//! (exec and file calls are in `sandbox_calls`).
 
 use std::pin::Pin;
 
@@ -8,9 +9,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use berth_proto::pb::v1 as pb;
-use berth_proto::pb::v1::agent_service_client::AgentServiceClient;
 use berth_proto::pb::v1::sandbox_service_server::SandboxService;
 
+use super::sandbox_calls::Boxed;
 use super::{PAGE_MAX, SandboxApi, check_create_size, linearizable, parse_sandbox_id};
 use crate::convert;
 use crate::model::SandboxId;
@@ -26,8 +27,9 @@ impl<S: Store> SandboxService for SandboxApi<S> {
         request: Request<pb::CreateSandboxRequest>,
     ) -> Result<Response<pb::CreateSandboxResponse>, Status> {
         check_create_size(request.get_ref())?;
-        let (request_id, spec) =
+        let (request_id, mut spec) =
             convert::create_request_from_pb(request.get_ref()).map_err(ServiceError::from)?;
+        self.sessions.apply(&mut spec).map_err(ServiceError::from)?;
         let response = self
             .handle
             .create(Submission::new(request_id, spec))
@@ -115,36 +117,7 @@ impl<S: Store> SandboxService for SandboxApi<S> {
         let id = parse_sandbox_id("sandbox_id", &req.sandbox_id)?;
         // The node's agent address is part of its registered inventory, so any replica's
         // applied state knows it; no need to go through the leader.
-        let target = self
-            .handle
-            .read(false, move |v| {
-                let sandbox = v.state.sandbox(id)?;
-                let Some(binding) = &sandbox.binding else {
-                    return Some(Err(format!(
-                        "sandbox_id: {id} has not been placed on a node yet ({})",
-                        sandbox.state.name()
-                    )));
-                };
-                let node = &binding.placement.node;
-                Some(match v.state.node(node) {
-                    Some(r) if !r.spec.agent_address.is_empty() => Ok(r.spec.agent_address.clone()),
-                    Some(_) => Err(format!("node {node} registered no agent address")),
-                    None => Err(format!("node {node} is no longer registered")),
-                })
-            })
-            .await?;
-        let address = match target {
-            None => {
-                return Err(ServiceError::NotFound(format!("sandbox_id: no sandbox {id}")).into());
-            }
-            Some(Err(why)) => return Err(ServiceError::Precondition(why).into()),
-            Some(Ok(address)) => address,
-        };
-        let channel = self
-            .agents
-            .get(&address)
-            .map_err(|e| ServiceError::Precondition(format!("node agent: {e}")))?;
-        let mut agent = AgentServiceClient::new(channel);
+        let (address, mut agent) = self.agent_of(id, false).await?;
         let upstream = agent
             .read_logs(req)
             .await
@@ -160,6 +133,38 @@ impl<S: Store> SandboxService for SandboxApi<S> {
             })?
             .into_inner();
         Ok(Response::new(Box::pin(upstream)))
+    }
+
+    type ExecStream = Boxed<pb::ExecResponse>;
+
+    async fn exec(
+        &self,
+        request: Request<tonic::Streaming<pb::ExecRequest>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        self.exec_call(request).await
+    }
+
+    async fn write_file(
+        &self,
+        request: Request<tonic::Streaming<pb::WriteFileRequest>>,
+    ) -> Result<Response<pb::WriteFileResponse>, Status> {
+        self.write_file_call(request).await
+    }
+
+    type ReadFileStream = Boxed<pb::ReadFileResponse>;
+
+    async fn read_file(
+        &self,
+        request: Request<pb::ReadFileRequest>,
+    ) -> Result<Response<Self::ReadFileStream>, Status> {
+        self.read_file_call(request).await
+    }
+
+    async fn list_dir(
+        &self,
+        request: Request<pb::ListDirRequest>,
+    ) -> Result<Response<pb::ListDirResponse>, Status> {
+        self.list_dir_call(request).await
     }
 }
 
