@@ -213,6 +213,21 @@ impl ChannelPool {
     }
 }
 
+/// The connections a listener accepts, as `serve_with_incoming` takes them, with Nagle's
+/// algorithm off. `Server::tcp_nodelay` applies only to listeners tonic binds itself: on
+/// these, a small answer written after another (an exec's output, then its exit) waited for
+/// the peer's delayed ACK, 40 ms on Linux (issue #15, `berth bench exec`).
+pub fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
+}
+
 /// A gRPC server configured from `cfg`; add services and serve.
 pub fn server(cfg: &NetConfig) -> Server {
     let mut server = Server::builder().tcp_nodelay(true);

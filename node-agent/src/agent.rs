@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use berth_net::NetConfig;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use berth_proto::pb::v1 as pb;
@@ -163,7 +163,7 @@ pub async fn run(
     let server = tokio::spawn(
         berth_net::server(&NetConfig::agent_server())
             .add_service(AgentServiceServer::new(AgentApi::new(runtime.clone())))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            .serve_with_incoming_shutdown(berth_net::incoming(listener), async move {
                 let _ = server_stopped.await;
             }),
     );

@@ -34,6 +34,9 @@ pub(crate) enum BenchCommand {
     /// A burst of small sandboxes onto `berth dev` from many clients: nothing may be lost,
     /// no leader may change, no heartbeat may be late.
     Burst(super::bench_burst::BurstArgs),
+    /// Exec round trips into a long-lived sandbox on `berth dev` (gVisor), through the
+    /// leader and a follower, beside bare `runsc exec` into the same sandbox.
+    Exec(super::bench_exec::ExecArgs),
 }
 
 /// Arguments of `berth bench place`.
@@ -91,6 +94,7 @@ impl BenchCommand {
             BenchCommand::Failover(args) => super::bench_create::failover(&args),
             BenchCommand::Autoscale(args) => super::bench_autoscale::run(&args),
             BenchCommand::Burst(args) => super::bench_burst::run(&args),
+            BenchCommand::Exec(args) => super::bench_exec::run(&args),
         }
     }
 }

@@ -66,7 +66,41 @@ struct BurstReport {
     creates_s: f64,
 }
 
-struct Dev(Child);
+/// A child `berth dev`, interrupted (then killed) when dropped.
+pub(crate) struct Dev(Child);
+
+/// Starts `berth dev` (this binary) with its state and log in `dir`: gRPC on `base_port`
+/// +0..3, metrics +10..13, agents' metrics +20..27. Returns it and the replicas' endpoints.
+pub(crate) fn spawn_dev(
+    dir: &std::path::Path,
+    base_port: u16,
+    runtime: &str,
+    node_ttl_ms: u64,
+    only_nodes: &[String],
+) -> Result<(Dev, Vec<String>), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let data: PathBuf = dir.join("dev");
+    let log = std::fs::File::create(dir.join("dev.log")).map_err(|e| e.to_string())?;
+    let child = Command::new(exe)
+        .arg("dev")
+        .arg(format!("--data-dir={}", data.display()))
+        .arg(format!("--port={base_port}"))
+        .arg(format!("--metrics-port={}", base_port + 10))
+        .arg(format!("--agent-metrics-port={}", base_port + 20))
+        .arg(format!("--runtime={runtime}"))
+        .arg(format!("--node-ttl-ms={node_ttl_ms}"))
+        .arg("--no-autoscaler")
+        .args(only_nodes.iter().map(|n| format!("--only-node={n}")))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("starting berth dev: {e}"))?;
+    let endpoints = (0..3)
+        .map(|i| format!("127.0.0.1:{}", base_port + i))
+        .collect();
+    Ok((Dev(child), endpoints))
+}
 
 impl Drop for Dev {
     fn drop(&mut self) {
@@ -174,31 +208,15 @@ fn print(r: &BurstReport, json: bool) {
 }
 
 async fn burst(args: &BurstArgs) -> Result<BurstReport, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let data: PathBuf = dir.path().join("dev");
-    let grpc_port = args.base_port;
+    let (_dev, endpoints) = spawn_dev(
+        dir.path(),
+        args.base_port,
+        &args.runtime,
+        args.node_ttl_ms,
+        &args.only_nodes,
+    )?;
     let metrics_port = args.base_port + 10;
-    let log = std::fs::File::create(dir.path().join("dev.log")).map_err(|e| e.to_string())?;
-    let child = Command::new(exe)
-        .arg("dev")
-        .arg(format!("--data-dir={}", data.display()))
-        .arg(format!("--port={grpc_port}"))
-        .arg(format!("--metrics-port={metrics_port}"))
-        .arg(format!("--agent-metrics-port={}", args.base_port + 20))
-        .arg(format!("--runtime={}", args.runtime))
-        .arg(format!("--node-ttl-ms={}", args.node_ttl_ms))
-        .arg("--no-autoscaler")
-        .args(args.only_nodes.iter().map(|n| format!("--only-node={n}")))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(|e| e.to_string())?)
-        .stderr(log)
-        .spawn()
-        .map_err(|e| format!("starting berth dev: {e}"))?;
-    let _dev = Dev(child);
-    let endpoints: Vec<String> = (0..3)
-        .map(|i| format!("127.0.0.1:{}", grpc_port + i))
-        .collect();
     let metrics_ports: Vec<u16> = (0..3).map(|i| metrics_port + i).collect();
     let nodes = if args.only_nodes.is_empty() {
         7
@@ -320,7 +338,11 @@ async fn burst(args: &BurstArgs) -> Result<BurstReport, String> {
     })
 }
 
-async fn wait_up(endpoints: &[String], nodes: usize, dir: &std::path::Path) -> Result<(), String> {
+pub(crate) async fn wait_up(
+    endpoints: &[String],
+    nodes: usize,
+    dir: &std::path::Path,
+) -> Result<(), String> {
     super::dev::wait_for_nodes(endpoints, nodes, Duration::from_secs(90))
         .await
         .map_err(|e| {

@@ -17,6 +17,7 @@ pub(crate) mod bench;
 pub(crate) mod bench_autoscale;
 pub(crate) mod bench_burst;
 pub(crate) mod bench_create;
+pub(crate) mod bench_exec;
 pub(crate) mod cluster;
 pub(crate) mod dev;
 pub(crate) mod node;

@@ -8,7 +8,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use berth_net::NetConfig;
 use tokio::sync::oneshot;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use berth_proto::pb::v1::admin_service_server::AdminServiceServer;
 use berth_proto::pb::v1::node_service_server::NodeServiceServer;
@@ -221,7 +220,7 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<Running, StartError> {
         .add_service(health)
         .add_service(reflection);
     let server = tokio::spawn(router.serve_with_incoming_shutdown(
-        TcpListenerStream::new(listener),
+        berth_net::incoming(listener),
         async move {
             let _ = stopped.await;
         },
