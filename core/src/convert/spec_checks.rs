@@ -103,7 +103,16 @@ fn a_command_is_required_only_without_an_image() {
     let err = create(with(|s| {
         s.command.clear();
         s.image.clear();
+        s.keep_alive = false;
     }));
+    // A keep-alive sandbox may run nothing but berth's helper.
+    assert!(
+        create(with(|s| {
+            s.command.clear();
+            s.image.clear();
+        }))
+        .is_ok()
+    );
     assert_eq!(
         err,
         Err("spec.command: required when spec.image is empty and spec.keep_alive is false".into())

@@ -339,11 +339,14 @@ fn the_disconnect_grace_is_a_function_of_the_entries_alone() {
 }
 
 #[test]
-fn snapshots_carry_unknown_sandboxes_and_format_3_still_reads() {
+fn snapshots_carry_unknown_sandboxes_and_older_formats_are_refused_by_version() {
     let (mut state, _) = busy(2, 1);
     let mut old = state.snapshot();
-    old[6] = 3;
-    assert_eq!(State::restore(&old).expect("format 3 reads"), state);
+    old[6] = 4;
+    assert!(matches!(
+        State::restore(&old),
+        Err(crate::state::snapshot::SnapshotError::UnsupportedVersion(4))
+    ));
     apply_checked(&mut state, &disconnect(GRACE_MS), DOWN_AT_MS);
     assert_eq!(State::restore(&state.snapshot()).expect("restores"), state);
 }
