@@ -229,6 +229,11 @@ fn a_long_lived_sandbox_takes_execs_and_files_and_ends_at_its_limits() {
         text(&out.stderr)
     );
 
+    // A long-lived sandbox lives until deleted: delete it, so it does not outlive the test
+    // (its shim survives dev by design).
+    let out = dev.berth(&["sandbox", "delete", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
     // The idle and session limits end sandboxes, saying which.
     let idle = create(
         &dev,
