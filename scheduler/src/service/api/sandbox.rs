@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use berth_proto::pb::v1 as pb;
 use berth_proto::pb::v1::sandbox_service_server::SandboxService;
 
-use super::sandbox_calls::Boxed;
+use super::sandbox_calls::{Boxed, upstream};
 use super::{PAGE_MAX, SandboxApi, check_create_size, linearizable, parse_sandbox_id};
 use crate::convert;
 use crate::model::SandboxId;
@@ -107,7 +107,7 @@ impl<S: Store> SandboxService for SandboxApi<S> {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    type ReadLogsStream = LogStream;
+    type ReadLogsStream = Boxed<pb::LogChunk>;
 
     async fn read_logs(
         &self,
@@ -118,21 +118,12 @@ impl<S: Store> SandboxService for SandboxApi<S> {
         // The node's agent address is part of its registered inventory, so any replica's
         // applied state knows it; no need to go through the leader.
         let (address, mut agent) = self.agent_of(id, false).await?;
-        let upstream = agent
+        let answer = agent
             .read_logs(req)
             .await
-            .map_err(|s| {
-                Status::new(
-                    if s.code() == tonic::Code::NotFound {
-                        tonic::Code::NotFound
-                    } else {
-                        tonic::Code::Unavailable
-                    },
-                    format!("the agent at {address}: {}", s.message()),
-                )
-            })?
+            .map_err(|s| upstream(&address, s))?
             .into_inner();
-        Ok(Response::new(Box::pin(upstream)))
+        Ok(Response::new(Box::pin(answer)))
     }
 
     type ExecStream = Boxed<pb::ExecResponse>;
@@ -167,8 +158,6 @@ impl<S: Store> SandboxService for SandboxApi<S> {
         self.list_dir_call(request).await
     }
 }
-
-type LogStream = Pin<Box<dyn Stream<Item = Result<pb::LogChunk, Status>> + Send + 'static>>;
 
 fn list_page(
     v: &ReadView<'_>,

@@ -63,8 +63,9 @@ fn check_path(field: &str, path: &str) -> Result<(), ServiceError> {
 }
 
 /// An upstream failure as the client should see it: the agent's own refusals keep their
-/// code; anything else (it could not be reached, it broke off) is UNAVAILABLE.
-fn upstream(address: &str, s: Status) -> Status {
+/// code; anything else (it could not be reached, it broke off) is UNAVAILABLE. Used by every
+/// call proxied to an agent, `ReadLogs` included.
+pub(super) fn upstream(address: &str, s: Status) -> Status {
     use tonic::Code::*;
     let code = match s.code() {
         c @ (InvalidArgument | NotFound | FailedPrecondition | PermissionDenied
