@@ -91,11 +91,10 @@ fn broken(e: io::Error) -> Status {
 impl Sender {
     /// Sends one frame.
     pub async fn send(&mut self, m: &ToHelper) -> Result<(), Status> {
-        let body = m.encode();
-        let mut frame = Vec::with_capacity(4 + body.len());
-        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&body);
-        self.0.write_all(&frame).await.map_err(broken)
+        self.0
+            .write_all(&wire::frame(&m.encode()))
+            .await
+            .map_err(broken)
     }
 }
 

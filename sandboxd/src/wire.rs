@@ -167,13 +167,18 @@ pub enum FromHelper {
     },
 }
 
+/// A frame: the body behind its length. Bodies are at most [`MAX_FRAME`] (a chunk and a
+/// header), far below `u32::MAX`.
+pub fn frame(body: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(body);
+    frame
+}
+
 /// Writes one frame.
 pub fn write_frame(w: &mut impl Write, body: &[u8]) -> io::Result<()> {
-    let len = u32::try_from(body.len()).map_err(|_| invalid("frame too large"))?;
-    let mut frame = Vec::with_capacity(4 + body.len());
-    frame.extend_from_slice(&len.to_le_bytes());
-    frame.extend_from_slice(body);
-    w.write_all(&frame)
+    w.write_all(&frame(body))
 }
 
 /// Reads one frame's body; `Ok(None)` at a clean end of stream.
