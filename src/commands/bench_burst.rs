@@ -150,17 +150,7 @@ fn metric(ports: &[u16], name: &str) -> Vec<f64> {
 }
 
 pub(crate) fn run(args: &BurstArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("berth bench burst: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    match runtime.block_on(burst(args)) {
+    match super::block_on("bench burst", burst(args)) {
         Ok(report) => {
             print(&report, args.json);
             let ok = report.acknowledged == report.sandboxes
@@ -174,10 +164,7 @@ pub(crate) fn run(args: &BurstArgs) -> ExitCode {
                 ExitCode::from(EXIT_FAILURE)
             }
         }
-        Err(e) => {
-            eprintln!("berth bench burst: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
+        Err(code) => code,
     }
 }
 

@@ -22,8 +22,6 @@ use berth_scheduler::service::client::Client;
 use berth_scheduler::service::local_cluster::{LocalCluster, LocalClusterConfig};
 use berth_sim::synthetic;
 
-use crate::exit::EXIT_FAILURE;
-
 /// Arguments of `berth bench create`.
 #[derive(Debug, Args)]
 pub(crate) struct CreateArgs {
@@ -89,17 +87,7 @@ struct Tally {
 }
 
 pub(crate) fn run(args: &CreateArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("berth bench create: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    match runtime.block_on(bench(args)) {
+    match super::block_on("bench create", bench(args)) {
         Ok(report) => {
             if args.json {
                 println!("{}", serde_json::to_string(&report).unwrap_or_default());
@@ -122,10 +110,7 @@ pub(crate) fn run(args: &CreateArgs) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("berth bench create: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
+        Err(code) => code,
     }
 }
 
@@ -430,17 +415,7 @@ struct FailoverReport {
 /// the kill to the first create acknowledged afterwards; the killed replica is restarted
 /// and caught up between runs.
 pub(crate) fn failover(args: &FailoverArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("berth bench failover: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    match runtime.block_on(failover_runs(args)) {
+    match super::block_on("bench failover", failover_runs(args)) {
         Ok(report) => {
             if args.json {
                 println!("{}", serde_json::to_string(&report).unwrap_or_default());
@@ -453,10 +428,7 @@ pub(crate) fn failover(args: &FailoverArgs) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("berth bench failover: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
+        Err(code) => code,
     }
 }
 

@@ -14,7 +14,6 @@ use berth_proto::pb::v1 as pb;
 use berth_scheduler::service::client::Client;
 
 use super::bench_burst::{spawn_dev, wait_up};
-use crate::exit::EXIT_FAILURE;
 
 /// Arguments of `berth bench exec`.
 #[derive(Debug, Args)]
@@ -72,17 +71,7 @@ struct ExecReport {
 const NODE: &str = "gcp-euw4-g2-0";
 
 pub(crate) fn run(args: &ExecArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("berth bench exec: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    match runtime.block_on(bench(args)) {
+    match super::block_on("bench exec", bench(args)) {
         Ok(r) => {
             if args.json {
                 println!("{}", serde_json::to_string(&r).unwrap_or_default());
@@ -105,10 +94,7 @@ pub(crate) fn run(args: &ExecArgs) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("berth bench exec: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
+        Err(code) => code,
     }
 }
 

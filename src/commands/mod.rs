@@ -48,28 +48,34 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Runs `work` on a multi-threaded runtime; a failure to start the runtime or of `work`
+/// prints `berth <name>: <why>` and comes back as exit code 1.
+pub(crate) fn block_on<T, E: fmt::Display>(
+    name: &str,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("berth {name}: starting the runtime: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        })?;
+    runtime.block_on(work).map_err(|e| {
+        eprintln!("berth {name}: {e}");
+        ExitCode::from(EXIT_FAILURE)
+    })
+}
+
 /// Runs a long-lived role (`scheduler`, `agent`, `dev`) on a multi-threaded runtime until
 /// it returns: exit 0 when it ends well, 1 with `berth <name>: <why>` otherwise.
 pub(crate) fn run_service<E: fmt::Display>(
     name: &str,
     service: impl std::future::Future<Output = Result<(), E>>,
 ) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("berth {name}: starting the runtime: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    match runtime.block_on(service) {
+    match block_on(name, service) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("berth {name}: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
+        Err(code) => code,
     }
 }
 
