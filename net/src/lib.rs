@@ -8,7 +8,8 @@
 //! clippy (`clippy.toml`'s `disallowed-methods`), so when TLS arrives it is one change here.
 //!
 //! # Layout
-//! - this file: [`NetConfig`], [`channel`], [`ChannelPool`], [`server`], [`NetError`].
+//! - this file: [`NetConfig`], [`channel`], [`ChannelPool`], [`server`], [`incoming`] (a
+//!   listener's connections with Nagle off, for `serve_with_incoming`), [`NetError`].
 //! - [`leader`]: the `berth-leader` / `berth-read` metadata and the "not the leader"
 //!   answer, shared by the replicas that send it and the clients that follow it.
 //! - [`client`]: the leader-following client of a scheduler cluster (CLI, autoscaler,
