@@ -7,72 +7,16 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use berth_node_agent::image::ImageProcess;
-use berth_node_agent::image::testing::{self, TestRegistry};
+use berth_node_agent::image::testing::TestRegistry;
 
 mod common;
+use common::sandboxes::{create, exec, push_busybox, wait_for_state};
 use common::{BERTH, Dev, text};
-
-/// The sandbox's state and reason, from `sandbox get -o json`.
-fn state_of(dev: &Dev, id: &str) -> (String, String) {
-    let out = dev.berth(&["sandbox", "get", id, "-o", "json"]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    (
-        v["status"]["state"].as_str().unwrap_or_default().to_owned(),
-        v["status"]["reason"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
-    )
-}
-
-fn wait_for_state(dev: &Dev, id: &str, want: &str, within: Duration) -> (String, String) {
-    let deadline = Instant::now() + within;
-    loop {
-        let (state, reason) = state_of(dev, id);
-        if state == want || Instant::now() > deadline {
-            return (state, reason);
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// Creates a detached sandbox and returns its id, retrying while dev registers its nodes.
-fn create(dev: &Dev, args: &[&str]) -> String {
-    let mut all = vec!["sandbox", "create", "--detach"];
-    all.extend_from_slice(args);
-    for _ in 0..60 {
-        let out = dev.berth(&all);
-        if out.status.success() {
-            return text(&out.stdout).trim().to_owned();
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    let out = dev.berth(&all);
-    panic!("create: {}\n{}", text(&out.stderr), dev.log_tail());
-}
-
-fn exec(dev: &Dev, id: &str, command: &[&str]) -> std::process::Output {
-    let mut all = vec!["sandbox", "exec", id, "--"];
-    all.extend_from_slice(command);
-    dev.berth(&all)
-}
 
 #[test]
 fn a_long_lived_sandbox_takes_execs_and_files_and_ends_at_its_limits() {
     let registry = TestRegistry::start().expect("docker-registry (scripts/test installs it)");
-    let reference = format!("{}/busybox:1", registry.address);
-    let rt = tokio::runtime::Runtime::new().expect("tokio");
-    rt.block_on(testing::push(
-        &reference,
-        vec![testing::busybox_layer("berth-exec-busybox").expect("layer")],
-        &ImageProcess {
-            cmd: vec!["sh".into()],
-            env: vec!["PATH=/bin".into()],
-            ..ImageProcess::default()
-        },
-    ))
-    .expect("push");
+    let reference = push_busybox(&registry, "berth-exec-busybox");
     let dir = tempfile::tempdir().expect("tmp");
     let dev = Dev::start(
         dir.path(),

@@ -17,6 +17,7 @@
 pub mod convert;
 pub mod invariants;
 pub mod model;
+pub use berth_proto::network;
 pub mod placement;
 pub mod state;
 pub mod testing;

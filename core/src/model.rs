@@ -353,8 +353,8 @@ pub struct SandboxSpec {
     /// Session limit once running; 0 = none (the service layer fills in the tenant's
     /// default before the spec reaches the log).
     pub timeout_ms: u64,
-    /// Network allowed.
-    pub network: bool,
+    /// What it may reach on the network.
+    pub network: crate::network::NetworkPolicy,
     /// Labels.
     pub labels: BTreeMap<String, String>,
     /// Stays Running after its command ends (or runs none) until deleted or a limit ends it.
@@ -382,7 +382,7 @@ impl SandboxSpec {
             constraints: Constraints::default(),
             priority: 0,
             timeout_ms: 0,
-            network: false,
+            network: crate::network::NetworkPolicy::None,
             labels: BTreeMap::new(),
             keep_alive: false,
             idle_timeout_ms: 0,
@@ -446,6 +446,7 @@ impl SandboxSpec {
             "idle_timeout_ms",
             || format!("{} is above 30 days", self.idle_timeout_ms),
         );
+        v.nested("network", |v| self.network.validate(v));
         v.check(self.labels.len() <= LABELS, "labels", || {
             format!("{} labels; the limit is {LABELS}", self.labels.len())
         });

@@ -25,6 +25,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
+use berth_proto::network::{Cidr, network_from_pb};
 use berth_proto::pb::v1 as pb;
 use berth_proto::pb::v1::agent_service_server::AgentServiceServer;
 use berth_proto::pb::v1::node_service_client::NodeServiceClient;
@@ -34,6 +35,7 @@ use crate::image::{ImageSettings, ImageStore};
 use crate::inventory::{self, GpuSource};
 use crate::metrics::AgentMetrics;
 use crate::monitor::Monitor;
+use crate::network::NetPlan;
 use crate::runtime::{ExitRecord, Launch, LocalState, Outcome, Runtime, unix_ms};
 use crate::service::AgentApi;
 use crate::starter::{StartRequest, Starter};
@@ -121,6 +123,7 @@ pub async fn run(
             "state_dir {}: installing berth-sandboxd",
             state_dir.display()
         )))?;
+    let net_blocked = blocked_destinations(&cfg).await;
     let metrics = Arc::new(AgentMetrics::new());
     let images = ImageStore::open(
         ImageSettings {
@@ -193,6 +196,7 @@ pub async fn run(
         sequence: 0,
         last_heartbeat: None,
         sandboxd_dir,
+        net_blocked,
     };
     tokio::pin!(shutdown);
     let mut endpoint = 0usize;
@@ -261,6 +265,37 @@ struct Agent {
     last_heartbeat: Option<Instant>,
     /// Where berth-sandboxd is installed.
     sandboxd_dir: Option<PathBuf>,
+    /// What no sandbox may reach: `[agent.network] blocked` and the schedulers.
+    net_blocked: Vec<Cidr>,
+}
+
+/// `[agent.network] blocked`, and every IPv4 address the scheduler endpoints resolve to
+/// (an endpoint that does not resolve now is logged; the node itself is never reachable).
+async fn blocked_destinations(cfg: &AgentConfig) -> Vec<Cidr> {
+    let mut out: Vec<Cidr> = cfg
+        .network
+        .blocked
+        .iter()
+        .filter_map(|b| b.parse().ok())
+        .collect();
+    for endpoint in &cfg.schedulers {
+        match tokio::net::lookup_host(endpoint.as_str()).await {
+            Ok(addrs) => {
+                for a in addrs {
+                    if let std::net::IpAddr::V4(ip) = a.ip() {
+                        let c = Cidr { addr: ip, len: 32 };
+                        if !out.contains(&c) {
+                            out.push(c);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%endpoint, error = %e, "scheduler endpoint does not resolve; sandboxes are not blocked from it by address")
+            }
+        }
+    }
+    out
 }
 
 fn channel(address: &str) -> Result<Channel, berth_net::NetError> {
@@ -366,6 +401,23 @@ fn spawn_inventory(
 }
 
 impl Agent {
+    /// The network a spec's policy asks for; `None` for loopback only. The scheduler has
+    /// checked the policy; a rule that does not read is left out (so refused, not allowed).
+    fn net_plan(&self, policy: Option<&pb::NetworkPolicy>) -> Option<NetPlan> {
+        let policy = network_from_pb(policy, &mut berth_proto::Validator::new());
+        policy.any().then(|| NetPlan {
+            policy,
+            pool: self
+                .cfg
+                .network
+                .pool
+                .parse()
+                .unwrap_or(Cidr { addr: std::net::Ipv4Addr::new(10, 88, 0, 0), len: 16 }),
+            blocked: self.net_blocked.clone(),
+            run_dir: PathBuf::from(&self.cfg.network.run_dir),
+        })
+    }
+
     /// The start request of an assignment.
     fn request_of(&self, sandbox: &pb::Sandbox, epoch: u64) -> StartRequest {
         let spec = sandbox.spec.clone().unwrap_or_default();
@@ -391,7 +443,7 @@ impl Agent {
                 cpu_milli: resources.cpu_milli,
                 memory_mib: resources.memory_mib,
                 timeout_ms: spec.timeout_ms,
-                network: spec.network,
+                net: self.net_plan(spec.network.as_ref()),
                 runtime: self.cfg.runtime,
                 runsc_path: self.cfg.runsc_path.clone(),
                 runsc_platform: self.cfg.runsc_platform.clone(),

@@ -9,8 +9,8 @@
 //! sandbox sees the host's root read-only under gVisor's memory-backed overlay (dev only).
 //!
 //! **Bundle.** `bundle/config.json` is an OCI runtime spec (oci-spec's types): the merged
-//! root, the resolved process (argv, env, cwd, uid/gid), the default namespaces (without a
-//! network namespace when the sandbox may use the host network), the sandbox's cgroups
+//! root, the resolved process (argv, env, cwd, uid/gid), the default namespaces (the
+//! network one being the sandbox's own from [`crate::network`] when it has a network), the sandbox's cgroups
 //! path, and its CPU and memory limits. With the helper (`Launch::sandboxd_dir`), its
 //! directory is bound read-only at `/.berth/bin`, the sandbox directory's `run/` at
 //! `/.berth/run` (where the helper's socket is made), and the process is the helper
@@ -21,8 +21,9 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags};
 use oci_spec::runtime::{
-    LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespaceType, LinuxResourcesBuilder, Mount,
-    MountBuilder, RootBuilder, Spec, UserBuilder,
+    LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceBuilder,
+    LinuxNamespaceType, LinuxResourcesBuilder, Mount, MountBuilder, RootBuilder, Spec,
+    UserBuilder,
 };
 
 use crate::launch::Launch;
@@ -78,11 +79,12 @@ pub fn write_config(
     root: &Path,
     readonly: bool,
     cgroups_path: Option<String>,
+    netns: Option<&Path>,
 ) -> Result<PathBuf, String> {
     let bundle = dir.join("bundle");
     fs::create_dir_all(&bundle).map_err(|e| format!("{}: {e}", bundle.display()))?;
-    let spec =
-        spec(dir, launch, root, readonly, cgroups_path).map_err(|e| format!("config.json: {e}"))?;
+    let spec = spec(dir, launch, root, readonly, cgroups_path, netns)
+        .map_err(|e| format!("config.json: {e}"))?;
     spec.save(bundle.join("config.json"))
         .map_err(|e| format!("writing config.json: {e}"))?;
     Ok(bundle)
@@ -107,6 +109,7 @@ fn spec(
     root: &Path,
     readonly: bool,
     cgroups_path: Option<String>,
+    netns: Option<&Path>,
 ) -> Result<Spec, oci_spec::OciSpecError> {
     let mut spec = Spec::default();
     let mut args = launch.command.clone();
@@ -151,14 +154,21 @@ fn spec(
     process.set_no_new_privileges(Some(true));
     spec.set_process(Some(process));
     let mut linux = spec.linux().clone().unwrap_or_default();
-    if launch.network {
-        let namespaces = linux
+    if let Some(path) = netns {
+        // The sandbox's own namespace, made by the shim, instead of a new empty one.
+        let mut namespaces: Vec<LinuxNamespace> = linux
             .namespaces()
             .clone()
             .unwrap_or_default()
             .into_iter()
             .filter(|n| n.typ() != LinuxNamespaceType::Network)
             .collect();
+        namespaces.push(
+            LinuxNamespaceBuilder::default()
+                .typ(LinuxNamespaceType::Network)
+                .path(path.to_path_buf())
+                .build()?,
+        );
         linux.set_namespaces(Some(namespaces));
     }
     let mut resources = LinuxResourcesBuilder::default();
@@ -208,7 +218,7 @@ mod tests {
             cpu_milli: 250,
             memory_mib: 64,
             timeout_ms: 0,
-            network: false,
+            net: None,
             runtime: RuntimeKind::Gvisor,
             runsc_path: "runsc".into(),
             runsc_platform: "ptrace".into(),
@@ -223,6 +233,7 @@ mod tests {
             Path::new("/r"),
             false,
             Some("/berth/sbx-1".into()),
+            None,
         )
         .expect("config");
         let json: serde_json::Value =
@@ -236,21 +247,25 @@ mod tests {
         assert_eq!(json["linux"]["cgroupsPath"], "/berth/sbx-1");
         assert_eq!(json["linux"]["resources"]["memory"]["limit"], 64 << 20);
         assert_eq!(json["linux"]["resources"]["cpu"]["quota"], 25_000);
-        let has_netns = |j: &serde_json::Value| {
-            j["linux"]["namespaces"]
+        // Exactly one network namespace, at `path` or new.
+        let has_netns = |j: &serde_json::Value, path: Option<&str>| {
+            let nets: Vec<&serde_json::Value> = j["linux"]["namespaces"]
                 .as_array()
                 .expect("namespaces")
                 .iter()
-                .any(|n| n["type"] == "network")
+                .filter(|n| n["type"] == "network")
+                .collect();
+            nets.len() == 1 && nets[0]["path"].as_str() == path
         };
-        assert!(has_netns(&json));
-        launch.network = true;
-        let bundle =
-            write_config(tmp.path(), &launch, Path::new("/r"), true, None).expect("config");
+        assert!(has_netns(&json, None));
+        launch.command = vec!["true".into()];
+        let netns = Path::new("/run/netns/berth-3");
+        let bundle = write_config(tmp.path(), &launch, Path::new("/r"), true, None, Some(netns))
+            .expect("config");
         let json: serde_json::Value =
             serde_json::from_slice(&fs::read(bundle.join("config.json")).expect("read"))
                 .expect("json");
-        assert!(!has_netns(&json));
+        assert!(has_netns(&json, Some("/run/netns/berth-3")));
         assert_eq!(json["root"]["readonly"], true);
     }
 }

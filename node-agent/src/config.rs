@@ -78,6 +78,57 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     /// Taints; sandboxes must tolerate them.
     pub taints: Vec<TaintConfig>,
+    /// Sandbox networks (`[agent.network]`).
+    pub network: NetworkConfig,
+    /// How often the agent reads every sandbox's CPU and memory use from its cgroups and
+    /// reports it to the scheduler, in milliseconds.
+    pub usage_interval_ms: u64,
+}
+
+/// `[agent.network]`: how sandboxes with a network policy are connected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// IPv4 pool the sandboxes' /30s come from. Host-wide: every agent on a host must use
+    /// the same one (their slots are shared under `run_dir`), and it must not overlap a
+    /// network the host routes to.
+    pub pool: String,
+    /// Destinations no sandbox reaches, whatever its policy (IPv4 networks). The node
+    /// itself and other sandboxes are never reachable; the scheduler replicas' addresses
+    /// are added to this list.
+    pub blocked: Vec<String>,
+    /// Host-wide directory of sandbox network slots.
+    pub run_dir: String,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            pool: "10.88.0.0/16".into(),
+            // Link-local: the cloud metadata services (169.254.169.254) live here.
+            blocked: vec!["169.254.0.0/16".into()],
+            run_dir: "/run/berth/net".into(),
+        }
+    }
+}
+
+impl NetworkConfig {
+    fn validate(&self, v: &mut Validator) {
+        use berth_proto::network::Cidr;
+        match self.pool.parse::<Cidr>() {
+            Ok(c) if c.len > 30 => v.error("pool", format!("{c} is smaller than one /30")),
+            Ok(_) => {}
+            Err(why) => v.error("pool", why),
+        }
+        for (i, b) in self.blocked.iter().enumerate() {
+            if let Err(why) = b.parse::<Cidr>() {
+                v.error(&format!("blocked[{i}]"), why);
+            }
+        }
+        v.check(!self.run_dir.trim().is_empty(), "run_dir", || {
+            "must be set".into()
+        });
+    }
 }
 
 /// Source of the GPU inventory: `inventory = "nvml"`, `inventory = { static = "PATH" }`, or
@@ -147,6 +198,8 @@ impl Default for AgentConfig {
             metrics_address: String::new(),
             labels: BTreeMap::new(),
             taints: Vec::new(),
+            network: NetworkConfig::default(),
+            usage_interval_ms: 5_000,
         }
     }
 }
@@ -236,6 +289,12 @@ impl AgentConfig {
             (1..=256).contains(&self.max_concurrent_starts),
             "max_concurrent_starts",
             || format!("{} is outside 1..=256", self.max_concurrent_starts),
+        );
+        v.nested("network", |v| self.network.validate(v));
+        v.check(
+            (1_000..=600_000).contains(&self.usage_interval_ms),
+            "usage_interval_ms",
+            || format!("{} is outside 1000..=600000", self.usage_interval_ms),
         );
         for (i, r) in self.registries.iter().enumerate() {
             v.check(

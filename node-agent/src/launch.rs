@@ -51,8 +51,9 @@ pub struct Launch {
     pub memory_mib: u64,
     /// Wall-clock limit; 0 for none.
     pub timeout_ms: u64,
-    /// Whether it may use the network.
-    pub network: bool,
+    /// Its network beyond loopback, made by the shim; `None` for loopback only.
+    #[serde(default)]
+    pub net: Option<crate::network::NetPlan>,
     /// Runtime.
     pub runtime: RuntimeKind,
     /// `runsc` binary (gvisor runtime).

@@ -9,7 +9,8 @@
 //! - [`image`]: the image cache (pulls with oci-client, layers unpacked once, LRU).
 //! - [`launch`]: what a sandbox runs, from its spec and its image's config.
 //! - [`bundle`]: a sandbox's overlay root and its OCI runtime bundle.
-//! - [`cgroups`]: CPU and memory limits on cgroup v1 and v2.
+//! - [`cgroups`]: CPU and memory limits on cgroup v1 and v2, and usage read back.
+//! - [`network`]: a sandbox's network namespace, veth pair and nftables rules.
 //! - [`shim`]: the per-sandbox shim (`berth agent-shim`).
 //! - [`runtime`]: the agent's handle on sandbox directories (start, stop, scan, remove).
 //! - [`starter`]: starting assignments off the session loop, with bounded pulls and starts.
@@ -32,6 +33,7 @@ pub mod launch;
 pub mod logs;
 pub mod metrics;
 pub mod monitor;
+pub mod network;
 pub mod runtime;
 pub mod sandboxd;
 pub mod service;

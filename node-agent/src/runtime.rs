@@ -390,7 +390,7 @@ pub(crate) mod tests {
             cpu_milli: 500,
             memory_mib: 256,
             timeout_ms: 0,
-            network: false,
+            net: None,
             runtime: RuntimeKind::Process,
             runsc_path: "runsc".into(),
             runsc_platform: "ptrace".into(),

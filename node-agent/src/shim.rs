@@ -107,6 +107,7 @@ fn sandbox_command(
     launch: &Launch,
     root: Option<&Path>,
     cgroup: Option<&SandboxCgroup>,
+    netns: Option<&Path>,
 ) -> Result<Command, String> {
     let mut launch = launch.clone();
     launch.env = sandbox_env(&launch);
@@ -137,6 +138,11 @@ fn sandbox_command(
         .command
         .split_first()
         .map_or(("", &[][..]), |(p, a)| (p.as_str(), a));
+    if launch.net.is_some() && launch.runtime == RuntimeKind::Process {
+        return Err("a network policy other than none needs the gvisor runtime: the process \
+                    runtime does not isolate the network"
+            .into());
+    }
     let mut command = match launch.runtime {
         RuntimeKind::Process => match root {
             None => {
@@ -188,8 +194,9 @@ fn sandbox_command(
                 root.unwrap_or(Path::new("/")),
                 root.is_none(),
                 cgroup.map(SandboxCgroup::oci_path),
+                netns,
             )?;
-            let mut c = Command::new(&launch.runsc_path);
+            let mut c = runsc_run_command(&launch)?;
             c.args(runsc_globals(dir, &launch, cgroup.is_some()))
                 // An image root is a host overlay already: writes go straight to its upper
                 // directory. The host's root gets gVisor's memory-backed overlay.
@@ -216,6 +223,26 @@ fn sandbox_command(
     Ok(command)
 }
 
+/// The command that runs `runsc run`. With a network, runsc's netstack must see through a
+/// check that no longer holds: before it copies the namespace's interfaces, runsc (up to
+/// at least 2022-12) calls a namespace the host's if `/proc/sys/net/core/rmem_default`
+/// exists, which Linux now shows in every namespace. So `runsc run` gets a private mount
+/// namespace with `/proc/sys/net` covered by an empty read-only tmpfs; runsc reads nothing
+/// else there, and the sandbox itself never sees host /proc.
+fn runsc_run_command(launch: &Launch) -> Result<Command, String> {
+    if launch.net.is_none() {
+        return Ok(Command::new(&launch.runsc_path));
+    }
+    let unshare = crate::agent::find_program("unshare")
+        .or_else(|| crate::agent::find_program("/usr/bin/unshare"))
+        .ok_or("sandbox networks need unshare (util-linux) on the agent's PATH")?;
+    let mut c = Command::new(unshare);
+    c.args(["--mount", "--propagation", "private", "--", "/bin/sh", "-c"])
+        .arg(r#"mount -t tmpfs -o ro,size=4k berth-netcheck /proc/sys/net && exec "$0" "$@""#)
+        .arg(&launch.runsc_path);
+    Ok(c)
+}
+
 /// The sandbox's container id at runsc: its id and a hash of its directory. runsc names
 /// its control socket after the container id in the abstract namespace, which every
 /// agent on a host shares, so two clusters' (or nodes') `sbx-0000000001` must differ.
@@ -232,8 +259,9 @@ fn runsc_globals(dir: &Path, launch: &Launch, cgroups: bool) -> Vec<String> {
     let mut flags = vec![
         format!("--platform={}", launch.runsc_platform),
         format!("--root={}", dir.join("runsc").display()),
-        if launch.network {
-            "--network=host".into()
+        // gVisor's own network stack, in the sandbox's namespace; never the host's.
+        if launch.net.is_some() {
+            "--network=sandbox".into()
         } else {
             "--network=none".into()
         },
@@ -287,8 +315,8 @@ fn supervise(
             if let Err(e) = cgroups::join_parent(&h) {
                 eprintln!("could not join the berth cgroup: {e}");
             }
-            match SandboxCgroup::create(&h, &launch.sandbox_id, launch.cpu_milli, launch.memory_mib)
-            {
+            let name = container_id(dir, launch);
+            match SandboxCgroup::create(&h, &name, launch.cpu_milli, launch.memory_mib) {
                 Ok(g) => Some(g),
                 Err(e) => {
                     eprintln!("cgroups not writable ({e}); limits are not enforced");
@@ -308,11 +336,26 @@ fn supervise(
         },
         None => None,
     };
+    let net = match &launch.net {
+        Some(plan) => match crate::network::SandboxNet::create(plan, dir) {
+            Ok(net) => Some(net),
+            Err(why) => {
+                if root.is_some() {
+                    bundle::unmount_rootfs(dir);
+                }
+                return Outcome::Failed {
+                    reason: format!("could not set up the sandbox's network: {why}"),
+                };
+            }
+        },
+        None => None,
+    };
     let outcome = run(
         dir,
         launch,
         root.as_deref(),
         cgroup.as_ref(),
+        net.as_ref().map(|n| n.netns_path()).as_deref(),
         stdout_truncated,
         stderr_truncated,
     );
@@ -324,6 +367,7 @@ fn supervise(
             &["delete", "--force", &container_id(dir, launch)],
         );
     }
+    drop(net);
     if root.is_some() {
         bundle::unmount_rootfs(dir);
     }
@@ -350,10 +394,11 @@ fn run(
     launch: &Launch,
     root: Option<&Path>,
     cgroup: Option<&SandboxCgroup>,
+    netns: Option<&Path>,
     stdout_truncated: &Arc<AtomicBool>,
     stderr_truncated: &Arc<AtomicBool>,
 ) -> Outcome {
-    let mut command = match sandbox_command(dir, launch, root, cgroup) {
+    let mut command = match sandbox_command(dir, launch, root, cgroup, netns) {
         Ok(c) => c,
         Err(reason) => return Outcome::Failed { reason },
     };

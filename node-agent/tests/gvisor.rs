@@ -71,7 +71,7 @@ async fn run(
         cpu_milli: 500,
         memory_mib,
         timeout_ms: 60_000,
-        network: false,
+        net: None,
         runtime,
         runsc_path: "runsc".into(),
         runsc_platform: "ptrace".into(),

@@ -19,6 +19,7 @@
 pub mod convert;
 pub mod gpu;
 pub mod image;
+pub mod network;
 pub mod node;
 pub mod pb;
 pub mod resources;

@@ -40,7 +40,10 @@ pub(super) fn wire_spec() -> pb::SandboxSpec {
         }),
         priority: 10,
         timeout_ms: 60_000,
-        network: true,
+        network: Some(pb::NetworkPolicy {
+            mode: pb::NetworkMode::EgressAll as i32,
+            allow: vec![],
+        }),
         labels: HashMap::from([("team".into(), "ml".into())]),
         keep_alive: true,
         idle_timeout_ms: 30_000,

@@ -13,10 +13,10 @@ const SPEC_FIELDS: &[&str] = &[
     "constraints",
     "priority",
     "timeout_ms",
-    "network",
     "labels",
     "keep_alive",
     "idle_timeout_ms",
+    "network",
 ];
 
 /// Validates and converts a client's spec. Errors: `INVALID_ARGUMENT` whose message names
@@ -118,7 +118,7 @@ fn read_spec(spec: &pb::SandboxSpec, runnable: bool) -> (SandboxSpec, Validator)
         constraints,
         priority: spec.priority,
         timeout_ms: spec.timeout_ms,
-        network: spec.network,
+        network: berth_proto::network::network_from_pb(spec.network.as_ref(), &mut conversion),
         labels: btree(&spec.labels),
         keep_alive: spec.keep_alive,
         idle_timeout_ms: spec.idle_timeout_ms,
@@ -191,7 +191,7 @@ pub fn spec_to_pb(spec: &SandboxSpec) -> pb::SandboxSpec {
         constraints: Some(constraints_to_pb(&spec.constraints)),
         priority: spec.priority,
         timeout_ms: spec.timeout_ms,
-        network: spec.network,
+        network: Some(berth_proto::network::network_to_pb(&spec.network)),
         labels: hash(&spec.labels),
         keep_alive: spec.keep_alive,
         idle_timeout_ms: spec.idle_timeout_ms,
@@ -279,7 +279,7 @@ mod tests {
                 },
                 priority: 10,
                 timeout_ms: 60_000,
-                network: true,
+                network: crate::network::NetworkPolicy::EgressAll,
                 labels: BTreeMap::from([("team".into(), "ml".into())]),
                 keep_alive: true,
                 idle_timeout_ms: 30_000,

@@ -20,7 +20,8 @@ use super::ImageProcess;
 /// busybox applets linked in the test images.
 const APPLETS: &[&str] = &[
     "sh", "cat", "echo", "env", "pwd", "uname", "ls", "sleep", "true", "false", "id", "head",
-    "tail", "dd", "mkdir", "rm", "wc", "grep", "touch", "sync", "tr", "ln",
+    "tail", "dd", "mkdir", "rm", "wc", "grep", "touch", "sync", "tr", "ln", "nc", "timeout",
+    "printf",
 ];
 
 /// One file of a layer.

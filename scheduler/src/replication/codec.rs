@@ -13,7 +13,8 @@ use crate::state::Command;
 // 3: `RegisterAgent` carries the agent's report per sandbox; `NodeDisconnected` and
 //    `ExpireDisconnected` (the disconnect grace) joined the commands.
 // 4: sandbox specs carry `keep_alive` and `idle_timeout_ms`.
-const ENTRY_FORMAT: u8 = 4;
+// 5: a spec's `network` is a policy, not a bool.
+const ENTRY_FORMAT: u8 = 5;
 const SNAPSHOT_FORMAT: u8 = 1;
 // Membership contexts have had the same shape since entry format 2, so they keep that
 // number: contexts already in a log stay readable.

@@ -12,7 +12,7 @@ use berth_proto::pb::v1 as pb;
 use berth_proto::pb::v1::SandboxState;
 use berth_scheduler::service::client::Client;
 
-use super::CreateArgs;
+use super::{CreateArgs, NetworkMode};
 use super::emit;
 use super::show::sandbox_json;
 use super::show::{state, status};
@@ -60,13 +60,27 @@ pub(super) fn spec(args: &CreateArgs) -> Result<pb::SandboxSpec, String> {
         timeout_ms: args
             .timeout
             .map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
-        network: args.network,
+        network: Some(network_policy(args)),
         labels: args.labels.iter().cloned().collect(),
         keep_alive: args.keep_alive,
         idle_timeout_ms: args
             .idle_timeout
             .map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
     })
+}
+
+/// `--network` and `--allow` as the spec's policy.
+fn network_policy(args: &CreateArgs) -> pb::NetworkPolicy {
+    use pb::NetworkMode as Mode;
+    let mode = match (args.network, args.allow.is_empty()) {
+        (_, false) => Mode::EgressAllow,
+        (Some(NetworkMode::EgressAll), true) => Mode::EgressAll,
+        (Some(NetworkMode::None) | None, true) => Mode::None,
+    };
+    pb::NetworkPolicy {
+        mode: mode as i32,
+        allow: args.allow.clone(),
+    }
 }
 
 /// A request id no other `berth sandbox create` is likely to use: the time in nanoseconds

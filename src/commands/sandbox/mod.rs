@@ -148,6 +148,36 @@ enum SandboxCommand {
     },
 }
 
+/// `sandbox create --network`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum NetworkMode {
+    None,
+    EgressAll,
+}
+
+/// `--allow CIDR[:PORT,PORT...]`, checked as the scheduler will check it.
+fn parse_egress_rule(s: &str) -> Result<pb::EgressRule, String> {
+    let (cidr, ports) = match s.split_once(':') {
+        Some((c, p)) => (c, Some(p)),
+        None => (s, None),
+    };
+    cidr.parse::<berth_proto::network::Cidr>()?;
+    let ports = match ports {
+        None => Vec::new(),
+        Some(list) => list
+            .split(',')
+            .map(|p| match p.parse::<u16>() {
+                Ok(n) if n > 0 => Ok(u32::from(n)),
+                _ => Err(format!("{p:?} is not a port (1..=65535)")),
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    Ok(pb::EgressRule {
+        cidr: cidr.into(),
+        ports,
+    })
+}
+
 /// `sandbox create` flags.
 #[derive(Debug, Args)]
 struct CreateArgs {
@@ -188,9 +218,14 @@ struct CreateArgs {
     /// the tenant's).
     #[arg(long, value_parser = parse_duration)]
     idle_timeout: Option<Duration>,
-    /// Let the sandbox reach the network (off by default).
-    #[arg(long)]
-    network: bool,
+    /// Network: `none` (loopback only, the default) or `egress-all` (anywhere but the
+    /// node, other sandboxes and the node's blocked ranges). Inbound is always denied.
+    #[arg(long, value_enum, value_name = "MODE", conflicts_with = "allow")]
+    network: Option<NetworkMode>,
+    /// Let the sandbox reach only these destinations (repeatable): an IPv4 network or
+    /// address, with optional TCP/UDP ports, e.g. `10.0.0.0/8` or `1.2.3.4:80,443`.
+    #[arg(long, value_name = "CIDR[:PORTS]", value_parser = parse_egress_rule)]
+    allow: Vec<pb::EgressRule>,
     /// Label for listing (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     labels: Vec<(String, String)>,

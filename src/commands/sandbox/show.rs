@@ -98,11 +98,36 @@ pub(super) fn describe(sandbox: &pb::Sandbox, now_ms: u64) -> String {
         ("started", time(st.started_unix_ms)),
         ("finished", time(st.finished_unix_ms)),
         ("command", dash(&shell_words(&spec.command))),
+        ("network", network_summary(spec.network.as_ref())),
     ];
     lines
         .iter()
         .map(|(key, value)| format!("{key}: {value}\n"))
         .collect()
+}
+
+/// `none`, `egress-all`, or `allow 10.0.0.0/8, 1.2.3.4/32:80,443`.
+fn network_summary(policy: Option<&pb::NetworkPolicy>) -> String {
+    let Some(p) = policy else {
+        return "none".into();
+    };
+    let mode = enum_label(p.mode, pb::NetworkMode::as_str_name, "NETWORK_MODE_");
+    if p.allow.is_empty() {
+        return if mode == "unspecified" { "none".into() } else { mode.replace('_', "-") };
+    }
+    let rules: Vec<String> = p
+        .allow
+        .iter()
+        .map(|r| {
+            let ports: Vec<String> = r.ports.iter().map(u32::to_string).collect();
+            if ports.is_empty() {
+                r.cidr.clone()
+            } else {
+                format!("{}:{}", r.cidr, ports.join(","))
+            }
+        })
+        .collect();
+    format!("allow {}", rules.join(", "))
 }
 
 pub(super) fn state(sandbox: &pb::Sandbox) -> SandboxState {
@@ -269,7 +294,12 @@ pub(super) fn spec_json(spec: &pb::SandboxSpec) -> serde_json::Value {
         "timeout_ms": spec.timeout_ms,
         "idle_timeout_ms": spec.idle_timeout_ms,
         "keep_alive": spec.keep_alive,
-        "network": spec.network,
+        "network": spec.network.as_ref().map(|n| serde_json::json!({
+            "mode": enum_label(n.mode, pb::NetworkMode::as_str_name, "NETWORK_MODE_"),
+            "allow": n.allow.iter().map(|r| serde_json::json!({
+                "cidr": r.cidr, "ports": r.ports,
+            })).collect::<Vec<_>>(),
+        })),
         "labels": spec.labels,
     })
 }
