@@ -11,7 +11,7 @@ use std::time::Duration;
 use berth_node_agent::image::testing::TestRegistry;
 
 mod common;
-use common::sandboxes::{create, exec, push_busybox, wait_for_state};
+use common::sandboxes::{create, exec, push_busybox, state_of, wait_for_state};
 use common::{Dev, text};
 
 /// The outside world: namespace `bt-ext-N` joined to the host by a veth pair, the host at
@@ -24,7 +24,10 @@ struct Outside {
 }
 
 fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip (iproute2)");
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (iproute2)");
     assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
 }
 
@@ -36,7 +39,9 @@ impl Outside {
         let prefix = format!("10.77.{n}");
         let _ = Command::new("ip").args(["netns", "delete", &ns]).output();
         ip(&["netns", "add", &ns]);
-        ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ]);
         ip(&["addr", "add", &format!("{prefix}.1/24"), "dev", &host_if]);
         ip(&["link", "set", &host_if, "up"]);
         for cmd in [
@@ -54,8 +59,11 @@ impl Outside {
         for last in [2, 3] {
             let root = www.path().join(last.to_string());
             std::fs::create_dir_all(&root).expect("www");
-            std::fs::write(root.join("index.html"), format!("served-by-{prefix}.{last}\n"))
-                .expect("index");
+            std::fs::write(
+                root.join("index.html"),
+                format!("served-by-{prefix}.{last}\n"),
+            )
+            .expect("index");
             servers.push(
                 Command::new("ip")
                     .args(["netns", "exec", &ns, "busybox", "httpd", "-f"])
@@ -83,7 +91,9 @@ impl Drop for Outside {
             let _ = s.kill();
             let _ = s.wait();
         }
-        let _ = Command::new("ip").args(["netns", "delete", &self.ns]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.ns])
+            .output();
     }
 }
 
@@ -144,7 +154,10 @@ fn policies_decide_what_a_sandbox_reaches_and_berth_itself_is_never_reachable() 
     let two = format!("{p}.2");
     let three = format!("{p}.3");
     let got = probe(&dev, &only, &two, 8080);
-    assert!(got.contains(&format!("served-by-{p}.2")), "allow-list, allowed: {got}");
+    assert!(
+        got.contains(&format!("served-by-{p}.2")),
+        "allow-list, allowed: {got}"
+    );
     for (id, to, what) in [
         (&only, &three, "allow-list, the other address"),
         (&none, &two, "none"),
@@ -154,28 +167,52 @@ fn policies_decide_what_a_sandbox_reaches_and_berth_itself_is_never_reachable() 
         assert!(got.starts_with("blocked"), "{what} reached {to}: {got}");
     }
     let got = probe(&dev, &all, &three, 8080);
-    assert!(got.contains(&format!("served-by-{p}.3")), "egress_all, .3: {got}");
+    assert!(
+        got.contains(&format!("served-by-{p}.3")),
+        "egress_all, .3: {got}"
+    );
 
     // berth's own ports (the replicas' gRPC and metrics), the agent's metrics and the host
     // service: not on the sandbox's loopback, not through the host's addresses.
-    let berth_port: u16 = dev.endpoint.rsplit(':').next().unwrap().parse().unwrap();
+    let berth_port: u16 = dev
+        .endpoint
+        .rsplit(':')
+        .next()
+        .expect("test value")
+        .parse()
+        .expect("test value");
     let mut ports: Vec<u16> = (0..4).map(|i| berth_port + i).collect();
     ports.push(host_port);
     let host = format!("{p}.1");
     for port in ports {
         for target in ["127.0.0.1", host.as_str()] {
             let got = probe(&dev, &all, target, port);
-            assert!(got.starts_with("blocked"), "egress_all reached {target}:{port}: {got}");
+            assert!(
+                got.starts_with("blocked"),
+                "egress_all reached {target}:{port}: {got}"
+            );
         }
     }
     // The same host service is there for anyone else on the outside network.
     let out = Command::new("ip")
-        .args(["netns", "exec", &outside.ns, "busybox", "nc", "-w", "3", &host])
+        .args([
+            "netns",
+            "exec",
+            &outside.ns,
+            "busybox",
+            "nc",
+            "-w",
+            "3",
+            &host,
+        ])
         .arg(host_port.to_string())
         .stdin(Stdio::null())
         .output()
         .expect("nc");
-    assert!(text(&out.stdout).contains("host-service"), "the host service is up");
+    assert!(
+        text(&out.stdout).contains("host-service"),
+        "the host service is up"
+    );
 
     // The policy is in the spec as the user gave it.
     let got = dev.berth(&["sandbox", "get", &only]);
@@ -187,9 +224,17 @@ fn policies_decide_what_a_sandbox_reaches_and_berth_itself_is_never_reachable() 
     for id in [&only, &none, &all] {
         dev.berth(&["sandbox", "delete", id]);
     }
-    // Each sandbox's namespace, rules and slot go with it.
+    // Each sandbox's namespace, rules and slot go with it (a deleted sandbox ends, or is
+    // gone from the state: `get` finds nothing).
     for id in [&only, &none, &all] {
-        wait_for_state(&dev, id, "failed", Duration::from_secs(30));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !matches!(
+            state_of(&dev, id).0.as_str(),
+            "exited" | "failed" | "lost" | ""
+        ) {
+            assert!(std::time::Instant::now() < deadline, "{id} did not end");
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
     let owner = dir.path().to_string_lossy().into_owned();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

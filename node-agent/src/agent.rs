@@ -124,6 +124,16 @@ pub async fn run(
             state_dir.display()
         )))?;
     let net_blocked = blocked_destinations(&cfg).await;
+    let run_dir = PathBuf::from(&cfg.network.run_dir);
+    tokio::task::spawn_blocking(move || {
+        let n = crate::network::sweep_stale(&run_dir);
+        if n > 0 {
+            tracing::info!(
+                slots = n,
+                "took back sandbox network slots whose shims are gone"
+            );
+        }
+    });
     let metrics = Arc::new(AgentMetrics::new());
     let images = ImageStore::open(
         ImageSettings {
@@ -186,6 +196,12 @@ pub async fn run(
         cfg.max_concurrent_starts,
     );
     let inventory = spawn_inventory(&cfg, gpus, inventory, &advertised, images.clone());
+    let usage = crate::usage::spawn(
+        runtime.clone(),
+        &monitor,
+        metrics.clone(),
+        Duration::from_millis(cfg.usage_interval_ms),
+    );
     let mut agent = Agent {
         cfg,
         inventory,
@@ -197,6 +213,7 @@ pub async fn run(
         last_heartbeat: None,
         sandboxd_dir,
         net_blocked,
+        usage,
     };
     tokio::pin!(shutdown);
     let mut endpoint = 0usize;
@@ -267,6 +284,8 @@ struct Agent {
     sandboxd_dir: Option<PathBuf>,
     /// What no sandbox may reach: `[agent.network] blocked` and the schedulers.
     net_blocked: Vec<Cidr>,
+    /// Each interval's usage figures, from [`crate::usage`].
+    usage: watch::Receiver<Vec<pb::SandboxUsage>>,
 }
 
 /// `[agent.network] blocked`, and every IPv4 address the scheduler endpoints resolve to
@@ -407,12 +426,10 @@ impl Agent {
         let policy = network_from_pb(policy, &mut berth_proto::Validator::new());
         policy.any().then(|| NetPlan {
             policy,
-            pool: self
-                .cfg
-                .network
-                .pool
-                .parse()
-                .unwrap_or(Cidr { addr: std::net::Ipv4Addr::new(10, 88, 0, 0), len: 16 }),
+            pool: self.cfg.network.pool.parse().unwrap_or(Cidr {
+                addr: std::net::Ipv4Addr::new(10, 88, 0, 0),
+                len: 16,
+            }),
             blocked: self.net_blocked.clone(),
             run_dir: PathBuf::from(&self.cfg.network.run_dir),
         })
@@ -577,6 +594,17 @@ impl Agent {
                     if let Err(end) = self.send_changes(&tx, &snapshot, &mut sent).await {
                         return end;
                     }
+                }
+                changed = self.usage.changed() => {
+                    if changed.is_err() {
+                        continue;
+                    }
+                    let sandboxes = self.usage.borrow_and_update().clone();
+                    // Never waits: a report that finds the stream full is dropped, and the
+                    // next interval's replaces it.
+                    let _ = tx.try_send(message(pb::agent_message::Message::Usage(
+                        pb::UsageReport { sandboxes },
+                    )));
                 }
                 changed = inventory.changed() => {
                     if changed.is_err() {

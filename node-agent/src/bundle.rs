@@ -21,9 +21,8 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags};
 use oci_spec::runtime::{
-    LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceBuilder,
-    LinuxNamespaceType, LinuxResourcesBuilder, Mount, MountBuilder, RootBuilder, Spec,
-    UserBuilder,
+    LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType,
+    LinuxResourcesBuilder, Mount, MountBuilder, RootBuilder, Spec, UserBuilder,
 };
 
 use crate::launch::Launch;
@@ -260,8 +259,15 @@ mod tests {
         assert!(has_netns(&json, None));
         launch.command = vec!["true".into()];
         let netns = Path::new("/run/netns/berth-3");
-        let bundle = write_config(tmp.path(), &launch, Path::new("/r"), true, None, Some(netns))
-            .expect("config");
+        let bundle = write_config(
+            tmp.path(),
+            &launch,
+            Path::new("/r"),
+            true,
+            None,
+            Some(netns),
+        )
+        .expect("config");
         let json: serde_json::Value =
             serde_json::from_slice(&fs::read(bundle.join("config.json")).expect("read"))
                 .expect("json");

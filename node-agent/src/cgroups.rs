@@ -109,6 +109,42 @@ fn v2_parent() -> io::Result<PathBuf> {
     Ok(parent)
 }
 
+/// A sandbox's CPU time so far (nanoseconds) and memory charged now (bytes), from its
+/// groups `berth/<name>`: two small reads, no process spawned. `None` when the groups are
+/// not there (the sandbox has ended, or cgroups are not writable here).
+pub fn read_usage(h: &Hierarchy, name: &str) -> Option<(u64, u64)> {
+    let read = |path: PathBuf| fs::read_to_string(path).ok();
+    match h {
+        Hierarchy::V1 => {
+            let cpu = read(
+                Path::new(ROOT)
+                    .join("cpuacct/berth")
+                    .join(name)
+                    .join("cpuacct.usage"),
+            )?;
+            let mem = read(
+                Path::new(ROOT)
+                    .join("memory/berth")
+                    .join(name)
+                    .join("memory.usage_in_bytes"),
+            )?;
+            Some((cpu.trim().parse().ok()?, mem.trim().parse().ok()?))
+        }
+        Hierarchy::V2 => {
+            let dir = Path::new(ROOT).join("berth").join(name);
+            let stat = read(dir.join("cpu.stat"))?;
+            let usec: u64 = stat
+                .lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))?
+                .trim()
+                .parse()
+                .ok()?;
+            let mem = read(dir.join("memory.current"))?;
+            Some((usec.saturating_mul(1_000), mem.trim().parse().ok()?))
+        }
+    }
+}
+
 /// One sandbox's groups; removed on drop.
 #[derive(Debug)]
 pub struct SandboxCgroup {
@@ -135,6 +171,12 @@ impl SandboxCgroup {
                 group.dirs.push(cpu.clone());
                 fs::create_dir_all(&memory)?;
                 group.dirs.push(memory.clone());
+                // Where usage is read (the same directory as cpu's where they share a
+                // mount); best effort, as only usage depends on it.
+                let cpuacct = Path::new(ROOT).join("cpuacct/berth").join(id);
+                if cpuacct != cpu && fs::create_dir_all(&cpuacct).is_ok() {
+                    group.dirs.push(cpuacct);
+                }
                 if cpu_milli > 0 {
                     fs::write(cpu.join("cpu.cfs_period_us"), "100000")?;
                     fs::write(cpu.join("cpu.cfs_quota_us"), (cpu_milli * 100).to_string())?;

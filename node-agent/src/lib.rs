@@ -16,6 +16,7 @@
 //! - [`starter`]: starting assignments off the session loop, with bounded pulls and starts.
 //! - [`monitor`]: watching the sandboxes off the session loop.
 //! - [`metrics`]: the agent's Prometheus metrics.
+//! - [`usage`]: sandboxes' CPU and memory use, sampled from their cgroups.
 //! - [`sandboxd`]: the helper inside every sandbox: its binary, and calls to it.
 //! - [`logs`], [`calls`], [`service`]: `AgentService` — captured output, and exec and file
 //!   calls into sandboxes — served to the schedulers.
@@ -40,5 +41,6 @@ pub mod service;
 pub mod shim;
 pub mod starter;
 pub mod static_inventory;
+pub mod usage;
 
 pub use config::AgentConfig;

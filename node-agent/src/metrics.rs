@@ -35,6 +35,13 @@ pub struct AgentMetrics {
     pub heartbeat_gap_seconds: Histogram,
     /// The longest gap between heartbeats sent, in milliseconds, since the agent started.
     pub heartbeat_gap_max_ms: IntGauge,
+    /// CPU the node's sandboxes used over the last usage sample, in milli-cores (a node
+    /// total: per-sandbox figures go to the scheduler, not to labels here).
+    pub sandbox_cpu_milli: IntGauge,
+    /// Memory charged to the node's sandboxes at the last usage sample.
+    pub sandbox_memory_bytes: IntGauge,
+    /// Sandboxes in the last usage sample.
+    pub sandboxes_sampled: IntGauge,
 }
 
 fn must<T>(what: &str, r: prometheus::Result<T>) -> T {
@@ -127,6 +134,18 @@ impl AgentMetrics {
             heartbeat_gap_max_ms: gauge(
                 "berth_agent_heartbeat_gap_max_ms",
                 "The longest gap between heartbeats sent since the agent started, in ms.",
+            ),
+            sandbox_cpu_milli: gauge(
+                "berth_agent_sandbox_cpu_millicores",
+                "CPU the node's sandboxes used over the last usage sample, in milli-cores.",
+            ),
+            sandbox_memory_bytes: gauge(
+                "berth_agent_sandbox_memory_bytes",
+                "Memory charged to the node's sandboxes at the last usage sample.",
+            ),
+            sandboxes_sampled: gauge(
+                "berth_agent_sandboxes_sampled",
+                "Sandboxes in the last usage sample.",
             ),
             registry,
         }

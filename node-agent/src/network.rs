@@ -114,7 +114,10 @@ fn chain_script(slot: u32, plan: &NetPlan) -> String {
     let mut s = format!("add chain {TABLE} {chain}\nflush chain {TABLE} {chain}\n");
     if !plan.blocked.is_empty() {
         let set: Vec<String> = plan.blocked.iter().map(Cidr::to_string).collect();
-        s += &format!("add rule {TABLE} {chain} ip daddr {{ {} }} drop\n", set.join(", "));
+        s += &format!(
+            "add rule {TABLE} {chain} ip daddr {{ {} }} drop\n",
+            set.join(", ")
+        );
     }
     match &plan.policy {
         NetworkPolicy::None => {}
@@ -172,7 +175,10 @@ fn take_slot(plan: &NetPlan, owner: &Path) -> Result<(u32, PathBuf), String> {
     fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let slots = plan.pool.blocks(BLOCK).min(1 << 20);
     if slots == 0 {
-        return Err(format!("the sandbox address pool {} is smaller than a /30", plan.pool));
+        return Err(format!(
+            "the sandbox address pool {} is smaller than a /30",
+            plan.pool
+        ));
     }
     let start = {
         use std::hash::{Hash, Hasher};
@@ -185,7 +191,11 @@ fn take_slot(plan: &NetPlan, owner: &Path) -> Result<(u32, PathBuf), String> {
         let slot = (start + i) % slots;
         let file = dir.join(slot.to_string());
         for attempt in 0..2 {
-            match fs::OpenOptions::new().write(true).create_new(true).open(&file) {
+            match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&file)
+            {
                 Ok(mut f) => {
                     f.write_all(me.as_bytes())
                         .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
@@ -210,13 +220,38 @@ fn take_slot(plan: &NetPlan, owner: &Path) -> Result<(u32, PathBuf), String> {
     ))
 }
 
+/// Takes back every slot whose shim is gone (killed, or its host rebooted under a
+/// persistent `run_dir`), with its namespace and rules; returns how many. The agent runs it
+/// once at start, off its session loop.
+pub fn sweep_stale(run_dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(run_dir.join("slots")) else {
+        return 0;
+    };
+    let mut swept = 0;
+    for e in entries.flatten() {
+        let Some(slot) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !owner_alive(&e.path()) {
+            remove_slot_state(slot);
+            let _ = fs::remove_file(e.path());
+            swept += 1;
+        }
+    }
+    swept
+}
+
 /// Whether the shim named in a slot file still runs.
 fn owner_alive(file: &Path) -> bool {
     let Ok(text) = fs::read_to_string(file) else {
         // Being written by its new owner.
         return true;
     };
-    match text.split_whitespace().next().and_then(|p| p.parse::<u32>().ok()) {
+    match text
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse::<u32>().ok())
+    {
         Some(pid) => Path::new("/proc").join(pid.to_string()).exists(),
         None => true,
     }
@@ -229,7 +264,11 @@ fn remove_slot_state(slot: u32) {
     );
     if run("nft", &["-f", "-"], Some(&script)).is_err() {
         // Half there (the map entry gone, the chain not): take what exists.
-        let _ = run("nft", &["delete", "chain", "inet", "berth", &format!("sb{slot}")], None);
+        let _ = run(
+            "nft",
+            &["delete", "chain", "inet", "berth", &format!("sb{slot}")],
+            None,
+        );
     }
     if Path::new(&format!("/run/netns/berth-{slot}")).exists() {
         let _ = run("ip", &["netns", "delete", &format!("berth-{slot}")], None);
@@ -243,7 +282,11 @@ fn remove_slot_state(slot: u32) {
 fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<(), String> {
     let mut child = Command::new(program)
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -280,8 +323,8 @@ mod tests {
     fn plan(policy: NetworkPolicy) -> NetPlan {
         NetPlan {
             policy,
-            pool: "10.88.0.0/16".parse().unwrap(),
-            blocked: vec!["169.254.0.0/16".parse().unwrap()],
+            pool: "10.88.0.0/16".parse().expect("test value"),
+            blocked: vec!["169.254.0.0/16".parse().expect("test value")],
             run_dir: PathBuf::from("/nonexistent"),
         }
     }
@@ -292,19 +335,25 @@ mod tests {
         let lines: Vec<&str> = all.lines().collect();
         assert_eq!(lines[0], "add chain inet berth sb7");
         assert_eq!(lines[1], "flush chain inet berth sb7");
-        assert_eq!(lines[2], "add rule inet berth sb7 ip daddr { 169.254.0.0/16 } drop");
+        assert_eq!(
+            lines[2],
+            "add rule inet berth sb7 ip daddr { 169.254.0.0/16 } drop"
+        );
         assert_eq!(lines[3], "add rule inet berth sb7 accept");
-        assert_eq!(lines[4], "add element inet berth egress { \"bsb7\" : jump sb7 }");
+        assert_eq!(
+            lines[4],
+            "add element inet berth egress { \"bsb7\" : jump sb7 }"
+        );
 
         let allow = chain_script(
             3,
             &plan(NetworkPolicy::EgressAllow(vec![
                 EgressRule {
-                    cidr: "10.77.0.2/32".parse().unwrap(),
+                    cidr: "10.77.0.2/32".parse().expect("test value"),
                     ports: vec![8080, 53],
                 },
                 EgressRule {
-                    cidr: "192.168.0.0/16".parse().unwrap(),
+                    cidr: "192.168.0.0/16".parse().expect("test value"),
                     ports: vec![],
                 },
             ])),
@@ -313,13 +362,22 @@ mod tests {
             "ip daddr 10.77.0.2/32 meta l4proto { tcp, udp } th dport { 8080, 53 } accept"
         ));
         assert!(allow.contains("add rule inet berth sb3 ip daddr 192.168.0.0/16 accept"));
-        assert!(!allow.contains("sb3 accept\n"), "an allow-list has no catch-all accept");
+        assert!(
+            !allow.contains("sb3 accept\n"),
+            "an allow-list has no catch-all accept"
+        );
     }
 
     #[test]
     fn slot_addresses_come_from_the_pool() {
-        let pool: Cidr = "10.88.0.0/16".parse().unwrap();
-        assert_eq!(sandbox_address(&pool, 0), Some("10.88.0.2".parse().unwrap()));
-        assert_eq!(sandbox_address(&pool, 5), Some("10.88.0.22".parse().unwrap()));
+        let pool: Cidr = "10.88.0.0/16".parse().expect("test value");
+        assert_eq!(
+            sandbox_address(&pool, 0),
+            Some("10.88.0.2".parse().expect("test value"))
+        );
+        assert_eq!(
+            sandbox_address(&pool, 5),
+            Some("10.88.0.22".parse().expect("test value"))
+        );
     }
 }

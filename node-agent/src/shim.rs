@@ -139,9 +139,11 @@ fn sandbox_command(
         .split_first()
         .map_or(("", &[][..]), |(p, a)| (p.as_str(), a));
     if launch.net.is_some() && launch.runtime == RuntimeKind::Process {
-        return Err("a network policy other than none needs the gvisor runtime: the process \
+        return Err(
+            "a network policy other than none needs the gvisor runtime: the process \
                     runtime does not isolate the network"
-            .into());
+                .into(),
+        );
     }
     let mut command = match launch.runtime {
         RuntimeKind::Process => match root {

@@ -47,9 +47,11 @@ impl NetworkPolicy {
             format!("{} rules; the limit is {MAX_RULES}", rules.len())
         });
         for (i, r) in rules.iter().enumerate() {
-            v.check(r.ports.len() <= MAX_PORTS, &format!("allow[{i}].ports"), || {
-                format!("{} ports; the limit is {MAX_PORTS}", r.ports.len())
-            });
+            v.check(
+                r.ports.len() <= MAX_PORTS,
+                &format!("allow[{i}].ports"),
+                || format!("{} ports; the limit is {MAX_PORTS}", r.ports.len()),
+            );
             if r.ports.contains(&0) {
                 v.error(&format!("allow[{i}].ports"), "port 0 is not a port");
             }
@@ -232,7 +234,10 @@ mod tests {
         let mut v = Validator::new();
         let policy = network_from_pb(Some(&p), &mut v);
         policy.validate(&mut v);
-        (policy, v.finish().err().map(|e| e.one_line()).unwrap_or_default())
+        (
+            policy,
+            v.finish().err().map(|e| e.one_line()).unwrap_or_default(),
+        )
     }
 
     #[test]
@@ -247,7 +252,10 @@ mod tests {
         let (policy, errors) = read(allow.clone());
         assert_eq!(errors, "");
         assert_eq!(network_to_pb(&policy), allow);
-        assert_eq!(network_from_pb(None, &mut Validator::new()), NetworkPolicy::None);
+        assert_eq!(
+            network_from_pb(None, &mut Validator::new()),
+            NetworkPolicy::None
+        );
 
         let (_, errors) = read(pb::NetworkPolicy {
             mode: pb::NetworkMode::EgressAllow as i32,
@@ -256,24 +264,37 @@ mod tests {
                 ports: vec![70000],
             }],
         });
-        assert!(errors.contains("network.allow[0].cidr: \"10.77.0.1/24\" has host bits"), "{errors}");
-        assert!(errors.contains("network.allow[0].ports: 70000 is above 65535"), "{errors}");
+        assert!(
+            errors.contains("network.allow[0].cidr: \"10.77.0.1/24\" has host bits"),
+            "{errors}"
+        );
+        assert!(
+            errors.contains("network.allow[0].ports: 70000 is above 65535"),
+            "{errors}"
+        );
         let (_, errors) = read(pb::NetworkPolicy {
             mode: pb::NetworkMode::EgressAll as i32,
             allow: allow.allow.clone(),
         });
         assert!(errors.contains("network.allow: is only for"), "{errors}");
-        let (_, errors) = read(pb::NetworkPolicy { mode: 9, allow: vec![] });
+        let (_, errors) = read(pb::NetworkPolicy {
+            mode: 9,
+            allow: vec![],
+        });
         assert!(errors.contains("network.mode: unknown value 9"), "{errors}");
     }
 
-
     #[test]
     fn cidrs_parse_and_refuse_what_they_should() {
-        let c: Cidr = "10.88.0.0/16".parse().unwrap();
+        let c: Cidr = "10.88.0.0/16".parse().expect("test value");
         assert_eq!(c.to_string(), "10.88.0.0/16");
-        assert_eq!("1.2.3.4".parse::<Cidr>().unwrap().len, 32);
-        assert!("10.88.0.1/16".parse::<Cidr>().unwrap_err().contains("10.88.0.0/16"));
+        assert_eq!("1.2.3.4".parse::<Cidr>().expect("test value").len, 32);
+        assert!(
+            "10.88.0.1/16"
+                .parse::<Cidr>()
+                .expect_err("should fail")
+                .contains("10.88.0.0/16")
+        );
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
         assert!("::1/128".parse::<Cidr>().is_err());
         assert!("example.com".parse::<Cidr>().is_err());
@@ -281,11 +302,20 @@ mod tests {
 
     #[test]
     fn subnets_tile_the_pool() {
-        let pool: Cidr = "10.88.0.0/16".parse().unwrap();
+        let pool: Cidr = "10.88.0.0/16".parse().expect("test value");
         assert_eq!(pool.blocks(30), 16384);
-        assert_eq!(pool.subnet(30, 0).unwrap().to_string(), "10.88.0.0/30");
-        assert_eq!(pool.subnet(30, 3).unwrap().to_string(), "10.88.0.12/30");
-        assert_eq!(pool.subnet(30, 16383).unwrap().to_string(), "10.88.255.252/30");
+        assert_eq!(
+            pool.subnet(30, 0).expect("test value").to_string(),
+            "10.88.0.0/30"
+        );
+        assert_eq!(
+            pool.subnet(30, 3).expect("test value").to_string(),
+            "10.88.0.12/30"
+        );
+        assert_eq!(
+            pool.subnet(30, 16383).expect("test value").to_string(),
+            "10.88.255.252/30"
+        );
         assert_eq!(pool.subnet(30, 16384), None);
         assert_eq!(pool.subnet(8, 0), None);
     }
@@ -295,11 +325,11 @@ mod tests {
         let mut v = Validator::new();
         NetworkPolicy::EgressAllow(vec![]).validate(&mut v);
         let rule = EgressRule {
-            cidr: "10.0.0.0/8".parse().unwrap(),
+            cidr: "10.0.0.0/8".parse().expect("test value"),
             ports: vec![0],
         };
         NetworkPolicy::EgressAllow(vec![rule]).validate(&mut v);
-        let errors = v.finish().unwrap_err().one_line();
+        let errors = v.finish().expect_err("should fail").one_line();
         assert!(errors.contains("allow: must list at least one"), "{errors}");
         assert!(errors.contains("allow[0].ports: port 0"), "{errors}");
         let mut ok = Validator::new();

@@ -117,8 +117,12 @@ impl Dev {
 }
 
 impl Drop for Dev {
+    /// SIGINT first: dev stops its sandboxes on the way out, so a test that fails midway
+    /// leaves no sandbox (and no spinning process) behind for the tests after it.
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        if self.interrupt(Duration::from_secs(15)).is_none() {
+            let _ = self.child.kill();
+        }
         let _ = self.child.wait();
     }
 }

@@ -38,7 +38,12 @@ pub(crate) fn state_of(dev: &Dev, id: &str) -> (String, String) {
     )
 }
 
-pub(crate) fn wait_for_state(dev: &Dev, id: &str, want: &str, within: Duration) -> (String, String) {
+pub(crate) fn wait_for_state(
+    dev: &Dev,
+    id: &str,
+    want: &str,
+    within: Duration,
+) -> (String, String) {
     let deadline = Instant::now() + within;
     loop {
         let (state, reason) = state_of(dev, id);
@@ -69,4 +74,3 @@ pub(crate) fn exec(dev: &Dev, id: &str, command: &[&str]) -> std::process::Outpu
     all.extend_from_slice(command);
     dev.berth(&all)
 }
-

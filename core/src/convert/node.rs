@@ -414,6 +414,7 @@ mod tests {
                 started_unix_ms: 0,
                 finished_unix_ms: 20,
                 explanation: None,
+                usage: None,
             })
         );
         // Without the node, no UUIDs; with another node, none either.

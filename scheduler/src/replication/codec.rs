@@ -174,7 +174,7 @@ mod tests {
         let err = Envelope::decode(&other).err().map(|e| e.to_string());
         assert_eq!(
             err.as_deref(),
-            Some("log entry format 9 is not supported (this build reads 4)")
+            Some("log entry format 9 is not supported (this build reads 5)")
         );
         assert!(Envelope::decode(&bytes[..bytes.len() - 1]).is_err());
         assert!(Envelope::decode(&[]).is_err());

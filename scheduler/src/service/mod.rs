@@ -1,7 +1,7 @@
 //! A scheduler replica as a network service: the Raft thread ([`driver`]), Raft traffic
 //! between replicas ([`transport`]), the tonic services ([`api`], one file per service)
 //! over the [`store`] seam, sandbox watches ([`watch`]), node liveness from agent
-//! heartbeats ([`liveness`]), typed errors and their gRPC codes ([`error`]), Prometheus
+//! heartbeats ([`liveness`]), sandboxes' reported CPU and memory use ([`usage`]), typed errors and their gRPC codes ([`error`]), Prometheus
 //! metrics ([`metrics`]), and the process wiring ([`server`]). [`client`] is the
 //! leader-following client (from berth-net); [`local_cluster`] runs real replica processes
 //! on loopback for benchmarks and tests. Channels and servers are built by berth-net.
@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod transport;
+pub mod usage;
 pub mod watch;
 
 pub use berth_net::client;

@@ -12,10 +12,10 @@ use berth_proto::pb::v1 as pb;
 use berth_proto::pb::v1::SandboxState;
 use berth_scheduler::service::client::Client;
 
-use super::{CreateArgs, NetworkMode};
 use super::emit;
 use super::show::sandbox_json;
 use super::show::{state, status};
+use super::{CreateArgs, NetworkMode};
 use crate::exit::EXIT_FAILURE;
 
 /// First and longest pause between polls of a sandbox's state.

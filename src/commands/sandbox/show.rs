@@ -99,11 +99,25 @@ pub(super) fn describe(sandbox: &pb::Sandbox, now_ms: u64) -> String {
         ("finished", time(st.finished_unix_ms)),
         ("command", dash(&shell_words(&spec.command))),
         ("network", network_summary(spec.network.as_ref())),
+        ("usage", usage_summary(st.usage.as_ref(), now_ms)),
     ];
     lines
         .iter()
         .map(|(key, value)| format!("{key}: {value}\n"))
         .collect()
+}
+
+/// `0.98 cpu, 64.2 MiB (3s ago)`, or `-` before the first report.
+fn usage_summary(usage: Option<&pb::SandboxUsage>, now_ms: u64) -> String {
+    let Some(u) = usage else {
+        return "-".into();
+    };
+    format!(
+        "{:.2} cpu, {:.1} MiB ({} ago)",
+        u.cpu_milli as f64 / 1000.0,
+        u.memory_bytes as f64 / f64::from(1u32 << 20),
+        format_age(now_ms.saturating_sub(u.sampled_unix_ms))
+    )
 }
 
 /// `none`, `egress-all`, or `allow 10.0.0.0/8, 1.2.3.4/32:80,443`.
@@ -113,7 +127,11 @@ fn network_summary(policy: Option<&pb::NetworkPolicy>) -> String {
     };
     let mode = enum_label(p.mode, pb::NetworkMode::as_str_name, "NETWORK_MODE_");
     if p.allow.is_empty() {
-        return if mode == "unspecified" { "none".into() } else { mode.replace('_', "-") };
+        return if mode == "unspecified" {
+            "none".into()
+        } else {
+            mode.replace('_', "-")
+        };
     }
     let rules: Vec<String> = p
         .allow
@@ -319,6 +337,11 @@ pub(super) fn status_json(status: &pb::SandboxStatus) -> serde_json::Value {
         "started_unix_ms": status.started_unix_ms,
         "finished_unix_ms": status.finished_unix_ms,
         "explanation": status.explanation.as_ref().map(explanation_json),
+        "usage": status.usage.as_ref().map(|u| serde_json::json!({
+            "cpu_milli": u.cpu_milli,
+            "memory_bytes": u.memory_bytes,
+            "sampled_unix_ms": u.sampled_unix_ms,
+        })),
     })
 }
 

@@ -45,6 +45,7 @@ pub struct Shared<S: Store = ReplicaHandle> {
     watches: WatchSlots,
     agents: ChannelPool,
     sessions: std::sync::Arc<crate::sessions::SessionsConfig>,
+    usage: super::usage::UsageBook,
 }
 
 /// The four services of one Raft replica, sharing one [`Shared`]. (`SandboxApi`,
@@ -72,6 +73,7 @@ impl<S: Store> Shared<S> {
             watches: WatchSlots::default(),
             agents: ChannelPool::new(NetConfig::peer()),
             sessions: Default::default(),
+            usage: Default::default(),
         }
     }
 

@@ -18,6 +18,7 @@ use super::{MAX_OBSERVED, NodeApi, only_outcome};
 use crate::convert;
 use crate::model::{NodeStatus, SandboxId, SandboxState};
 use crate::service::liveness::Liveness;
+use crate::service::usage::UsageBook;
 use crate::service::{ServiceError, Store};
 use crate::state::{Command, ItemOutcome};
 
@@ -129,6 +130,7 @@ impl<S: Store> NodeService for NodeApi<S> {
         tokio::spawn(agent_inbound(
             self.handle.clone(),
             self.liveness.clone(),
+            self.usage.clone(),
             node.clone(),
             inbound,
         ));
@@ -137,10 +139,11 @@ impl<S: Store> NodeService for NodeApi<S> {
     }
 }
 
-/// Heartbeats, inventory changes and status reports from an agent.
+/// Heartbeats, inventory changes, status and usage reports from an agent.
 async fn agent_inbound<S: Store>(
     handle: S,
     liveness: Liveness,
+    usage: UsageBook,
     node: String,
     mut inbound: Streaming<pb::AgentMessage>,
 ) {
@@ -150,6 +153,10 @@ async fn agent_inbound<S: Store>(
         liveness.heard_from(&node);
         let command = match message.message {
             Some(pb::agent_message::Message::Heartbeat(_)) => continue,
+            Some(pb::agent_message::Message::Usage(report)) => {
+                usage.record(&node, report);
+                continue;
+            }
             Some(pb::agent_message::Message::SandboxStatus(update)) => {
                 match convert::status_update_from_pb(&node, &update) {
                     Ok(u) => Command::UpdateSandboxes { items: vec![u] },
@@ -189,6 +196,7 @@ async fn agent_inbound<S: Store>(
         }
     }
     metrics.agent_streams.dec();
+    usage.forget(&node);
     tracing::info!(node = %node, "agent stream closed");
 }
 

@@ -20,6 +20,53 @@ use crate::service::watch::{self, WatchFilter};
 use crate::service::{ServiceError, Store};
 use crate::state::Submission;
 
+/// Marks a `GetSandbox` one replica sent another for a sandbox's usage, so it is not sent on.
+const USAGE_FORWARDED: &str = "berth-usage-forwarded";
+/// How long a follower waits for the leader's usage figures before answering without them.
+const USAGE_FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl<S: Store> SandboxApi<S> {
+    /// A Running sandbox's last reported usage: from the leader's book here, or, on a
+    /// follower, asked of the leader (best effort: without an answer, none is shown).
+    async fn fill_usage(&self, id: SandboxId, sandbox: &mut pb::Sandbox, forwarded: bool) {
+        let Some(status) = sandbox.status.as_mut() else {
+            return;
+        };
+        if status.state != pb::SandboxState::Running as i32 || status.node_id.is_empty() {
+            return;
+        }
+        if self.handle.is_leader() {
+            status.usage = self.usage.get(id, &status.node_id);
+            return;
+        }
+        let (_, address) = self.handle.leader();
+        if forwarded || address.is_empty() {
+            return;
+        }
+        let Ok(channel) = self.agents.get(&address) else {
+            return;
+        };
+        let mut request = Request::new(pb::GetSandboxRequest {
+            sandbox_id: sandbox.id.clone(),
+        });
+        request.metadata_mut().insert(
+            USAGE_FORWARDED,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+        request.metadata_mut().insert(
+            crate::service::driver::READ_MODE_METADATA,
+            tonic::metadata::MetadataValue::from_static("local"),
+        );
+        let mut client =
+            berth_proto::pb::v1::sandbox_service_client::SandboxServiceClient::new(channel);
+        if let Ok(Ok(answer)) =
+            tokio::time::timeout(USAGE_FORWARD_TIMEOUT, client.get_sandbox(request)).await
+        {
+            status.usage = answer.into_inner().status.and_then(|s| s.usage);
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl<S: Store> SandboxService for SandboxApi<S> {
     async fn create_sandbox(
@@ -51,9 +98,11 @@ impl<S: Store> SandboxService for SandboxApi<S> {
                     .map(|s| convert::sandbox_to_pb_in(s, v.state))
             })
             .await?;
-        found
-            .map(Response::new)
-            .ok_or_else(|| ServiceError::NotFound(format!("sandbox {id} does not exist")).into())
+        let mut found =
+            found.ok_or_else(|| ServiceError::NotFound(format!("sandbox {id} does not exist")))?;
+        let forwarded = request.metadata().contains_key(USAGE_FORWARDED);
+        self.fill_usage(id, &mut found, forwarded).await;
+        Ok(Response::new(found))
     }
 
     async fn list_sandboxes(
