@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use berth_node_agent::image::testing::TestRegistry;
 
 mod common;
-use common::sandboxes::{create, exec, push_busybox, wait_for_state};
+use common::sandboxes::{create, exec, gvisor_dev, push_busybox, wait_for_state};
 use common::{BERTH, Dev, text};
 
 #[test]
@@ -18,16 +18,7 @@ fn a_long_lived_sandbox_takes_execs_and_files_and_ends_at_its_limits() {
     let registry = TestRegistry::start().expect("docker-registry (scripts/test installs it)");
     let reference = push_busybox(&registry, "berth-exec-busybox");
     let dir = tempfile::tempdir().expect("tmp");
-    let dev = Dev::start(
-        dir.path(),
-        &[
-            "--runtime",
-            "gvisor",
-            "--no-autoscaler",
-            "--insecure-registry",
-            &registry.address,
-        ],
-    );
+    let dev = gvisor_dev(dir.path(), &registry, &[]);
     let id = create(
         &dev,
         &["--image", &reference, "--keep-alive", "--memory", "512Mi"],

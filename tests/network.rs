@@ -11,7 +11,7 @@ use std::time::Duration;
 use berth_node_agent::image::testing::TestRegistry;
 
 mod common;
-use common::sandboxes::{create, exec, push_busybox, state_of, wait_for_state};
+use common::sandboxes::{create, exec, gvisor_dev, push_busybox, state_of, wait_for_state};
 use common::{Dev, text};
 
 /// The outside world: namespace `bt-ext-N` joined to the host by a veth pair, the host at
@@ -128,16 +128,7 @@ fn policies_decide_what_a_sandbox_reaches_and_berth_itself_is_never_reachable() 
     let registry = TestRegistry::start().expect("docker-registry (scripts/test installs it)");
     let reference = push_busybox(&registry, "berth-network-busybox");
     let dir = tempfile::tempdir().expect("tmp");
-    let dev = Dev::start(
-        dir.path(),
-        &[
-            "--runtime",
-            "gvisor",
-            "--no-autoscaler",
-            "--insecure-registry",
-            &registry.address,
-        ],
-    );
+    let dev = gvisor_dev(dir.path(), &registry, &[]);
     let start = |extra: &[&str]| {
         let mut args = vec!["--image", reference.as_str(), "--keep-alive"];
         args.extend_from_slice(extra);

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use berth_node_agent::image::testing::TestRegistry;
 
 mod common;
-use common::sandboxes::{create, wait_for_state};
-use common::{Dev, text};
+use common::sandboxes::{create, gvisor_dev, wait_for_state};
+use common::text;
 
 #[test]
 fn a_busy_sandbox_reports_its_memory_and_a_core() {
@@ -20,17 +20,10 @@ fn a_busy_sandbox_reports_its_memory_and_a_core() {
         .find(|p| (0..4).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()))
         .expect("free metrics ports");
     let dir = tempfile::tempdir().expect("tmp");
-    let dev = Dev::start(
+    let dev = gvisor_dev(
         dir.path(),
-        &[
-            "--runtime",
-            "gvisor",
-            "--no-autoscaler",
-            "--insecure-registry",
-            &registry.address,
-            "--agent-metrics-port",
-            &metrics.to_string(),
-        ],
+        &registry,
+        &["--agent-metrics-port", &metrics.to_string()],
     );
     // 64 MiB in gVisor's memory-backed /dev/shm, then a busy loop with no system calls.
     let id = create(

@@ -25,20 +25,19 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use berth_proto::network::{Cidr, network_from_pb};
 use berth_proto::pb::v1 as pb;
 use berth_proto::pb::v1::agent_service_server::AgentServiceServer;
 use berth_proto::pb::v1::node_service_client::NodeServiceClient;
 
+use crate::assignment::Assignments;
 use crate::config::{AgentConfig, RuntimeKind};
 use crate::image::{ImageSettings, ImageStore};
 use crate::inventory::{self, GpuSource};
 use crate::metrics::AgentMetrics;
 use crate::monitor::Monitor;
-use crate::network::NetPlan;
-use crate::runtime::{ExitRecord, Launch, LocalState, Outcome, Runtime, unix_ms};
+use crate::runtime::{ExitRecord, LocalState, Outcome, Runtime, unix_ms};
 use crate::service::AgentApi;
-use crate::starter::{StartRequest, Starter};
+use crate::starter::Starter;
 
 /// Cached images listed in the inventory (the scheduler's limit on `cached_images`).
 const MAX_CACHED_IMAGES_REPORTED: usize = 256;
@@ -123,7 +122,7 @@ pub async fn run(
             "state_dir {}: installing berth-sandboxd",
             state_dir.display()
         )))?;
-    let net_blocked = blocked_destinations(&cfg).await;
+    let assignments = Assignments::new(&cfg, sandboxd_dir).await;
     let run_dir = PathBuf::from(&cfg.network.run_dir);
     tokio::task::spawn_blocking(move || {
         let n = crate::network::sweep_stale(&run_dir);
@@ -211,8 +210,7 @@ pub async fn run(
         metrics,
         sequence: 0,
         last_heartbeat: None,
-        sandboxd_dir,
-        net_blocked,
+        assignments,
         usage,
     };
     tokio::pin!(shutdown);
@@ -280,41 +278,10 @@ struct Agent {
     metrics: Arc<AgentMetrics>,
     sequence: u64,
     last_heartbeat: Option<Instant>,
-    /// Where berth-sandboxd is installed.
-    sandboxd_dir: Option<PathBuf>,
-    /// What no sandbox may reach: `[agent.network] blocked` and the schedulers.
-    net_blocked: Vec<Cidr>,
+    /// What an assignment becomes.
+    assignments: Assignments,
     /// Each interval's usage figures, from [`crate::usage`].
     usage: watch::Receiver<Vec<pb::SandboxUsage>>,
-}
-
-/// `[agent.network] blocked`, and every IPv4 address the scheduler endpoints resolve to
-/// (an endpoint that does not resolve now is logged; the node itself is never reachable).
-async fn blocked_destinations(cfg: &AgentConfig) -> Vec<Cidr> {
-    let mut out: Vec<Cidr> = cfg
-        .network
-        .blocked
-        .iter()
-        .filter_map(|b| b.parse().ok())
-        .collect();
-    for endpoint in &cfg.schedulers {
-        match tokio::net::lookup_host(endpoint.as_str()).await {
-            Ok(addrs) => {
-                for a in addrs {
-                    if let std::net::IpAddr::V4(ip) = a.ip() {
-                        let c = Cidr { addr: ip, len: 32 };
-                        if !out.contains(&c) {
-                            out.push(c);
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::warn!(%endpoint, error = %e, "scheduler endpoint does not resolve; sandboxes are not blocked from it by address")
-            }
-        }
-    }
-    out
 }
 
 fn channel(address: &str) -> Result<Channel, berth_net::NetError> {
@@ -420,60 +387,6 @@ fn spawn_inventory(
 }
 
 impl Agent {
-    /// The network a spec's policy asks for; `None` for loopback only. The scheduler has
-    /// checked the policy; a rule that does not read is left out (so refused, not allowed).
-    fn net_plan(&self, policy: Option<&pb::NetworkPolicy>) -> Option<NetPlan> {
-        let policy = network_from_pb(policy, &mut berth_proto::Validator::new());
-        policy.any().then(|| NetPlan {
-            policy,
-            pool: self.cfg.network.pool.parse().unwrap_or(Cidr {
-                addr: std::net::Ipv4Addr::new(10, 88, 0, 0),
-                len: 16,
-            }),
-            blocked: self.net_blocked.clone(),
-            run_dir: PathBuf::from(&self.cfg.network.run_dir),
-        })
-    }
-
-    /// The start request of an assignment.
-    fn request_of(&self, sandbox: &pb::Sandbox, epoch: u64) -> StartRequest {
-        let spec = sandbox.spec.clone().unwrap_or_default();
-        let resources = spec.resources.clone().unwrap_or_default();
-        let gpu_uuids = sandbox
-            .status
-            .as_ref()
-            .map(|s| s.gpu_uuids.clone())
-            .unwrap_or_default();
-        StartRequest {
-            launch: Launch {
-                sandbox_id: sandbox.id.clone(),
-                epoch,
-                command: Vec::new(),
-                env: BTreeMap::new(),
-                image: spec.image.clone(),
-                image_digest: String::new(),
-                rootfs: None,
-                workdir: String::new(),
-                uid: 0,
-                gid: 0,
-                gpu_uuids,
-                cpu_milli: resources.cpu_milli,
-                memory_mib: resources.memory_mib,
-                timeout_ms: spec.timeout_ms,
-                net: self.net_plan(spec.network.as_ref()),
-                runtime: self.cfg.runtime,
-                runsc_path: self.cfg.runsc_path.clone(),
-                runsc_platform: self.cfg.runsc_platform.clone(),
-                max_output_bytes: self.cfg.max_output_bytes,
-                sandboxd_dir: self.sandboxd_dir.clone(),
-                keep_alive: spec.keep_alive,
-                idle_timeout_ms: spec.idle_timeout_ms,
-            },
-            command: spec.command,
-            env: spec.env.into_iter().collect(),
-        }
-    }
-
     /// What a session reports of a sandbox: nothing while it is still starting.
     fn reportable(s: &crate::runtime::LocalSandbox) -> bool {
         s.started || s.state != LocalState::Running
@@ -573,7 +486,7 @@ impl Agent {
                         Some(pb::scheduler_message::Message::Assign(assign)) => {
                             let Some(sandbox) = assign.sandbox else { continue };
                             if !sent.contains_key(&sandbox.id) {
-                                self.starter.submit(self.request_of(&sandbox, assign.epoch));
+                                self.starter.submit(self.assignments.request_of(&sandbox, assign.epoch));
                             }
                         }
                         Some(pb::scheduler_message::Message::Terminate(t)) => {

@@ -20,10 +20,12 @@
 //! - [`sandboxd`]: the helper inside every sandbox: its binary, and calls to it.
 //! - [`logs`], [`calls`], [`service`]: `AgentService` — captured output, and exec and file
 //!   calls into sandboxes — served to the schedulers.
+//! - [`assignment`]: what an assignment becomes (the shim's launch, the network plan).
 //! - [`agent`]: the session loop with the scheduler leader (register, heartbeat,
 //!   assignments, status, re-adoption after a restart).
 
 pub mod agent;
+pub mod assignment;
 pub mod bundle;
 pub mod calls;
 pub mod cgroups;

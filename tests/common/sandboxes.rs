@@ -8,6 +8,19 @@ use berth_node_agent::image::testing::{self, TestRegistry};
 
 use super::{Dev, text};
 
+/// `berth dev` on gVisor without the autoscaler, pulling from `registry`, with `extra`.
+pub(crate) fn gvisor_dev(dir: &std::path::Path, registry: &TestRegistry, extra: &[&str]) -> Dev {
+    let mut args = vec![
+        "--runtime",
+        "gvisor",
+        "--no-autoscaler",
+        "--insecure-registry",
+        registry.address.as_str(),
+    ];
+    args.extend_from_slice(extra);
+    Dev::start(dir, &args)
+}
+
 /// Pushes a busybox image (`sh` as its cmd) as `<registry>/busybox:1`; returns the reference.
 pub(crate) fn push_busybox(registry: &TestRegistry, layer_name: &str) -> String {
     let reference = format!("{}/busybox:1", registry.address);
