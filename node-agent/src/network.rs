@@ -16,8 +16,8 @@
 //! - `postrouting`: sandbox traffic leaving the host is masqueraded.
 //!
 //! Slots are files under the host-wide `run_dir` (`/run/berth/net`), made with `O_EXCL`
-//! and holding the owning shim's pid: a slot whose shim is gone is taken back, its leftover
-//! namespace and chain removed first. The `ip` and `nft` programs do the work: nft's own
+//! and holding the owning shim's pid, under a host-wide `flock`: a slot whose shim is gone
+//! is taken back, its leftover namespace and chain removed first. The `ip` and `nft` programs do the work: nft's own
 //! transactions make each change all-or-nothing, which no Rust netlink crate offers.
 
 use std::fs;
@@ -187,6 +187,9 @@ fn take_slot(plan: &NetPlan, owner: &Path) -> Result<(u32, PathBuf), String> {
         (h.finish() % u64::from(slots)) as u32
     };
     let me = format!("{} {}\n", std::process::id(), owner.display());
+    // Taking slots (and taking back dead owners' ones) is one shim at a time on a host,
+    // so two shims cannot both reclaim the same stale slot.
+    let _lock = lock(&plan.run_dir)?;
     for i in 0..slots {
         let slot = (start + i) % slots;
         let file = dir.join(slot.to_string());
@@ -199,14 +202,15 @@ fn take_slot(plan: &NetPlan, owner: &Path) -> Result<(u32, PathBuf), String> {
                 Ok(mut f) => {
                     f.write_all(me.as_bytes())
                         .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
-                    // A crashed owner may have left its namespace or chain behind.
-                    remove_slot_state(slot);
+                    // A free slot is clean: owners remove their state before the file.
                     return Ok((slot, file));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt == 0 => {
                     if owner_alive(&file) {
                         break;
                     }
+                    // Its owner died: take what it left behind, then the slot.
+                    remove_slot_state(slot);
                     let _ = fs::remove_file(&file);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => break,
@@ -227,6 +231,9 @@ pub fn sweep_stale(run_dir: &Path) -> usize {
     let Ok(entries) = fs::read_dir(run_dir.join("slots")) else {
         return 0;
     };
+    let Ok(_lock) = lock(run_dir) else {
+        return 0;
+    };
     let mut swept = 0;
     for e in entries.flatten() {
         let Some(slot) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
@@ -239,6 +246,21 @@ pub fn sweep_stale(run_dir: &Path) -> usize {
         }
     }
     swept
+}
+
+/// The host-wide slot lock (`run_dir/slots.lock`), held until the file is dropped.
+fn lock(run_dir: &Path) -> Result<fs::File, String> {
+    use std::os::fd::AsRawFd;
+    let path = run_dir.join("slots.lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    nix::fcntl::flock(file.as_raw_fd(), nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|e| format!("cannot lock {}: {e}", path.display()))?;
+    Ok(file)
 }
 
 /// Whether the shim named in a slot file still runs.

@@ -11,6 +11,8 @@
 //!   errors that name the field.
 //! - [`gpu`]: the GPU catalog ([`gpu::catalog`]) and request parsing ([`gpu::request`]).
 //! - [`image`]: OCI image references, checked against the distribution grammar.
+//! - [`network`]: sandbox network policies (none, egress to all, an allow-list of IPv4
+//!   CIDRs and ports) and their wire form.
 //! - [`node`]: node vocabulary (capacity type, taint effect).
 //! - [`resources`]: CPU/memory/GPU amounts with overflow-checked arithmetic, and quantity
 //!   parsing (`"1.5"`, `"500m"`, `"16GiB"`).
