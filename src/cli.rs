@@ -54,6 +54,11 @@ enum Command {
     Node(crate::commands::node::NodeArgs),
     /// Cluster status and Raft membership.
     Cluster(crate::commands::cluster::ClusterArgs),
+    /// Create, list and revoke API tokens (tenant and admin).
+    Token(crate::commands::token::TokenArgs),
+    /// A certificate authority and certificates in files (operators without their own CA).
+    #[command(subcommand)]
+    Cert(crate::commands::cert::CertCommand),
     /// Benchmarks: placement latency, create throughput.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -86,6 +91,8 @@ impl Cli {
             Command::Sandbox(args) => crate::commands::sandbox::run(&args),
             Command::Node(args) => crate::commands::node::run(&args),
             Command::Cluster(args) => crate::commands::cluster::run(&args),
+            Command::Token(args) => crate::commands::token::run(&args),
+            Command::Cert(command) => command.run(),
             Command::Bench(command) => command.run(),
         }
     }

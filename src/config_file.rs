@@ -57,6 +57,18 @@ fn prefix_lines(path: &Path, errors: &FieldErrors) -> String {
 impl ConfigFile {
     /// Reads, parses and validates a file; every validation problem is reported at once.
     pub(crate) fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let file = ConfigFile::read(path)?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        file.validate(dir).map_err(|errors| ConfigError::Invalid {
+            path: path.to_owned(),
+            errors,
+        })?;
+        Ok(file)
+    }
+
+    /// The file parsed, not yet validated: for a caller that replaces some fields first
+    /// (`berth dev --autoscaler-config` sets `schedulers` and `tls` itself).
+    pub(crate) fn read(path: &Path) -> Result<ConfigFile, ConfigError> {
         let read_err = |source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -78,11 +90,6 @@ impl ConfigFile {
                 path: path.to_owned(),
             });
         }
-        let dir = path.parent().unwrap_or(Path::new("."));
-        file.validate(dir).map_err(|errors| ConfigError::Invalid {
-            path: path.to_owned(),
-            errors,
-        })?;
         Ok(file)
     }
 
@@ -99,6 +106,29 @@ impl ConfigFile {
             names.push("autoscaler");
         }
         names
+    }
+
+    /// The `[autoscaler]` section checked as `berth dev` runs it: everything but the
+    /// fields dev replaces (`tls`; `schedulers` it sets before this).
+    pub(crate) fn dev_autoscaler(
+        path: &Path,
+        schedulers: &[String],
+    ) -> Result<berth_autoscaler::AutoscalerConfig, String> {
+        let mut cfg = ConfigFile::read(path)
+            .map_err(|e| e.to_string())?
+            .autoscaler
+            .ok_or_else(|| format!("{}: no [autoscaler] section", path.display()))?;
+        cfg.schedulers = schedulers.to_vec();
+        let mut v = Validator::new();
+        v.nested("autoscaler", |v| cfg.validate_policy(v));
+        v.finish().map_err(|errors| {
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                errors,
+            }
+            .to_string()
+        })?;
+        Ok(cfg)
     }
 
     fn validate(&self, dir: &Path) -> Result<(), FieldErrors> {

@@ -11,6 +11,7 @@
 mod cli;
 mod commands;
 mod config_file;
+mod credentials;
 mod exit;
 mod logging;
 

@@ -9,7 +9,6 @@ use berth_proto::pb::v1 as pb;
 use berth_proto::pb::v1::admin_service_client::AdminServiceClient;
 use berth_proto::pb::v1::peer_client::PeerClient;
 use berth_proto::pb::v1::sandbox_service_client::SandboxServiceClient;
-use berth_scheduler::service::client::Client;
 
 mod common;
 use common::single_replica;
@@ -43,7 +42,7 @@ async fn bad_requests_name_the_field_and_the_replica_keeps_serving() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cluster = single_replica(dir.path()).await;
     let address = cluster.members[0].address.clone();
-    let channel = berth_net::channel(&address, &berth_net::NetConfig::peer()).expect("channel");
+    let channel = cluster.admin_channel(&address);
     let mut sandboxes = SandboxServiceClient::new(channel.clone());
 
     // No spec.
@@ -160,8 +159,12 @@ async fn bad_requests_name_the_field_and_the_replica_keeps_serving() {
         .expect_err("unknown id");
     assert_eq!(s.code(), Code::NotFound);
 
-    // Peers: another cluster's traffic and garbage Raft messages are refused.
-    let mut peer = PeerClient::new(channel.clone());
+    // Peers: another cluster's traffic and garbage Raft messages are refused (sent with a
+    // replica certificate in the peer list: the guard lets it through to the checks).
+    let replica = cluster.replica_tls(1).expect("replica certificate");
+    let peer_cfg =
+        berth_net::NetConfig::peer().with_tls(Some(&replica), berth_net::Expect::AnyReplica);
+    let mut peer = PeerClient::new(berth_net::channel(&address, &peer_cfg).expect("channel"));
     let s = peer
         .send(pb::RaftBatch {
             from: 2,
@@ -200,7 +203,7 @@ async fn bad_requests_name_the_field_and_the_replica_keeps_serving() {
     assert!(s.message().contains("address"), "{}", s.message());
 
     // Still serving: a valid create succeeds and is idempotent.
-    let mut client = Client::new(vec![address]);
+    let mut client = cluster.client_of(vec![address]);
     let first = client.create("ok-1", valid_spec()).await.expect("create");
     let again = client.create("ok-1", valid_spec()).await.expect("retry");
     assert!(!first.deduplicated);
@@ -219,7 +222,7 @@ async fn what_a_node_would_refuse_is_invalid_argument_naming_the_field() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cluster = single_replica(dir.path()).await;
     let address = cluster.members[0].address.clone();
-    let channel = berth_net::channel(&address, &berth_net::NetConfig::peer()).expect("channel");
+    let channel = cluster.admin_channel(&address);
     let mut sandboxes = SandboxServiceClient::new(channel);
     let cases: Vec<(&str, pb::SandboxSpec, &str)> = vec![
         (
@@ -334,8 +337,7 @@ async fn metrics_and_health_are_served() {
     }
     assert!(body.contains("berth_raft_is_leader 1"), "{body}");
     // gRPC health.
-    let channel = berth_net::channel(&cluster.members[0].address, &berth_net::NetConfig::peer())
-        .expect("channel");
+    let channel = cluster.admin_channel(&cluster.members[0].address);
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let reply = health
         .check(tonic_health::pb::HealthCheckRequest {
@@ -374,8 +376,7 @@ async fn watch_streams_the_current_state_then_changes_and_deletes() {
         .sandbox
         .expect("sandbox")
         .id;
-    let channel = berth_net::channel(&cluster.members[0].address, &berth_net::NetConfig::peer())
-        .expect("channel");
+    let channel = cluster.admin_channel(&cluster.members[0].address);
     let mut sandboxes = SandboxServiceClient::new(channel);
 
     // A bad id is refused, naming it.

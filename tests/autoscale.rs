@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use berth_proto::pb::v1 as pb;
-use berth_scheduler::service::client::Client;
 
 mod common;
 use common::{Dev, text};
@@ -72,7 +71,7 @@ fn pending_gpu_sandboxes_scale_a_group_up_from_zero_and_idle_nodes_go_back_to_ze
         ],
     );
     let runtime = tokio::runtime::Runtime::new().expect("tokio");
-    let mut client = Client::new(vec![dev.endpoint.clone()]);
+    let mut client = dev.client();
     let started = Instant::now();
     while runtime.block_on(client.status()).is_err() {
         assert!(

@@ -50,7 +50,23 @@ fn config(
     }
 }
 
-fn controller(cfg: &AutoscalerConfig, clock: &SimClock, holder: &str) -> Controller {
+/// The autoscaler's certificate in `cluster`.
+fn autoscaler_tls(
+    cluster: &berth_scheduler::service::local_cluster::LocalCluster,
+) -> Option<berth_net::Tls> {
+    let pki = cluster.pki()?;
+    let settings = pki
+        .issue("autoscaler/test")
+        .expect("autoscaler certificate");
+    berth_net::Tls::load(&settings).expect("load it")
+}
+
+fn controller(
+    cfg: &AutoscalerConfig,
+    clock: &SimClock,
+    holder: &str,
+    tls: Option<berth_net::Tls>,
+) -> Controller {
     let providers: BTreeMap<String, Arc<dyn Provider>> = cfg
         .providers
         .iter()
@@ -62,7 +78,7 @@ fn controller(cfg: &AutoscalerConfig, clock: &SimClock, holder: &str) -> Control
             _ => None,
         })
         .collect();
-    Controller::new(cfg.clone(), providers, holder.into(), Metrics::new())
+    Controller::new(cfg.clone(), providers, holder.into(), Metrics::new(), tls)
 }
 
 async fn create_h100(client: &mut Client, n: usize) {
@@ -94,8 +110,8 @@ async fn only_the_lease_holder_acts_and_another_takes_over_when_it_stops() {
         vec![g],
     );
     let clock = SimClock::new();
-    let mut a = controller(&cfg, &clock, "a");
-    let mut b = controller(&cfg, &clock, "b");
+    let mut a = controller(&cfg, &clock, "a", autoscaler_tls(&cluster));
+    let mut b = controller(&cfg, &clock, "b", autoscaler_tls(&cluster));
 
     let ra = a.round(unix_ms()).await.expect("round a");
     assert!(ra.held);
@@ -149,7 +165,7 @@ async fn a_stockout_moves_demand_to_the_next_region_in_the_same_round() {
     );
     let clock = SimClock::new();
     clock.set(5_000_000);
-    let mut c = controller(&cfg, &clock, "a");
+    let mut c = controller(&cfg, &clock, "a", autoscaler_tls(&cluster));
     let mut client = cluster.client();
     create_h100(&mut client, 12).await;
 
@@ -197,7 +213,7 @@ async fn a_spot_interruption_notice_cordons_the_node() {
     spot.min_nodes = 1;
     let cfg = config(cluster.endpoints(), &[("sim", sim)], vec![spot.clone()]);
     let clock = SimClock::new();
-    let mut c = controller(&cfg, &clock, "a");
+    let mut c = controller(&cfg, &clock, "a", autoscaler_tls(&cluster));
     let report = c.round(unix_ms()).await.expect("round");
     assert_eq!(report.scaled_up, [("spot".to_string(), 1)]);
 
@@ -254,7 +270,7 @@ async fn a_node_that_never_registers_is_released_and_demand_moves_on() {
     );
     cfg.provision_timeout_s = 1;
     let clock = SimClock::new();
-    let mut c = controller(&cfg, &clock, "a");
+    let mut c = controller(&cfg, &clock, "a", autoscaler_tls(&cluster));
     create_h100(&mut cluster.client(), 4).await;
 
     let t0 = unix_ms();
@@ -290,6 +306,10 @@ async fn two_autoscaler_processes_one_acts_and_the_other_takes_over() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cluster = single_replica(dir.path()).await;
     let config = dir.path().join("autoscaler.toml");
+    let pki = cluster.pki().expect("a TLS cluster");
+    let tls = pki
+        .issue("autoscaler/procs")
+        .expect("autoscaler certificate");
     std::fs::write(
         &config,
         format!(
@@ -297,6 +317,11 @@ async fn two_autoscaler_processes_one_acts_and_the_other_takes_over() {
 [autoscaler]
 schedulers = ["{}"]
 interval_ms = 200
+
+[autoscaler.tls]
+ca = "{}"
+cert = "{}"
+key = "{}"
 
 [autoscaler.providers.sim]
 kind = "sim"
@@ -314,7 +339,10 @@ price_per_hour_usd = 10.0
 min_nodes = 1
 max_nodes = 4
 "#,
-            cluster.endpoints()[0]
+            cluster.endpoints()[0],
+            tls.ca,
+            tls.cert,
+            tls.key
         ),
     )
     .expect("config");

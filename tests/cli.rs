@@ -41,14 +41,62 @@ fn help_lists_every_subcommand() {
     assert!(help.contains("--log-level") && help.contains("--log-format"));
 }
 
+/// The example configs copied into `dir` with their `/etc/berth/tls/` files made by a CA
+/// of the file's cluster (berth-dev for dev.toml, berth-prod for the rest).
+fn examples_with_certificates(dir: &Path) -> Vec<String> {
+    use berth_net::tls::pki::LocalPki;
+    let mut pkis = std::collections::BTreeMap::new();
+    for cluster in ["berth-dev", "berth-prod"] {
+        let pki = LocalPki::create(&dir.join(cluster), cluster).expect("pki");
+        for role in [
+            "replica/1",
+            "node/aws-use1-p5-0001",
+            "node/local-h100-0",
+            "autoscaler/main",
+        ] {
+            pki.issue(role).expect("issue");
+        }
+        pkis.insert(cluster, pki);
+    }
+    let copy = |from: &Path, to: &Path| {
+        std::fs::create_dir_all(to).expect("mkdir");
+        for e in std::fs::read_dir(from).expect("read_dir").flatten() {
+            if e.path().is_file() {
+                std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+            }
+        }
+    };
+    copy(
+        Path::new("deploy/examples/inventories"),
+        &dir.join("inventories"),
+    );
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("deploy/examples")
+        .expect("deploy/examples")
+        .flatten()
+    {
+        let path = e.path();
+        if path.extension().is_none_or(|x| x != "toml") {
+            continue;
+        }
+        let cluster = if e.file_name() == "dev.toml" {
+            "berth-dev"
+        } else {
+            "berth-prod"
+        };
+        let text = std::fs::read_to_string(&path).expect("read");
+        let tls_dir = format!("{}/", pkis[cluster].dir.display());
+        let target = dir.join(e.file_name());
+        std::fs::write(&target, text.replace("/etc/berth/tls/", &tls_dir)).expect("write");
+        out.push(target.display().to_string());
+    }
+    out
+}
+
 #[test]
 fn example_configs_pass() {
-    let mut examples: Vec<String> = std::fs::read_dir(Path::new("deploy/examples"))
-        .expect("deploy/examples")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .map(|p| p.display().to_string())
-        .collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut examples = examples_with_certificates(dir.path());
     examples.sort();
     assert!(examples.len() >= 4, "{examples:?}");
     let mut args = vec!["config", "check"];
@@ -67,7 +115,13 @@ fn a_config_with_two_mistakes_names_both_fields() {
         "[scheduler]\nnode_id = 1\nlisten_address = \"no-port\"\n\n[scheduler.raft]\nelection_ticks = 1\nheartbeat_ticks = 1\n",
     )
     .expect("write");
-    let good = Path::new("deploy/examples/scheduler.toml");
+    let examples = examples_with_certificates(dir.path());
+    let good_path = examples
+        .iter()
+        .find(|p| p.ends_with("/scheduler.toml"))
+        .expect("scheduler.toml")
+        .clone();
+    let good = Path::new(&good_path);
     let out = berth(&[
         "config",
         "check",
@@ -110,7 +164,8 @@ fn an_agent_without_runsc_says_how_to_fix_it() {
     let config = dir.path().join("agent.toml");
     std::fs::write(
         &config,
-        "[agent]\nnode_id = \"n1\"\nruntime = \"gvisor\"\nrunsc_path = \"/nonexistent/runsc\"\n",
+        "[agent]\nnode_id = \"n1\"\nruntime = \"gvisor\"\nrunsc_path = \"/nonexistent/runsc\"\n\
+         [agent.tls]\ninsecure = true\n",
     )
     .expect("write");
     let out = berth(&["agent", "--config", config.to_str().expect("utf-8")]);
@@ -168,13 +223,13 @@ fn a_bad_log_filter_is_a_usage_error() {
         );
         assert!(out.stdout.is_empty(), "nothing runs after a usage error");
     }
-    let out = berth(&[
-        "--log-level",
-        "warn,berth=debug",
-        "config",
-        "check",
-        "deploy/examples/dev.toml",
-    ]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let examples = examples_with_certificates(dir.path());
+    let dev = examples
+        .iter()
+        .find(|p| p.ends_with("/dev.toml"))
+        .expect("dev.toml");
+    let out = berth(&["--log-level", "warn,berth=debug", "config", "check", dev]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
@@ -359,7 +414,7 @@ fn sandbox_create_refuses_a_bad_memory_size_naming_the_flag() {
 fn sandbox_and_node_commands_against_nothing_fail_clearly() {
     for command in [&["sandbox", "list"][..], &["node", "list"][..]] {
         let mut args = command.to_vec();
-        args.extend(["--endpoint", "127.0.0.1:1", "--timeout", "1s"]);
+        args.extend(["--endpoint", "127.0.0.1:1", "--timeout", "1s", "--insecure"]);
         let started = std::time::Instant::now();
         let out = berth(&args);
         assert_eq!(out.status.code(), Some(1), "{command:?}");
@@ -468,4 +523,87 @@ fn dev_refuses_an_unknown_only_node_before_starting_anything() {
     );
     assert!(!err.contains("replica started"), "{err}");
     assert!(!data.exists(), "nothing was written");
+}
+
+#[test]
+fn without_credentials_a_cluster_command_says_where_it_looked() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["sandbox", "list", "--endpoint", "127.0.0.1:1"])
+        .current_dir(dir.path())
+        .env("HOME", dir.path())
+        .env_remove("BERTH_CREDENTIALS")
+        .env_remove("BERTH_TOKEN")
+        .output()
+        .expect("run berth");
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("berth sandbox: no credentials: pass --credentials FILE")
+            && err.contains("~/.config/berth/credentials.toml")
+            && err.contains("--insecure"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cert_makes_a_ca_issues_identities_and_shows_them() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let ca = dir.path().join("ca");
+    let ca_arg = ca.to_str().expect("utf-8");
+    let out = berth(&["cert", "ca", "--dir", ca_arg, "--cluster", "prod"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("ca.key (owner-only"));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(ca.join("ca.key"))
+        .expect("ca.key")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the CA key is owner-only");
+    // A second CA over the first is refused: it would orphan every certificate.
+    let again = berth(&["cert", "ca", "--dir", ca_arg, "--cluster", "prod"]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        text(&again.stderr).contains("refusing to replace the cluster's root of trust"),
+        "{}",
+        text(&again.stderr)
+    );
+    let creds = dir.path().join("creds.toml");
+    let out = berth(&[
+        "cert",
+        "issue",
+        "--dir",
+        ca_arg,
+        "admin/alice",
+        "--ttl",
+        "2d",
+        "--credentials",
+        creds.to_str().expect("utf-8"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("identity:    spiffe://prod/admin/alice"),
+        "{}",
+        text(&out.stdout)
+    );
+    let written = std::fs::read_to_string(&creds).expect("credentials file");
+    assert!(written.contains("admin-alice.pem"), "{written}");
+    let out = berth(&[
+        "cert",
+        "show",
+        ca.join("admin-alice.pem").to_str().expect("utf-8"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("spiffe://prod/admin/alice, valid, from"),
+        "{}",
+        text(&out.stdout)
+    );
+    let bad = berth(&["cert", "issue", "--dir", ca_arg, "wizard/merlin"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        text(&bad.stderr).contains("wizard"),
+        "{}",
+        text(&bad.stderr)
+    );
 }

@@ -68,7 +68,7 @@ type Acked = Arc<Mutex<BTreeMap<String, String>>>;
 
 /// Clients that create sandboxes until told to stop; every acknowledged create is recorded.
 fn start_writers(
-    endpoints: Vec<String>,
+    client: Client,
     writers: u64,
     deadline: Duration,
     stop: Arc<AtomicBool>,
@@ -76,11 +76,10 @@ fn start_writers(
 ) -> Vec<tokio::task::JoinHandle<()>> {
     (0..writers)
         .map(|w| {
-            let endpoints = endpoints.clone();
+            let mut client = client.clone();
             let stop = stop.clone();
             let acked = acked.clone();
             tokio::spawn(async move {
-                let mut client = Client::new(endpoints);
                 client.deadline = deadline;
                 let mut n = 0;
                 while !stop.load(Ordering::Relaxed) {
@@ -116,11 +115,12 @@ async fn wait_applied(cluster: &LocalCluster, i: usize, index: u64) {
 }
 
 async fn assert_holds_all(cluster: &LocalCluster, i: usize, acked: &BTreeMap<String, String>) {
-    let held: BTreeSet<String> = local_sandbox_ids(&cluster.members[i].address)
-        .await
-        .expect("list the replica's sandboxes")
-        .into_iter()
-        .collect();
+    let held: BTreeSet<String> =
+        local_sandbox_ids(&cluster.members[i].address, cluster.admin_tls())
+            .await
+            .expect("list the replica's sandboxes")
+            .into_iter()
+            .collect();
     let missing: Vec<&String> = acked.values().filter(|id| !held.contains(*id)).collect();
     assert!(
         missing.is_empty(),
@@ -142,7 +142,7 @@ async fn killing_the_leader_loses_no_acknowledged_create() {
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Acked = Arc::default();
     let writers = start_writers(
-        cluster.endpoints(),
+        cluster.client(),
         6,
         Duration::from_secs(20),
         stop.clone(),
@@ -211,7 +211,7 @@ async fn restarting_every_replica_keeps_every_acknowledged_create() {
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Acked = Arc::default();
     let writers = start_writers(
-        cluster.endpoints(),
+        cluster.client(),
         4,
         Duration::from_secs(2),
         stop.clone(),
@@ -324,7 +324,7 @@ async fn a_replica_that_knows_no_leader_answers_unavailable() {
         }
     }
     let address = cluster.members[survivor].address.clone();
-    let channel = berth_net::channel(&address, &berth_net::NetConfig::peer()).expect("channel");
+    let channel = cluster.admin_channel(&address);
     let mut raw = pb::sandbox_service_client::SandboxServiceClient::new(channel);
     let request = pb::CreateSandboxRequest {
         request_id: "no-leader".into(),
@@ -361,7 +361,7 @@ async fn a_replica_that_knows_no_leader_answers_unavailable() {
         Some("")
     );
     // The leader-following client retries it until its deadline, then reports it.
-    let mut client = Client::new(vec![address]);
+    let mut client = cluster.client_of(vec![address]);
     client.deadline = Duration::from_millis(1_500);
     let tried = Instant::now();
     let err = client

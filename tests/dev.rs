@@ -7,7 +7,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use berth_proto::pb::v1 as pb;
-use berth_scheduler::service::client::Client;
 
 mod common;
 use common::{Dev, text};
@@ -19,7 +18,7 @@ fn dev_runs_a_gpu_sandbox_under_gvisor_and_the_cli_exits_with_its_code() {
 
     // Wait until all seven nodes are Ready.
     let runtime = tokio::runtime::Runtime::new().expect("tokio");
-    let mut client = Client::new(vec![dev.endpoint.clone()]);
+    let mut client = dev.client();
     let started = Instant::now();
     let nodes: Vec<pb::Node> = loop {
         let nodes = runtime

@@ -66,6 +66,8 @@ fn a_long_lived_sandbox_takes_execs_and_files_and_ends_at_its_limits() {
             "exec",
             "--endpoint",
             &dev.endpoint,
+            "--credentials",
+            dev.credentials.to_str().expect("utf-8"),
             &id,
             "--",
             "cat",
@@ -92,6 +94,7 @@ fn a_long_lived_sandbox_takes_execs_and_files_and_ends_at_its_limits() {
     let mut sleeper = Command::new(BERTH)
         .args(["sandbox", "exec", "--endpoint", &dev.endpoint, &id, "--"])
         .args(["sh", "-c", "echo $$ > /tmp/sleeper; exec sleep 1000"])
+        .env("BERTH_CREDENTIALS", &dev.credentials)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()

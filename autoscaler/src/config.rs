@@ -43,6 +43,9 @@ pub struct AutoscalerConfig {
     pub capacity_preference: CapacityPreference,
     /// Per-tenant override of `capacity_preference`.
     pub tenant_capacity_preference: BTreeMap<String, CapacityPreference>,
+    /// The autoscaler's certificate (`spiffe://CLUSTER/autoscaler/NAME`), key and the
+    /// cluster CA, used towards the replicas and external providers; or `insecure = true`.
+    pub tls: berth_net::TlsSettings,
 }
 
 /// Spot or on-demand first, for sandboxes that accept either.
@@ -211,6 +214,7 @@ impl Default for AutoscalerConfig {
             provision_timeout_s: 900,
             capacity_preference: CapacityPreference::Cheapest,
             tenant_capacity_preference: BTreeMap::new(),
+            tls: berth_net::TlsSettings::default(),
         }
     }
 }
@@ -227,6 +231,22 @@ impl Default for BackoffConfig {
 impl AutoscalerConfig {
     /// Records every problem under the validator's current path.
     pub fn validate(&self, v: &mut Validator) {
+        if let Some(id) = v.nested("tls", |v| self.tls.validate(v)) {
+            v.check(
+                matches!(
+                    id.role,
+                    berth_net::Role::Autoscaler(_) | berth_net::Role::Admin(_)
+                ),
+                "tls.cert",
+                || format!("names {id}; the autoscaler needs an autoscaler/NAME identity"),
+            );
+        }
+        self.validate_policy(v);
+    }
+
+    /// Everything but `tls`: what the simulator checks (it runs the policy against a
+    /// simulated cluster and never opens a connection).
+    pub fn validate_policy(&self, v: &mut Validator) {
         v.check(!self.schedulers.is_empty(), "schedulers", || {
             "must list at least one".into()
         });
@@ -451,6 +471,9 @@ mod tests {
         memory_mib = 2000000
         price_per_hour_usd = 98.32
         max_nodes = 4
+
+        [tls]
+        insecure = true
     "#;
 
     fn errors(config: &AutoscalerConfig) -> Vec<String> {
@@ -467,6 +490,20 @@ mod tests {
         let config: AutoscalerConfig = toml::from_str(EXAMPLE).expect("parses");
         assert_eq!(errors(&config), Vec::<String>::new());
         assert_eq!(config.node_groups[0].capacity_type, CapacityType::OnDemand);
+    }
+
+    #[test]
+    fn tls_is_required_unless_insecure_but_not_by_the_simulator() {
+        let mut config: AutoscalerConfig = toml::from_str(EXAMPLE).expect("parses");
+        config.tls = berth_net::TlsSettings::default();
+        let named: Vec<String> = errors(&config)
+            .iter()
+            .filter_map(|e| e.split(':').next().map(str::to_owned))
+            .collect();
+        assert_eq!(named, ["tls.ca", "tls.cert", "tls.key"]);
+        let mut v = Validator::new();
+        config.validate_policy(&mut v);
+        assert!(v.finish().is_ok());
     }
 
     #[test]

@@ -80,8 +80,15 @@ impl Controller {
         providers: BTreeMap<String, Arc<dyn Provider>>,
         holder: String,
         metrics: Metrics,
+        tls: Option<berth_net::Tls>,
     ) -> Controller {
-        let mut client = Client::new(cfg.schedulers.clone());
+        let credentials = berth_net::client::Credentials {
+            tls: tls.clone(),
+            token: None,
+        };
+        let mut client = Client::new(cfg.schedulers.clone())
+            .with_credentials(credentials)
+            .unwrap_or_else(|_| Client::new(cfg.schedulers.clone()));
         client.deadline = Duration::from_secs(10);
         Controller {
             policy: Policy::new(cfg.clone(), planning_placer()),

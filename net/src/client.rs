@@ -11,6 +11,8 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Response, Status, Streaming};
 
@@ -20,6 +22,32 @@ use berth_proto::pb::v1::node_service_client::NodeServiceClient;
 use berth_proto::pb::v1::sandbox_service_client::SandboxServiceClient;
 
 use crate::NetConfig;
+use crate::tls::{Expect, Tls};
+
+/// Adds `authorization: Bearer TOKEN` to every request when the client has a token.
+#[derive(Clone, Default)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel with the client's token on every call: what [`Client::call`] hands out.
+pub type Conn = InterceptedService<Channel, Bearer>;
+
+/// How a client authenticates: its certificate (TLS), and an API token.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    /// The certificate, key and CA (`None`: plaintext, for an insecure cluster).
+    pub tls: Option<Tls>,
+    /// An API token (tenant or admin), sent as `authorization: Bearer`.
+    pub token: Option<String>,
+}
 use crate::leader::{LEADER_METADATA, READ_MODE_METADATA, is_not_leader};
 
 /// A cluster client.
@@ -28,6 +56,8 @@ pub struct Client {
     endpoints: Vec<String>,
     current: String,
     channels: HashMap<String, Channel>,
+    credentials: Credentials,
+    bearer: Bearer,
     /// How long one call keeps retrying.
     pub deadline: Duration,
 }
@@ -51,8 +81,29 @@ impl Client {
             endpoints,
             current,
             channels: HashMap::new(),
+            credentials: Credentials::default(),
+            bearer: Bearer::default(),
             deadline: Duration::from_secs(15),
         }
+    }
+
+    /// The same client, authenticating with `credentials`. A token that is not valid
+    /// metadata is refused here rather than at the first call.
+    pub fn with_credentials(mut self, credentials: Credentials) -> Result<Client, String> {
+        self.bearer = match &credentials.token {
+            None => Bearer(None),
+            Some(t) => Bearer(Some(format!("Bearer {t}").parse().map_err(|_| {
+                "the API token holds characters a header cannot".to_string()
+            })?)),
+        };
+        self.credentials = credentials;
+        self.channels.clear();
+        Ok(self)
+    }
+
+    /// The credentials calls are made with.
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials
     }
 
     /// The endpoints this client was given.
@@ -74,14 +125,15 @@ impl Client {
         self
     }
 
-    fn channel(&mut self, address: &str) -> Result<Channel, Status> {
+    fn channel(&mut self, address: &str) -> Result<Conn, Status> {
         if let Some(c) = self.channels.get(address) {
-            return Ok(c.clone());
+            return Ok(InterceptedService::new(c.clone(), self.bearer.clone()));
         }
-        let channel = crate::channel(address, &NetConfig::peer())
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let cfg = NetConfig::peer().with_tls(self.credentials.tls.as_ref(), Expect::AnyReplica);
+        let channel =
+            crate::channel(address, &cfg).map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.channels.insert(address.to_owned(), channel.clone());
-        Ok(channel)
+        Ok(InterceptedService::new(channel, self.bearer.clone()))
     }
 
     fn rotate(&mut self) {
@@ -98,7 +150,7 @@ impl Client {
     /// Calls `f` on the leader, following hints and retrying until the deadline.
     pub async fn call<T, F, Fut>(&mut self, mut f: F) -> Result<T, Status>
     where
-        F: FnMut(Channel) -> Fut,
+        F: FnMut(Conn) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
         let started = Instant::now();
@@ -197,7 +249,7 @@ impl Client {
 
     /// A `SandboxService` client on the replica calls go to now. Streaming calls (exec,
     /// file transfers) go through it once, without retries: their requests are streams.
-    pub fn sandbox_service(&mut self) -> Result<SandboxServiceClient<Channel>, Status> {
+    pub fn sandbox_service(&mut self) -> Result<SandboxServiceClient<Conn>, Status> {
         let current = self.current.clone();
         Ok(SandboxServiceClient::new(self.channel(&current)?))
     }
@@ -371,6 +423,40 @@ impl Client {
         Ok(ack.epoch)
     }
 
+    /// Creates an API or join token; the response holds its secret, shown this once.
+    pub async fn create_token(
+        &mut self,
+        request: pb::CreateTokenRequest,
+    ) -> Result<pb::CreateTokenResponse, Status> {
+        self.call(|c| {
+            let request = request.clone();
+            async move { AdminServiceClient::new(c).create_token(request).await }
+        })
+        .await
+    }
+
+    /// Revokes a token by id; returns it as it is now.
+    pub async fn revoke_token(&mut self, id: &str) -> Result<pb::TokenInfo, Status> {
+        let request = pb::RevokeTokenRequest { id: id.to_owned() };
+        self.call(|c| {
+            let request = request.clone();
+            async move { AdminServiceClient::new(c).revoke_token(request).await }
+        })
+        .await
+    }
+
+    /// Every token's record (never a secret).
+    pub async fn list_tokens(&mut self) -> Result<Vec<pb::TokenInfo>, Status> {
+        let r = self
+            .call(|c| async move {
+                AdminServiceClient::new(c)
+                    .list_tokens(pb::ListTokensRequest {})
+                    .await
+            })
+            .await?;
+        Ok(r.tokens)
+    }
+
     /// Removes a replica.
     pub async fn remove_peer(&mut self, peer_id: u64) -> Result<pb::MembershipResponse, Status> {
         self.call(|c| async move {
@@ -391,9 +477,12 @@ fn node_request(node_id: &str, reason: &str) -> pb::NodeRequest {
 
 /// Reads every sandbox id in one replica's applied state (`berth-read: local`), following
 /// pages. Tests use it to check what each replica holds.
-pub async fn local_sandbox_ids(address: &str) -> Result<Vec<String>, Status> {
-    let channel = crate::channel(address, &NetConfig::peer())
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+pub async fn local_sandbox_ids(address: &str, tls: Option<&Tls>) -> Result<Vec<String>, Status> {
+    let channel = crate::channel(
+        address,
+        &NetConfig::peer().with_tls(tls, Expect::AnyReplica),
+    )
+    .map_err(|e| Status::invalid_argument(e.to_string()))?;
     let mut client = SandboxServiceClient::new(channel);
     let mut ids = Vec::new();
     let mut token = String::new();

@@ -5,11 +5,13 @@
 //! ([`NetConfig::peer`], [`NetConfig::agent`], [`NetConfig::provider`], ...). Channels to
 //! the same address are reused through a [`ChannelPool`]. Outside this crate, building a
 //! channel or a server (`Endpoint`, `Channel::from_shared`, `Server::builder`) is refused by
-//! clippy (`clippy.toml`'s `disallowed-methods`), so when TLS arrives it is one change here.
+//! clippy (`clippy.toml`'s `disallowed-methods`), so TLS is set in one place.
 //!
 //! # Layout
-//! - this file: [`NetConfig`], [`channel`], [`ChannelPool`], [`server`], [`incoming`] (a
-//!   listener's connections with Nagle off, for `serve_with_incoming`), [`NetError`].
+//! - this file: [`NetConfig`], [`channel`], [`ChannelPool`], [`server`], [`NetError`].
+//! - [`conn`]: [`incoming`] (a listener's connections, TLS or plain, with the peer's
+//!   identity as [`PeerInfo`] in each request's extensions) and the dialling side.
+//! - [`tls`]: certificates from files, reloaded on change; identities; the CA ([`tls::pki`]).
 //! - [`leader`]: the `berth-leader` / `berth-read` metadata and the "not the leader"
 //!   answer, shared by the replicas that send it and the clients that follow it.
 //! - [`client`]: the leader-following client of a scheduler cluster (CLI, autoscaler,
@@ -20,8 +22,10 @@
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 pub mod client;
+pub mod conn;
 pub mod leader;
 pub mod metrics_http;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -31,7 +35,9 @@ use thiserror::Error;
 use tonic::transport::{Channel, Endpoint, Server};
 
 pub use client::Client;
+pub use conn::{PeerInfo, incoming};
 pub use leader::{LEADER_METADATA, READ_MODE_METADATA, is_not_leader, not_leader_status};
+pub use tls::{ClientTls, Expect, Identity, Role, Tls, TlsSettings};
 
 /// Largest gRPC message between replicas (an append of `raft.max_message_bytes` plus
 /// framing, or a 4 MiB snapshot chunk).
@@ -62,6 +68,8 @@ pub struct NetConfig {
     /// Largest message decoded or encoded; services apply it with
     /// `max_decoding_message_size` / `max_encoding_message_size`.
     pub max_message_bytes: usize,
+    /// TLS of channels (`None`: plaintext, for an insecure cluster).
+    pub tls: Option<ClientTls>,
 }
 
 impl NetConfig {
@@ -74,6 +82,7 @@ impl NetConfig {
             keep_alive: None,
             concurrency_per_connection: None,
             max_message_bytes: MAX_PEER_MESSAGE,
+            tls: None,
         }
     }
 
@@ -89,6 +98,7 @@ impl NetConfig {
             }),
             concurrency_per_connection: None,
             max_message_bytes: MAX_CLIENT_MESSAGE,
+            tls: None,
         }
     }
 
@@ -101,6 +111,7 @@ impl NetConfig {
             keep_alive: None,
             concurrency_per_connection: None,
             max_message_bytes: MAX_CLIENT_MESSAGE,
+            tls: None,
         }
     }
 
@@ -118,6 +129,15 @@ impl NetConfig {
             concurrency_per_connection: Some(1_024),
             ..NetConfig::peer()
         }
+    }
+
+    /// The same, dialling with `tls` (if any) and accepting a server that is `expect`.
+    pub fn with_tls(mut self, tls: Option<&Tls>, expect: Expect) -> NetConfig {
+        self.tls = tls.map(|tls| ClientTls {
+            tls: tls.clone(),
+            expect,
+        });
+        self
     }
 }
 
@@ -159,15 +179,44 @@ pub fn channel(address: &str, cfg: &NetConfig) -> Result<Channel, NetError> {
             .keep_alive_timeout(k.timeout)
             .keep_alive_while_idle(true);
     }
-    Ok(endpoint.connect_lazy())
+    let tls = cfg.tls.clone();
+    // The client config is taken at each connect, so a reload applies to the next one.
+    let connector = tower::service_fn(move |uri: http::Uri| {
+        conn::dial(
+            uri,
+            tls.as_ref().map(|t| t.tls.client_config(t.expect.clone())),
+        )
+    });
+    Ok(endpoint.connect_with_connector_lazy(connector))
 }
+
+/// A channel for a node that has no certificate yet (`NodeService.Join`): TLS with the CA
+/// in `ca` checking that the server is a replica, and no client certificate.
+pub fn join_channel(address: &str, ca: &std::path::Path) -> Result<Channel, NetError> {
+    let config = tls::join_client_config(ca).map_err(|e| NetError::Address {
+        address: address.to_owned(),
+        why: e.to_string(),
+    })?;
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| NetError::Address {
+            address: address.to_owned(),
+            why: e.to_string(),
+        })?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10));
+    let connector = tower::service_fn(move |uri: http::Uri| conn::dial(uri, Some(config.clone())));
+    Ok(endpoint.connect_with_connector_lazy(connector))
+}
+
+/// A pooled channel's key: the address, and whom its TLS handshake expects to find there.
+type PoolKey = (String, Option<Expect>);
 
 /// Channels by address, each opened once and shared by every caller (a tonic `Channel` is
 /// a handle to one HTTP/2 connection that multiplexes requests).
 #[derive(Clone)]
 pub struct ChannelPool {
     cfg: NetConfig,
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    channels: Arc<Mutex<HashMap<PoolKey, Channel>>>,
 }
 
 impl ChannelPool {
@@ -185,18 +234,33 @@ impl ChannelPool {
 
     /// The channel to `address`, opened on first use.
     pub fn get(&self, address: &str) -> Result<Channel, NetError> {
+        self.get_expecting(address, None)
+    }
+
+    /// The channel to `address` whose server must be `expect` (instead of what the pool's
+    /// config expects), e.g. a replica dialling the agent of one node.
+    pub fn get_expecting(
+        &self,
+        address: &str,
+        expect: Option<Expect>,
+    ) -> Result<Channel, NetError> {
+        let key = (address.to_owned(), expect.clone());
         let mut channels = self
             .channels
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(c) = channels.get(address) {
+        if let Some(c) = channels.get(&key) {
             return Ok(c.clone());
         }
-        let c = channel(address, &self.cfg)?;
+        let mut cfg = self.cfg.clone();
+        if let (Some(expect), Some(tls)) = (expect, cfg.tls.as_mut()) {
+            tls.expect = expect;
+        }
+        let c = channel(address, &cfg)?;
         if channels.len() >= Self::MAX_ADDRESSES {
             channels.clear();
         }
-        channels.insert(address.to_owned(), c.clone());
+        channels.insert(key, c.clone());
         Ok(c)
     }
 
@@ -212,21 +276,6 @@ impl ChannelPool {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-/// The connections a listener accepts, as `serve_with_incoming` takes them, with Nagle's
-/// algorithm off. `Server::tcp_nodelay` applies only to listeners tonic binds itself: on
-/// these, a small answer written after another (an exec's output, then its exit) waited for
-/// the peer's delayed ACK, 40 ms on Linux (issue #15, `berth bench exec`).
-pub fn incoming(
-    listener: tokio::net::TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
-        let conn = conn?;
-        conn.set_nodelay(true)?;
-        Ok(conn)
-    })
 }
 
 /// A gRPC server configured from `cfg`; add services and serve.

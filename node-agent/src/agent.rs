@@ -19,10 +19,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use berth_net::NetConfig;
+use berth_net::{NetConfig, Tls};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use berth_proto::pb::v1 as pb;
@@ -133,6 +134,8 @@ pub async fn run(
             );
         }
     });
+    let tls = crate::identity::prepare(&cfg).await?;
+    let renewal = tls.clone().map(|t| crate::identity::spawn_renewal(&cfg, t));
     let metrics = Arc::new(AgentMetrics::new());
     let images = ImageStore::open(
         ImageSettings {
@@ -174,8 +177,11 @@ pub async fn run(
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         berth_net::server(&NetConfig::agent_server())
-            .add_service(AgentServiceServer::new(AgentApi::new(runtime.clone())))
-            .serve_with_incoming_shutdown(berth_net::incoming(listener), async move {
+            .add_service(InterceptedService::new(
+                AgentServiceServer::new(AgentApi::new(runtime.clone())),
+                replicas_only(tls.clone()),
+            ))
+            .serve_with_incoming_shutdown(berth_net::incoming(listener, tls.clone()), async move {
                 let _ = server_stopped.await;
             }),
     );
@@ -212,6 +218,7 @@ pub async fn run(
         last_heartbeat: None,
         assignments,
         usage,
+        tls,
     };
     tokio::pin!(shutdown);
     let mut endpoint = 0usize;
@@ -255,6 +262,9 @@ pub async fn run(
     }
     let _ = stop_server.send(());
     let _ = server.await;
+    if let Some(r) = renewal {
+        r.abort();
+    }
     if let Some(m) = metrics_server {
         m.abort();
     }
@@ -282,10 +292,47 @@ struct Agent {
     assignments: Assignments,
     /// Each interval's usage figures, from [`crate::usage`].
     usage: watch::Receiver<Vec<pb::SandboxUsage>>,
+    /// This node's certificate (`None`: insecure).
+    tls: Option<Tls>,
 }
 
-fn channel(address: &str) -> Result<Channel, berth_net::NetError> {
-    berth_net::channel(address, &NetConfig::agent())
+/// The agent's own server (logs, exec, files) takes only replicas of its cluster: they
+/// have already checked the tenant.
+fn replicas_only(
+    tls: Option<Tls>,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |request: tonic::Request<()>| {
+        let Some(tls) = &tls else {
+            return Ok(request);
+        };
+        let own = tls.identity();
+        match request
+            .extensions()
+            .get::<berth_net::PeerInfo>()
+            .and_then(|p| p.identity.clone())
+        {
+            Some(id)
+                if matches!(id.role, berth_net::Role::Replica(_))
+                    && id.trust_domain == own.trust_domain =>
+            {
+                Ok(request)
+            }
+            Some(id) => Err(tonic::Status::permission_denied(format!(
+                "{id} may not call this node's agent; only replicas of cluster {:?} may",
+                own.trust_domain
+            ))),
+            None => Err(tonic::Status::unauthenticated(
+                "the node agent needs a replica's client certificate",
+            )),
+        }
+    }
+}
+
+fn channel(address: &str, tls: Option<&Tls>) -> Result<Channel, berth_net::NetError> {
+    berth_net::channel(
+        address,
+        &NetConfig::agent().with_tls(tls, berth_net::Expect::AnyReplica),
+    )
 }
 
 fn message(m: pb::agent_message::Message) -> pb::AgentMessage {
@@ -393,7 +440,7 @@ impl Agent {
     }
 
     async fn session(&mut self, target: &str) -> SessionEnd {
-        let channel = match channel(target) {
+        let channel = match channel(target, self.tls.as_ref()) {
             Ok(c) => c,
             Err(e) => return SessionEnd::Broken(e.to_string()),
         };

@@ -83,6 +83,13 @@ pub struct AgentConfig {
     /// How often the agent reads every sandbox's CPU and memory use from its cgroups and
     /// reports it to the scheduler, in milliseconds.
     pub usage_interval_ms: u64,
+    /// This node's certificate (identity `spiffe://CLUSTER/node/NODE_ID`), key and the
+    /// cluster CA (`[agent.tls]`); or `insecure = true`.
+    pub tls: berth_net::TlsSettings,
+    /// A file holding a join token (`berth node token create`): when `tls.cert` does not
+    /// exist yet, the agent joins with it and writes the issued key and certificate to
+    /// `tls.key` and `tls.cert`.
+    pub join_token_file: String,
 }
 
 /// `[agent.network]`: how sandboxes with a network policy are connected.
@@ -200,6 +207,8 @@ impl Default for AgentConfig {
             taints: Vec::new(),
             network: NetworkConfig::default(),
             usage_interval_ms: 5_000,
+            tls: berth_net::TlsSettings::default(),
+            join_token_file: String::new(),
         }
     }
 }
@@ -208,6 +217,31 @@ impl AgentConfig {
     /// Records every problem; `config_dir` resolves a relative static inventory path.
     pub fn validate(&self, v: &mut Validator, config_dir: &Path) {
         v.identifier("node_id", &self.node_id, 63);
+        let joining = !self.tls.insecure
+            && !self.join_token_file.is_empty()
+            && !Path::new(&self.tls.cert).exists();
+        if joining {
+            // The certificate comes from the join; the CA to check the replicas must be here.
+            v.check(Path::new(&self.tls.ca).is_file(), "tls.ca", || {
+                format!("{:?}: not a file (needed to join)", self.tls.ca)
+            });
+            v.check(
+                Path::new(&self.join_token_file).is_file(),
+                "join_token_file",
+                || format!("{:?}: not a file", self.join_token_file),
+            );
+            for (field, value) in [("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)] {
+                v.check(!value.is_empty(), field, || {
+                    "must name where the joined certificate is written".into()
+                });
+            }
+        } else if let Some(id) = v.nested("tls", |v| self.tls.validate(v)) {
+            v.check(
+                id.role == berth_net::Role::Node(self.node_id.clone()),
+                "tls.cert",
+                || format!("names {id}; this agent is node {}", self.node_id),
+            );
+        }
         v.check(!self.schedulers.is_empty(), "schedulers", || {
             "must list at least one".into()
         });
@@ -440,6 +474,9 @@ mod tests {
             fields,
             [
                 "node_id",
+                "tls.ca",
+                "tls.cert",
+                "tls.key",
                 "price_per_hour_usd",
                 "inventory.static",
                 "labels.bad key!"

@@ -30,6 +30,7 @@ pub mod bundle;
 pub mod calls;
 pub mod cgroups;
 pub mod config;
+pub mod identity;
 pub mod image;
 pub mod inventory;
 pub mod launch;

@@ -43,6 +43,37 @@ pub struct SchedulerConfig {
     pub sessions: crate::sessions::SessionsConfig,
     /// The etcd backend; required when `backend = "etcd"`.
     pub etcd: Option<EtcdConfig>,
+    /// This replica's certificate (identity `spiffe://CLUSTER_ID/replica/NODE_ID`), key and
+    /// the cluster CA; or `insecure = true`.
+    pub tls: berth_net::TlsSettings,
+    /// Tokens and the certificates replicas issue to joining nodes.
+    pub auth: AuthConfig,
+}
+
+/// `[scheduler.auth]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The cluster CA's private key, so this replica can sign certificates for nodes that
+    /// join with a token (`berth node token create`) and renew them. Empty: joins and
+    /// renewals are refused (FAILED_PRECONDITION) and an operator's CA issues node
+    /// certificates. The key stays in this file: it never enters the replicated state,
+    /// a snapshot or the log.
+    pub ca_key: String,
+    /// Lifetime of the certificates this replica issues to nodes; agents renew at half.
+    pub node_cert_ttl_s: u64,
+    /// Longest lifetime a join token may be given.
+    pub max_join_token_ttl_s: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> AuthConfig {
+        AuthConfig {
+            ca_key: String::new(),
+            node_cert_ttl_s: 24 * 3_600,
+            max_join_token_ttl_s: 7 * 24 * 3_600,
+        }
+    }
 }
 
 /// Which store holds the replicated state.
@@ -165,6 +196,8 @@ impl Default for SchedulerConfig {
             liveness: LivenessConfig::default(),
             sessions: crate::sessions::SessionsConfig::default(),
             etcd: None,
+            tls: berth_net::TlsSettings::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -239,6 +272,41 @@ impl SchedulerConfig {
         v.address("metrics_address", &self.metrics_address);
         v.check(!self.data_dir.trim().is_empty(), "data_dir", || {
             "must be set".into()
+        });
+        let identity = v.nested("tls", |v| self.tls.validate(v));
+        if let Some(id) = identity {
+            let want =
+                berth_net::Identity::new(&self.cluster_id, berth_net::Role::Replica(self.node_id));
+            v.check(id == want, "tls.cert", || {
+                format!("names {id}; this replica is {want} (cluster_id and node_id)")
+            });
+        }
+        v.nested("auth", |v| {
+            v.check(
+                (60..=365 * 24 * 3_600).contains(&self.auth.node_cert_ttl_s),
+                "node_cert_ttl_s",
+                || format!("{} is outside 60..=31536000", self.auth.node_cert_ttl_s),
+            );
+            v.check(
+                (60..=365 * 24 * 3_600).contains(&self.auth.max_join_token_ttl_s),
+                "max_join_token_ttl_s",
+                || {
+                    format!(
+                        "{} is outside 60..=31536000",
+                        self.auth.max_join_token_ttl_s
+                    )
+                },
+            );
+            if !self.auth.ca_key.is_empty() {
+                if self.tls.insecure {
+                    v.error("ca_key", "needs TLS (tls.insecure is true)");
+                } else if let Err(e) = berth_net::tls::pki::Ca::load(
+                    std::path::Path::new(&self.tls.ca),
+                    std::path::Path::new(&self.auth.ca_key),
+                ) {
+                    v.error("ca_key", e);
+                }
+            }
         });
 
         if self.peers.is_empty() {
@@ -434,8 +502,18 @@ mod tests {
     }
 
     #[test]
-    fn default_is_valid() {
-        assert_eq!(errors(&SchedulerConfig::default()), Vec::<String>::new());
+    fn default_needs_certificates_or_an_explicit_insecure() {
+        let found = errors(&SchedulerConfig::default());
+        assert_eq!(found.len(), 3, "{found:?}");
+        for (e, field) in found.iter().zip(["tls.ca", "tls.cert", "tls.key"]) {
+            assert!(e.starts_with(&format!("{field}: missing")), "{e}");
+            assert!(e.contains("insecure = true"), "{e}");
+        }
+        let insecure = SchedulerConfig {
+            tls: berth_net::TlsSettings::insecure(),
+            ..SchedulerConfig::default()
+        };
+        assert_eq!(errors(&insecure), Vec::<String>::new());
     }
 
     #[test]
@@ -443,6 +521,7 @@ mod tests {
         let mut config = SchedulerConfig {
             node_id: 9,
             backend: Backend::Etcd,
+            tls: berth_net::TlsSettings::insecure(),
             ..SchedulerConfig::default()
         };
         config.peers.push(PeerConfig {

@@ -250,7 +250,7 @@ impl Scenario {
             }
         });
         v.nested("autoscaler", |v| {
-            self.autoscaler.validate(v);
+            self.autoscaler.validate_policy(v);
             for (name, provider) in &self.autoscaler.providers {
                 v.check(
                     matches!(provider, ProviderConfig::Sim(_)),

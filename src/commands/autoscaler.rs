@@ -54,7 +54,7 @@ pub(crate) fn run(args: &AutoscalerArgs) -> ExitCode {
     let metrics_address = args.metrics_address.clone();
     super::run_service("autoscaler", async move {
         let shutdown = super::scheduler::shutdown_signal();
-        serve(cfg, holder, &metrics_address, shutdown).await
+        serve(cfg, holder, &metrics_address, None, shutdown).await
     })
 }
 
@@ -71,15 +71,29 @@ pub(crate) async fn serve(
     cfg: AutoscalerConfig,
     holder: String,
     metrics_address: &str,
+    node_tls: Option<NodeTls>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
+    let tls = berth_net::Tls::load(&cfg.tls).map_err(|e| format!("autoscaler.tls: {e}"))?;
+    match &tls {
+        Some(t) => t.spawn_reloader(),
+        None => tracing::warn!("autoscaler.tls.insecure = true: plaintext to the replicas"),
+    }
+    let agents_tls = match (&tls, node_tls) {
+        (None, _) => AgentTls::Insecure,
+        (Some(_), Some(f)) => AgentTls::Issue(f),
+        (Some(_), None) => AgentTls::Unavailable,
+    };
     let env = Environment {
         berth_binary: std::env::current_exe()
             .map_err(|e| format!("cannot find the berth binary for local agents: {e}"))?,
         schedulers: cfg.schedulers.clone(),
         sim_clock: SimClock::new(),
         call_timeout: Duration::from_secs(30),
-        agent_config: Some(Arc::new(write_agent_files)),
+        agent_config: Some(Arc::new(move |node: &LocalNode<'_>| {
+            write_agent_files(node, &agents_tls)
+        })),
+        tls: tls.clone(),
     };
     let built = provider::build(&cfg, &env).await?;
     // A sim provider outside the simulator runs in real time.
@@ -102,7 +116,7 @@ pub(crate) async fn serve(
         Some(tokio::spawn(metrics.clone().serve(listener)))
     };
     tracing::info!(%holder, groups = cfg.node_groups.len(), "autoscaler starting");
-    Controller::new(cfg, built.providers, holder, metrics)
+    Controller::new(cfg, built.providers, holder, metrics, tls)
         .run(shutdown)
         .await;
     ticker.abort();
@@ -117,7 +131,31 @@ pub(crate) async fn serve(
 
 /// The local provider's agent files for one node: a static inventory of the group's
 /// instance type (GPUs named as NVML names them) and an `[agent]` config that uses it.
-pub(crate) fn write_agent_files(node: &LocalNode<'_>) -> Result<PathBuf, String> {
+/// Issues a node certificate for a node id (the local provider's agents under `berth dev`).
+pub(crate) type NodeTls = Arc<dyn Fn(&str) -> Result<berth_net::TlsSettings, String> + Send + Sync>;
+
+/// What the local provider's agents authenticate with.
+pub(crate) enum AgentTls {
+    /// The cluster is insecure.
+    Insecure,
+    /// Certificates are issued by `berth dev`'s CA.
+    Issue(NodeTls),
+    /// The cluster is secure but this process cannot issue node certificates.
+    Unavailable,
+}
+
+pub(crate) fn write_agent_files(node: &LocalNode<'_>, tls: &AgentTls) -> Result<PathBuf, String> {
+    let tls = match tls {
+        AgentTls::Insecure => berth_net::TlsSettings::insecure(),
+        AgentTls::Issue(issue) => issue(node.id)?,
+        AgentTls::Unavailable => {
+            return Err(
+                "the local provider's agents need node certificates: run it under \
+                        berth dev (which holds a CA), or with autoscaler.tls.insecure = true"
+                    .into(),
+            );
+        }
+    };
     let (group, dir) = (node.group, node.dir);
     let io = |what: &str, e: std::io::Error| format!("{what} {}: {e}", dir.display());
     let mut inventory = format!(
@@ -167,6 +205,7 @@ pub(crate) fn write_agent_files(node: &LocalNode<'_>) -> Result<PathBuf, String>
         reserved_cpu_milli: 0,
         reserved_memory_mib: 0,
         labels,
+        tls,
         ..AgentConfig::default()
     };
     #[derive(serde::Serialize)]

@@ -221,8 +221,9 @@ async fn burst(args: &BurstArgs) -> Result<BurstReport, String> {
         let endpoints = endpoints.clone();
         let cpu_milli = args.cpu_milli;
         let total = args.sandboxes;
+        let credentials = dev_credentials(dir.path()).await?;
         tasks.push(tokio::spawn(async move {
-            let mut client = Client::new(endpoints);
+            let mut client = Client::new(endpoints).with_credentials(credentials)?;
             let mut ids = Vec::new();
             let mut errors: BTreeMap<String, u32> = BTreeMap::new();
             for i in 0..per_client {
@@ -245,20 +246,20 @@ async fn burst(args: &BurstArgs) -> Result<BurstReport, String> {
                     Err(status) => *errors.entry(format!("{:?}", status.code())).or_default() += 1,
                 }
             }
-            (ids, errors)
+            Ok::<_, String>((ids, errors))
         }));
     }
     let mut ids = Vec::new();
     let mut create_errors: BTreeMap<String, u32> = BTreeMap::new();
     for t in tasks {
-        let (got, errors) = t.await.map_err(|e| e.to_string())?;
+        let (got, errors) = t.await.map_err(|e| e.to_string())??;
         ids.extend(got);
         for (k, v) in errors {
             *create_errors.entry(k).or_default() += v;
         }
     }
     let creates_s = started.elapsed().as_secs_f64();
-    let mut client = Client::new(endpoints.clone());
+    let mut client = dev_client(dir.path(), endpoints.clone()).await?;
     let deadline = Instant::now() + Duration::from_secs(args.timeout_s);
     let states = loop {
         let mut states: BTreeMap<String, u32> = BTreeMap::new();
@@ -325,12 +326,34 @@ async fn burst(args: &BurstArgs) -> Result<BurstReport, String> {
     })
 }
 
+/// The admin credentials of a dev started by [`spawn_dev`] in `dir` (waits for dev to
+/// write them).
+pub(crate) async fn dev_credentials(
+    dir: &std::path::Path,
+) -> Result<berth_net::client::Credentials, String> {
+    let path = dir.join("dev").join("credentials.toml");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !path.is_file() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    crate::credentials::resolve(Some(&path), None, false)
+}
+
+/// A client of a dev started by [`spawn_dev`] in `dir`.
+pub(crate) async fn dev_client(
+    dir: &std::path::Path,
+    endpoints: Vec<String>,
+) -> Result<Client, String> {
+    Client::new(endpoints).with_credentials(dev_credentials(dir).await?)
+}
+
 pub(crate) async fn wait_up(
     endpoints: &[String],
     nodes: usize,
     dir: &std::path::Path,
 ) -> Result<(), String> {
-    super::dev::wait_for_nodes(endpoints, nodes, Duration::from_secs(90))
+    let tls = dev_credentials(dir).await?.tls;
+    super::dev::wait_for_nodes(endpoints, tls, nodes, Duration::from_secs(90))
         .await
         .map_err(|e| {
             let log = std::fs::read_to_string(dir.join("dev.log")).unwrap_or_default();

@@ -54,6 +54,14 @@ pub(crate) struct CreateArgs {
     /// Client connections per replica, shared by the workers (HTTP/2 multiplexes them).
     #[arg(long, default_value_t = 4)]
     connections: usize,
+    /// Run the local cluster without TLS (to measure what TLS costs; see also
+    /// --compare-tls).
+    #[arg(long, conflicts_with = "compare_tls")]
+    insecure: bool,
+    /// Run the benchmark twice on fresh local clusters, without TLS and then with it, and
+    /// print both and their ratio (TLS / plaintext).
+    #[arg(long, conflicts_with = "target")]
+    compare_tls: bool,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -87,26 +95,15 @@ struct Tally {
 }
 
 pub(crate) fn run(args: &CreateArgs) -> ExitCode {
-    match super::block_on("bench create", bench(args)) {
+    if args.compare_tls {
+        return compare_tls(args);
+    }
+    match super::block_on("bench create", bench(args, args.insecure)) {
         Ok(report) => {
             if args.json {
                 println!("{}", serde_json::to_string(&report).unwrap_or_default());
             } else {
-                println!(
-                    "{} replicas: {:.0} creates/s committed, p50 {:.2} ms, p99 {:.2} ms, {} errors \
-                     ({} creates, {} deletes in {:.1} s)",
-                    report.replicas,
-                    report.creates_per_s,
-                    report.p50_ms,
-                    report.p99_ms,
-                    report.errors,
-                    report.creates,
-                    report.deletes,
-                    report.duration_s
-                );
-                for e in &report.error_samples {
-                    println!("  error: {e}");
-                }
+                print_report("", &report);
             }
             ExitCode::SUCCESS
         }
@@ -114,14 +111,65 @@ pub(crate) fn run(args: &CreateArgs) -> ExitCode {
     }
 }
 
-async fn bench(args: &CreateArgs) -> Result<CreateReport, String> {
+fn print_report(label: &str, report: &CreateReport) {
+    println!(
+        "{label}{} replicas: {:.0} creates/s committed, p50 {:.2} ms, p99 {:.2} ms, {} errors \
+         ({} creates, {} deletes in {:.1} s)",
+        report.replicas,
+        report.creates_per_s,
+        report.p50_ms,
+        report.p99_ms,
+        report.errors,
+        report.creates,
+        report.deletes,
+        report.duration_s
+    );
+    for e in &report.error_samples {
+        println!("  error: {e}");
+    }
+}
+
+/// Plaintext, then TLS, each on a fresh local cluster, in one process: the two figures
+/// share the machine's state of the moment.
+fn compare_tls(args: &CreateArgs) -> ExitCode {
+    let both = super::block_on("bench create", async {
+        let plain = bench(args, true).await?;
+        let tls = bench(args, false).await?;
+        Ok::<_, String>((plain, tls))
+    });
+    let (plain, tls) = match both {
+        Ok(both) => both,
+        Err(code) => return code,
+    };
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+    let throughput = ratio(tls.creates_per_s, plain.creates_per_s);
+    let p99 = ratio(tls.p99_ms, plain.p99_ms);
+    if args.json {
+        let value = serde_json::json!({
+            "plaintext": plain,
+            "tls": tls,
+            "tls_over_plaintext_creates_per_s": throughput,
+            "tls_over_plaintext_p99": p99,
+        });
+        println!("{value}");
+    } else {
+        print_report("plaintext: ", &plain);
+        print_report("mTLS:      ", &tls);
+        println!("mTLS / plaintext: creates/s x{throughput:.3}, p99 x{p99:.3}");
+    }
+    ExitCode::SUCCESS
+}
+
+async fn bench(args: &CreateArgs, insecure: bool) -> Result<CreateReport, String> {
     let mut _cluster = None;
     let mut _dir = None;
+    let mut credentials = berth_net::client::Credentials::default();
     let (endpoints, replicas) = if args.target.is_empty() {
         let dir = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
         let binary = std::env::current_exe().map_err(|e| format!("locating berth: {e}"))?;
         let mut cfg = LocalClusterConfig::new(binary);
         cfg.replicas = args.replicas as usize;
+        cfg.insecure = insecure;
         let cluster_dir = args.dir.clone().unwrap_or_else(|| dir.path().to_path_buf());
         let _ = std::fs::create_dir_all(&cluster_dir);
         let mut cluster = LocalCluster::start(cfg, &cluster_dir)
@@ -138,11 +186,14 @@ async fn bench(args: &CreateArgs) -> Result<CreateReport, String> {
         }
         register_pool(&cluster, args.nodes).await?;
         let endpoints = cluster.endpoints();
+        credentials.tls = cluster.admin_tls().cloned();
         _cluster = Some(cluster);
         _dir = Some(dir);
         (endpoints, args.replicas)
     } else {
+        credentials = crate::credentials::resolve(None, None, insecure)?;
         let replicas = Client::new(args.target.clone())
+            .with_credentials(credentials.clone())?
             .status()
             .await
             .map_err(|e| format!("{}: {}", args.target.join(","), e.message()))?
@@ -159,8 +210,12 @@ async fn bench(args: &CreateArgs) -> Result<CreateReport, String> {
     // tier would; per-worker connections cost a syscall per tiny frame.
     let connections = args.connections.max(1);
     let pool: Vec<Client> = (0..connections)
-        .map(|_| Client::new(endpoints.clone()).share_connections())
-        .collect();
+        .map(|_| {
+            Client::new(endpoints.clone())
+                .with_credentials(credentials.clone())
+                .map(Client::share_connections)
+        })
+        .collect::<Result<_, _>>()?;
     for w in 0..args.concurrency {
         let mut client = pool[(w % connections as u64) as usize].clone();
         client.deadline = Duration::from_secs(10);
@@ -362,14 +417,14 @@ fn bench_spec(n: u64) -> pb::SandboxSpec {
 
 async fn register_pool(cluster: &LocalCluster, nodes: usize) -> Result<(), String> {
     let specs = synthetic::pool(nodes, 1);
-    let endpoints = cluster.endpoints();
+
     let chunks: Vec<Vec<pb::NodeInventory>> = specs
         .chunks(specs.len().div_ceil(32).max(1))
         .map(|c| c.iter().map(convert::node_inventory_to_pb).collect())
         .collect();
     let mut tasks = Vec::new();
     for chunk in chunks {
-        let mut client = Client::new(endpoints.clone());
+        let mut client = cluster.client();
         tasks.push(tokio::spawn(async move {
             for inventory in chunk {
                 let id = inventory.node_id.clone();

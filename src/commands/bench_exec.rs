@@ -159,7 +159,7 @@ async fn bench(args: &ExecArgs) -> Result<ExecReport, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let (_dev, endpoints) = spawn_dev(dir.path(), args.base_port, "gvisor", 5_000, &[NODE.into()])?;
     wait_up(&endpoints, 1, dir.path()).await?;
-    let mut client = Client::new(endpoints.clone());
+    let mut client = super::bench_burst::dev_client(dir.path(), endpoints.clone()).await?;
     client.deadline = Duration::from_secs(30);
     let spec = pb::SandboxSpec {
         tenant: "bench".into(),
@@ -203,7 +203,7 @@ async fn bench(args: &ExecArgs) -> Result<ExecReport, String> {
         .ok_or("no follower")?;
     let mut paths = Vec::new();
     for address in [leader, follower] {
-        let mut c = Client::new(vec![address]);
+        let mut c = super::bench_burst::dev_client(dir.path(), vec![address]).await?;
         // Warm the connection and the helper's first spawn, then measure.
         exec_once(&mut c, &id, &args.program).await?;
         let mut samples = Vec::new();

@@ -17,6 +17,8 @@ use std::collections::BTreeMap;
 
 use berth_autoscaler::AutoscalerConfig;
 use berth_autoscaler::config::{NodeGroupConfig, ProviderConfig};
+use berth_net::tls::pki::LocalPki;
+use berth_net::{Tls, TlsSettings};
 use berth_node_agent::AgentConfig;
 use berth_node_agent::agent::{self, AgentOptions, find_program};
 use berth_node_agent::config::{InventorySource, RuntimeKind};
@@ -25,6 +27,9 @@ use berth_proto::pb::v1 as pb;
 use berth_scheduler::SchedulerConfig;
 use berth_scheduler::config::PeerConfig;
 use berth_scheduler::service::client::Client;
+use std::sync::Arc;
+
+use crate::credentials::CredentialsFile;
 
 /// Arguments of `berth dev`.
 #[derive(Debug, Args)]
@@ -52,7 +57,7 @@ pub(crate) struct DevArgs {
     #[arg(long, default_value_t = 60_000)]
     node_disconnect_grace_ms: u64,
     /// Config file whose [autoscaler] section replaces dev's default (its `schedulers`
-    /// are set to dev's replicas).
+    /// are set to dev's replicas, its `tls` to a certificate from dev's CA).
     #[arg(long)]
     autoscaler_config: Option<PathBuf>,
     /// Start none of the seven static agents: every node comes from the autoscaler.
@@ -74,6 +79,9 @@ pub(crate) struct DevArgs {
     /// Idle time before the autoscaler removes a node (default config only).
     #[arg(long, default_value_t = 120)]
     scale_down_cooldown_s: u64,
+    /// Run without TLS and without authentication (anyone who reaches a port is an admin).
+    #[arg(long)]
+    insecure: bool,
 }
 
 /// `--runtime`.
@@ -183,6 +191,8 @@ const NODES: &[DevNode] = &[
 ];
 
 const REPLICAS: u16 = 3;
+/// The cluster id, and so the trust domain of dev's certificates.
+const CLUSTER: &str = "berth-dev";
 
 pub(crate) fn run(args: &DevArgs) -> ExitCode {
     super::run_service("dev", dev(args))
@@ -236,6 +246,32 @@ async fn dev(args: &DevArgs) -> Result<(), String> {
             .map_err(|e| format!("writing {}: {e}", inventories.join(name).display()))?;
     }
 
+    let pki = if args.insecure {
+        None
+    } else {
+        Some(Arc::new(
+            LocalPki::create(&args.data_dir.join("pki"), CLUSTER)
+                .map_err(|e| format!("pki: {e}"))?,
+        ))
+    };
+    let issue = |role: &str| -> Result<TlsSettings, String> {
+        match &pki {
+            None => Ok(TlsSettings::insecure()),
+            Some(p) => p.issue(role).map_err(|e| format!("pki: {e}")),
+        }
+    };
+    let admin = issue("admin/dev")?;
+    let credentials = args.data_dir.join("credentials.toml");
+    if !args.insecure {
+        CredentialsFile {
+            ca: admin.ca.clone(),
+            cert: admin.cert.clone(),
+            key: admin.key.clone(),
+            token: String::new(),
+        }
+        .write(&credentials)?;
+    }
+
     let mut grpc = Vec::new();
     let mut peers = Vec::new();
     for i in 0..REPLICAS {
@@ -250,7 +286,7 @@ async fn dev(args: &DevArgs) -> Result<(), String> {
     for i in 0..REPLICAS {
         let mut cfg = SchedulerConfig {
             node_id: u64::from(i) + 1,
-            cluster_id: "berth-dev".into(),
+            cluster_id: CLUSTER.into(),
             listen_address: grpc[usize::from(i)].clone(),
             metrics_address: format!("127.0.0.1:{}", port(args.metrics_port, i, "metrics-port")?),
             data_dir: args
@@ -259,8 +295,12 @@ async fn dev(args: &DevArgs) -> Result<(), String> {
                 .display()
                 .to_string(),
             peers: peers.clone(),
+            tls: issue(&format!("replica/{}", i + 1))?,
             ..SchedulerConfig::default()
         };
+        if let Some(p) = &pki {
+            cfg.auth.ca_key = p.ca_key_path().display().to_string();
+        }
         cfg.liveness.node_ttl_ms = args.node_ttl_ms;
         cfg.liveness.leader_grace_ms = args.node_ttl_ms;
         cfg.liveness.heartbeat_interval_ms = (args.node_ttl_ms / 5).max(50);
@@ -309,6 +349,7 @@ async fn dev(args: &DevArgs) -> Result<(), String> {
             reserved_memory_mib: 0,
             registries: registries.clone(),
             metrics_address: format!("127.0.0.1:{metrics_port}"),
+            tls: issue(&format!("node/{}", node.id))?,
             ..AgentConfig::default()
         };
         let opts = AgentOptions {
@@ -331,7 +372,15 @@ async fn dev(args: &DevArgs) -> Result<(), String> {
     let autoscaler = if args.no_autoscaler {
         None
     } else {
-        let cfg = autoscaler_config(args, &grpc, runtime_kind)?;
+        let mut cfg = autoscaler_config(args, &grpc, runtime_kind)?;
+        cfg.tls = issue("autoscaler/dev")?;
+        let node_tls: Option<crate::commands::autoscaler::NodeTls> = pki.clone().map(|p| {
+            let f: crate::commands::autoscaler::NodeTls = Arc::new(move |node: &str| {
+                p.issue(&format!("node/{node}"))
+                    .map_err(|e| format!("pki: {e}"))
+            });
+            f
+        });
         let groups: Vec<String> = cfg
             .node_groups
             .iter()
@@ -347,18 +396,26 @@ async fn dev(args: &DevArgs) -> Result<(), String> {
                 let _ = stop.wait_for(|s| *s).await;
             };
             let holder = crate::commands::autoscaler::default_holder();
-            crate::commands::autoscaler::serve(cfg, holder, &metrics, shutdown).await
+            crate::commands::autoscaler::serve(cfg, holder, &metrics, node_tls, shutdown).await
         });
         Some((task, groups))
     };
 
-    let ready = wait_for_nodes(&grpc, static_nodes.len(), Duration::from_secs(30)).await;
+    let admin_tls = Tls::load(&admin).map_err(|e| format!("pki: {e}"))?;
+    let ready = wait_for_nodes(
+        &grpc,
+        admin_tls.clone(),
+        static_nodes.len(),
+        Duration::from_secs(30),
+    )
+    .await;
     print_banner(
         args,
         &grpc,
         &runtime_note,
         ready.as_ref().err(),
         autoscaler.as_ref().map(|(_, g)| g.as_slice()),
+        (!args.insecure).then_some(credentials.as_path()),
     );
 
     crate::commands::scheduler::shutdown_signal().await;
@@ -389,10 +446,7 @@ fn autoscaler_config(
     runtime: RuntimeKind,
 ) -> Result<AutoscalerConfig, String> {
     let mut cfg = match &args.autoscaler_config {
-        Some(path) => crate::config_file::ConfigFile::load(path)
-            .map_err(|e| e.to_string())?
-            .autoscaler
-            .ok_or_else(|| format!("{}: no [autoscaler] section", path.display()))?,
+        Some(path) => crate::config_file::ConfigFile::dev_autoscaler(path, grpc)?,
         None => {
             let group =
                 |name: &str, instance: &str, model: &str, gpus: u32, price: f64| NodeGroupConfig {
@@ -471,10 +525,12 @@ fn static_nodes(args: &DevArgs) -> Result<Vec<&'static DevNode>, String> {
 /// Waits until `count` nodes are Ready, or says how many were after `limit`.
 pub(crate) async fn wait_for_nodes(
     grpc: &[String],
+    tls: Option<Tls>,
     count: usize,
     limit: Duration,
 ) -> Result<(), String> {
-    let mut client = Client::new(grpc.to_vec());
+    let mut client = Client::new(grpc.to_vec())
+        .with_credentials(berth_net::client::Credentials { tls, token: None })?;
     client.deadline = Duration::from_secs(5);
     let started = Instant::now();
     loop {
@@ -507,6 +563,7 @@ fn print_banner(
     runtime: &str,
     problem: Option<&String>,
     autoscaler: Option<&[String]>,
+    credentials: Option<&std::path::Path>,
 ) {
     let endpoint = &grpc[0];
     let default_endpoint = endpoint == "127.0.0.1:7070";
@@ -534,6 +591,26 @@ fn print_banner(
     );
     println!("  metrics:   {}", metrics.join(", "));
     println!("  runtime:   {runtime}");
+    match credentials {
+        Some(path) => {
+            println!(
+                "  security:  mutual TLS 1.3; CA {}/pki/ca.pem",
+                args.data_dir.display()
+            );
+            println!(
+                "             admin credentials {} (the CLI finds them when run here,",
+                path.display()
+            );
+            println!(
+                "             elsewhere: export BERTH_CREDENTIALS={})",
+                path.display()
+            );
+        }
+        None => {
+            println!("  security:  OFF (--insecure): no TLS, NO AUTHENTICATION; anyone who");
+            println!("             reaches these ports is an admin. Use the CLI with --insecure.");
+        }
+    }
     if args.no_static_nodes {
         println!("  nodes:     none static (--no-static-nodes)");
     } else if !args.only_nodes.is_empty() {

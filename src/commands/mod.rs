@@ -18,6 +18,7 @@ pub(crate) mod bench_autoscale;
 pub(crate) mod bench_burst;
 pub(crate) mod bench_create;
 pub(crate) mod bench_exec;
+pub(crate) mod cert;
 pub(crate) mod cluster;
 pub(crate) mod dev;
 pub(crate) mod node;
@@ -26,8 +27,10 @@ pub(crate) mod scheduler;
 pub(crate) mod sim;
 pub(crate) mod sim_images;
 pub(crate) mod sim_run;
+pub(crate) mod token;
 
-/// Parses a duration such as `10s`, `500ms` or `1m` (a bare number is seconds).
+/// Parses a duration such as `10s`, `500ms`, `1m`, `24h` or `30d` (a bare number is
+/// seconds).
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, unit) = text
@@ -39,8 +42,10 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        _ => return Err(format!("{text:?}: unit must be ms, s or m")),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3_600)),
+        "d" => Duration::from_secs(n.saturating_mul(86_400)),
+        _ => return Err(format!("{text:?}: unit must be ms, s, m, h or d")),
     };
     if d.is_zero() {
         return Err("the duration must be positive".into());
@@ -92,6 +97,16 @@ pub(crate) struct Endpoint {
         env = "BERTH_ENDPOINT"
     )]
     pub(crate) endpoint: Vec<String>,
+    /// Credentials file: CA, client certificate and key, optional token (berth dev writes
+    /// berth-data/dev/credentials.toml; default: that, then ~/.config/berth/credentials.toml).
+    #[arg(long, global = true, env = "BERTH_CREDENTIALS")]
+    pub(crate) credentials: Option<std::path::PathBuf>,
+    /// API token (tenant or admin) sent as `authorization: Bearer`; replaces the file's.
+    #[arg(long, global = true, env = "BERTH_TOKEN", hide_env_values = true)]
+    pub(crate) token: Option<String>,
+    /// Plaintext, no certificate: for a cluster that runs with tls.insecure = true.
+    #[arg(long, global = true)]
+    pub(crate) insecure: bool,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Text)]
     pub(crate) output: Output,
@@ -143,7 +158,19 @@ pub(crate) fn with_client(
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    let mut client = Client::new(endpoint.endpoint.clone());
+    let client = crate::credentials::resolve(
+        endpoint.credentials.as_deref(),
+        endpoint.token.as_deref(),
+        endpoint.insecure,
+    )
+    .and_then(|c| Client::new(endpoint.endpoint.clone()).with_credentials(c));
+    let mut client = match client {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("berth {name}: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
     client.deadline = timeout;
     match runtime.block_on(body(&mut client)) {
         Ok(code) => code,

@@ -1,4 +1,5 @@
-//! `berth node …`: list nodes with their GPU and CPU use; cordon, uncordon and drain them.
+//! `berth node …`: list nodes with their GPU and CPU use; cordon, uncordon and drain them;
+//! create join tokens.
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -52,9 +53,21 @@ enum NodeCommand {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Join tokens: how a node without a certificate obtains one.
+    #[command(subcommand)]
+    Token(NodeTokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeTokenCommand {
+    /// A single-use, expiring join token for an agent's `join_token_file`; prints it once.
+    Create(super::token::JoinTokenArgs),
 }
 
 pub(crate) fn run(args: &NodeArgs) -> ExitCode {
+    if let NodeCommand::Token(NodeTokenCommand::Create(join)) = &args.command {
+        return super::token::create_join(&args.endpoint, &args.call, join);
+    }
     let json = args.endpoint.json();
     super::with_client("node", &args.endpoint, args.call.timeout, async |client| {
         let node = match &args.command {
@@ -80,6 +93,7 @@ pub(crate) fn run(args: &NodeArgs) -> ExitCode {
                     .await?
             }
             NodeCommand::Uncordon { node } => client.uncordon(node).await?,
+            NodeCommand::Token(_) => return Ok(ExitCode::SUCCESS),
             NodeCommand::Drain { node, reason } => {
                 client
                     .drain(node, reason.as_deref().unwrap_or_default())

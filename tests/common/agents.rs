@@ -35,7 +35,7 @@ pub(crate) async fn cluster_with_agent(
         .await
         .expect("a leader");
     let client = cluster.client();
-    let mut agent = AgentProcess::new(dir, node, &cluster.endpoints());
+    let mut agent = AgentProcess::new(dir, node, &cluster);
     agent.start();
     (cluster, client, agent)
 }
@@ -49,7 +49,20 @@ pub(crate) struct AgentProcess {
 }
 
 impl AgentProcess {
-    pub(crate) fn new(dir: &Path, node: &str, schedulers: &[String]) -> AgentProcess {
+    pub(crate) fn new(dir: &Path, node: &str, cluster: &LocalCluster) -> AgentProcess {
+        let schedulers = cluster.endpoints();
+        let tls = match cluster.pki() {
+            None => "[agent.tls]\ninsecure = true\n".to_string(),
+            Some(pki) => {
+                let s = pki
+                    .issue(&format!("node/{node}"))
+                    .expect("node certificate");
+                format!(
+                    "[agent.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+                    s.ca, s.cert, s.key
+                )
+            }
+        };
         let inventory = dir.join("8xh100.toml");
         std::fs::write(
             &inventory,
@@ -64,7 +77,7 @@ impl AgentProcess {
             format!(
                 "[agent]\nnode_id = {node:?}\nschedulers = [{}]\nprovider = \"aws\"\nregion = \"us-east-1\"\n\
                  instance_type = \"p5.48xlarge\"\ninventory = {{ static = \"8xh100.toml\" }}\n\
-                 runtime = \"process\"\nstate_dir = {:?}\nreserved_cpu_milli = 0\nreserved_memory_mib = 0\n",
+                 runtime = \"process\"\nstate_dir = {:?}\nreserved_cpu_milli = 0\nreserved_memory_mib = 0\n{tls}",
                 list.join(", "),
                 state_dir.display().to_string(),
             ),

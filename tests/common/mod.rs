@@ -40,6 +40,8 @@ fn agent_metrics(extra: &[&str]) -> Vec<&'static str> {
 pub(crate) struct Dev {
     child: Child,
     pub(crate) endpoint: String,
+    /// dev's admin credentials file (written once dev is up).
+    pub(crate) credentials: PathBuf,
     /// First of dev's metrics ports (replicas), the autoscaler's is the fourth.
     pub(crate) metrics_port: u16,
     log: PathBuf,
@@ -66,19 +68,57 @@ impl Dev {
         Dev {
             child,
             endpoint: format!("127.0.0.1:{port}"),
+            credentials: dir.join("state").join("credentials.toml"),
             metrics_port: port + 3,
             log,
         }
     }
 
-    /// `berth <group> <verb> --endpoint E ...`: the endpoint goes before any `--` command.
+    /// `berth <group> <verb> --endpoint E --credentials C ...`: the endpoint goes before
+    /// any `--` command. Waits for dev to have written its credentials.
     pub(crate) fn berth(&self, args: &[&str]) -> Output {
+        self.wait_for_credentials();
         Command::new(BERTH)
             .args(&args[..2])
             .args(["--endpoint", &self.endpoint])
+            .arg("--credentials")
+            .arg(&self.credentials)
             .args(&args[2..])
             .output()
             .expect("run berth")
+    }
+
+    fn wait_for_credentials(&self) {
+        let started = std::time::Instant::now();
+        while !self.credentials.is_file() && started.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// dev's admin certificate.
+    pub(crate) fn admin_tls(&self) -> berth_net::Tls {
+        self.wait_for_credentials();
+        let text = std::fs::read_to_string(&self.credentials).expect("credentials");
+        let value: toml::Table = toml::from_str(&text).expect("credentials toml");
+        let field = |k: &str| value[k].as_str().expect(k).to_owned();
+        berth_net::Tls::load(&berth_net::TlsSettings {
+            ca: field("ca"),
+            cert: field("cert"),
+            key: field("key"),
+            ..Default::default()
+        })
+        .expect("load dev's credentials")
+        .expect("dev runs TLS")
+    }
+
+    /// A client of dev with its admin certificate.
+    pub(crate) fn client(&self) -> berth_scheduler::service::client::Client {
+        berth_scheduler::service::client::Client::new(vec![self.endpoint.clone()])
+            .with_credentials(berth_net::client::Credentials {
+                tls: Some(self.admin_tls()),
+                token: None,
+            })
+            .expect("credentials")
     }
 
     /// The last 30 lines of dev's log.
@@ -90,15 +130,7 @@ impl Dev {
 
     /// The body of `GET /metrics` on dev's `n`th metrics port (3 = the autoscaler).
     pub(crate) fn metrics(&self, n: u16) -> String {
-        use std::io::{Read, Write};
-        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port + n))
-        else {
-            return String::new();
-        };
-        let _ = stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
-        let mut body = String::new();
-        let _ = stream.read_to_string(&mut body);
-        body
+        metrics_at(&format!("127.0.0.1:{}", self.metrics_port + n))
     }
 
     /// SIGINT, and the exit status within `within`.
@@ -128,6 +160,18 @@ impl Drop for Dev {
 }
 
 /// A one-replica `berth scheduler` process with a leader.
+/// The response to `GET /metrics` at `address` (empty when nothing answers).
+pub(crate) fn metrics_at(address: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(address) else {
+        return String::new();
+    };
+    let _ = stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    let mut body = String::new();
+    let _ = stream.read_to_string(&mut body);
+    body
+}
+
 pub(crate) async fn single_replica(dir: &std::path::Path) -> LocalCluster {
     let mut cfg = LocalClusterConfig::new(env!("CARGO_BIN_EXE_berth"));
     cfg.replicas = 1;

@@ -86,6 +86,16 @@ impl ExternalProvider {
     /// a valid `host:port`, a zero `call_timeout`, or no current runtime is
     /// [`ProviderError::Permanent`].
     pub fn connect_lazy(endpoint: &str, call_timeout: Duration) -> Result<Self, ProviderError> {
+        Self::connect_lazy_tls(endpoint, call_timeout, None)
+    }
+
+    /// The same over mutual TLS: the service's certificate must chain to the cluster CA and
+    /// name an identity of the cluster (e.g. `spiffe://CLUSTER/provider/NAME`).
+    pub fn connect_lazy_tls(
+        endpoint: &str,
+        call_timeout: Duration,
+        tls: Option<&berth_net::Tls>,
+    ) -> Result<Self, ProviderError> {
         let invalid = |why: &dyn std::fmt::Display| {
             ProviderError::Permanent(format!("external provider endpoint {endpoint:?}: {why}"))
         };
@@ -103,7 +113,8 @@ impl ExternalProvider {
         }
         let channel = berth_net::channel(
             endpoint,
-            &berth_net::NetConfig::provider(call_timeout.min(MAX_CONNECT_TIMEOUT)),
+            &berth_net::NetConfig::provider(call_timeout.min(MAX_CONNECT_TIMEOUT))
+                .with_tls(tls, berth_net::Expect::AnyIdentity),
         )
         .map_err(|e| invalid(&e))?;
         Ok(ExternalProvider {

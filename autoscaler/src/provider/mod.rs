@@ -114,6 +114,8 @@ pub struct Environment {
     /// Writes the local provider's agent configs; `None` where no agent can run (a config
     /// with a local provider is then refused).
     pub agent_config: Option<local::AgentConfigWriter>,
+    /// The autoscaler's TLS towards external providers (`None`: plaintext).
+    pub tls: Option<berth_net::Tls>,
 }
 
 /// The configured providers, by name, plus the local ones (to stop their agents on exit).
@@ -165,8 +167,12 @@ pub async fn build(
                     .map_err(|e| format!("providers.{name}: {e}"))?,
             ),
             ProviderConfig::External { endpoint } => Arc::new(
-                external::ExternalProvider::connect_lazy(endpoint, env.call_timeout)
-                    .map_err(|e| format!("providers.{name}: {e}"))?,
+                external::ExternalProvider::connect_lazy_tls(
+                    endpoint,
+                    env.call_timeout,
+                    env.tls.as_ref(),
+                )
+                .map_err(|e| format!("providers.{name}: {e}"))?,
             ),
         };
         built.providers.insert(name.clone(), p);

@@ -90,6 +90,11 @@ impl State {
                 ttl_ms,
                 decisions,
             } => one(self.autoscaler_lease(holder, *ttl_ms, decisions, now_ms)),
+            Command::PutToken { token } => one(self.put_token(token, now_ms)),
+            Command::RevokeToken { id } => one(self.revoke_token(id)),
+            Command::UseJoinToken { id, hash, node } => {
+                one(self.use_join_token(id, hash, node, now_ms))
+            }
             Command::SetTenantQuota { tenant, quota } => {
                 let mut v = Validator::new();
                 v.identifier("tenant", tenant, crate::model::limits::TENANT_LEN);

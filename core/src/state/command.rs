@@ -70,6 +70,25 @@ pub enum Command {
         /// Cut-off in ms.
         finished_before_ms: u64,
     },
+    /// Record a new API or join token (its hash).
+    PutToken {
+        /// The record.
+        token: super::tokens::TokenRecord,
+    },
+    /// Revoke a token.
+    RevokeToken {
+        /// Its id.
+        id: String,
+    },
+    /// Use a join token for a node, at the entry's time (single use).
+    UseJoinToken {
+        /// Token id.
+        id: String,
+        /// SHA-256 of the whole token presented.
+        hash: [u8; 32],
+        /// The node joining.
+        node: String,
+    },
     /// Set or replace a tenant's quota.
     SetTenantQuota {
         /// Tenant.
@@ -335,6 +354,9 @@ pub enum Rejection {
         /// When it lapses unless renewed.
         expires_ms: u64,
     },
+    /// A token operation was refused.
+    #[error("{0}")]
+    Token(String),
     /// A node holding sandboxes cannot be removed.
     #[error("node {node} still holds {count} sandboxes; drain it first")]
     NodeNotEmpty {

@@ -28,6 +28,7 @@ pub mod snapshot;
 mod tests;
 #[cfg(test)]
 mod tests_disconnect;
+pub mod tokens;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -108,6 +109,7 @@ pub struct State {
     pub(crate) tenants: BTreeMap<String, TenantRecord>,
     pub(crate) sandboxes_by_state: BTreeMap<String, u64>,
     pub(crate) autoscaler: AutoscalerRecord,
+    pub(crate) tokens: BTreeMap<String, tokens::TokenRecord>,
 }
 
 /// Most autoscaler decision lines kept in the replicated state.

@@ -13,7 +13,8 @@ const MAGIC: &[u8; 6] = b"BERTH\0";
 // 5: sandbox specs carry `keep_alive` and `idle_timeout_ms` (issue #15). postcard is not
 //    self-describing, so formats 3 and 4 no longer decode and are refused by version.
 // 6: a spec's `network` is a policy (none, egress_all, an allow-list), not a bool.
-const FORMAT_VERSION: u8 = 6;
+// 7: API and join tokens (hashes) joined the state (issue #16).
+const FORMAT_VERSION: u8 = 7;
 /// Formats this build reads.
 const READS: &[u8] = &[FORMAT_VERSION];
 

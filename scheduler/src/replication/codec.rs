@@ -14,7 +14,8 @@ use crate::state::Command;
 //    `ExpireDisconnected` (the disconnect grace) joined the commands.
 // 4: sandbox specs carry `keep_alive` and `idle_timeout_ms`.
 // 5: a spec's `network` is a policy, not a bool.
-const ENTRY_FORMAT: u8 = 5;
+// 6: token commands (PutToken, RevokeToken, UseJoinToken) and Rejection::Token.
+const ENTRY_FORMAT: u8 = 6;
 const SNAPSHOT_FORMAT: u8 = 1;
 // Membership contexts have had the same shape since entry format 2, so they keep that
 // number: contexts already in a log stay readable.
@@ -174,7 +175,7 @@ mod tests {
         let err = Envelope::decode(&other).err().map(|e| e.to_string());
         assert_eq!(
             err.as_deref(),
-            Some("log entry format 9 is not supported (this build reads 5)")
+            Some("log entry format 9 is not supported (this build reads 6)")
         );
         assert!(Envelope::decode(&bytes[..bytes.len() - 1]).is_err());
         assert!(Envelope::decode(&[]).is_err());

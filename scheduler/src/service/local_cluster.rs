@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 
 use berth_proto::pb::v1 as pb;
 
+use berth_net::Tls;
+use berth_net::client::Credentials;
+use berth_net::tls::pki::LocalPki;
+
 use super::client::Client;
 
 /// Settings of a local cluster.
@@ -28,6 +32,8 @@ pub struct LocalClusterConfig {
     pub log_level: String,
     /// Extra lines appended to every `[scheduler]` section (e.g. batching settings).
     pub extra: String,
+    /// Run without TLS (`[scheduler.tls] insecure = true`), e.g. to measure what TLS costs.
+    pub insecure: bool,
 }
 
 impl LocalClusterConfig {
@@ -40,6 +46,7 @@ impl LocalClusterConfig {
             election_ticks: 10,
             log_level: "warn".into(),
             extra: String::new(),
+            insecure: false,
         }
     }
 }
@@ -65,6 +72,8 @@ pub struct LocalCluster {
     /// The replicas.
     pub members: Vec<Member>,
     dir: PathBuf,
+    pki: Option<LocalPki>,
+    admin: Option<Tls>,
 }
 
 /// A free port below Linux's ephemeral range (32768–60999), so that after a replica is
@@ -87,17 +96,36 @@ fn free_port() -> std::io::Result<u16> {
     ))
 }
 
+fn tls_section(pki: Option<&LocalPki>, id: u64) -> std::io::Result<String> {
+    let Some(pki) = pki else {
+        return Ok("[scheduler.tls]\ninsecure = true\n".into());
+    };
+    let s = pki
+        .issue(&format!("replica/{id}"))
+        .map_err(std::io::Error::other)?;
+    Ok(format!(
+        "[scheduler.tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
+         [scheduler.auth]\nca_key = \"{}\"\n",
+        s.ca,
+        s.cert,
+        s.key,
+        pki.ca_key_path().display()
+    ))
+}
+
 fn write_config(
     cfg: &LocalClusterConfig,
     dir: &Path,
     m: &Member,
     peers: &[String],
     join: bool,
+    pki: Option<&LocalPki>,
 ) -> std::io::Result<()> {
+    let tls = tls_section(pki, m.id)?;
     let text = format!(
         "[scheduler]\nnode_id = {}\ncluster_id = \"local\"\nlisten_address = \"{}\"\n\
          metrics_address = \"{}\"\ndata_dir = \"{}\"\npeers = [{}]\njoin = {join}\n{}\n\
-         [scheduler.raft]\ntick_ms = {}\nelection_ticks = {}\nheartbeat_ticks = 2\n",
+         [scheduler.raft]\ntick_ms = {}\nelection_ticks = {}\nheartbeat_ticks = 2\n{tls}",
         m.id,
         m.address,
         m.metrics_address,
@@ -129,7 +157,14 @@ impl LocalCluster {
             .chain(std::iter::once(&member))
             .map(|m| format!("{{ id = {}, address = \"{}\" }}", m.id, m.address))
             .collect();
-        write_config(&self.cfg, &self.dir, &member, &peers, true)?;
+        write_config(
+            &self.cfg,
+            &self.dir,
+            &member,
+            &peers,
+            true,
+            self.pki.as_ref(),
+        )?;
         self.members.push(member);
         let i = self.members.len() - 1;
         self.restart(i)?;
@@ -153,13 +188,27 @@ impl LocalCluster {
             .iter()
             .map(|m| format!("{{ id = {}, address = \"{}\" }}", m.id, m.address))
             .collect();
+        let pki = if cfg.insecure {
+            None
+        } else {
+            Some(LocalPki::create(&dir.join("pki"), "local").map_err(std::io::Error::other)?)
+        };
         for m in &members {
-            write_config(&cfg, dir, m, &peers, false)?;
+            write_config(&cfg, dir, m, &peers, false, pki.as_ref())?;
         }
+        let admin = match &pki {
+            None => None,
+            Some(pki) => {
+                let s = pki.issue("admin/local").map_err(std::io::Error::other)?;
+                Tls::load(&s).map_err(|e| std::io::Error::other(e.to_string()))?
+            }
+        };
         let mut cluster = LocalCluster {
             cfg,
             members,
             dir: dir.to_path_buf(),
+            pki,
+            admin,
         };
         for i in 0..cluster.members.len() {
             cluster.restart(i)?;
@@ -177,9 +226,50 @@ impl LocalCluster {
         self.members.iter().map(|m| m.address.clone()).collect()
     }
 
-    /// A client over every replica.
+    /// A client over every replica, with the cluster's admin certificate.
     pub fn client(&self) -> Client {
-        Client::new(self.endpoints())
+        self.client_of(self.endpoints())
+    }
+
+    /// A client over `endpoints` with the cluster's admin certificate.
+    pub fn client_of(&self, endpoints: Vec<String>) -> Client {
+        let credentials = Credentials {
+            tls: self.admin.clone(),
+            token: None,
+        };
+        Client::new(endpoints.clone())
+            .with_credentials(credentials)
+            .unwrap_or_else(|_| Client::new(endpoints))
+    }
+
+    /// A raw channel to `address` with the admin certificate (for calls the [`Client`]
+    /// does not wrap).
+    pub fn admin_channel(&self, address: &str) -> tonic::transport::Channel {
+        let cfg = berth_net::NetConfig::peer()
+            .with_tls(self.admin.as_ref(), berth_net::Expect::AnyReplica);
+        berth_net::channel(address, &cfg).unwrap_or_else(|e| panic!("channel to {address}: {e}"))
+    }
+
+    /// Replica `id`'s own certificate, loaded from its files (`None` when insecure): what
+    /// a test sends Raft messages with.
+    pub fn replica_tls(&self, id: u64) -> Option<Tls> {
+        let pki = self.pki.as_ref()?;
+        let settings = berth_net::TlsSettings::files(
+            &pki.ca_path(),
+            &pki.dir.join(format!("replica-{id}.pem")),
+            &pki.dir.join(format!("replica-{id}.key")),
+        );
+        Tls::load(&settings).ok().flatten()
+    }
+
+    /// The cluster's CA and issued files (`None` when insecure).
+    pub fn pki(&self) -> Option<&LocalPki> {
+        self.pki.as_ref()
+    }
+
+    /// The admin certificate the cluster's clients use (`None` when insecure).
+    pub fn admin_tls(&self) -> Option<&Tls> {
+        self.admin.as_ref()
     }
 
     /// Starts (or restarts) replica `i` (0-based).
@@ -239,7 +329,7 @@ impl LocalCluster {
                 if !self.alive(i) {
                     continue;
                 }
-                let mut c = Client::new(vec![self.members[i].address.clone()]);
+                let mut c = self.client_of(vec![self.members[i].address.clone()]);
                 c.deadline = Duration::from_millis(300);
                 if let Ok(s) = c.status().await {
                     seen.push(s.leader_id);
@@ -261,7 +351,7 @@ impl LocalCluster {
 
     /// Status of replica `i`, read from it directly.
     pub async fn status(&self, i: usize) -> Result<pb::ClusterStatusResponse, tonic::Status> {
-        let mut c = Client::new(vec![self.members[i].address.clone()]);
+        let mut c = self.client_of(vec![self.members[i].address.clone()]);
         c.deadline = Duration::from_millis(500);
         c.status().await
     }

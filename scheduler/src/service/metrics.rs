@@ -62,6 +62,10 @@ pub struct Metrics {
     pub peer_messages_dropped: IntCounterVec,
     /// Snapshots taken or installed.
     pub log_entries_in_memory: IntGauge,
+    /// Calls refused by authentication or authorisation, by service and gRPC code.
+    pub auth_denials: IntCounterVec,
+    /// Seconds until this replica's certificate expires (0 when insecure).
+    pub cert_expiry_seconds: IntGauge,
 }
 
 fn histogram(name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
@@ -177,6 +181,18 @@ impl Metrics {
                 "berth_raft_log_entries",
                 "Uncompacted Raft log entries held in memory.",
             ),
+            auth_denials: IntCounterVec::new(
+                Opts::new(
+                    "berth_auth_denials_total",
+                    "Calls refused for a missing or insufficient identity, by service and code.",
+                ),
+                &["service", "code"],
+            )
+            .unwrap_or_else(|e| unreachable!("counter berth_auth_denials_total: {e}")),
+            cert_expiry_seconds: gauge(
+                "berth_tls_cert_expiry_seconds",
+                "Seconds until this replica's certificate expires (0 when insecure).",
+            ),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -203,6 +219,8 @@ impl Metrics {
             Box::new(m.heartbeat_gap_max_ms.clone()),
             Box::new(m.peer_messages_dropped.clone()),
             Box::new(m.log_entries_in_memory.clone()),
+            Box::new(m.auth_denials.clone()),
+            Box::new(m.cert_expiry_seconds.clone()),
         ];
         for c in collectors {
             // Each name is registered once, into a fresh registry.

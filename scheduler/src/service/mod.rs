@@ -7,6 +7,7 @@
 //! on loopback for benchmarks and tests. Channels and servers are built by berth-net.
 
 pub mod api;
+pub mod auth;
 pub mod driver;
 pub mod error;
 pub mod liveness;

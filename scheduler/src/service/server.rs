@@ -14,8 +14,11 @@ use berth_proto::pb::v1::node_service_server::NodeServiceServer;
 use berth_proto::pb::v1::peer_server::PeerServer;
 use berth_proto::pb::v1::sandbox_service_server::SandboxServiceServer;
 
+use tonic::service::interceptor::InterceptedService;
+
 use super::StartError;
 use super::api::{AdminApi, NodeApi, PeerApi, SandboxApi, Services};
+use super::auth::{Guard, Security};
 use super::driver::{self, DriverConfig, ReplicaHandle};
 use super::liveness::{self, Liveness, LivenessSettings};
 use super::metrics::{self, Metrics};
@@ -105,6 +108,28 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<Running, StartError> {
             message: "\"etcd\" is not built yet; use \"raft\" (the embedded default)".into(),
         });
     }
+    let tls = berth_net::Tls::load(&cfg.tls).map_err(|e| StartError::Config {
+        field: "scheduler.tls",
+        message: e.to_string(),
+    })?;
+    let ca = if cfg.auth.ca_key.is_empty() {
+        None
+    } else {
+        Some(
+            berth_net::tls::pki::Ca::load(Path::new(&cfg.tls.ca), Path::new(&cfg.auth.ca_key))
+                .map_err(|message| StartError::Config {
+                    field: "scheduler.auth.ca_key",
+                    message,
+                })?,
+        )
+    };
+    match &tls {
+        Some(tls) => tls.spawn_reloader(),
+        None => tracing::warn!(
+            "scheduler.tls.insecure = true: no TLS and NO AUTHENTICATION; anyone who can \
+             reach this replica's port is an admin"
+        ),
+    }
     let listener = tokio::net::TcpListener::bind(&cfg.listen_address)
         .await
         .map_err(io(format!(
@@ -164,6 +189,7 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<Running, StartError> {
         max_batch_wait: Duration::from_micros(cfg.batching.max_batch_wait_us),
         max_queued_creates: cfg.batching.max_queued_creates,
         cluster_id: cfg.cluster_id.clone(),
+        tls: tls.clone(),
     };
     let (handle, raft) = driver::spawn(
         open,
@@ -184,7 +210,30 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<Running, StartError> {
         cfg.cluster_id.clone(),
         liveness,
         cfg.sessions.clone(),
+        tls.as_ref(),
+        Security {
+            ca,
+            node_cert_ttl: Duration::from_secs(cfg.auth.node_cert_ttl_s),
+            max_join_ttl_s: cfg.auth.max_join_token_ttl_s,
+        },
     );
+    let peers_of = handle.clone();
+    let guard = Guard::new(
+        tls.is_some(),
+        &cfg.cluster_id,
+        metrics.clone(),
+        std::sync::Arc::new(move || peers_of.peers().keys().copied().collect()),
+    );
+    if let Some(tls) = &tls {
+        let gauge = metrics.cert_expiry_seconds.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            loop {
+                gauge.set(tls.not_after() - berth_net::tls::pki::unix_now());
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+        });
+    }
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<SandboxServiceServer<SandboxApi>>()
@@ -202,25 +251,38 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<Running, StartError> {
         .map_err(|e| StartError::Replica(format!("gRPC reflection: {e}")))?;
     let (stop, stopped) = oneshot::channel::<()>();
     let router = berth_net::server(&NetConfig::replica_server())
-        .add_service(
+        .add_service(InterceptedService::new(
             SandboxServiceServer::new(services.sandbox)
                 .max_decoding_message_size(MAX_CLIENT_MESSAGE),
-        )
-        .add_service(
+            {
+                let g = guard.clone();
+                move |r| g.sandbox(r)
+            },
+        ))
+        .add_service(InterceptedService::new(
             AdminServiceServer::new(services.admin).max_decoding_message_size(MAX_CLIENT_MESSAGE),
-        )
-        .add_service(
+            {
+                let g = guard.clone();
+                move |r| g.admin(r)
+            },
+        ))
+        .add_service(InterceptedService::new(
             NodeServiceServer::new(services.node).max_decoding_message_size(MAX_CLIENT_MESSAGE),
-        )
-        .add_service(
+            {
+                let g = guard.clone();
+                move |r| g.node(r)
+            },
+        ))
+        .add_service(InterceptedService::new(
             PeerServer::new(services.peer)
                 .max_decoding_message_size(MAX_PEER_MESSAGE)
                 .max_encoding_message_size(MAX_PEER_MESSAGE),
-        )
+            move |r| guard.peer(r),
+        ))
         .add_service(health)
         .add_service(reflection);
     let server = tokio::spawn(router.serve_with_incoming_shutdown(
-        berth_net::incoming(listener),
+        berth_net::incoming(listener, tls.clone()),
         async move {
             let _ = stopped.await;
         },

@@ -45,6 +45,7 @@ pub trait PeerFeedback: Clone + Send + Sync + 'static {
 pub struct Transport<F: PeerFeedback> {
     id: u64,
     cluster_id: String,
+    tls: Option<berth_net::Tls>,
     runtime: tokio::runtime::Handle,
     handle: F,
     metrics: Metrics,
@@ -56,6 +57,7 @@ impl<F: PeerFeedback> Transport<F> {
     pub fn new(
         id: u64,
         cluster_id: String,
+        tls: Option<berth_net::Tls>,
         runtime: tokio::runtime::Handle,
         handle: F,
         metrics: Metrics,
@@ -63,6 +65,7 @@ impl<F: PeerFeedback> Transport<F> {
         Transport {
             id,
             cluster_id,
+            tls,
             runtime,
             handle,
             metrics,
@@ -86,7 +89,11 @@ impl<F: PeerFeedback> Transport<F> {
             }
             let channel = {
                 let _guard = self.runtime.enter();
-                berth_net::channel(address, &berth_net::NetConfig::peer())
+                berth_net::channel(
+                    address,
+                    &berth_net::NetConfig::peer()
+                        .with_tls(self.tls.as_ref(), berth_net::Expect::AnyReplica),
+                )
             };
             let channel = match channel {
                 Ok(c) => c,

@@ -19,7 +19,7 @@ mod cp;
 mod create;
 mod exec;
 mod parse;
-mod show;
+pub(crate) mod show;
 
 use std::process::ExitCode;
 use std::time::Duration;

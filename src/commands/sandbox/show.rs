@@ -246,7 +246,7 @@ pub(super) fn format_age(ms: u64) -> String {
 }
 
 /// Unix milliseconds as RFC 3339 UTC, `2026-04-14T09:30:00.123Z`.
-pub(super) fn format_unix_ms(ms: u64) -> String {
+pub(crate) fn format_unix_ms(ms: u64) -> String {
     let secs = ms / 1000;
     let (hour, minute, second) = (secs / 3600 % 24, secs / 60 % 60, secs % 60);
     // Days to a civil date (Howard Hinnant's algorithm), in unsigned arithmetic: times

@@ -132,8 +132,9 @@ impl<S: Store> AdminApi<S> {
 impl<S: Store> AdminService for AdminApi<S> {
     async fn cluster_status(
         &self,
-        _request: Request<pb::ClusterStatusRequest>,
+        request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        self.require_operator(&request, "ClusterStatus").await?;
         // This replica's own view: status must answer even without a quorum.
         let status = self.handle.read(false, cluster_status).await?;
         Ok(Response::new(status))
@@ -143,6 +144,7 @@ impl<S: Store> AdminService for AdminApi<S> {
         &self,
         request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        self.require_operator(&request, "ListNodes").await?;
         let linear = linearizable(&request);
         let req = request.into_inner();
         let nodes = self
@@ -179,6 +181,7 @@ impl<S: Store> AdminService for AdminApi<S> {
         &self,
         request: Request<pb::NodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
+        self.require_operator(&request, "CordonNode").await?;
         self.set_node_status(request, NodeStatus::Cordoned).await
     }
 
@@ -186,6 +189,7 @@ impl<S: Store> AdminService for AdminApi<S> {
         &self,
         request: Request<pb::NodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
+        self.require_operator(&request, "UncordonNode").await?;
         self.set_node_status(request, NodeStatus::Ready).await
     }
 
@@ -193,6 +197,7 @@ impl<S: Store> AdminService for AdminApi<S> {
         &self,
         request: Request<pb::NodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
+        self.require_operator(&request, "DrainNode").await?;
         self.set_node_status(request, NodeStatus::Draining).await
     }
 
@@ -200,6 +205,7 @@ impl<S: Store> AdminService for AdminApi<S> {
         &self,
         request: Request<pb::SetTenantQuotaRequest>,
     ) -> Result<Response<pb::TenantQuota>, Status> {
+        self.require_admin(&request, "SetTenantQuota").await?;
         let req = request.into_inner();
         let (tenant, quota) =
             convert::quota_from_pb(req.quota.as_ref(), "quota").map_err(ServiceError::from)?;
@@ -220,6 +226,7 @@ impl<S: Store> AdminService for AdminApi<S> {
         &self,
         request: Request<pb::ListTenantQuotasRequest>,
     ) -> Result<Response<pb::ListTenantQuotasResponse>, Status> {
+        self.require_admin(&request, "ListTenantQuotas").await?;
         let linear = linearizable(&request);
         let quotas = self
             .handle
@@ -238,6 +245,7 @@ impl<S: Store> AdminService for AdminApi<S> {
         &self,
         request: Request<pb::AddPeerRequest>,
     ) -> Result<Response<pb::MembershipResponse>, Status> {
+        self.require_admin(&request, "AddPeer").await?;
         let req = request.into_inner();
         let mut v = berth_proto::Validator::new();
         v.check(req.peer_id != 0, "peer_id", || "must be non-zero".into());
@@ -262,6 +270,7 @@ impl<S: Store> AdminService for AdminApi<S> {
         &self,
         request: Request<pb::RemovePeerRequest>,
     ) -> Result<Response<pb::MembershipResponse>, Status> {
+        self.require_admin(&request, "RemovePeer").await?;
         let id = request.get_ref().peer_id;
         if id == 0 {
             return Err(ServiceError::invalid("peer_id", "must be non-zero").into());
@@ -276,6 +285,7 @@ impl<S: Store> AdminService for AdminApi<S> {
         &self,
         request: Request<pb::CapacityViewRequest>,
     ) -> Result<Response<pb::CapacityViewResponse>, Status> {
+        self.require_operator(&request, "CapacityView").await?;
         let linear = linearizable(&request);
         let view = self.handle.read(linear, capacity_view).await?;
         Ok(Response::new(view))
@@ -285,6 +295,7 @@ impl<S: Store> AdminService for AdminApi<S> {
         &self,
         request: Request<pb::NodeRequest>,
     ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+        self.require_operator(&request, "RemoveNode").await?;
         let req = request.into_inner();
         if req.node_id.is_empty() {
             return Err(ServiceError::missing("node_id").into());
@@ -303,6 +314,7 @@ impl<S: Store> AdminService for AdminApi<S> {
         &self,
         request: Request<pb::AutoscalerLeaseRequest>,
     ) -> Result<Response<pb::AutoscalerLeaseResponse>, Status> {
+        self.require_operator(&request, "AutoscalerLease").await?;
         let req = request.into_inner();
         if req.holder.is_empty() {
             return Err(ServiceError::missing("holder").into());
@@ -352,6 +364,28 @@ impl<S: Store> AdminService for AdminApi<S> {
                 }))
             }
         }
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let max = self.security.max_join_ttl_s;
+        self.create_token_call(request, max).await
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::TokenInfo>, Status> {
+        self.revoke_token_call(request).await
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        self.list_tokens_call(request).await
     }
 }
 

@@ -8,11 +8,14 @@
 //! the client sends `berth-read: local`, which reads this replica's applied state. Errors
 //! are [`ServiceError`]s, turned into a `Status` at the edge.
 
+mod access;
 mod admin;
+mod join;
 mod node;
 mod peer;
 mod sandbox;
 mod sandbox_calls;
+mod tokens;
 
 use tonic::Request;
 
@@ -46,6 +49,7 @@ pub struct Shared<S: Store = ReplicaHandle> {
     agents: ChannelPool,
     sessions: std::sync::Arc<crate::sessions::SessionsConfig>,
     usage: super::usage::UsageBook,
+    security: std::sync::Arc<super::auth::Security>,
 }
 
 /// The four services of one Raft replica, sharing one [`Shared`]. (`SandboxApi`,
@@ -74,7 +78,20 @@ impl<S: Store> Shared<S> {
             agents: ChannelPool::new(NetConfig::peer()),
             sessions: Default::default(),
             usage: Default::default(),
+            security: Default::default(),
         }
+    }
+
+    /// The same, dialling agents with `tls` and issuing with `security`.
+    pub fn with_security(
+        mut self,
+        tls: Option<&berth_net::Tls>,
+        security: super::auth::Security,
+    ) -> Shared<S> {
+        self.agents =
+            ChannelPool::new(NetConfig::peer().with_tls(tls, berth_net::Expect::AnyReplica));
+        self.security = std::sync::Arc::new(security);
+        self
     }
 
     /// The same, applying `sessions` to creates.
@@ -91,8 +108,12 @@ impl Services {
         cluster_id: String,
         liveness: Liveness,
         sessions: crate::sessions::SessionsConfig,
+        tls: Option<&berth_net::Tls>,
+        security: super::auth::Security,
     ) -> Services {
-        let shared = Shared::new(handle, cluster_id, liveness).with_sessions(sessions);
+        let shared = Shared::new(handle, cluster_id, liveness)
+            .with_sessions(sessions)
+            .with_security(tls, security);
         Services {
             sandbox: SandboxApi(shared.clone()),
             admin: AdminApi(shared.clone()),

@@ -20,7 +20,7 @@ use crate::model::{NodeStatus, SandboxId, SandboxState};
 use crate::service::liveness::Liveness;
 use crate::service::usage::UsageBook;
 use crate::service::{ServiceError, Store};
-use crate::state::{Command, ItemOutcome};
+use crate::state::{Command, ItemOutcome, Rejection};
 
 type SchedulerStream =
     Pin<Box<dyn Stream<Item = Result<pb::SchedulerMessage, Status>> + Send + 'static>>;
@@ -37,6 +37,15 @@ impl<S: Store> NodeService for NodeApi<S> {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
+        let caller = crate::service::auth::caller(&request);
+        if caller == crate::service::auth::Caller::Anonymous {
+            return Err(self.node_denied(
+                tonic::Code::Unauthenticated,
+                "NodeService.Connect needs a node certificate (an agent without one joins \
+                 with a join token: berth node token create)"
+                    .into(),
+            ));
+        }
         let mut inbound = request.into_inner();
         let first = match inbound.next().await {
             Some(Ok(m)) => m,
@@ -70,6 +79,20 @@ impl<S: Store> NodeService for NodeApi<S> {
         let spec = convert::node_spec_from_pb(register.inventory.as_ref(), "register.inventory")
             .map_err(ServiceError::from)?;
         let node = spec.id.clone();
+        if let crate::service::auth::Caller::Cert(id) = &caller {
+            // An operator may register any node by hand (tests, benches, recovery).
+            if id.role != berth_net::Role::Node(node.to_string())
+                && !matches!(id.role, berth_net::Role::Admin(_))
+            {
+                return Err(self.node_denied(
+                    tonic::Code::PermissionDenied,
+                    format!(
+                        "register.inventory.node_id: {id} may register only as its own node, \
+                         not as {node}"
+                    ),
+                ));
+            }
+        }
         if register.running.len() > MAX_OBSERVED {
             return Err(ServiceError::invalid(
                 "register.running",
@@ -137,6 +160,38 @@ impl<S: Store> NodeService for NodeApi<S> {
         tokio::spawn(agent_outbound(self.handle.clone(), node, epoch, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::CertificateResponse>, Status> {
+        self.join_call(request).await
+    }
+
+    async fn renew_certificate(
+        &self,
+        request: Request<pb::RenewCertificateRequest>,
+    ) -> Result<Response<pb::CertificateResponse>, Status> {
+        self.renew_call(request).await
+    }
+}
+
+impl<S: Store> NodeApi<S> {
+    fn node_denied(&self, code: tonic::Code, message: String) -> Status {
+        self.handle
+            .metrics()
+            .auth_denials
+            .with_label_values(&[
+                crate::service::auth::service::NODE,
+                if code == tonic::Code::Unauthenticated {
+                    "unauthenticated"
+                } else {
+                    "permission_denied"
+                },
+            ])
+            .inc();
+        Status::new(code, message)
+    }
 }
 
 /// Heartbeats, inventory changes, status and usage reports from an agent.
@@ -187,8 +242,23 @@ async fn agent_inbound<S: Store>(
         match handle.command(command).await {
             Ok(result) => {
                 for outcome in result.outcomes {
-                    if let ItemOutcome::Rejected(r) = outcome {
-                        tracing::debug!(node = %node, rejection = %r, "agent report not applied");
+                    match outcome {
+                        // A node may report only on sandboxes bound to it: the state machine
+                        // refuses the rest, and a refusal is a denial like any other.
+                        ItemOutcome::Rejected(r @ Rejection::NotBoundHere { .. }) => {
+                            metrics
+                                .auth_denials
+                                .with_label_values(&[
+                                    crate::service::auth::service::NODE,
+                                    "permission_denied",
+                                ])
+                                .inc();
+                            tracing::warn!(node = %node, rejection = %r, "status report for a sandbox not bound to this node refused");
+                        }
+                        ItemOutcome::Rejected(r) => {
+                            tracing::debug!(node = %node, rejection = %r, "agent report not applied");
+                        }
+                        _ => {}
                     }
                 }
             }

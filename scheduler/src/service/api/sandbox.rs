@@ -15,6 +15,7 @@ use super::sandbox_calls::{Boxed, upstream};
 use super::{PAGE_MAX, SandboxApi, check_create_size, linearizable, parse_sandbox_id};
 use crate::convert;
 use crate::model::SandboxId;
+use crate::service::auth::Access;
 use crate::service::driver::ReadView;
 use crate::service::watch::{self, WatchFilter};
 use crate::service::{ServiceError, Store};
@@ -71,9 +72,20 @@ impl<S: Store> SandboxApi<S> {
 impl<S: Store> SandboxService for SandboxApi<S> {
     async fn create_sandbox(
         &self,
-        request: Request<pb::CreateSandboxRequest>,
+        mut request: Request<pb::CreateSandboxRequest>,
     ) -> Result<Response<pb::CreateSandboxResponse>, Status> {
+        let access = self.sandbox_access(&request).await?;
         check_create_size(request.get_ref())?;
+        if let (Access::Tenant(t), Some(spec)) = (&access, request.get_mut().spec.as_mut()) {
+            if spec.tenant.is_empty() {
+                spec.tenant = t.clone();
+            } else if spec.tenant != *t {
+                return Err(Status::permission_denied(format!(
+                    "spec.tenant: {:?} is not the tenant of this token ({t:?})",
+                    spec.tenant
+                )));
+            }
+        }
         let (request_id, mut spec) =
             convert::create_request_from_pb(request.get_ref()).map_err(ServiceError::from)?;
         self.sessions.apply(&mut spec).map_err(ServiceError::from)?;
@@ -88,6 +100,7 @@ impl<S: Store> SandboxService for SandboxApi<S> {
         &self,
         request: Request<pb::GetSandboxRequest>,
     ) -> Result<Response<pb::Sandbox>, Status> {
+        let access = self.sandbox_access(&request).await?;
         let linear = linearizable(&request);
         let id = parse_sandbox_id("sandbox_id", &request.get_ref().sandbox_id)?;
         let found = self
@@ -95,6 +108,7 @@ impl<S: Store> SandboxService for SandboxApi<S> {
             .read(linear, move |v| {
                 v.state
                     .sandbox(id)
+                    .filter(|s| access.covers(&s.spec.tenant))
                     .map(|s| convert::sandbox_to_pb_in(s, v.state))
             })
             .await?;
@@ -109,8 +123,10 @@ impl<S: Store> SandboxService for SandboxApi<S> {
         &self,
         request: Request<pb::ListSandboxesRequest>,
     ) -> Result<Response<pb::ListSandboxesResponse>, Status> {
+        let access = self.sandbox_access(&request).await?;
         let linear = linearizable(&request);
-        let req = request.into_inner();
+        let mut req = request.into_inner();
+        own_tenant(&access, &mut req.tenant)?;
         let page_size = match req.page_size {
             0 => 100,
             n if n > PAGE_MAX => {
@@ -138,7 +154,22 @@ impl<S: Store> SandboxService for SandboxApi<S> {
         &self,
         request: Request<pb::DeleteSandboxRequest>,
     ) -> Result<Response<pb::DeleteSandboxResponse>, Status> {
+        let access = self.sandbox_access(&request).await?;
         let id = parse_sandbox_id("sandbox_id", &request.get_ref().sandbox_id)?;
+        if access != Access::Admin {
+            // Another tenant's sandbox is answered as a sandbox that does not exist.
+            let covered = self
+                .handle
+                .read(true, move |v| {
+                    v.state
+                        .sandbox(id)
+                        .is_some_and(|s| access.covers(&s.spec.tenant))
+                })
+                .await?;
+            if !covered {
+                return Ok(Response::new(pb::DeleteSandboxResponse { existed: false }));
+            }
+        }
         let existed = self.handle.delete(id).await?;
         Ok(Response::new(pb::DeleteSandboxResponse { existed }))
     }
@@ -148,8 +179,10 @@ impl<S: Store> SandboxService for SandboxApi<S> {
 
     async fn watch_sandboxes(
         &self,
-        request: Request<pb::WatchSandboxesRequest>,
+        mut request: Request<pb::WatchSandboxesRequest>,
     ) -> Result<Response<Self::WatchSandboxesStream>, Status> {
+        let access = self.sandbox_access(&request).await?;
+        own_tenant(&access, &mut request.get_mut().tenant)?;
         let filter = WatchFilter::from_request(request.get_ref())?;
         let (tx, rx) = mpsc::channel(256);
         watch::start(self.handle.clone(), &self.watches, filter, tx).await?;
@@ -162,11 +195,12 @@ impl<S: Store> SandboxService for SandboxApi<S> {
         &self,
         request: Request<pb::ReadLogsRequest>,
     ) -> Result<Response<Self::ReadLogsStream>, Status> {
+        let access = self.sandbox_access(&request).await?;
         let req = request.into_inner();
         let id = parse_sandbox_id("sandbox_id", &req.sandbox_id)?;
         // The node's agent address is part of its registered inventory, so any replica's
         // applied state knows it; no need to go through the leader.
-        let (address, mut agent) = self.agent_of(id, false).await?;
+        let (address, mut agent) = self.agent_of(id, false, &access).await?;
         let answer = agent
             .read_logs(req)
             .await
@@ -206,6 +240,21 @@ impl<S: Store> SandboxService for SandboxApi<S> {
     ) -> Result<Response<pb::ListDirResponse>, Status> {
         self.list_dir_call(request).await
     }
+}
+
+/// A tenant's list or watch covers its own sandboxes: an empty tenant filter becomes its
+/// tenant, another tenant's is refused.
+fn own_tenant(access: &Access, tenant: &mut String) -> Result<(), Status> {
+    if let Access::Tenant(t) = access {
+        if tenant.is_empty() {
+            *tenant = t.clone();
+        } else if tenant != t {
+            return Err(Status::permission_denied(format!(
+                "tenant: {tenant:?} is not the tenant of this token ({t:?})"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn list_page(

@@ -17,6 +17,7 @@ use berth_proto::{FieldErrors, Validator};
 
 use super::{SandboxApi, parse_sandbox_id};
 use crate::model::{SandboxId, SandboxState, validate_argv_env};
+use crate::service::auth::Access;
 use crate::service::{ServiceError, Store};
 
 /// Longest per-exec timeout: a day.
@@ -81,11 +82,17 @@ impl<S: Store> SandboxApi<S> {
         &self,
         id: SandboxId,
         running: bool,
+        access: &Access,
     ) -> Result<(String, AgentServiceClient<tonic::transport::Channel>), ServiceError> {
+        let access = access.clone();
         let target = self
             .handle
             .read(false, move |v| {
-                let sandbox = v.state.sandbox(id)?;
+                // Another tenant's sandbox reads as no sandbox at all.
+                let sandbox = v
+                    .state
+                    .sandbox(id)
+                    .filter(|s| access.covers(&s.spec.tenant))?;
                 if running && !matches!(sandbox.state, SandboxState::Running) {
                     return Some(Err(format!(
                         "sandbox_id: {id} is {}, not running",
@@ -100,7 +107,9 @@ impl<S: Store> SandboxApi<S> {
                 };
                 let node = &binding.placement.node;
                 Some(match v.state.node(node) {
-                    Some(r) if !r.spec.agent_address.is_empty() => Ok(r.spec.agent_address.clone()),
+                    Some(r) if !r.spec.agent_address.is_empty() => {
+                        Ok((r.spec.agent_address.clone(), node.to_string()))
+                    }
                     Some(_) => Err(format!("node {node} registered no agent address")),
                     None => Err(format!("node {node} is no longer registered")),
                 })
@@ -113,11 +122,12 @@ impl<S: Store> SandboxApi<S> {
                 )));
             }
             Some(Err(why)) => return Err(ServiceError::Precondition(why)),
-            Some(Ok(address)) => address,
+            Some(Ok(found)) => found,
         };
+        let (address, node) = address;
         let channel = self
             .agents
-            .get(&address)
+            .get_expecting(&address, Some(berth_net::Expect::Node(node)))
             .map_err(|e| ServiceError::Precondition(format!("node agent: {e}")))?;
         Ok((address, AgentServiceClient::new(channel)))
     }
@@ -126,6 +136,7 @@ impl<S: Store> SandboxApi<S> {
         &self,
         request: Request<Streaming<pb::ExecRequest>>,
     ) -> Result<Response<Boxed<pb::ExecResponse>>, Status> {
+        let access = self.sandbox_access(&request).await?;
         let mut inbound = request.into_inner();
         let first = inbound.message().await?;
         let Some(pb::ExecRequest {
@@ -136,7 +147,7 @@ impl<S: Store> SandboxApi<S> {
         };
         let id = parse_sandbox_id("start.sandbox_id", &start.sandbox_id)?;
         check_exec(&start).map_err(ServiceError::from)?;
-        let (address, mut agent) = self.agent_of(id, true).await?;
+        let (address, mut agent) = self.agent_of(id, true, &access).await?;
         let first = pb::ExecRequest {
             message: Some(pb::exec_request::Message::Start(start)),
         };
@@ -157,6 +168,7 @@ impl<S: Store> SandboxApi<S> {
         &self,
         request: Request<Streaming<pb::WriteFileRequest>>,
     ) -> Result<Response<pb::WriteFileResponse>, Status> {
+        let access = self.sandbox_access(&request).await?;
         let mut inbound = request.into_inner();
         let Some(pb::WriteFileRequest {
             message: Some(pb::write_file_request::Message::Start(start)),
@@ -173,7 +185,7 @@ impl<S: Store> SandboxApi<S> {
             )
             .into());
         }
-        let (address, mut agent) = self.agent_of(id, true).await?;
+        let (address, mut agent) = self.agent_of(id, true, &access).await?;
         let first = pb::WriteFileRequest {
             message: Some(pb::write_file_request::Message::Start(start)),
         };
@@ -191,10 +203,11 @@ impl<S: Store> SandboxApi<S> {
         &self,
         request: Request<pb::ReadFileRequest>,
     ) -> Result<Response<Boxed<pb::ReadFileResponse>>, Status> {
+        let access = self.sandbox_access(&request).await?;
         let req = request.into_inner();
         let id = parse_sandbox_id("sandbox_id", &req.sandbox_id)?;
         check_path("path", &req.path)?;
-        let (address, mut agent) = self.agent_of(id, true).await?;
+        let (address, mut agent) = self.agent_of(id, true, &access).await?;
         let answer = agent
             .read_file(req)
             .await
@@ -209,10 +222,11 @@ impl<S: Store> SandboxApi<S> {
         &self,
         request: Request<pb::ListDirRequest>,
     ) -> Result<Response<pb::ListDirResponse>, Status> {
+        let access = self.sandbox_access(&request).await?;
         let req = request.into_inner();
         let id = parse_sandbox_id("sandbox_id", &req.sandbox_id)?;
         check_path("path", &req.path)?;
-        let (address, mut agent) = self.agent_of(id, true).await?;
+        let (address, mut agent) = self.agent_of(id, true, &access).await?;
         let answer = agent
             .list_dir(req)
             .await

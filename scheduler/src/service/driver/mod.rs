@@ -69,6 +69,8 @@ pub struct DriverConfig {
     pub max_queued_creates: usize,
     /// Cluster id (peers refuse other clusters).
     pub cluster_id: String,
+    /// TLS of the channels to peers (`None`: insecure).
+    pub tls: Option<berth_net::Tls>,
 }
 
 struct Driver<D: Durable> {
@@ -131,6 +133,7 @@ pub fn spawn<D: Durable + Send + 'static>(
             let transport = Transport::new(
                 id,
                 cfg.cluster_id.clone(),
+                cfg.tls.clone(),
                 runtime,
                 thread_handle.clone(),
                 metrics.clone(),
