@@ -54,6 +54,20 @@ impl CredentialsFile {
         Ok(file)
     }
 
+    /// A file naming these PEM files by absolute path (so it can be used from any
+    /// directory), without a token.
+    pub(crate) fn for_files(ca: &str, cert: &str, key: &str) -> CredentialsFile {
+        let absolute = |p: &str| {
+            std::path::absolute(p).map_or_else(|_| p.to_owned(), |a| a.display().to_string())
+        };
+        CredentialsFile {
+            ca: absolute(ca),
+            cert: absolute(cert),
+            key: absolute(key),
+            token: String::new(),
+        }
+    }
+
     /// Writes it (owner-only: it may hold a token).
     pub(crate) fn write(&self, path: &Path) -> Result<(), String> {
         let text = toml::to_string(self).map_err(|e| e.to_string())?;
@@ -94,4 +108,32 @@ pub(crate) fn resolve(
     let tls = Tls::load(&settings).map_err(|e| format!("credentials {}: {e}", path.display()))?;
     let token = token.or_else(|| (!file.token.is_empty()).then(|| file.token.clone()));
     Ok(Credentials { tls, token })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_written_from_relative_paths_loads_from_anywhere() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = CredentialsFile::for_files("pki/ca.pem", "pki/admin.pem", "pki/admin.key");
+        assert!(Path::new(&file.ca).is_absolute(), "{file:?}");
+        let path = dir.path().join("sub/credentials.toml");
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        file.write(&path).expect("write");
+        // Loading does not re-root absolute paths under the file's directory.
+        assert_eq!(CredentialsFile::load(&path).expect("load"), file);
+        // A relative path written by hand is relative to the file.
+        std::fs::write(
+            &path,
+            "ca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"c.key\"\n",
+        )
+        .expect("w");
+        let loaded = CredentialsFile::load(&path).expect("load");
+        assert_eq!(
+            Path::new(&loaded.ca),
+            dir.path().join("sub/ca.pem").as_path()
+        );
+    }
 }

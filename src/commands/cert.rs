@@ -108,16 +108,8 @@ fn issue(
     println!("key:         {} (owner-only)", settings.key);
     println!("ca:          {}", settings.ca);
     if let Some(path) = credentials {
-        let absolute = |p: &str| {
-            std::path::absolute(p).map_or_else(|_| p.to_owned(), |a| a.display().to_string())
-        };
-        crate::credentials::CredentialsFile {
-            ca: absolute(&settings.ca),
-            cert: absolute(&settings.cert),
-            key: absolute(&settings.key),
-            token: String::new(),
-        }
-        .write(path)?;
+        crate::credentials::CredentialsFile::for_files(&settings.ca, &settings.cert, &settings.key)
+            .write(path)?;
         println!("credentials: {}", path.display());
     }
     Ok(())

@@ -263,13 +263,7 @@ async fn dev(args: &DevArgs) -> Result<(), String> {
     let admin = issue("admin/dev")?;
     let credentials = args.data_dir.join("credentials.toml");
     if !args.insecure {
-        CredentialsFile {
-            ca: admin.ca.clone(),
-            cert: admin.cert.clone(),
-            key: admin.key.clone(),
-            token: String::new(),
-        }
-        .write(&credentials)?;
+        CredentialsFile::for_files(&admin.ca, &admin.cert, &admin.key).write(&credentials)?;
     }
 
     let mut grpc = Vec::new();

@@ -15,6 +15,9 @@ use berth_proto::pb::v1::admin_service_client::AdminServiceClient;
 use berth_proto::pb::v1::node_service_client::NodeServiceClient;
 use berth_proto::pb::v1::sandbox_service_client::SandboxServiceClient;
 
+use rustls_pki_types::pem::PemObject;
+
+use super::common::agents::{AgentProcess, node_in};
 use super::common::single_replica;
 use super::{assert_status, channel, denials, spec, tls_for, token, token_for_node, with_token};
 
@@ -260,4 +263,44 @@ async fn join_tokens_are_single_use_and_expire() {
     let (identity, _) = berth_net::tls::identity::of_certificate(&der).expect("identity");
     assert_eq!(identity.uri(), "spiffe://local/node/j1");
     assert!(denials(&cluster, "NodeService", "unauthenticated") >= 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_without_a_certificate_joins_once_with_its_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = single_replica(dir.path()).await;
+    let join = token_for_node(&cluster, pb::TokenKind::Join, "", "fresh-1", 600).await;
+    let mut agent = AgentProcess::new(dir.path(), "fresh-1", &cluster);
+    let cert = agent.join_with(&join);
+    agent.start();
+    let client = cluster.client();
+    let node = node_in(
+        &client,
+        "fresh-1",
+        pb::NodeStatus::Ready,
+        Duration::from_secs(30),
+        &agent,
+    )
+    .await;
+    assert_eq!(node.status, pb::NodeStatus::Ready as i32);
+    // The certificate it wrote names its node in this cluster.
+    let der = rustls_pki_types::CertificateDer::from_pem_file(&cert).expect("issued cert");
+    let (identity, _) = berth_net::tls::identity::of_certificate(&der).expect("identity");
+    assert_eq!(identity.uri(), "spiffe://local/node/fresh-1");
+
+    // The same token again, for a second agent of the same node id: refused, and the
+    // agent exits saying why.
+    let dir2 = tempfile::tempdir().expect("tempdir");
+    let mut again = AgentProcess::new(dir2.path(), "fresh-1", &cluster);
+    again.join_with(&join);
+    again.start();
+    let status = again.wait_exit(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| !s.success()), "{status:?}");
+    assert!(
+        again
+            .log_tail()
+            .contains("was already used (by node fresh-1)"),
+        "{}",
+        again.log_tail()
+    );
 }

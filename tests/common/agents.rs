@@ -130,6 +130,46 @@ impl AgentProcess {
         }
     }
 
+    /// Makes the agent start without a certificate and obtain one with the join token
+    /// `token` (its certificate and key files are removed; `join_token_file` is set).
+    /// Returns the certificate's path.
+    pub(crate) fn join_with(&self, token: &str) -> PathBuf {
+        let text = std::fs::read_to_string(&self.config).expect("agent config");
+        let table: toml::Table = toml::from_str(&text).expect("agent config toml");
+        let tls = &table["agent"]["tls"];
+        let cert = PathBuf::from(tls["cert"].as_str().expect("agent.tls.cert"));
+        let _ = std::fs::remove_file(&cert);
+        let _ = std::fs::remove_file(tls["key"].as_str().expect("agent.tls.key"));
+        let token_file = self.config.with_extension("join-token");
+        std::fs::write(&token_file, format!("{token}\n")).expect("token file");
+        let text = text.replacen(
+            "[agent.tls]",
+            &format!(
+                "join_token_file = {:?}\n[agent.tls]",
+                token_file.display().to_string()
+            ),
+            1,
+        );
+        std::fs::write(&self.config, text).expect("agent config");
+        cert
+    }
+
+    /// Waits for the agent process to exit on its own; its status, if within `within`.
+    pub(crate) fn wait_exit(
+        &mut self,
+        within: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let started = std::time::Instant::now();
+        let child = self.child.as_mut()?;
+        while started.elapsed() < within {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        None
+    }
+
     /// The directory of a sandbox in the agent's state.
     pub(crate) fn sandbox_dir(&self, id: &str) -> PathBuf {
         self.state_dir.join("sandboxes").join(id)

@@ -15,6 +15,8 @@
 
 pub mod identity;
 pub mod pki;
+#[cfg(test)]
+mod tests;
 mod verify;
 
 use std::path::{Path, PathBuf};

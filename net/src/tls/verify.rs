@@ -23,6 +23,46 @@ fn unix(now_unix: i64) -> UnixTime {
     UnixTime::since_unix_epoch(Duration::from_secs(now_unix.max(0) as u64))
 }
 
+/// The handshake-signature methods both verifier traits have, checked with the
+/// provider's algorithms (every verifier here has a `provider` field).
+macro_rules! signature_checks {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.provider
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    };
+}
+
 /// Whether `leaf` (with `intermediates`) chains to `roots` at `now_unix`.
 pub(super) fn chain(
     leaf: &CertificateDer<'_>,
@@ -96,48 +136,25 @@ impl ClientCertVerifier for ClientCerts {
             .verify_client_cert(end_entity, intermediates, now)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    signature_checks!();
 }
 
-/// Server certificates: chained to the current CA and naming the expected identity. Host
-/// names are not checked: identities are URIs (see [`super::identity`]).
+/// What a client checks a server's certificate against.
+#[derive(Debug)]
+enum Trust {
+    /// The current CA of this process's own files; the server must be `Expect`ed.
+    Own(Current, Expect),
+    /// A CA file alone (a process without an identity, joining); the server must be a
+    /// replica.
+    Join(Arc<RootCertStore>),
+}
+
+/// Server certificates: chained to the CA and naming the expected identity. Host names are
+/// not checked: identities are URIs (see [`super::identity`]).
 #[derive(Debug)]
 struct ServerCerts {
-    current: Current,
+    trust: Trust,
     provider: Arc<CryptoProvider>,
-    expect: Expect,
 }
 
 impl ServerCertVerifier for ServerCerts {
@@ -149,55 +166,37 @@ impl ServerCertVerifier for ServerCerts {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let material = current(&self.current);
+        let (roots, own) = match &self.trust {
+            Trust::Own(c, expect) => {
+                let material = current(c);
+                (material.roots.clone(), Some((material, expect)))
+            }
+            Trust::Join(roots) => (roots.clone(), None),
+        };
         let parsed = ParsedCertificate::try_from(end_entity)?;
         verify_server_cert_signed_by_trust_anchor(
             &parsed,
-            &material.roots,
+            &roots,
             intermediates,
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
         let (peer, _) = identity::of_certificate(end_entity).map_err(rustls::Error::General)?;
-        self.expect
-            .admits(&material.identity, &peer)
-            .map_err(rustls::Error::General)?;
+        match own {
+            Some((material, expect)) => expect
+                .admits(&material.identity, &peer)
+                .map_err(rustls::Error::General)?,
+            None if !matches!(peer.role, super::Role::Replica(_)) => {
+                return Err(rustls::Error::General(format!(
+                    "the server is {peer}, not a replica"
+                )));
+            }
+            None => {}
+        }
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    signature_checks!();
 }
 
 pub(super) fn server_config(current: Current, provider: Arc<CryptoProvider>) -> Arc<ServerConfig> {
@@ -214,81 +213,12 @@ pub(super) fn server_config(current: Current, provider: Arc<CryptoProvider>) -> 
     Arc::new(cfg)
 }
 
-/// Server certificates for a process with no identity of its own: chained to `roots`,
-/// naming a replica.
-#[derive(Debug)]
-struct AnyReplica {
-    roots: Arc<RootCertStore>,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for AnyReplica {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let parsed = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
-        let (peer, _) = identity::of_certificate(end_entity).map_err(rustls::Error::General)?;
-        if !matches!(peer.role, super::Role::Replica(_)) {
-            return Err(rustls::Error::General(format!(
-                "the server is {peer}, not a replica"
-            )));
-        }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 pub(super) fn join_config(
     roots: Arc<RootCertStore>,
     provider: Arc<CryptoProvider>,
 ) -> Arc<ClientConfig> {
-    let verifier = Arc::new(AnyReplica {
-        roots,
+    let verifier = Arc::new(ServerCerts {
+        trust: Trust::Join(roots),
         provider: provider.clone(),
     });
     let mut cfg = ClientConfig::builder_with_provider(provider)
@@ -307,9 +237,8 @@ pub(super) fn client_config(
     expect: Expect,
 ) -> Arc<ClientConfig> {
     let verifier = Arc::new(ServerCerts {
-        current: current.clone(),
+        trust: Trust::Own(current.clone(), expect),
         provider: provider.clone(),
-        expect,
     });
     let mut cfg = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
