@@ -115,7 +115,8 @@ pub fn spawn_renewal(cfg: &AgentConfig, tls: Tls) -> tokio::task::JoinHandle<()>
                 continue;
             }
             match renew_once(&cfg, &tls).await {
-                Ok(()) => {}
+                // At most one renewal a second, whatever lifetime the CA hands out.
+                Ok(()) => tokio::time::sleep(Duration::from_secs(1)).await,
                 Err(RenewError::NoCa(why)) => {
                     tracing::warn!(node = %cfg.node_id, %why, "certificate renewal is not offered by the cluster; renew it with the operator's CA");
                     return;

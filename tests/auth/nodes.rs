@@ -18,7 +18,9 @@ use berth_proto::pb::v1::sandbox_service_client::SandboxServiceClient;
 use rustls_pki_types::pem::PemObject;
 
 use super::common::agents::{AgentProcess, node_in};
-use super::common::single_replica;
+use berth_scheduler::service::local_cluster::LocalClusterConfig;
+
+use super::common::{single_replica, single_replica_with};
 use super::{assert_status, channel, denials, spec, tls_for, token, token_for_node, with_token};
 
 fn inventory(node: &str) -> pb::NodeInventory {
@@ -302,5 +304,47 @@ async fn an_agent_without_a_certificate_joins_once_with_its_token() {
             .contains("was already used (by node fresh-1)"),
         "{}",
         again.log_tail()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_renews_its_short_lived_certificate_and_stays_registered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = LocalClusterConfig::new(env!("CARGO_BIN_EXE_berth"));
+    cfg.auth_extra = "node_cert_ttl_s = 60".into();
+    let cluster = single_replica_with(dir.path(), cfg).await;
+    let join = token_for_node(&cluster, pb::TokenKind::Join, "", "short-1", 600).await;
+    let mut agent = AgentProcess::new(dir.path(), "short-1", &cluster);
+    let cert = agent.join_with(&join);
+    agent.start();
+    let client = cluster.client();
+    let ready = |limit| node_in(&client, "short-1", pb::NodeStatus::Ready, limit, &agent);
+    let before = ready(Duration::from_secs(30)).await;
+    let issued = std::fs::read(&cert).expect("joined certificate");
+    // A 60 s certificate is renewed at its half-life: within ~30 s the file changes.
+    let started = std::time::Instant::now();
+    while std::fs::read(&cert).expect("certificate") == issued {
+        assert!(
+            started.elapsed() < Duration::from_secs(50),
+            "no renewal; agent log:\n{}",
+            agent.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        agent.log_tail().contains("certificate renewed"),
+        "{}",
+        agent.log_tail()
+    );
+    // At its half-life, not at once (a renewal storm would replace it within a second).
+    assert!(
+        started.elapsed() >= Duration::from_secs(15),
+        "renewed after {:?}",
+        started.elapsed()
+    );
+    let after = ready(Duration::from_secs(5)).await;
+    assert_eq!(
+        after.epoch, before.epoch,
+        "renewal must not re-register the node"
     );
 }

@@ -173,7 +173,14 @@ pub(crate) fn metrics_at(address: &str) -> String {
 }
 
 pub(crate) async fn single_replica(dir: &std::path::Path) -> LocalCluster {
-    let mut cfg = LocalClusterConfig::new(env!("CARGO_BIN_EXE_berth"));
+    single_replica_with(dir, LocalClusterConfig::new(env!("CARGO_BIN_EXE_berth"))).await
+}
+
+/// One replica of `cfg` (its `replicas` set to 1), once it leads.
+pub(crate) async fn single_replica_with(
+    dir: &std::path::Path,
+    mut cfg: LocalClusterConfig,
+) -> LocalCluster {
     cfg.replicas = 1;
     let mut cluster = LocalCluster::start(cfg, dir).expect("start");
     assert!(

@@ -38,8 +38,10 @@ fn err(what: &str) -> impl FnOnce(rcgen::Error) -> String + '_ {
 fn validity(params: &mut CertificateParams, ttl: Duration, now_unix: i64) -> Result<(), String> {
     let now = time::OffsetDateTime::from_unix_timestamp(now_unix)
         .map_err(|e| format!("the clock: {e}"))?;
-    // A minute of slack for clocks that disagree a little.
-    params.not_before = now - time::Duration::minutes(1);
+    // Slack for clocks that disagree a little: a minute, or a tenth of a short lifetime
+    // (so the half-life that agents renew at always lies ahead of the issuing time).
+    let slack = ttl.as_secs().div_ceil(10).min(60) as i64;
+    params.not_before = now - time::Duration::seconds(slack);
     params.not_after = now + time::Duration::try_from(ttl).map_err(|e| format!("ttl: {e}"))?;
     Ok(())
 }
@@ -329,6 +331,11 @@ mod tests {
         let (got, not_after) = of_certificate(&der).expect("identity");
         assert_eq!(got, id);
         assert!(not_after > unix_now() && not_after <= unix_now() + 61);
+        // The half-life agents renew at lies well ahead even for the shortest lifetime
+        // (backdating a full minute would put it at the issuing time: a renewal storm).
+        let (not_before, _) = crate::tls::identity::validity(&der).expect("validity");
+        let renew_at = not_before + (not_after - not_before) / 2;
+        assert!(renew_at >= unix_now() + 20, "{not_before}..{not_after}");
 
         // A request that asks for another name gets the identity the CA gave.
         let (_key, csr) =

@@ -34,6 +34,8 @@ pub struct LocalClusterConfig {
     pub extra: String,
     /// Run without TLS (`[scheduler.tls] insecure = true`), e.g. to measure what TLS costs.
     pub insecure: bool,
+    /// Extra lines of every `[scheduler.auth]` section (e.g. `node_cert_ttl_s = 60`).
+    pub auth_extra: String,
 }
 
 impl LocalClusterConfig {
@@ -47,6 +49,7 @@ impl LocalClusterConfig {
             log_level: "warn".into(),
             extra: String::new(),
             insecure: false,
+            auth_extra: String::new(),
         }
     }
 }
@@ -96,7 +99,7 @@ fn free_port() -> std::io::Result<u16> {
     ))
 }
 
-fn tls_section(pki: Option<&LocalPki>, id: u64) -> std::io::Result<String> {
+fn tls_section(pki: Option<&LocalPki>, id: u64, auth_extra: &str) -> std::io::Result<String> {
     let Some(pki) = pki else {
         return Ok("[scheduler.tls]\ninsecure = true\n".into());
     };
@@ -105,7 +108,7 @@ fn tls_section(pki: Option<&LocalPki>, id: u64) -> std::io::Result<String> {
         .map_err(std::io::Error::other)?;
     Ok(format!(
         "[scheduler.tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
-         [scheduler.auth]\nca_key = \"{}\"\n",
+         [scheduler.auth]\nca_key = \"{}\"\n{auth_extra}\n",
         s.ca,
         s.cert,
         s.key,
@@ -121,7 +124,7 @@ fn write_config(
     join: bool,
     pki: Option<&LocalPki>,
 ) -> std::io::Result<()> {
-    let tls = tls_section(pki, m.id)?;
+    let tls = tls_section(pki, m.id, &cfg.auth_extra)?;
     let text = format!(
         "[scheduler]\nnode_id = {}\ncluster_id = \"local\"\nlisten_address = \"{}\"\n\
          metrics_address = \"{}\"\ndata_dir = \"{}\"\npeers = [{}]\njoin = {join}\n{}\n\
