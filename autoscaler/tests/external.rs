@@ -13,11 +13,11 @@ use berth_autoscaler::provider::external::{
     ExternalProvider, error_to_status, provider_node_to_pb,
 };
 use berth_autoscaler::provider::{InstanceState, Provider, ProviderError, ProviderNode};
+use berth_net::tls::pki::LocalPki;
 use berth_proto::node::CapacityType;
 use berth_proto::pb::v1 as pb;
 use berth_proto::pb::v1::provider_service_server::{ProviderService, ProviderServiceServer};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
 /// What the next `ScaleUp` answers instead of creating nodes.
@@ -137,20 +137,70 @@ impl ProviderService for FakeCloud {
     }
 }
 
-/// Serves a fresh fake cloud on 127.0.0.1:0; returns it and its `host:port`.
-async fn serve() -> (FakeCloud, String) {
+/// A CA with a certificate for the fake cloud (`provider/fake`) and one for the
+/// autoscaler: the provider protocol runs over mutual TLS as in production.
+struct Pki {
+    _dir: tempfile::TempDir,
+    server: berth_net::Tls,
+    client: berth_net::Tls,
+}
+
+fn pki() -> &'static Pki {
+    static PKI: std::sync::OnceLock<Pki> = std::sync::OnceLock::new();
+    PKI.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = LocalPki::create(dir.path(), "test").unwrap();
+        let load = |role: &str| {
+            berth_net::Tls::load(&ca.issue(role).unwrap())
+                .unwrap()
+                .unwrap()
+        };
+        Pki {
+            server: load("provider/fake"),
+            client: load("autoscaler/test"),
+            _dir: dir,
+        }
+    })
+}
+
+/// Serves a fresh fake cloud on 127.0.0.1:0 with `tls`; returns it and its `host:port`.
+async fn serve_with(tls: berth_net::Tls) -> (FakeCloud, String) {
     let cloud = FakeCloud::default();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
     let server = berth_net::server(&berth_net::NetConfig::peer())
         .add_service(ProviderServiceServer::new(cloud.clone()))
-        .serve_with_incoming(TcpListenerStream::new(listener));
+        .serve_with_incoming(berth_net::incoming(listener, Some(tls)));
     tokio::spawn(server);
     (cloud, address)
 }
 
+async fn serve() -> (FakeCloud, String) {
+    serve_with(pki().server.clone()).await
+}
+
 fn client(address: &str) -> ExternalProvider {
-    ExternalProvider::connect_lazy(address, Duration::from_secs(5)).unwrap()
+    ExternalProvider::connect_lazy_tls(address, Duration::from_secs(5), Some(&pki().client))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_provider_with_a_certificate_from_another_ca_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = LocalPki::create(dir.path(), "test").unwrap();
+    let impostor = berth_net::Tls::load(&other.issue("provider/fake").unwrap())
+        .unwrap()
+        .unwrap();
+    let (cloud, address) = serve_with(impostor).await;
+    let error = client(&address)
+        .scale_up(&group("aws-a"), 1)
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains(&address), "{error}");
+    assert!(
+        cloud.state().nodes.is_empty(),
+        "the impostor was never called"
+    );
 }
 
 fn group(name: &str) -> NodeGroupConfig {
