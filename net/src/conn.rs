@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_util::either::Either;
 use tonic::transport::server::Connected;
 
 use crate::tls::{ClientTls, Identity, Tls, identity};
@@ -34,10 +35,8 @@ pub struct PeerInfo {
     pub identity_problem: Option<String>,
 }
 
-enum Io {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-}
+/// An accepted connection's stream: plain TCP, or TLS over it.
+type Io = Either<TcpStream, Box<tokio_rustls::server::TlsStream<TcpStream>>>;
 
 /// An accepted connection.
 pub struct Conn {
@@ -59,10 +58,7 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
-            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tls(s) => Pin::new(s).poll_read(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
@@ -72,24 +68,15 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().io {
-            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Tls(s) => Pin::new(s).poll_write(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
-            Io::Plain(s) => Pin::new(s).poll_flush(cx),
-            Io::Tls(s) => Pin::new(s).poll_flush(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
-            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Tls(s) => Pin::new(s).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -97,17 +84,11 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().io {
-            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Io::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        match &self.io {
-            Io::Plain(s) => s.is_write_vectored(),
-            Io::Tls(s) => s.is_write_vectored(),
-        }
+        self.io.is_write_vectored()
     }
 }
 
@@ -124,7 +105,7 @@ async fn handshake(acceptor: TlsAcceptor, tcp: TcpStream, remote: SocketAddr) ->
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no bytes before the timeout"))??;
     if peeked == 1 && first[0] != TLS_HANDSHAKE_RECORD {
         return Ok(Conn {
-            io: Io::Plain(tcp),
+            io: Either::Left(tcp),
             info: PeerInfo {
                 remote: Some(remote),
                 tls: false,
@@ -147,7 +128,7 @@ async fn handshake(acceptor: TlsAcceptor, tcp: TcpStream, remote: SocketAddr) ->
         }
     }
     Ok(Conn {
-        io: Io::Tls(Box::new(tls)),
+        io: Either::Right(Box::new(tls)),
         info,
     })
 }
@@ -182,7 +163,7 @@ pub fn incoming(
             }
             let Some(tls) = &tls else {
                 let conn = Conn {
-                    io: Io::Plain(tcp),
+                    io: Either::Left(tcp),
                     info: PeerInfo {
                         remote: Some(remote),
                         ..PeerInfo::default()
@@ -230,7 +211,7 @@ pub(crate) async fn dial(
     let tcp = TcpStream::connect((host.as_str(), port)).await?;
     tcp.set_nodelay(true)?;
     let Some(config) = tls else {
-        return Ok(hyper_util::rt::TokioIo::new(ClientIo::Plain(tcp)));
+        return Ok(hyper_util::rt::TokioIo::new(Either::Left(tcp)));
     };
     let name = rustls::pki_types::ServerName::try_from(host.clone())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
@@ -238,58 +219,13 @@ pub(crate) async fn dial(
     let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
-    Ok(hyper_util::rt::TokioIo::new(ClientIo::Tls(Box::new(
+    Ok(hyper_util::rt::TokioIo::new(Either::Right(Box::new(
         stream,
     ))))
 }
 
-/// A dialled connection.
-pub enum ClientIo {
-    /// Insecure.
-    Plain(TcpStream),
-    /// TLS.
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for ClientIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            ClientIo::Tls(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for ClientIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ClientIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            ClientIo::Tls(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientIo::Plain(s) => Pin::new(s).poll_flush(cx),
-            ClientIo::Tls(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            ClientIo::Tls(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
+/// A dialled connection: plain TCP (insecure), or TLS over it.
+pub type ClientIo = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
 /// The certificate a TLS server at `address` presents (leaf, DER), checked as a client
 /// with `tls` expecting `expect` would. For tests and `berth cert probe`-like checks.
@@ -304,13 +240,13 @@ pub async fn peer_certificate(address: &str, tls: ClientTls) -> io::Result<Vec<u
         .await?
         .into_inner();
     match io {
-        ClientIo::Tls(s) => s
+        Either::Right(s) => s
             .get_ref()
             .1
             .peer_certificates()
             .and_then(|c| c.first())
             .map(|c| c.to_vec())
             .ok_or_else(|| io::Error::other("the server sent no certificate")),
-        ClientIo::Plain(_) => Err(io::Error::other("not TLS")),
+        Either::Left(_) => Err(io::Error::other("not TLS")),
     }
 }

@@ -157,6 +157,37 @@ pub enum NetError {
 /// A channel to `address` (`host:port`). It connects lazily and reconnects on its own, so a
 /// peer that is down now is no error.
 pub fn channel(address: &str, cfg: &NetConfig) -> Result<Channel, NetError> {
+    // The config's verifier and certificate resolver read the current files' contents at
+    // each handshake, so one config per channel follows every reload.
+    let tls = cfg
+        .tls
+        .as_ref()
+        .map(|t| t.tls.client_config(t.expect.clone()));
+    connect(address, cfg, tls)
+}
+
+/// A channel for a node that has no certificate yet (`NodeService.Join`): TLS with the CA
+/// in `ca` checking that the server is a replica, and no client certificate.
+pub fn join_channel(address: &str, ca: &std::path::Path) -> Result<Channel, NetError> {
+    let config = tls::join_client_config(ca).map_err(|e| NetError::Address {
+        address: address.to_owned(),
+        why: e.to_string(),
+    })?;
+    let cfg = NetConfig {
+        connect_timeout: Duration::from_secs(2),
+        request_timeout: Some(Duration::from_secs(10)),
+        ..NetConfig::peer()
+    };
+    connect(address, &cfg, Some(config))
+}
+
+/// A lazy channel to `address` with `cfg`'s timeouts and pings, dialled by [`conn::dial`]
+/// (TLS with `tls`, plaintext without).
+fn connect(
+    address: &str,
+    cfg: &NetConfig,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<Channel, NetError> {
     if address.is_empty() || address.contains('/') {
         return Err(NetError::Address {
             address: address.to_owned(),
@@ -168,8 +199,7 @@ pub fn channel(address: &str, cfg: &NetConfig) -> Result<Channel, NetError> {
             address: address.to_owned(),
             why: e.to_string(),
         })?
-        .connect_timeout(cfg.connect_timeout)
-        .tcp_nodelay(true);
+        .connect_timeout(cfg.connect_timeout);
     if let Some(timeout) = cfg.request_timeout {
         endpoint = endpoint.timeout(timeout);
     }
@@ -179,32 +209,7 @@ pub fn channel(address: &str, cfg: &NetConfig) -> Result<Channel, NetError> {
             .keep_alive_timeout(k.timeout)
             .keep_alive_while_idle(true);
     }
-    let tls = cfg.tls.clone();
-    // The client config is taken at each connect, so a reload applies to the next one.
-    let connector = tower::service_fn(move |uri: http::Uri| {
-        conn::dial(
-            uri,
-            tls.as_ref().map(|t| t.tls.client_config(t.expect.clone())),
-        )
-    });
-    Ok(endpoint.connect_with_connector_lazy(connector))
-}
-
-/// A channel for a node that has no certificate yet (`NodeService.Join`): TLS with the CA
-/// in `ca` checking that the server is a replica, and no client certificate.
-pub fn join_channel(address: &str, ca: &std::path::Path) -> Result<Channel, NetError> {
-    let config = tls::join_client_config(ca).map_err(|e| NetError::Address {
-        address: address.to_owned(),
-        why: e.to_string(),
-    })?;
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| NetError::Address {
-            address: address.to_owned(),
-            why: e.to_string(),
-        })?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10));
-    let connector = tower::service_fn(move |uri: http::Uri| conn::dial(uri, Some(config.clone())));
+    let connector = tower::service_fn(move |uri: http::Uri| conn::dial(uri, tls.clone()));
     Ok(endpoint.connect_with_connector_lazy(connector))
 }
 

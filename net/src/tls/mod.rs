@@ -19,7 +19,7 @@ pub mod pki;
 mod tests;
 mod verify;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -178,17 +178,22 @@ fn certs(
     Ok(certs)
 }
 
+/// The CA certificates in the PEM file at `path` (the `ca` field).
+fn roots(path: &str) -> Result<RootCertStore, LoadError> {
+    let mut roots = RootCertStore::empty();
+    for c in certs("ca", path, &read("ca", path)?)? {
+        roots.add(c).map_err(|e| LoadError {
+            field: "ca",
+            message: format!("{path}: not a usable CA certificate: {e}"),
+        })?;
+    }
+    Ok(roots)
+}
+
 impl Material {
     fn load(s: &TlsSettings, now_unix: i64) -> Result<Material, LoadError> {
         let provider = provider();
-        let ca = certs("ca", &s.ca, &read("ca", &s.ca)?)?;
-        let mut roots = RootCertStore::empty();
-        for c in &ca {
-            roots.add(c.clone()).map_err(|e| LoadError {
-                field: "ca",
-                message: format!("{}: not a usable CA certificate: {e}", s.ca),
-            })?;
-        }
+        let roots = roots(&s.ca)?;
         let chain = certs("cert", &s.cert, &read("cert", &s.cert)?)?;
         let key_pem = read("key", &s.key)?;
         let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| LoadError {
@@ -376,11 +381,6 @@ impl Tls {
         self.0.reloads.load(Ordering::Relaxed)
     }
 
-    /// The settings it was loaded from.
-    pub fn settings(&self) -> &TlsSettings {
-        &self.0.settings
-    }
-
     /// Re-reads the files if they changed. `Ok(true)`: new ones are in use.
     pub fn reload_if_changed(&self) -> Result<bool, LoadError> {
         let now = stamp(&self.0.settings);
@@ -450,27 +450,13 @@ impl Tls {
     pub fn client_config(&self, expect: Expect) -> Arc<ClientConfig> {
         verify::client_config(self.0.current.clone(), self.0.provider.clone(), expect)
     }
-
-    /// The files this context reads, for logs.
-    pub fn files(&self) -> Vec<PathBuf> {
-        let s = &self.0.settings;
-        [&s.ca, &s.cert, &s.key].iter().map(PathBuf::from).collect()
-    }
 }
 
 /// A client config for a process without a certificate: the server must chain to the CA
 /// in `ca` and be a replica (of any cluster: the joining node learns its cluster from the
 /// certificate it is issued).
 pub fn join_client_config(ca: &Path) -> Result<Arc<ClientConfig>, LoadError> {
-    let path = ca.display().to_string();
-    let ca = certs("ca", &path, &read("ca", &path)?)?;
-    let mut roots = RootCertStore::empty();
-    for c in &ca {
-        roots.add(c.clone()).map_err(|e| LoadError {
-            field: "ca",
-            message: format!("{path}: not a usable CA certificate: {e}"),
-        })?;
-    }
+    let roots = roots(&ca.display().to_string())?;
     Ok(verify::join_config(Arc::new(roots), provider()))
 }
 

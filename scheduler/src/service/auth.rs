@@ -11,7 +11,8 @@
 //! Denials are UNAUTHENTICATED (nothing or nothing valid was presented) or
 //! PERMISSION_DENIED (a valid identity that may not do this), say what was missing, and are
 //! counted in `berth_auth_denials_total`. A tenant asking for another tenant's sandbox gets
-//! exactly the NOT_FOUND a random id gets (the handlers use [`not_found`]).
+//! exactly the NOT_FOUND a random id gets: the handlers look sandboxes up through
+//! [`Access::covers`], so another tenant's is simply not found.
 
 use std::sync::Arc;
 
@@ -20,7 +21,6 @@ use tonic::{Code, Request, Status};
 use berth_net::{Identity, PeerInfo, Role};
 
 use super::metrics::Metrics;
-use crate::model::SandboxId;
 
 /// Metadata key of an API token: `authorization: Bearer berth_…`.
 pub const AUTHORIZATION: &str = "authorization";
@@ -68,13 +68,21 @@ pub struct Security {
     pub max_join_ttl_s: u64,
 }
 
-impl Default for Security {
-    fn default() -> Security {
+impl Security {
+    /// What `[scheduler.auth]` sets, with the CA (and its key) when this replica signs.
+    pub fn new(auth: &crate::config::AuthConfig, ca: Option<berth_net::tls::pki::Ca>) -> Security {
         Security {
-            ca: None,
-            node_cert_ttl: std::time::Duration::from_secs(24 * 3_600),
-            max_join_ttl_s: 7 * 24 * 3_600,
+            ca,
+            node_cert_ttl: std::time::Duration::from_secs(auth.node_cert_ttl_s),
+            max_join_ttl_s: auth.max_join_token_ttl_s,
         }
+    }
+}
+
+impl Default for Security {
+    /// The config's defaults, no CA.
+    fn default() -> Security {
+        Security::new(&crate::config::AuthConfig::default(), None)
     }
 }
 
@@ -99,10 +107,18 @@ pub mod service {
     pub const PEER: &str = "Peer";
 }
 
-/// NOT_FOUND for a sandbox id, the same words whether it exists for another tenant or not
-/// at all.
-pub fn not_found(id: SandboxId) -> Status {
-    Status::not_found(format!("sandbox {id} not found"))
+/// Counts a refusal of a `service` call with `code` in `berth_auth_denials_total`.
+pub fn count_denial(metrics: &Metrics, service: &str, code: Code) {
+    metrics
+        .auth_denials
+        .with_label_values(&[service, code_label(code)])
+        .inc();
+}
+
+/// A refusal of a `service` call, counted: every denial goes through here.
+pub fn denial(metrics: &Metrics, service: &str, code: Code, message: String) -> Status {
+    count_denial(metrics, service, code);
+    Status::new(code, message)
 }
 
 /// The bearer token in a request's metadata, if any.
@@ -143,11 +159,7 @@ impl Guard {
 
     /// Counts and returns a denial.
     pub fn deny(&self, service: &str, code: Code, message: String) -> Status {
-        self.metrics
-            .auth_denials
-            .with_label_values(&[service, code_label(code)])
-            .inc();
-        Status::new(code, message)
+        denial(&self.metrics, service, code, message)
     }
 
     fn identity(
@@ -309,11 +321,6 @@ impl Guard {
                 _ => Err(self.wrong_kind(s, &id, "replica certificates")),
             },
         }
-    }
-
-    /// Whether the replica runs TLS.
-    pub fn secure(&self) -> bool {
-        self.secure
     }
 }
 

@@ -211,11 +211,7 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<Running, StartError> {
         liveness,
         cfg.sessions.clone(),
         tls.as_ref(),
-        Security {
-            ca,
-            node_cert_ttl: Duration::from_secs(cfg.auth.node_cert_ttl_s),
-            max_join_ttl_s: cfg.auth.max_join_token_ttl_s,
-        },
+        Security::new(&cfg.auth, ca),
     );
     let peers_of = handle.clone();
     let guard = Guard::new(

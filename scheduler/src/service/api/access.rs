@@ -26,27 +26,9 @@ pub(crate) fn token_hash(token: &str) -> [u8; 32] {
     out
 }
 
-/// Milliseconds since the Unix epoch on this replica's clock.
-pub(crate) fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 impl<S: Store> Shared<S> {
-    fn denied(&self, service: &str, code: Code, message: String) -> Status {
-        self.handle
-            .metrics()
-            .auth_denials
-            .with_label_values(&[
-                service,
-                match code {
-                    Code::Unauthenticated => "unauthenticated",
-                    _ => "permission_denied",
-                },
-            ])
-            .inc();
-        Status::new(code, message)
+    pub(crate) fn denied(&self, service: &str, code: Code, message: String) -> Status {
+        auth::denial(self.handle.metrics(), service, code, message)
     }
 
     /// Who the caller of `request` is and what it may touch. `service` names the service
@@ -107,7 +89,7 @@ impl<S: Store> Shared<S> {
         if record.revoked {
             return Err(unauthenticated(format!("API token {id} has been revoked")));
         }
-        let now = wall_ms();
+        let now = crate::service::driver::now_ms();
         if record.expires_ms != 0 && now >= record.expires_ms {
             return Err(unauthenticated(format!(
                 "API token {id} expired {} s ago",

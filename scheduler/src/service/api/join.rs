@@ -59,14 +59,8 @@ impl<S: Store> NodeApi<S> {
         if self.security.ca.is_none() {
             return Err(no_ca());
         }
-        let denied = |message: String| {
-            self.handle
-                .metrics()
-                .auth_denials
-                .with_label_values(&[auth::service::NODE, "unauthenticated"])
-                .inc();
-            Status::new(Code::Unauthenticated, message)
-        };
+        let denied =
+            |message: String| self.denied(auth::service::NODE, Code::Unauthenticated, message);
         let Some((id, _)) = split_token(&req.token) else {
             return Err(denied(
                 "token: not a join token (berth_ID_SECRET, from berth node token create)".into(),

@@ -178,19 +178,7 @@ impl<S: Store> NodeService for NodeApi<S> {
 
 impl<S: Store> NodeApi<S> {
     fn node_denied(&self, code: tonic::Code, message: String) -> Status {
-        self.handle
-            .metrics()
-            .auth_denials
-            .with_label_values(&[
-                crate::service::auth::service::NODE,
-                if code == tonic::Code::Unauthenticated {
-                    "unauthenticated"
-                } else {
-                    "permission_denied"
-                },
-            ])
-            .inc();
-        Status::new(code, message)
+        self.denied(crate::service::auth::service::NODE, code, message)
     }
 }
 
@@ -246,13 +234,11 @@ async fn agent_inbound<S: Store>(
                         // A node may report only on sandboxes bound to it: the state machine
                         // refuses the rest, and a refusal is a denial like any other.
                         ItemOutcome::Rejected(r @ Rejection::NotBoundHere { .. }) => {
-                            metrics
-                                .auth_denials
-                                .with_label_values(&[
-                                    crate::service::auth::service::NODE,
-                                    "permission_denied",
-                                ])
-                                .inc();
+                            crate::service::auth::count_denial(
+                                &metrics,
+                                crate::service::auth::service::NODE,
+                                tonic::Code::PermissionDenied,
+                            );
                             tracing::warn!(node = %node, rejection = %r, "status report for a sandbox not bound to this node refused");
                         }
                         ItemOutcome::Rejected(r) => {

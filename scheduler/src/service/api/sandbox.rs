@@ -76,15 +76,8 @@ impl<S: Store> SandboxService for SandboxApi<S> {
     ) -> Result<Response<pb::CreateSandboxResponse>, Status> {
         let access = self.sandbox_access(&request).await?;
         check_create_size(request.get_ref())?;
-        if let (Access::Tenant(t), Some(spec)) = (&access, request.get_mut().spec.as_mut()) {
-            if spec.tenant.is_empty() {
-                spec.tenant = t.clone();
-            } else if spec.tenant != *t {
-                return Err(Status::permission_denied(format!(
-                    "spec.tenant: {:?} is not the tenant of this token ({t:?})",
-                    spec.tenant
-                )));
-            }
+        if let Some(spec) = request.get_mut().spec.as_mut() {
+            self.own_tenant(&access, "spec.tenant", &mut spec.tenant)?;
         }
         let (request_id, mut spec) =
             convert::create_request_from_pb(request.get_ref()).map_err(ServiceError::from)?;
@@ -126,7 +119,7 @@ impl<S: Store> SandboxService for SandboxApi<S> {
         let access = self.sandbox_access(&request).await?;
         let linear = linearizable(&request);
         let mut req = request.into_inner();
-        own_tenant(&access, &mut req.tenant)?;
+        self.own_tenant(&access, "tenant", &mut req.tenant)?;
         let page_size = match req.page_size {
             0 => 100,
             n if n > PAGE_MAX => {
@@ -182,7 +175,7 @@ impl<S: Store> SandboxService for SandboxApi<S> {
         mut request: Request<pb::WatchSandboxesRequest>,
     ) -> Result<Response<Self::WatchSandboxesStream>, Status> {
         let access = self.sandbox_access(&request).await?;
-        own_tenant(&access, &mut request.get_mut().tenant)?;
+        self.own_tenant(&access, "tenant", &mut request.get_mut().tenant)?;
         let filter = WatchFilter::from_request(request.get_ref())?;
         let (tx, rx) = mpsc::channel(256);
         watch::start(self.handle.clone(), &self.watches, filter, tx).await?;
@@ -242,19 +235,23 @@ impl<S: Store> SandboxService for SandboxApi<S> {
     }
 }
 
-/// A tenant's list or watch covers its own sandboxes: an empty tenant filter becomes its
-/// tenant, another tenant's is refused.
-fn own_tenant(access: &Access, tenant: &mut String) -> Result<(), Status> {
-    if let Access::Tenant(t) = access {
-        if tenant.is_empty() {
-            *tenant = t.clone();
-        } else if tenant != t {
-            return Err(Status::permission_denied(format!(
-                "tenant: {tenant:?} is not the tenant of this token ({t:?})"
-            )));
+impl<S: Store> SandboxApi<S> {
+    /// A tenant token acts for its own tenant: an empty `field` (a create's spec, a list or
+    /// watch filter) becomes its tenant, another tenant's is refused (and counted).
+    fn own_tenant(&self, access: &Access, field: &str, tenant: &mut String) -> Result<(), Status> {
+        if let Access::Tenant(t) = access {
+            if tenant.is_empty() {
+                *tenant = t.clone();
+            } else if tenant != t {
+                return Err(self.denied(
+                    crate::service::auth::service::SANDBOX,
+                    tonic::Code::PermissionDenied,
+                    format!("{field}: {tenant:?} is not the tenant of this token ({t:?})"),
+                ));
+            }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 fn list_page(

@@ -5,7 +5,7 @@ use tonic::{Request, Response, Status};
 
 use berth_proto::pb::v1 as pb;
 
-use super::access::{token_hash, wall_ms};
+use super::access::token_hash;
 use super::{AdminApi, only_outcome};
 use crate::service::{ServiceError, Store};
 use crate::state::tokens::{DESCRIPTION_LEN, TokenKind, TokenRecord};
@@ -120,7 +120,7 @@ impl<S: Store> AdminApi<S> {
         };
         let id = random_hex(8)?;
         let token = format!("berth_{id}_{}", random_hex(24)?);
-        let now = wall_ms();
+        let now = crate::service::driver::now_ms();
         let record = TokenRecord {
             id: id.clone(),
             kind,

@@ -50,7 +50,9 @@ const POOL_GAUGES: Duration = Duration::from_secs(1);
 
 pub use berth_net::leader::{LEADER_METADATA, READ_MODE_METADATA};
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch on this replica's clock (proposals' times; token
+/// expiry checks).
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
