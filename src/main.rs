@@ -3,8 +3,9 @@
 //! # Layout
 //! - `cli`: the command line (clap), one subcommand per role or tool.
 //! - `commands`: the subcommands with more than a few lines (`scheduler`, `agent`, `dev`,
-//!   `sandbox`, `node`, `cluster`, `sim`, `bench`), and what the cluster commands share
-//!   (endpoint flags, the client runner, tables).
+//!   `sandbox`, `node`, `cluster`, `token`, `cert`, `sim`, `bench`), and what the cluster
+//!   commands share (endpoint flags, the client runner, tables).
+//! - `credentials`: where the cluster commands find their CA, certificate and token.
 //! - `config_file`: reading and validating berth TOML config files.
 //! - `logging`: tracing setup for `--log-level` and `--log-format`.
 

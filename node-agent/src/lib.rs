@@ -21,6 +21,8 @@
 //! - [`logs`], [`calls`], [`service`]: `AgentService` — captured output, and exec and file
 //!   calls into sandboxes — served to the schedulers.
 //! - [`assignment`]: what an assignment becomes (the shim's launch, the network plan).
+//! - [`identity`]: the node's certificate: joining with a join token when it has none,
+//!   renewing at half its lifetime.
 //! - [`agent`]: the session loop with the scheduler leader (register, heartbeat,
 //!   assignments, status, re-adoption after a restart).
 

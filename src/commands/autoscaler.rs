@@ -129,8 +129,6 @@ pub(crate) async fn serve(
     Ok(())
 }
 
-/// The local provider's agent files for one node: a static inventory of the group's
-/// instance type (GPUs named as NVML names them) and an `[agent]` config that uses it.
 /// Issues a node certificate for a node id (the local provider's agents under `berth dev`).
 pub(crate) type NodeTls = Arc<dyn Fn(&str) -> Result<berth_net::TlsSettings, String> + Send + Sync>;
 
@@ -144,6 +142,9 @@ pub(crate) enum AgentTls {
     Unavailable,
 }
 
+/// The local provider's agent files for one node: a static inventory of the group's
+/// instance type (GPUs named as NVML names them) and an `[agent]` config that uses it,
+/// with a node certificate when the cluster is secure.
 pub(crate) fn write_agent_files(node: &LocalNode<'_>, tls: &AgentTls) -> Result<PathBuf, String> {
     let tls = match tls {
         AgentTls::Insecure => berth_net::TlsSettings::insecure(),
@@ -151,7 +152,7 @@ pub(crate) fn write_agent_files(node: &LocalNode<'_>, tls: &AgentTls) -> Result<
         AgentTls::Unavailable => {
             return Err(
                 "the local provider's agents need node certificates: run it under \
-                        berth dev (which holds a CA), or with autoscaler.tls.insecure = true"
+                 berth dev (which holds a CA), or with autoscaler.tls.insecure = true"
                     .into(),
             );
         }

@@ -368,12 +368,11 @@ async fn dev(args: &DevArgs) -> Result<(), String> {
     } else {
         let mut cfg = autoscaler_config(args, &grpc, runtime_kind)?;
         cfg.tls = issue("autoscaler/dev")?;
-        let node_tls: Option<crate::commands::autoscaler::NodeTls> = pki.clone().map(|p| {
-            let f: crate::commands::autoscaler::NodeTls = Arc::new(move |node: &str| {
+        let node_tls = pki.clone().map(|p| {
+            Arc::new(move |node: &str| {
                 p.issue(&format!("node/{node}"))
                     .map_err(|e| format!("pki: {e}"))
-            });
-            f
+            }) as crate::commands::autoscaler::NodeTls
         });
         let groups: Vec<String> = cfg
             .node_groups

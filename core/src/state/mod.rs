@@ -16,6 +16,7 @@
 //!   registration (with an agent's reports), status and removal; `disconnect`: the
 //!   disconnect grace (a silent node's sandboxes Unknown, then Lost); `checks`: what an
 //!   entry is checked against (GPU request well formed, fit, constraints).
+//! - [`tokens`]: API and join tokens (hashes only; revocation; a join token spent once).
 //! - [`snapshot`]: compact binary snapshot and restore.
 
 mod apply;

@@ -1,7 +1,8 @@
 //! A scheduler replica as a network service: the Raft thread ([`driver`]), Raft traffic
 //! between replicas ([`transport`]), the tonic services ([`api`], one file per service)
 //! over the [`store`] seam, sandbox watches ([`watch`]), node liveness from agent
-//! heartbeats ([`liveness`]), sandboxes' reported CPU and memory use ([`usage`]), typed errors and their gRPC codes ([`error`]), Prometheus
+//! heartbeats ([`liveness`]), sandboxes' reported CPU and memory use ([`usage`]), who may
+//! call which service ([`auth`]), typed errors and their gRPC codes ([`error`]), Prometheus
 //! metrics ([`metrics`]), and the process wiring ([`server`]). [`client`] is the
 //! leader-following client (from berth-net); [`local_cluster`] runs real replica processes
 //! on loopback for benchmarks and tests. Channels and servers are built by berth-net.

@@ -1,7 +1,11 @@
 //! The tonic services of a scheduler replica, one file per service:
 //! [`sandbox`] (`SandboxService`), [`admin`] (`AdminService`), [`node`] (`NodeService`, the
 //! scheduler's side of the agent stream) and [`peer`] (`Peer`, Raft traffic). They share
-//! one [`Shared`] and the request checks below.
+//! one [`Shared`] and the request checks below. Beside them: `access` (a caller resolved to
+//! what it may touch: certificate role, API token), `tokens` (`AdminService`'s token calls)
+//! and `join` (`NodeService.Join` and `RenewCertificate`, node certificates signed with the
+//! cluster CA). Which kind of caller reaches each service at all is
+//! [`crate::service::auth`].
 //!
 //! Writes go to the leader; a follower answers FAILED_PRECONDITION with the leader's address
 //! in the `berth-leader` metadata. Reads are linearizable (ReadIndex on the leader) unless
