@@ -42,6 +42,10 @@ pub enum Invariant {
     /// A sandbox is Unknown exactly while it is bound to a Down node (a Down node holds
     /// nothing Scheduled or Running), and its grace ends no earlier than it began.
     UnknownOnlyOnDownNodes,
+    /// A sandbox has a snapshot exactly while it is in its holder's `snapshots` set; a
+    /// Paused sandbox has one and no binding; a snapshot is kept only while Paused or on its
+    /// way back (Pending, Scheduled).
+    SnapshotIndexConsistent,
 }
 
 /// One broken invariant.
@@ -61,7 +65,7 @@ impl fmt::Display for Violation {
 
 /// Checks every invariant; returns the violations (empty when all hold).
 pub fn check(state: &State) -> Vec<Violation> {
-    let mut out = Vec::new();
+    let mut out = check_snapshots(state);
     let mut fail = |invariant, detail: String| out.push(Violation { invariant, detail });
 
     // Recount node usage from the bindings of Scheduled/Running sandboxes.
@@ -87,6 +91,7 @@ pub fn check(state: &State) -> Vec<Violation> {
         })
         .collect();
     let mut tenant_active: BTreeMap<&str, u32> = BTreeMap::new();
+    let mut tenant_paused: BTreeMap<&str, u32> = BTreeMap::new();
     let mut tenant_gpus: BTreeMap<&str, BTreeMap<&GpuModelName, u64>> = BTreeMap::new();
     let mut by_state: BTreeMap<String, u64> = BTreeMap::new();
 
@@ -100,7 +105,9 @@ pub fn check(state: &State) -> Vec<Violation> {
     }
     for sandbox in state.sandboxes.values() {
         *by_state.entry(sandbox.state.name().to_owned()).or_default() += 1;
-        if !sandbox.state.is_terminal() {
+        if sandbox.state == SandboxState::Paused {
+            *tenant_paused.entry(&sandbox.spec.tenant).or_default() += 1;
+        } else if !sandbox.state.is_terminal() {
             *tenant_active.entry(&sandbox.spec.tenant).or_default() += 1;
         }
         if state
@@ -299,6 +306,16 @@ pub fn check(state: &State) -> Vec<Violation> {
     }
 
     for (name, record) in &state.tenants {
+        let paused = tenant_paused.get(name.as_str()).copied().unwrap_or(0);
+        if paused != record.paused_sandboxes {
+            fail(
+                Invariant::TenantCountersConsistent,
+                format!(
+                    "tenant {name}: {} paused counted, {paused} recounted",
+                    record.paused_sandboxes
+                ),
+            );
+        }
         let active = tenant_active.get(name.as_str()).copied().unwrap_or(0);
         if active != record.active_sandboxes {
             fail(
@@ -382,6 +399,50 @@ pub fn check(state: &State) -> Vec<Violation> {
                 state.sandboxes.len()
             ),
         );
+    }
+    out
+}
+
+/// [`Invariant::SnapshotIndexConsistent`], recounted from the sandboxes.
+fn check_snapshots(state: &State) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let mut fail = |detail: String| {
+        out.push(Violation {
+            invariant: Invariant::SnapshotIndexConsistent,
+            detail,
+        })
+    };
+    let mut held: BTreeMap<&str, Vec<crate::model::SandboxId>> = BTreeMap::new();
+    for sandbox in state.sandboxes.values() {
+        let id = sandbox.id;
+        match (&sandbox.snapshot, &sandbox.state) {
+            (
+                Some(snap),
+                SandboxState::Paused | SandboxState::Pending | SandboxState::Scheduled,
+            ) => {
+                held.entry(snap.node.as_str()).or_default().push(id);
+            }
+            (Some(_), other) => fail(format!("{id} keeps a snapshot while {}", other.name())),
+            (None, SandboxState::Paused) => fail(format!("{id} is paused with no snapshot")),
+            (None, _) => {}
+        }
+        if sandbox.state == SandboxState::Paused && sandbox.binding.is_some() {
+            fail(format!("{id} is paused and still bound"));
+        }
+    }
+    for (node, record) in &state.nodes {
+        let recount = held.remove(node.as_str()).unwrap_or_default();
+        if !recount.iter().copied().eq(record.snapshots.iter().copied()) {
+            fail(format!(
+                "{node}: snapshots {:?} listed, {recount:?} recounted",
+                record.snapshots
+            ));
+        }
+    }
+    for (node, ids) in held {
+        fail(format!(
+            "snapshots {ids:?} live on {node}, which is not a node"
+        ));
     }
     out
 }

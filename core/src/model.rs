@@ -524,6 +524,12 @@ pub enum SandboxState {
         /// returns to when its node registers again.
         was_running: bool,
     },
+    /// Asked to pause: its agent is checkpointing it. It holds what Running holds until the
+    /// agent reports the snapshot taken.
+    Pausing,
+    /// Checkpointed to its node's disk ([`Sandbox::snapshot`] says where): it holds no CPU,
+    /// memory or GPU, and resumes through placement, preferring the snapshot's node.
+    Paused,
 }
 
 impl SandboxState {
@@ -539,7 +545,10 @@ impl SandboxState {
     pub fn holds_resources(&self) -> bool {
         matches!(
             self,
-            SandboxState::Scheduled | SandboxState::Running | SandboxState::Unknown { .. }
+            SandboxState::Scheduled
+                | SandboxState::Running
+                | SandboxState::Unknown { .. }
+                | SandboxState::Pausing
         )
     }
 
@@ -553,6 +562,8 @@ impl SandboxState {
             SandboxState::Failed { .. } => "failed",
             SandboxState::Lost { .. } => "lost",
             SandboxState::Unknown { .. } => "unknown",
+            SandboxState::Pausing => "pausing",
+            SandboxState::Paused => "paused",
         }
     }
 }
@@ -608,6 +619,31 @@ pub struct Sandbox {
     pub started_ms: Option<u64>,
     /// When it became terminal.
     pub finished_ms: Option<u64>,
+    /// The checkpoint it was paused to, while Paused or resuming from it (Pending or
+    /// Scheduled with a snapshot restore from it); cleared once it runs again.
+    pub snapshot: Option<SnapshotRecord>,
+}
+
+/// How a pause was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotMode {
+    /// Memory and files (`runsc checkpoint`): processes continue where they were.
+    Memory,
+    /// Files only, for sandboxes gVisor cannot checkpoint (GPUs): processes restart.
+    FilesystemOnly,
+}
+
+/// Where a paused sandbox's snapshot lives, as its agent reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    /// The node holding it.
+    pub node: NodeId,
+    /// Its size on that node's disk.
+    pub bytes: u64,
+    /// When it was recorded (the entry's clock).
+    pub taken_ms: u64,
+    /// What it holds.
+    pub mode: SnapshotMode,
 }
 
 /// Limits on one tenant.

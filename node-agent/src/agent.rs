@@ -363,6 +363,7 @@ fn status_message(id: &str, state: &LocalState) -> pb::AgentMessage {
             exit_code,
             reason,
             at_unix_ms: unix_ms(),
+            ..Default::default()
         },
     ))
 }
@@ -455,6 +456,7 @@ impl Agent {
                     exit_code,
                     reason,
                     epoch: s.launch.epoch,
+                    ..Default::default()
                 }
             })
             .collect();

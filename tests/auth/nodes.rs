@@ -153,6 +153,7 @@ async fn a_node_certificate_acts_only_for_its_own_node() {
                 exit_code: 0,
                 reason: "n1 says so".into(),
                 at_unix_ms: 0,
+                ..Default::default()
             },
         )),
     })

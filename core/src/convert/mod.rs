@@ -25,7 +25,7 @@ use berth_proto::{FieldErrors, GpuModel, GpuModelName, Validator};
 
 use crate::model::{
     Constraints, GpuDevice, NodeSpec, NodeStatus, Sandbox, SandboxId, SandboxSpec, SandboxState,
-    Taint, TenantQuota, Toleration, limits,
+    SnapshotMode, Taint, TenantQuota, Toleration, limits,
 };
 use crate::state::{NodeRecord, State, StatusChange, StatusUpdate};
 

@@ -376,6 +376,7 @@ mod tests {
                 exit_code: 3,
                 reason: String::new(),
                 at_unix_ms: 0,
+                ..Default::default()
             },
         )
         .expect("valid");

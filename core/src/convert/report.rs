@@ -29,12 +29,20 @@ pub fn status_update_from_pb(
                 u.reason.clone()
             },
         }),
+        Ok(pb::SandboxState::Paused) => Some(StatusChange::Paused {
+            bytes: u.snapshot_bytes,
+            mode: if u.snapshot_filesystem_only {
+                SnapshotMode::FilesystemOnly
+            } else {
+                SnapshotMode::Memory
+            },
+        }),
         _ => {
             problems.error(
                 "state",
                 format!(
-                    "must be SANDBOX_STATE_RUNNING, SANDBOX_STATE_EXITED or \
-                     SANDBOX_STATE_FAILED, not {}",
+                    "must be SANDBOX_STATE_RUNNING, SANDBOX_STATE_EXITED, \
+                     SANDBOX_STATE_FAILED or SANDBOX_STATE_PAUSED, not {}",
                     enum_value(u.state, pb::SandboxState::as_str_name)
                 ),
             );
@@ -71,6 +79,8 @@ pub fn observed_from_pb(
             exit_code: o.exit_code,
             reason: o.reason.clone(),
             at_unix_ms: 0,
+            snapshot_bytes: o.snapshot_bytes,
+            snapshot_filesystem_only: o.snapshot_filesystem_only,
         };
         match status_update_from_pb(node, &report) {
             Ok(update) => {
@@ -99,6 +109,7 @@ mod tests {
                 exit_code: code,
                 reason: reason.into(),
                 at_unix_ms: 5,
+                ..Default::default()
             };
         assert_eq!(
             ok(status_update_from_pb(
@@ -145,7 +156,8 @@ mod tests {
         assert_eq!(
             message(&err),
             "sandbox_id: \"12\" is not a sandbox id (sbx-NNNNNNNNNN); \
-         state: must be SANDBOX_STATE_RUNNING, SANDBOX_STATE_EXITED or SANDBOX_STATE_FAILED, \
+         state: must be SANDBOX_STATE_RUNNING, SANDBOX_STATE_EXITED, SANDBOX_STATE_FAILED or \
+         SANDBOX_STATE_PAUSED, \
          not SANDBOX_STATE_LOST"
         );
         let mut unknown = update("sbx-x", pb::SandboxState::Running, 0, "");
@@ -154,8 +166,8 @@ mod tests {
         assert_eq!(
             message(&err),
             "sandbox_id: \"sbx-x\" is not a sandbox id (sbx-NNNNNNNNNN); \
-         state: must be SANDBOX_STATE_RUNNING, SANDBOX_STATE_EXITED or SANDBOX_STATE_FAILED, \
-         not unknown value 42"
+         state: must be SANDBOX_STATE_RUNNING, SANDBOX_STATE_EXITED, SANDBOX_STATE_FAILED or \
+         SANDBOX_STATE_PAUSED, not unknown value 42"
         );
         let err = status_update_from_pb(
             "n1",
@@ -164,8 +176,8 @@ mod tests {
         .expect_err("pending is not reportable");
         assert_eq!(
             message(&err),
-            "state: must be SANDBOX_STATE_RUNNING, SANDBOX_STATE_EXITED or SANDBOX_STATE_FAILED, \
-         not SANDBOX_STATE_PENDING"
+            "state: must be SANDBOX_STATE_RUNNING, SANDBOX_STATE_EXITED, SANDBOX_STATE_FAILED or \
+         SANDBOX_STATE_PAUSED, not SANDBOX_STATE_PENDING"
         );
     }
 
@@ -177,6 +189,7 @@ mod tests {
             exit_code: code,
             reason: String::new(),
             epoch: 4,
+            ..Default::default()
         };
         let (has, problems) = observed_from_pb(
             "n1",
@@ -205,8 +218,8 @@ mod tests {
         assert_eq!(
             problems.map(|p| p.one_line()).unwrap_or_default(),
             "register.running[3].sandbox_id: \"nope\" is not a sandbox id (sbx-NNNNNNNNNN); \
-             register.running[4].state: must be SANDBOX_STATE_RUNNING, SANDBOX_STATE_EXITED or \
-             SANDBOX_STATE_FAILED, not SANDBOX_STATE_UNKNOWN"
+             register.running[4].state: must be SANDBOX_STATE_RUNNING, SANDBOX_STATE_EXITED, \
+             SANDBOX_STATE_FAILED or SANDBOX_STATE_PAUSED, not SANDBOX_STATE_UNKNOWN"
         );
     }
 }

@@ -60,7 +60,20 @@ pub fn sandbox_to_pb_with_gpus(s: &Sandbox, node: Option<&NodeSpec>, revision: u
                 lost_after_ms.saturating_sub(*since_ms)
             );
         }
-        SandboxState::Scheduled | SandboxState::Running => {}
+        SandboxState::Paused => {
+            if let Some(snap) = &s.snapshot {
+                let what = match snap.mode {
+                    SnapshotMode::Memory => "memory and files",
+                    SnapshotMode::FilesystemOnly => "files only; processes restart on resume",
+                };
+                status.reason = format!(
+                    "paused to node {} ({} bytes, {what})",
+                    snap.node, snap.bytes
+                );
+                status.node_id = snap.node.clone();
+            }
+        }
+        SandboxState::Scheduled | SandboxState::Running | SandboxState::Pausing => {}
     }
     if let Some(binding) = &s.binding {
         let placement = &binding.placement;
@@ -105,6 +118,8 @@ pub fn sandbox_state_to_pb(s: &SandboxState) -> pb::SandboxState {
         SandboxState::Failed { .. } => pb::SandboxState::Failed,
         SandboxState::Lost { .. } => pb::SandboxState::Lost,
         SandboxState::Unknown { .. } => pb::SandboxState::Unknown,
+        SandboxState::Pausing => pb::SandboxState::Pausing,
+        SandboxState::Paused => pb::SandboxState::Paused,
     }
 }
 
@@ -243,6 +258,7 @@ mod tests {
             scheduled_ms: Some(2),
             started_ms: Some(3),
             finished_ms: None,
+            snapshot: None,
         };
         let status = sandbox_to_pb(&cpu_only, 4).status.expect("status");
         assert_eq!(

@@ -299,6 +299,7 @@ mod tests {
             scheduled_ms: None,
             started_ms: None,
             finished_ms: None,
+            snapshot: None,
         };
         let out = sandbox_to_pb(&sandbox, 42);
         assert_eq!(out.id, "sbx-0000000007");

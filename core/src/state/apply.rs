@@ -31,6 +31,16 @@ impl State {
                 reason,
                 grace_ms,
             } => one(self.disconnect_node(node, reason, *grace_ms, now_ms)),
+            Command::PauseSandboxes {
+                items,
+                gpu_filesystem_only,
+            } => items
+                .iter()
+                .map(|id| outcome(self.pause(*id, *gpu_filesystem_only)))
+                .collect(),
+            Command::ResumeSandboxes { items } => {
+                items.iter().map(|id| outcome(self.resume(*id))).collect()
+            }
             Command::ExpireDisconnected { items } => items
                 .iter()
                 .map(|id| outcome(self.expire_disconnected(*id, now_ms)))
@@ -40,7 +50,7 @@ impl State {
                 status,
                 reason,
             } => one(self.set_node_status(node, *status, reason, now_ms)),
-            Command::RemoveNode { node } => one(self.remove_node(node)),
+            Command::RemoveNode { node } => one(self.remove_node(node, now_ms)),
             Command::SubmitSandboxes { items } => {
                 items.iter().map(|item| self.submit(item, now_ms)).collect()
             }
@@ -194,6 +204,7 @@ impl State {
                 scheduled_ms: None,
                 started_ms: None,
                 finished_ms: None,
+                snapshot: None,
             },
         );
         self.count_state("pending", 1);
@@ -292,6 +303,17 @@ impl State {
             });
         }
         match &update.change {
+            StatusChange::Paused { bytes, mode } => {
+                if !matches!(sandbox.state, SandboxState::Running | SandboxState::Pausing) {
+                    return Err(Rejection::InvalidTransition {
+                        id: update.sandbox,
+                        state: sandbox.state.name(),
+                        what: "a pause report",
+                    });
+                }
+                self.paused(update.sandbox, *bytes, *mode, now_ms, true);
+                Ok(())
+            }
             // An Unknown sandbox stays Unknown: its node is Down and becomes Ready only by
             // registering again, which brings it back. The scheduler closes a Down node's
             // stream, so the agent does register again.
@@ -333,6 +355,8 @@ impl State {
             sandbox.started_ms = Some(now_ms);
             self.count_state("scheduled", -1);
             self.count_state("running", 1);
+            // Restored: the snapshot's holder may let its copy go.
+            self.drop_snapshot(id);
         }
     }
 
@@ -382,8 +406,13 @@ impl State {
         self.count_state(before, -1);
         self.count_state(after, 1);
         if let Some(record) = self.tenants.get_mut(&tenant) {
-            record.active_sandboxes = record.active_sandboxes.saturating_sub(1);
+            if before == "paused" {
+                record.paused_sandboxes = record.paused_sandboxes.saturating_sub(1);
+            } else {
+                record.active_sandboxes = record.active_sandboxes.saturating_sub(1);
+            }
         }
+        self.drop_snapshot(id);
         // Without `release` the caller has already taken the sandbox off its node and tenant.
         if held && release {
             self.release(id);

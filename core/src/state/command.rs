@@ -130,6 +130,22 @@ pub enum Command {
         /// How long its sandboxes stay Unknown before they are Lost.
         grace_ms: u64,
     },
+    /// Pause running sandboxes: each becomes Pausing until its agent reports the snapshot
+    /// taken ([`StatusChange::Paused`]). A sandbox holding GPUs is refused unless
+    /// `gpu_filesystem_only` (the leader's config, carried in the entry): gVisor cannot
+    /// checkpoint GPU state, so such a pause keeps files only and processes restart.
+    PauseSandboxes {
+        /// Ids.
+        items: Vec<SandboxId>,
+        /// Whether a GPU sandbox may be paused keeping its files only.
+        gpu_filesystem_only: bool,
+    },
+    /// Resume paused sandboxes: each becomes Pending with its snapshot, and placement
+    /// prefers the snapshot's node.
+    ResumeSandboxes {
+        /// Ids.
+        items: Vec<SandboxId>,
+    },
     /// Unknown sandboxes whose disconnect grace has ended by this command's time become
     /// Lost. Each is re-checked: one whose node came back, or whose grace runs on, is
     /// refused and stays as it is.
@@ -149,6 +165,8 @@ impl Command {
             Command::UpdateSandboxes { items } => items.len(),
             Command::DeleteSandboxes { items } => items.len(),
             Command::ExpireDisconnected { items } => items.len(),
+            Command::PauseSandboxes { items, .. } => items.len(),
+            Command::ResumeSandboxes { items } => items.len(),
             Command::RegisterAgent { has, .. } => has.len().max(1),
             Command::AutoscalerLease { decisions, .. } => decisions.len().max(1),
             _ => 1,
@@ -204,6 +222,13 @@ pub enum StatusChange {
     Failed {
         /// Why.
         reason: String,
+    },
+    /// It was checkpointed to the node's disk (asked to, or after its idle time).
+    Paused {
+        /// The snapshot's size on disk.
+        bytes: u64,
+        /// What the snapshot holds.
+        mode: crate::model::SnapshotMode,
     },
 }
 
@@ -365,4 +390,11 @@ pub enum Rejection {
         /// Sandboxes on it.
         count: usize,
     },
+    /// gVisor cannot checkpoint GPU state, and the filesystem-only pause is off.
+    #[error(
+        "sandbox {0} holds GPUs, and gVisor cannot checkpoint GPU state (nvproxy has no save/restore); \
+         an operator can allow a filesystem-only pause ([scheduler.pause] gpu_filesystem_only = true), \
+         which keeps its files and restarts its processes on resume"
+    )]
+    GpuPause(SandboxId),
 }

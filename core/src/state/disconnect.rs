@@ -46,7 +46,8 @@ impl State {
                 continue;
             };
             let was_running = match s.state {
-                SandboxState::Running => true,
+                // A pause in progress is given up: the sandbox comes back Running.
+                SandboxState::Running | SandboxState::Pausing => true,
                 SandboxState::Scheduled => false,
                 _ => continue,
             };

@@ -24,11 +24,14 @@ mod checks;
 pub mod command;
 mod disconnect;
 mod nodes;
+mod pause;
 pub mod snapshot;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_disconnect;
+#[cfg(test)]
+mod tests_pause;
 pub mod tokens;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -61,8 +64,10 @@ pub struct NodeRecord {
     pub memory_mib_allocated: u64,
     /// Milli-GPU held per GPU index (0..=1000).
     pub gpu_milli_allocated: Vec<u32>,
-    /// Scheduled/Running/Unknown sandboxes bound here.
+    /// Scheduled/Running/Unknown/Pausing sandboxes bound here.
     pub sandboxes: BTreeSet<SandboxId>,
+    /// Sandboxes whose snapshot lives on this node (Paused, or resuming from it).
+    pub snapshots: BTreeSet<SandboxId>,
 }
 
 impl NodeRecord {
@@ -93,8 +98,10 @@ pub struct TenantRecord {
     pub quota: TenantQuota,
     /// Revision at which the quota was last set.
     pub quota_revision: u64,
-    /// Sandboxes not terminal.
+    /// Sandboxes not terminal and not Paused (what `max_concurrent_sandboxes` limits).
     pub active_sandboxes: u32,
+    /// Paused sandboxes, counted apart: they hold nothing on any node.
+    pub paused_sandboxes: u32,
     /// Milli-GPU held per model by Scheduled/Running/Unknown sandboxes.
     pub gpu_milli_by_model: BTreeMap<GpuModelName, u64>,
 }

@@ -39,6 +39,7 @@ impl State {
                     memory_mib_allocated: 0,
                     gpu_milli_allocated: vec![0; spec.gpus.len()],
                     sandboxes: Default::default(),
+                    snapshots: Default::default(),
                 },
             );
             return Ok(());
@@ -71,12 +72,18 @@ impl State {
                     self.finish(id, SandboxState::Failed { reason }, now_ms, false);
                     continue;
                 }
+                Some(StatusChange::Paused { bytes, mode }) => {
+                    // Checkpointed while the agent was away: it holds nothing any more.
+                    self.paused(id, *bytes, *mode, now_ms, false);
+                    continue;
+                }
                 Some(StatusChange::Running) | None => {}
             }
             let Some(sandbox) = self.sandboxes.get(&id) else {
                 continue;
             };
-            if has.is_some() && report.is_none() && sandbox.state == SandboxState::Running {
+            let started = matches!(sandbox.state, SandboxState::Running | SandboxState::Pausing);
+            if has.is_some() && report.is_none() && started {
                 let reason = format!("the agent on {} restarted without it", spec.id);
                 self.finish(id, SandboxState::Lost { reason }, now_ms, false);
                 continue;
@@ -105,7 +112,35 @@ impl State {
                 self.finish(id, SandboxState::Lost { reason }, now_ms, false);
             }
         }
+        if let Some(has) = has {
+            self.lose_missing_snapshots(&spec.id, has, now_ms);
+        }
         Ok(())
+    }
+
+    /// A registering agent that no longer has a snapshot the state places on its node
+    /// (its disk was lost or wiped): the sandboxes paused to it are Lost.
+    fn lose_missing_snapshots(
+        &mut self,
+        node: &str,
+        has: &BTreeMap<SandboxId, StatusChange>,
+        now_ms: u64,
+    ) {
+        let missing: Vec<SandboxId> = self
+            .nodes
+            .get(node)
+            .map(|n| {
+                n.snapshots
+                    .iter()
+                    .filter(|id| !has.contains_key(id))
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for id in missing {
+            let reason = format!("the agent on {node} restarted without its snapshot");
+            self.finish(id, SandboxState::Lost { reason }, now_ms, false);
+        }
     }
 
     pub(super) fn set_node_status(
@@ -141,7 +176,7 @@ impl State {
         Ok(())
     }
 
-    pub(super) fn remove_node(&mut self, id: &str) -> Result<(), Rejection> {
+    pub(super) fn remove_node(&mut self, id: &str, now_ms: u64) -> Result<(), Rejection> {
         let node = self
             .nodes
             .get(id)
@@ -151,6 +186,11 @@ impl State {
                 node: id.to_owned(),
                 count: node.sandboxes.len(),
             });
+        }
+        let snapshots: Vec<SandboxId> = node.snapshots.iter().copied().collect();
+        for sandbox in snapshots {
+            let reason = format!("node {id}, which held its snapshot, was removed");
+            self.finish(sandbox, SandboxState::Lost { reason }, now_ms, false);
         }
         self.nodes.remove(id);
         Ok(())

@@ -14,7 +14,9 @@ const MAGIC: &[u8; 6] = b"BERTH\0";
 //    self-describing, so formats 3 and 4 no longer decode and are refused by version.
 // 6: a spec's `network` is a policy (none, egress_all, an allow-list), not a bool.
 // 7: API and join tokens (hashes) joined the state (issue #16).
-const FORMAT_VERSION: u8 = 7;
+// 8: pause (issue #17): Pausing and Paused states, a sandbox's snapshot record, the
+//    snapshots each node holds, and each tenant's paused count.
+const FORMAT_VERSION: u8 = 8;
 /// Formats this build reads.
 const READS: &[u8] = &[FORMAT_VERSION];
 

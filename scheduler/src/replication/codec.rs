@@ -15,7 +15,8 @@ use crate::state::Command;
 // 4: sandbox specs carry `keep_alive` and `idle_timeout_ms`.
 // 5: a spec's `network` is a policy, not a bool.
 // 6: token commands (PutToken, RevokeToken, UseJoinToken) and Rejection::Token.
-const ENTRY_FORMAT: u8 = 6;
+// 7: PauseSandboxes, ResumeSandboxes, StatusChange::Paused (issue #17).
+const ENTRY_FORMAT: u8 = 7;
 const SNAPSHOT_FORMAT: u8 = 1;
 // Membership contexts have had the same shape since entry format 2, so they keep that
 // number: contexts already in a log stay readable.
@@ -175,7 +176,7 @@ mod tests {
         let err = Envelope::decode(&other).err().map(|e| e.to_string());
         assert_eq!(
             err.as_deref(),
-            Some("log entry format 9 is not supported (this build reads 6)")
+            Some("log entry format 9 is not supported (this build reads 7)")
         );
         assert!(Envelope::decode(&bytes[..bytes.len() - 1]).is_err());
         assert!(Envelope::decode(&[]).is_err());

@@ -1,0 +1,136 @@
+//! Pause and resume: Running → Pausing → Paused (the agent's checkpoint is recorded, and
+//! what the sandbox held is released) → Pending with its snapshot → Scheduled → Running.
+
+use super::State;
+use super::command::Rejection;
+use crate::model::{SandboxId, SandboxState, SnapshotMode, SnapshotRecord};
+
+impl State {
+    /// A Running sandbox is asked to pause; one already Pausing or Paused is left as it is.
+    pub(super) fn pause(
+        &mut self,
+        id: SandboxId,
+        gpu_filesystem_only: bool,
+    ) -> Result<(), Rejection> {
+        let sandbox = self
+            .sandboxes
+            .get_mut(&id)
+            .ok_or(Rejection::UnknownSandbox(id))?;
+        match sandbox.state {
+            SandboxState::Pausing | SandboxState::Paused => return Ok(()),
+            SandboxState::Running => {}
+            _ => {
+                return Err(Rejection::InvalidTransition {
+                    id,
+                    state: sandbox.state.name(),
+                    what: "a pause",
+                });
+            }
+        }
+        let gpus = sandbox
+            .binding
+            .as_ref()
+            .is_some_and(|b| !b.placement.gpu_indices.is_empty());
+        if gpus && !gpu_filesystem_only {
+            return Err(Rejection::GpuPause(id));
+        }
+        sandbox.state = SandboxState::Pausing;
+        self.count_state("running", -1);
+        self.count_state("pausing", 1);
+        Ok(())
+    }
+
+    /// The agent reports the snapshot taken: the sandbox is Paused, holds nothing on its
+    /// node, and its tenant counts it as paused rather than active. The caller checked that
+    /// it is bound to its node and Running or Pausing. Without `release` the caller has
+    /// already taken it off its node and tenant (a registration recounts them).
+    pub(super) fn paused(
+        &mut self,
+        id: SandboxId,
+        bytes: u64,
+        mode: SnapshotMode,
+        now_ms: u64,
+        release: bool,
+    ) {
+        if release {
+            self.release(id);
+        }
+        let Some(sandbox) = self.sandboxes.get_mut(&id) else {
+            return;
+        };
+        let before = sandbox.state.name();
+        let Some(binding) = sandbox.binding.take() else {
+            return;
+        };
+        let node = binding.placement.node;
+        sandbox.state = SandboxState::Paused;
+        sandbox.snapshot = Some(SnapshotRecord {
+            node: node.clone(),
+            bytes,
+            taken_ms: now_ms,
+            mode,
+        });
+        let tenant = sandbox.spec.tenant.clone();
+        self.count_state(before, -1);
+        self.count_state("paused", 1);
+        if let Some(record) = self.nodes.get_mut(&node) {
+            record.snapshots.insert(id);
+        }
+        let record = self.tenants.entry(tenant).or_default();
+        record.active_sandboxes = record.active_sandboxes.saturating_sub(1);
+        record.paused_sandboxes += 1;
+    }
+
+    /// A Paused sandbox goes back to Pending with its snapshot; its tenant's concurrency
+    /// quota is checked again, as at create.
+    pub(super) fn resume(&mut self, id: SandboxId) -> Result<(), Rejection> {
+        let sandbox = self
+            .sandboxes
+            .get(&id)
+            .ok_or(Rejection::UnknownSandbox(id))?;
+        match sandbox.state {
+            SandboxState::Paused => {}
+            // Already on its way back, or never paused: nothing to do for a repeat.
+            SandboxState::Pending | SandboxState::Scheduled | SandboxState::Running
+                if sandbox.snapshot.is_some() || sandbox.state == SandboxState::Running =>
+            {
+                return Ok(());
+            }
+            _ => {
+                return Err(Rejection::InvalidTransition {
+                    id,
+                    state: sandbox.state.name(),
+                    what: "a resume",
+                });
+            }
+        }
+        let tenant = sandbox.spec.tenant.clone();
+        let record = self.tenants.entry(tenant.clone()).or_default();
+        if let Some(max) = record.quota.max_concurrent_sandboxes {
+            if record.active_sandboxes >= max {
+                return Err(Rejection::ConcurrencyQuota { tenant, max });
+            }
+        }
+        record.active_sandboxes += 1;
+        record.paused_sandboxes = record.paused_sandboxes.saturating_sub(1);
+        if let Some(sandbox) = self.sandboxes.get_mut(&id) {
+            sandbox.state = SandboxState::Pending;
+            sandbox.pending_reason = None;
+        }
+        self.count_state("paused", -1);
+        self.count_state("pending", 1);
+        Ok(())
+    }
+
+    /// Forgets where a sandbox's snapshot lives (it runs again, or it ended).
+    pub(super) fn drop_snapshot(&mut self, id: SandboxId) {
+        let Some(sandbox) = self.sandboxes.get_mut(&id) else {
+            return;
+        };
+        if let Some(snapshot) = sandbox.snapshot.take() {
+            if let Some(node) = self.nodes.get_mut(&snapshot.node) {
+                node.snapshots.remove(&id);
+            }
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! Pause and resume in the state machine: a paused sandbox holds nothing on its node, its
+//! snapshot is indexed on the node that holds it, resume goes through placement again, and
+//! GPU sandboxes are refused unless the filesystem-only pause is allowed. Each apply is
+//! invariant-checked.
+
+use berth_proto::GpuModel;
+
+use super::*;
+use crate::model::{NodeSpec, SandboxSpec, SandboxState, SnapshotMode};
+use crate::testing::{apply_checked, gpu_node, placement, spec, submit};
+
+/// Node n1 (4 H100s, 8 cores, 16 GiB) running one sandbox of `spec`, bound with `gpus`.
+fn running(spec: SandboxSpec, gpus: &[u32]) -> (State, SandboxId) {
+    let mut state = State::new();
+    let node: NodeSpec = gpu_node("n1", GpuModel::H100, 4);
+    apply_checked(&mut state, &Command::RegisterNode { spec: node }, 0);
+    let milli = if gpus.is_empty() { 0 } else { 1000 };
+    let out = apply_checked(
+        &mut state,
+        &submit("r1", spec, Some(placement("n1", 1, gpus, milli))),
+        1,
+    );
+    let [
+        ItemOutcome::Created {
+            id, bound: true, ..
+        },
+    ] = out[..]
+    else {
+        panic!("{out:?}");
+    };
+    report(&mut state, id, StatusChange::Running, 2);
+    (state, id)
+}
+
+fn report(state: &mut State, id: SandboxId, change: StatusChange, now_ms: u64) -> Vec<ItemOutcome> {
+    let items = vec![StatusUpdate {
+        sandbox: id,
+        node: "n1".into(),
+        change,
+    }];
+    apply_checked(state, &Command::UpdateSandboxes { items }, now_ms)
+}
+
+fn pause(state: &mut State, id: SandboxId, fs_only: bool) -> Vec<ItemOutcome> {
+    let cmd = Command::PauseSandboxes {
+        items: vec![id],
+        gpu_filesystem_only: fs_only,
+    };
+    apply_checked(state, &cmd, 10)
+}
+
+fn paused_report(bytes: u64) -> StatusChange {
+    StatusChange::Paused {
+        bytes,
+        mode: SnapshotMode::Memory,
+    }
+}
+
+fn cpu_only() -> SandboxSpec {
+    spec(&[])
+}
+
+#[test]
+fn a_paused_sandbox_releases_its_node_and_resumes_through_placement() {
+    let (mut state, id) = running(cpu_only(), &[]);
+    assert_eq!(pause(&mut state, id, false), vec![ItemOutcome::Applied]);
+    let node = state.node("n1").expect("node");
+    assert_eq!(
+        state.sandbox(id).expect("kept").state,
+        SandboxState::Pausing
+    );
+    assert_eq!(
+        node.cpu_milli_allocated, 1000,
+        "pausing still holds its CPU"
+    );
+
+    assert_eq!(
+        report(&mut state, id, paused_report(4096), 20),
+        vec![ItemOutcome::Applied]
+    );
+    let sandbox = state.sandbox(id).expect("kept");
+    assert_eq!(sandbox.state, SandboxState::Paused);
+    assert!(sandbox.binding.is_none());
+    let snap = sandbox.snapshot.as_ref().expect("snapshot recorded");
+    assert_eq!(
+        (snap.node.as_str(), snap.bytes, snap.taken_ms),
+        ("n1", 4096, 20)
+    );
+    let node = state.node("n1").expect("node");
+    assert_eq!(
+        (node.cpu_milli_allocated, node.memory_mib_allocated),
+        (0, 0)
+    );
+    assert!(node.sandboxes.is_empty());
+    assert!(node.snapshots.contains(&id));
+    let tenant = &state.tenants()["t"];
+    assert_eq!((tenant.active_sandboxes, tenant.paused_sandboxes), (0, 1));
+
+    let resume = Command::ResumeSandboxes { items: vec![id] };
+    assert_eq!(
+        apply_checked(&mut state, &resume, 30),
+        vec![ItemOutcome::Applied]
+    );
+    assert_eq!(
+        state.sandbox(id).expect("kept").state,
+        SandboxState::Pending
+    );
+    assert_eq!(
+        state.pending().len(),
+        1,
+        "a resumed sandbox is placed again"
+    );
+    let epoch = state.node("n1").expect("node").epoch;
+    let bind = Command::BindSandboxes {
+        items: vec![(id, placement("n1", epoch, &[], 0))],
+    };
+    assert_eq!(
+        apply_checked(&mut state, &bind, 31),
+        vec![ItemOutcome::Applied]
+    );
+    assert!(
+        state.sandbox(id).expect("kept").snapshot.is_some(),
+        "the snapshot stays until it runs again"
+    );
+    report(&mut state, id, StatusChange::Running, 40);
+    let sandbox = state.sandbox(id).expect("kept");
+    assert_eq!(sandbox.state, SandboxState::Running);
+    assert!(sandbox.snapshot.is_none());
+    assert!(state.node("n1").expect("node").snapshots.is_empty());
+    let tenant = &state.tenants()["t"];
+    assert_eq!((tenant.active_sandboxes, tenant.paused_sandboxes), (1, 0));
+}
+
+#[test]
+fn a_gpu_sandbox_is_refused_unless_filesystem_only_is_allowed() {
+    let (mut state, id) = running(spec(&["H100"]), &[0]);
+    assert_eq!(
+        pause(&mut state, id, false),
+        vec![ItemOutcome::Rejected(Rejection::GpuPause(id))]
+    );
+    assert_eq!(
+        state.sandbox(id).expect("kept").state,
+        SandboxState::Running
+    );
+    assert_eq!(pause(&mut state, id, true), vec![ItemOutcome::Applied]);
+    let fs_only = StatusChange::Paused {
+        bytes: 1,
+        mode: SnapshotMode::FilesystemOnly,
+    };
+    report(&mut state, id, fs_only, 20);
+    assert_eq!(
+        state.node("n1").expect("node").gpu_milli_allocated,
+        vec![0; 4]
+    );
+    assert!(state.tenants()["t"].gpu_milli_by_model.is_empty());
+}
+
+#[test]
+fn deleting_a_paused_sandbox_forgets_its_snapshot() {
+    let (mut state, id) = running(cpu_only(), &[]);
+    pause(&mut state, id, false);
+    report(&mut state, id, paused_report(1), 20);
+    let delete = Command::DeleteSandboxes { items: vec![id] };
+    assert_eq!(
+        apply_checked(&mut state, &delete, 30),
+        vec![ItemOutcome::Applied]
+    );
+    assert!(state.sandbox(id).is_none());
+    assert!(state.node("n1").expect("node").snapshots.is_empty());
+    let tenant = &state.tenants()["t"];
+    assert_eq!((tenant.active_sandboxes, tenant.paused_sandboxes), (0, 0));
+}
+
+#[test]
+fn only_running_sandboxes_pause_and_only_paused_ones_resume() {
+    let (mut state, id) = running(cpu_only(), &[]);
+    let resume = Command::ResumeSandboxes { items: vec![id] };
+    assert_eq!(
+        apply_checked(&mut state, &resume, 5),
+        vec![ItemOutcome::Applied],
+        "resuming a running sandbox is a no-op"
+    );
+    report(&mut state, id, StatusChange::Exited { code: 0 }, 6);
+    assert!(matches!(
+        pause(&mut state, id, false)[..],
+        [ItemOutcome::Rejected(Rejection::InvalidTransition { .. })]
+    ));
+    assert!(matches!(
+        apply_checked(&mut state, &resume, 7)[..],
+        [ItemOutcome::Rejected(Rejection::InvalidTransition { .. })]
+    ));
+}
+
+#[test]
+fn resume_checks_the_concurrency_quota_again() {
+    let (mut state, id) = running(cpu_only(), &[]);
+    pause(&mut state, id, false);
+    report(&mut state, id, paused_report(1), 20);
+    let quota = Command::SetTenantQuota {
+        tenant: "t".into(),
+        quota: crate::model::TenantQuota {
+            max_concurrent_sandboxes: Some(1),
+            ..Default::default()
+        },
+    };
+    apply_checked(&mut state, &quota, 21);
+    let other = submit("r2", cpu_only(), None);
+    assert!(
+        matches!(
+            apply_checked(&mut state, &other, 22)[..],
+            [ItemOutcome::Created { .. }]
+        ),
+        "a paused sandbox does not count as active"
+    );
+    let resume = Command::ResumeSandboxes { items: vec![id] };
+    assert!(matches!(
+        apply_checked(&mut state, &resume, 23)[..],
+        [ItemOutcome::Rejected(Rejection::ConcurrencyQuota {
+            max: 1,
+            ..
+        })]
+    ));
+    assert_eq!(state.sandbox(id).expect("kept").state, SandboxState::Paused);
+}
+
+#[test]
+fn an_agent_that_returns_without_a_snapshot_loses_the_sandbox() {
+    let (mut state, id) = running(cpu_only(), &[]);
+    pause(&mut state, id, false);
+    report(&mut state, id, paused_report(1), 20);
+    let kept = Command::RegisterAgent {
+        spec: gpu_node("n1", GpuModel::H100, 4),
+        has: [(id, paused_report(1))].into(),
+    };
+    apply_checked(&mut state, &kept, 30);
+    assert_eq!(state.sandbox(id).expect("kept").state, SandboxState::Paused);
+
+    let wiped = Command::RegisterAgent {
+        spec: gpu_node("n1", GpuModel::H100, 4),
+        has: Default::default(),
+    };
+    apply_checked(&mut state, &wiped, 40);
+    assert!(matches!(
+        &state.sandbox(id).expect("kept").state,
+        SandboxState::Lost { reason } if reason.contains("without its snapshot")
+    ));
+    assert!(state.node("n1").expect("node").snapshots.is_empty());
+}
+
+#[test]
+fn a_checkpoint_finished_while_the_agent_was_away_is_recorded_at_registration() {
+    let (mut state, id) = running(cpu_only(), &[]);
+    pause(&mut state, id, false);
+    let back = Command::RegisterAgent {
+        spec: gpu_node("n1", GpuModel::H100, 4),
+        has: [(id, paused_report(7))].into(),
+    };
+    apply_checked(&mut state, &back, 30);
+    let sandbox = state.sandbox(id).expect("kept");
+    assert_eq!(sandbox.state, SandboxState::Paused);
+    assert_eq!(sandbox.snapshot.as_ref().map(|s| s.bytes), Some(7));
+    assert_eq!(state.node("n1").expect("node").cpu_milli_allocated, 0);
+}
+
+#[test]
+fn removing_the_node_that_holds_a_snapshot_loses_the_sandbox() {
+    let (mut state, id) = running(cpu_only(), &[]);
+    pause(&mut state, id, false);
+    report(&mut state, id, paused_report(1), 20);
+    let remove = Command::RemoveNode { node: "n1".into() };
+    assert_eq!(
+        apply_checked(&mut state, &remove, 30),
+        vec![ItemOutcome::Applied]
+    );
+    assert!(matches!(
+        &state.sandbox(id).expect("kept").state,
+        SandboxState::Lost { reason } if reason.contains("held its snapshot")
+    ));
+}
