@@ -304,15 +304,7 @@ impl State {
         }
         match &update.change {
             StatusChange::Paused { bytes, mode } => {
-                if !matches!(sandbox.state, SandboxState::Running | SandboxState::Pausing) {
-                    return Err(Rejection::InvalidTransition {
-                        id: update.sandbox,
-                        state: sandbox.state.name(),
-                        what: "a pause report",
-                    });
-                }
-                self.paused(update.sandbox, *bytes, *mode, now_ms, true);
-                Ok(())
+                self.paused(update.sandbox, *bytes, *mode, now_ms, true)
             }
             // An Unknown sandbox stays Unknown: its node is Down and becomes Ready only by
             // registering again, which brings it back. The scheduler closes a Down node's
@@ -399,6 +391,7 @@ impl State {
         }
         let before = sandbox.state.name();
         let held = sandbox.state.holds_resources();
+        let was_paused = sandbox.state == SandboxState::Paused;
         sandbox.state = state;
         sandbox.finished_ms = Some(now_ms);
         let after = sandbox.state.name();
@@ -406,7 +399,7 @@ impl State {
         self.count_state(before, -1);
         self.count_state(after, 1);
         if let Some(record) = self.tenants.get_mut(&tenant) {
-            if before == "paused" {
+            if was_paused {
                 record.paused_sandboxes = record.paused_sandboxes.saturating_sub(1);
             } else {
                 record.active_sandboxes = record.active_sandboxes.saturating_sub(1);

@@ -14,7 +14,8 @@
 //! - [`command`]: commands and per-item outcomes.
 //! - `apply`: the transitions of sandboxes, tenants and the autoscaler lease; `nodes`: node
 //!   registration (with an agent's reports), status and removal; `disconnect`: the
-//!   disconnect grace (a silent node's sandboxes Unknown, then Lost); `checks`: what an
+//!   disconnect grace (a silent node's sandboxes Unknown, then Lost); `pause`: pause and
+//!   resume (Pausing, Paused with a snapshot on a node, back to Pending); `checks`: what an
 //!   entry is checked against (GPU request well formed, fit, constraints).
 //! - [`tokens`]: API and join tokens (hashes only; revocation; a join token spent once).
 //! - [`snapshot`]: compact binary snapshot and restore.

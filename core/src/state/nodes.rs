@@ -72,12 +72,14 @@ impl State {
                     self.finish(id, SandboxState::Failed { reason }, now_ms, false);
                     continue;
                 }
-                Some(StatusChange::Paused { bytes, mode }) => {
-                    // Checkpointed while the agent was away: it holds nothing any more.
-                    self.paused(id, *bytes, *mode, now_ms, false);
+                // Checkpointed while the agent was away: it holds nothing any more. A pause
+                // report for a sandbox that was not Running or Pausing is not believed.
+                Some(StatusChange::Paused { bytes, mode })
+                    if self.paused(id, *bytes, *mode, now_ms, false).is_ok() =>
+                {
                     continue;
                 }
-                Some(StatusChange::Running) | None => {}
+                Some(StatusChange::Running | StatusChange::Paused { .. }) | None => {}
             }
             let Some(sandbox) = self.sandboxes.get(&id) else {
                 continue;

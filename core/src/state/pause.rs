@@ -41,9 +41,10 @@ impl State {
     }
 
     /// The agent reports the snapshot taken: the sandbox is Paused, holds nothing on its
-    /// node, and its tenant counts it as paused rather than active. The caller checked that
-    /// it is bound to its node and Running or Pausing. Without `release` the caller has
-    /// already taken it off its node and tenant (a registration recounts them).
+    /// node, and its tenant counts it as paused rather than active. Only a Running or
+    /// Pausing sandbox (bound to the reporting node, which the caller checked) can be.
+    /// Without `release` the caller has already taken it off its node and tenant (a
+    /// registration recounts them).
     pub(super) fn paused(
         &mut self,
         id: SandboxId,
@@ -51,16 +52,27 @@ impl State {
         mode: SnapshotMode,
         now_ms: u64,
         release: bool,
-    ) {
+    ) -> Result<(), Rejection> {
+        let sandbox = self
+            .sandboxes
+            .get(&id)
+            .ok_or(Rejection::UnknownSandbox(id))?;
+        if !matches!(sandbox.state, SandboxState::Running | SandboxState::Pausing) {
+            return Err(Rejection::InvalidTransition {
+                id,
+                state: sandbox.state.name(),
+                what: "a pause report",
+            });
+        }
         if release {
             self.release(id);
         }
         let Some(sandbox) = self.sandboxes.get_mut(&id) else {
-            return;
+            return Ok(());
         };
         let before = sandbox.state.name();
         let Some(binding) = sandbox.binding.take() else {
-            return;
+            return Ok(());
         };
         let node = binding.placement.node;
         sandbox.state = SandboxState::Paused;
@@ -79,6 +91,7 @@ impl State {
         let record = self.tenants.entry(tenant).or_default();
         record.active_sandboxes = record.active_sandboxes.saturating_sub(1);
         record.paused_sandboxes += 1;
+        Ok(())
     }
 
     /// A Paused sandbox goes back to Pending with its snapshot; its tenant's concurrency
@@ -90,10 +103,9 @@ impl State {
             .ok_or(Rejection::UnknownSandbox(id))?;
         match sandbox.state {
             SandboxState::Paused => {}
-            // Already on its way back, or never paused: nothing to do for a repeat.
-            SandboxState::Pending | SandboxState::Scheduled | SandboxState::Running
-                if sandbox.snapshot.is_some() || sandbox.state == SandboxState::Running =>
-            {
+            // Running already, or on its way back from a snapshot: a repeat does nothing.
+            SandboxState::Running => return Ok(()),
+            SandboxState::Pending | SandboxState::Scheduled if sandbox.snapshot.is_some() => {
                 return Ok(());
             }
             _ => {
