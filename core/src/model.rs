@@ -249,6 +249,18 @@ pub enum NodeStatus {
     Down,
 }
 
+impl NodeStatus {
+    /// Lower-case name, as messages say it.
+    pub fn name(self) -> &'static str {
+        match self {
+            NodeStatus::Ready => "ready",
+            NodeStatus::Cordoned => "cordoned",
+            NodeStatus::Draining => "draining",
+            NodeStatus::Down => "down",
+        }
+    }
+}
+
 /// A toleration of a taint key (and value, when non-empty).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Toleration {
@@ -361,6 +373,8 @@ pub struct SandboxSpec {
     pub keep_alive: bool,
     /// Ends it after this long without an exec or file call; 0 = none.
     pub idle_timeout_ms: u64,
+    /// Pauses it to disk after this long without an exec or file call; 0 = never.
+    pub auto_pause_idle_ms: u64,
 }
 
 impl SandboxSpec {
@@ -386,6 +400,7 @@ impl SandboxSpec {
             labels: BTreeMap::new(),
             keep_alive: false,
             idle_timeout_ms: 0,
+            auto_pause_idle_ms: 0,
         }
     }
 
@@ -445,6 +460,16 @@ impl SandboxSpec {
             self.idle_timeout_ms <= TIMEOUT_MS,
             "idle_timeout_ms",
             || format!("{} is above 30 days", self.idle_timeout_ms),
+        );
+        v.check(
+            self.auto_pause_idle_ms <= TIMEOUT_MS,
+            "auto_pause_idle_ms",
+            || format!("{} is above 30 days", self.auto_pause_idle_ms),
+        );
+        v.check(
+            self.auto_pause_idle_ms == 0 || self.keep_alive,
+            "auto_pause_idle_ms",
+            || "needs keep_alive: only a sandbox that stays up can be paused when idle".into(),
         );
         v.nested("network", |v| self.network.validate(v));
         v.check(self.labels.len() <= LABELS, "labels", || {
@@ -622,6 +647,9 @@ pub struct Sandbox {
     /// The checkpoint it was paused to, while Paused or resuming from it (Pending or
     /// Scheduled with a snapshot restore from it); cleared once it runs again.
     pub snapshot: Option<SnapshotRecord>,
+    /// What its last bind said beyond the placement: for a resume, whether snapshot
+    /// affinity was hit, and why not when it was missed.
+    pub placement_note: Option<String>,
 }
 
 /// How a pause was taken.

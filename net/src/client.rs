@@ -235,6 +235,31 @@ impl Client {
         .await
     }
 
+    /// Pauses a Running sandbox to its node's disk; answers with it PAUSING (a repeat, or
+    /// a sandbox already paused, answers as it stands).
+    pub async fn pause(&mut self, sandbox_id: &str) -> Result<pb::Sandbox, Status> {
+        let request = pb::PauseSandboxRequest {
+            sandbox_id: sandbox_id.to_owned(),
+        };
+        self.call(|c| {
+            let request = request.clone();
+            async move { SandboxServiceClient::new(c).pause_sandbox(request).await }
+        })
+        .await
+    }
+
+    /// Resumes a Paused sandbox; answers with it on its way back (PENDING or SCHEDULED).
+    pub async fn resume(&mut self, sandbox_id: &str) -> Result<pb::Sandbox, Status> {
+        let request = pb::ResumeSandboxRequest {
+            sandbox_id: sandbox_id.to_owned(),
+        };
+        self.call(|c| {
+            let request = request.clone();
+            async move { SandboxServiceClient::new(c).resume_sandbox(request).await }
+        })
+        .await
+    }
+
     /// One page of sandboxes matching the request's filters.
     pub async fn list_sandboxes(
         &mut self,

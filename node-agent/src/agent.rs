@@ -36,7 +36,7 @@ use crate::image::{ImageSettings, ImageStore};
 use crate::inventory::{self, GpuSource};
 use crate::metrics::AgentMetrics;
 use crate::monitor::Monitor;
-use crate::runtime::{ExitRecord, LocalState, Outcome, Runtime, unix_ms};
+use crate::runtime::{ExitRecord, LocalState, Outcome, PauseMode, Runtime, unix_ms};
 use crate::service::AgentApi;
 use crate::starter::Starter;
 
@@ -219,6 +219,7 @@ pub async fn run(
         assignments,
         usage,
         tls,
+        pause_failures: Default::default(),
     };
     tokio::pin!(shutdown);
     let mut endpoint = 0usize;
@@ -294,6 +295,8 @@ struct Agent {
     usage: watch::Receiver<Vec<pb::SandboxUsage>>,
     /// This node's certificate (`None`: insecure).
     tls: Option<Tls>,
+    /// Sandboxes whose failed pause was reported (once per failure note).
+    pause_failures: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// The agent's own server (logs, exec, files) takes only replicas of its cluster: they
@@ -339,33 +342,43 @@ fn message(m: pb::agent_message::Message) -> pb::AgentMessage {
     pb::AgentMessage { message: Some(m) }
 }
 
-/// A sandbox's local state as a status report (state, exit code, reason).
-fn report_of(state: &LocalState) -> (pb::SandboxState, i32, String) {
-    match state {
-        LocalState::Running => (pb::SandboxState::Running, 0, String::new()),
+/// A sandbox's local state as a status report.
+fn report_of(id: &str, state: &LocalState) -> pb::SandboxStatusUpdate {
+    let mut update = pb::SandboxStatusUpdate {
+        sandbox_id: id.to_owned(),
+        at_unix_ms: unix_ms(),
+        ..Default::default()
+    };
+    let s = match state {
+        LocalState::Running => pb::SandboxState::Running,
+        LocalState::Paused(record) => {
+            update.snapshot_bytes = record.bytes;
+            update.snapshot_filesystem_only = record.mode == PauseMode::FilesystemOnly;
+            pb::SandboxState::Paused
+        }
         LocalState::Finished(ExitRecord {
             outcome: Outcome::Exited { code },
             ..
-        }) => (pb::SandboxState::Exited, *code, String::new()),
+        }) => {
+            update.exit_code = *code;
+            pb::SandboxState::Exited
+        }
         LocalState::Finished(ExitRecord {
             outcome: Outcome::Failed { reason },
             ..
-        }) => (pb::SandboxState::Failed, 0, reason.clone()),
-    }
+        }) => {
+            update.reason = reason.clone();
+            pb::SandboxState::Failed
+        }
+    };
+    update.state = s as i32;
+    update
 }
 
 fn status_message(id: &str, state: &LocalState) -> pb::AgentMessage {
-    let (state, exit_code, reason) = report_of(state);
-    message(pb::agent_message::Message::SandboxStatus(
-        pb::SandboxStatusUpdate {
-            sandbox_id: id.to_owned(),
-            state: state as i32,
-            exit_code,
-            reason,
-            at_unix_ms: unix_ms(),
-            ..Default::default()
-        },
-    ))
+    message(pb::agent_message::Message::SandboxStatus(report_of(
+        id, state,
+    )))
 }
 
 /// Keeps the node's inventory fresh off the session loop: NVML is re-read every
@@ -449,14 +462,15 @@ impl Agent {
         let running = local
             .iter()
             .map(|(id, s)| {
-                let (state, exit_code, reason) = report_of(&s.state);
+                let r = report_of(id, &s.state);
                 pb::ObservedSandbox {
                     sandbox_id: id.clone(),
-                    state: state as i32,
-                    exit_code,
-                    reason,
+                    state: r.state,
+                    exit_code: r.exit_code,
+                    reason: r.reason,
                     epoch: s.launch.epoch,
-                    ..Default::default()
+                    snapshot_bytes: r.snapshot_bytes,
+                    snapshot_filesystem_only: r.snapshot_filesystem_only,
                 }
             })
             .collect();
@@ -534,8 +548,19 @@ impl Agent {
                     match m.message {
                         Some(pb::scheduler_message::Message::Assign(assign)) => {
                             let Some(sandbox) = assign.sandbox else { continue };
-                            if !sent.contains_key(&sandbox.id) {
-                                self.starter.submit(self.assignments.request_of(&sandbox, assign.epoch));
+                            match assign.restore {
+                                Some(from) => self.resume(&sandbox, assign.epoch, &from),
+                                None if !sent.contains_key(&sandbox.id) => {
+                                    self.starter.submit(self.assignments.request_of(&sandbox, assign.epoch));
+                                }
+                                None => {}
+                            }
+                        }
+                        Some(pb::scheduler_message::Message::Pause(p)) => {
+                            let mode = if p.filesystem_only { PauseMode::FilesystemOnly } else { PauseMode::Memory };
+                            tracing::info!(sandbox = %p.sandbox_id, mode = mode.as_str(), "pausing");
+                            if let Err(e) = self.runtime.pause(&p.sandbox_id, mode) {
+                                tracing::warn!(sandbox = %p.sandbox_id, error = %e, "could not ask for a pause");
                             }
                         }
                         Some(pb::scheduler_message::Message::Terminate(t)) => {
@@ -598,6 +623,21 @@ impl Agent {
         }
     }
 
+    /// Resumes a sandbox from its snapshot: restored here when this node holds it.
+    fn resume(&self, sandbox: &pb::Sandbox, epoch: u64, from: &pb::RestoreFrom) {
+        let request = self.assignments.request_of(sandbox, epoch);
+        if from.node_id != self.cfg.node_id {
+            let reason = format!(
+                "its snapshot is on node {}, and moving snapshots between nodes is not \
+                 supported by this agent",
+                from.node_id
+            );
+            self.starter.fail_now(request.launch, reason);
+            return;
+        }
+        self.starter.resume(request.launch);
+    }
+
     /// Stops a sandbox wherever it is: waiting to start, or running.
     fn stop(&self, id: &str, grace: Duration, reason: &str) {
         self.starter.cancel(id, reason);
@@ -615,6 +655,34 @@ impl Agent {
         sent: &mut BTreeMap<String, LocalState>,
     ) -> Result<(), SessionEnd> {
         for (id, s) in snapshot.iter() {
+            if s.pause_failed.is_none() {
+                self.pause_failures
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(id);
+            }
+            if let Some(why) = s
+                .pause_failed
+                .as_ref()
+                .filter(|_| !self.monitor.is_doomed(id))
+            {
+                // A failed pause: say it runs, so the scheduler takes it back from Pausing.
+                if !self
+                    .pause_failures
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(id.clone())
+                {
+                    continue;
+                }
+                tracing::warn!(sandbox = %id, reason = %why.trim(), "pause failed; the sandbox keeps running");
+                let mut update = report_of(id, &s.state);
+                update.reason = format!("pause failed: {}", why.trim());
+                let m = message(pb::agent_message::Message::SandboxStatus(update));
+                if tx.send(m).await.is_err() {
+                    return Err(SessionEnd::Broken("the stream closed".into()));
+                }
+            }
             if self.monitor.is_doomed(id) || !Self::reportable(s) || sent.get(id) == Some(&s.state)
             {
                 continue;

@@ -90,6 +90,7 @@ impl Assignments {
                 sandboxd_dir: self.sandboxd_dir.clone(),
                 keep_alive: spec.keep_alive,
                 idle_timeout_ms: spec.idle_timeout_ms,
+                auto_pause_idle_ms: spec.auto_pause_idle_ms,
             },
             command: spec.command,
             env: spec.env.into_iter().collect(),

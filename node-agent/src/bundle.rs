@@ -225,6 +225,7 @@ mod tests {
             sandboxd_dir: None,
             keep_alive: false,
             idle_timeout_ms: 0,
+            auto_pause_idle_ms: 0,
         };
         let bundle = write_config(
             tmp.path(),

@@ -73,6 +73,9 @@ pub struct Launch {
     /// End it after this long without an exec or file call; 0 for none.
     #[serde(default)]
     pub idle_timeout_ms: u64,
+    /// Pause it to disk after this long without an exec or file call; 0 for never.
+    #[serde(default)]
+    pub auto_pause_idle_ms: u64,
 }
 
 impl Launch {

@@ -12,6 +12,7 @@
 //! - [`cgroups`]: CPU and memory limits on cgroup v1 and v2, and usage read back.
 //! - [`network`]: a sandbox's network namespace, veth pair and nftables rules.
 //! - [`shim`]: the per-sandbox shim (`berth agent-shim`).
+//! - [`checkpoint`]: pausing a sandbox to disk (`runsc checkpoint`) and resuming it.
 //! - [`runtime`]: the agent's handle on sandbox directories (start, stop, scan, remove).
 //! - [`starter`]: starting assignments off the session loop, with bounded pulls and starts.
 //! - [`monitor`]: watching the sandboxes off the session loop.
@@ -31,6 +32,7 @@ pub mod assignment;
 pub mod bundle;
 pub mod calls;
 pub mod cgroups;
+pub mod checkpoint;
 pub mod config;
 pub mod identity;
 pub mod image;

@@ -31,6 +31,8 @@ pub struct AgentMetrics {
     pub starts: IntCounterVec,
     /// Seconds from an assignment arriving to its sandbox running.
     pub start_seconds: Histogram,
+    /// Seconds from a resume's assignment arriving to its sandbox running again.
+    pub resume_seconds: Histogram,
     /// Seconds between consecutive heartbeats sent.
     pub heartbeat_gap_seconds: Histogram,
     /// The longest gap between heartbeats sent, in milliseconds, since the agent started.
@@ -124,6 +126,11 @@ impl AgentMetrics {
             start_seconds: histogram(
                 "berth_agent_start_seconds",
                 "Seconds from an assignment arriving to its sandbox running.",
+                seconds.clone(),
+            ),
+            resume_seconds: histogram(
+                "berth_agent_resume_seconds",
+                "Seconds from a resume's assignment arriving to its sandbox running again.",
                 seconds.clone(),
             ),
             heartbeat_gap_seconds: histogram(

@@ -44,7 +44,8 @@ impl Monitor {
                 .unwrap_or_default()
         };
         for (id, s) in &first {
-            if s.state == LocalState::Running && !s.launch.image_digest.is_empty() {
+            let live = matches!(s.state, LocalState::Running | LocalState::Paused(_));
+            if live && !s.launch.image_digest.is_empty() {
                 images.pin(id, &s.launch.image_digest);
             }
         }

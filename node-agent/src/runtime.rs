@@ -13,6 +13,9 @@
 //! | `terminate` | agent | "stop it": grace period in ms, then the reason |
 //! | `exit.json` | shim, last thing (or the agent, when it could not start it) | how it ended ([`ExitRecord`]) |
 //! | `shim.log` | shim (its stderr) | the shim's own messages |
+//! | `pause` | agent | "pause it": the mode ([`crate::checkpoint`]) |
+//! | `paused.json` | shim, instead of `exit.json` | it is paused to this disk ([`PausedRecord`]) |
+//! | `snapshot/` | shim (`runsc checkpoint`) | its memory image while paused |
 //! | `fs/upper`, `fs/merged` | shim | the sandbox's writes over its image, and its root |
 //! | `bundle/config.json` | shim | the OCI runtime spec runsc runs |
 //!
@@ -55,7 +58,17 @@ pub mod files {
     pub const STARTED: &str = "started";
     /// When an exec or file call last touched it (unix ms), for the idle limit.
     pub const ACTIVITY: &str = "activity";
+    /// Pause request.
+    pub const PAUSE: &str = "pause";
+    /// It is paused to disk.
+    pub const PAUSED: &str = "paused.json";
+    /// The checkpoint image.
+    pub const SNAPSHOT: &str = "snapshot";
+    /// Why the last pause failed (the sandbox kept running).
+    pub const PAUSE_FAILED: &str = "pause_failed";
 }
+
+pub use crate::checkpoint::{PauseMode, PausedRecord};
 
 /// How a sandbox ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +104,8 @@ pub struct ExitRecord {
 pub enum LocalState {
     /// Its shim runs (or is just starting).
     Running,
+    /// Paused to this node's disk; no shim runs.
+    Paused(PausedRecord),
     /// It ended.
     Finished(ExitRecord),
 }
@@ -104,6 +119,8 @@ pub struct LocalSandbox {
     pub state: LocalState,
     /// Its runtime runs it (`started` is there); a running sandbox without it is starting.
     pub started: bool,
+    /// Why its last pause failed (it kept running), while the shim's note is there.
+    pub pause_failed: Option<String>,
 }
 
 /// Now, in Unix milliseconds (record times for operators, never for decisions).
@@ -170,13 +187,22 @@ impl Runtime {
         fs::create_dir_all(&dir)?;
         let bytes = serde_json::to_vec_pretty(launch).map_err(io::Error::other)?;
         write_atomic(&dir.join(files::LAUNCH), &bytes)?;
-        let log = fs::File::create(dir.join(files::SHIM_LOG))?;
+        self.spawn_shim(&dir)?;
+        Ok(true)
+    }
+
+    /// Starts the shim on a sandbox directory (its log appended to `shim.log`).
+    fn spawn_shim(&self, dir: &Path) -> io::Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(files::SHIM_LOG))?;
         let Some((program, args)) = self.shim.split_first() else {
             return Err(io::Error::other("no shim command configured"));
         };
         let mut shim = Command::new(program)
             .args(args)
-            .arg(&dir)
+            .arg(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -187,7 +213,7 @@ impl Runtime {
         thread::spawn(move || {
             let _ = shim.wait();
         });
-        Ok(true)
+        Ok(())
     }
 
     /// Asks a sandbox's shim to stop it: SIGTERM, then SIGKILL after `grace`.
@@ -203,6 +229,65 @@ impl Runtime {
             &dir.join(files::TERMINATE),
             format!("{}\n{reason}\n", grace.as_millis()).as_bytes(),
         )
+    }
+
+    /// Asks a running sandbox's shim to pause it to disk. A sandbox that is not running
+    /// (ended, paused already) is left as it is.
+    pub fn pause(&self, id: &str, mode: PauseMode) -> io::Result<()> {
+        if !valid_sandbox_id(id) {
+            return Ok(());
+        }
+        let dir = self.dir(id);
+        if !dir.join(files::LAUNCH).exists()
+            || dir.join(files::EXIT).exists()
+            || dir.join(files::PAUSED).exists()
+        {
+            return Ok(());
+        }
+        write_atomic(
+            &dir.join(files::PAUSE),
+            format!("{}\n", mode.as_str()).as_bytes(),
+        )
+    }
+
+    /// Resumes a sandbox paused here: a new shim restores it, now under `epoch`. Returns
+    /// `false` when it is not paused here (running already, or unknown).
+    pub fn resume(&self, id: &str, epoch: u64) -> io::Result<bool> {
+        if !valid_sandbox_id(id) {
+            return Ok(false);
+        }
+        let dir = self.dir(id);
+        if !dir.join(files::PAUSED).exists() || shim_alive(&dir) || dir.join(files::EXIT).exists() {
+            return Ok(false);
+        }
+        let mut launch: Launch = serde_json::from_slice(&fs::read(dir.join(files::LAUNCH))?)
+            .map_err(io::Error::other)?;
+        launch.epoch = epoch;
+        for stale in [files::STARTED, files::PAUSE, files::TERMINATE, files::PID] {
+            let _ = fs::remove_file(dir.join(stale));
+        }
+        write_atomic(
+            &dir.join(files::LAUNCH),
+            &serde_json::to_vec_pretty(&launch).map_err(io::Error::other)?,
+        )?;
+        self.spawn_shim(&dir)?;
+        Ok(true)
+    }
+
+    /// Ends a sandbox paused here without resuming it: `exit.json` says why, and its
+    /// snapshot is removed (its output and write layer go with the directory later).
+    fn end_paused(&self, dir: &Path, reason: &str) -> ExitRecord {
+        let record = ExitRecord {
+            outcome: Outcome::Failed {
+                reason: reason.to_owned(),
+            },
+            finished_unix_ms: unix_ms(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+        };
+        let _ = serde_json::to_vec(&record).map(|b| write_atomic(&dir.join(files::EXIT), &b));
+        crate::checkpoint::resumed(dir);
+        record
     }
 
     /// Records that a sandbox could not be started (its image could not be pulled, ...):
@@ -302,6 +387,19 @@ impl Runtime {
         let state = match read_exit(&dir) {
             Some(record) => LocalState::Finished(record),
             None if shim_alive(&dir) => LocalState::Running,
+            None if dir.join(files::PAUSED).exists() => {
+                match crate::checkpoint::read_paused(&dir) {
+                    // Stopped while paused: it ends here, and its snapshot goes with it.
+                    Some(_) if dir.join(files::TERMINATE).exists() => {
+                        let reason = read_terminate_reason(&dir);
+                        LocalState::Finished(self.end_paused(&dir, &reason))
+                    }
+                    Some(record) => LocalState::Paused(record),
+                    None => LocalState::Finished(
+                        self.end_paused(&dir, "its pause record does not read"),
+                    ),
+                }
+            }
             None => {
                 // Re-read: the shim may have finished between the two looks.
                 match read_exit(&dir) {
@@ -325,11 +423,24 @@ impl Runtime {
             }
         };
         let started = dir.join(files::STARTED).exists();
+        let pause_failed = (state == LocalState::Running)
+            .then(|| fs::read_to_string(dir.join(files::PAUSE_FAILED)).ok())
+            .flatten();
         Some(LocalSandbox {
             launch,
             state,
             started,
+            pause_failed,
         })
+    }
+}
+
+/// The reason line of a `terminate` file, as the shim words it.
+fn read_terminate_reason(dir: &Path) -> String {
+    let text = fs::read_to_string(dir.join(files::TERMINATE)).unwrap_or_default();
+    match text.split_once('\n').map(|(_, r)| r.trim()) {
+        Some(r) if !r.is_empty() => format!("terminated: {r}"),
+        _ => "terminated".to_owned(),
     }
 }
 
@@ -398,6 +509,7 @@ pub(crate) mod tests {
             sandboxd_dir: None,
             keep_alive: false,
             idle_timeout_ms: 0,
+            auto_pause_idle_ms: 0,
         }
     }
 

@@ -25,6 +25,7 @@ use nix::unistd::Pid;
 
 use crate::bundle;
 use crate::cgroups::{self, SandboxCgroup};
+use crate::checkpoint::{self, PauseMode};
 use crate::config::RuntimeKind;
 use crate::launch::Launch;
 use crate::runtime::{ExitRecord, Outcome, files, read_exit, unix_ms, write_atomic};
@@ -35,6 +36,16 @@ const TIMEOUT_GRACE: Duration = Duration::from_secs(2);
 const IDLE_CHECK: Duration = Duration::from_millis(250);
 /// How often the shim looks at its child, the clock and the terminate file.
 const SHIM_POLL: Duration = Duration::from_millis(25);
+
+/// How the sandbox's run ended: for good, or paused to disk.
+enum Ended {
+    Outcome(Outcome),
+    Paused {
+        mode: PauseMode,
+        /// Run time so far, toward the session limit.
+        ran_ms: u64,
+    },
+}
 
 /// The shim's main: runs the sandbox in `dir` to completion and writes `exit.json`.
 /// Returns the shim's process exit code (0 once a record is written).
@@ -64,7 +75,21 @@ pub fn run_shim(dir: &Path) -> i32 {
     }
     let stdout_truncated = Arc::new(AtomicBool::new(false));
     let stderr_truncated = Arc::new(AtomicBool::new(false));
-    let outcome = supervise(dir, &launch, &stdout_truncated, &stderr_truncated);
+    let outcome = match supervise(dir, &launch, &stdout_truncated, &stderr_truncated) {
+        Ended::Paused { mode, ran_ms } => {
+            return match checkpoint::record_paused(dir, mode, ran_ms) {
+                Ok(r) => {
+                    eprintln!("paused ({}, {} bytes)", mode.as_str(), r.bytes);
+                    0
+                }
+                Err(e) => {
+                    eprintln!("berth agent-shim: writing paused.json: {e}");
+                    1
+                }
+            };
+        }
+        Ended::Outcome(outcome) => outcome,
+    };
     let record = ExitRecord {
         outcome,
         finished_unix_ms: unix_ms(),
@@ -108,6 +133,7 @@ fn sandbox_command(
     root: Option<&Path>,
     cgroup: Option<&SandboxCgroup>,
     netns: Option<&Path>,
+    restore: Option<&Path>,
 ) -> Result<Command, String> {
     let mut launch = launch.clone();
     launch.env = sandbox_env(&launch);
@@ -206,10 +232,15 @@ fn sandbox_command(
                     "--overlay2=none"
                 } else {
                     "--overlay2=root:memory"
-                })
-                .arg("run")
-                .arg(format!("--bundle={}", bundle.display()))
-                .arg(container_id(dir, &launch));
+                });
+            match restore {
+                Some(image) => c
+                    .arg("restore")
+                    .arg(format!("--bundle={}", bundle.display()))
+                    .arg(format!("--image-path={}", image.display())),
+                None => c.arg("run").arg(format!("--bundle={}", bundle.display())),
+            };
+            c.arg(container_id(dir, &launch));
             c
         }
     };
@@ -311,7 +342,7 @@ fn supervise(
     launch: &Launch,
     stdout_truncated: &Arc<AtomicBool>,
     stderr_truncated: &Arc<AtomicBool>,
-) -> Outcome {
+) -> Ended {
     let cgroup = match cgroups::detect() {
         Ok(h) => {
             if let Err(e) = cgroups::join_parent(&h) {
@@ -334,7 +365,7 @@ fn supervise(
     let root = match &launch.rootfs {
         Some(lower) => match bundle::mount_rootfs(dir, lower) {
             Ok(root) => Some(root),
-            Err(reason) => return Outcome::Failed { reason },
+            Err(reason) => return Ended::Outcome(Outcome::Failed { reason }),
         },
         None => None,
     };
@@ -345,9 +376,9 @@ fn supervise(
                 if root.is_some() {
                     bundle::unmount_rootfs(dir);
                 }
-                return Outcome::Failed {
+                return Ended::Outcome(Outcome::Failed {
                     reason: format!("could not set up the sandbox's network: {why}"),
-                };
+                });
             }
         },
         None => None,
@@ -378,7 +409,11 @@ fn supervise(
         .filter(|g| g.oom_killed())
         .map(SandboxCgroup::memory_mib);
     drop(cgroup);
-    match (oom, outcome) {
+    let outcome = match outcome {
+        Ended::Outcome(o) => o,
+        paused => return paused,
+    };
+    Ended::Outcome(match (oom, outcome) {
         (_, Outcome::Failed { reason }) if reason.starts_with("terminated") => {
             Outcome::Failed { reason }
         }
@@ -388,7 +423,7 @@ fn supervise(
             ),
         },
         (None, outcome) => outcome,
-    }
+    })
 }
 
 fn run(
@@ -399,11 +434,28 @@ fn run(
     netns: Option<&Path>,
     stdout_truncated: &Arc<AtomicBool>,
     stderr_truncated: &Arc<AtomicBool>,
-) -> Outcome {
-    let mut command = match sandbox_command(dir, launch, root, cgroup, netns) {
+) -> Ended {
+    // Resuming a paused sandbox: from its memory image, or afresh on its kept files.
+    let resuming = checkpoint::read_paused(dir);
+    let image = dir.join(files::SNAPSHOT);
+    let restore = resuming
+        .as_ref()
+        .filter(|r| r.mode == PauseMode::Memory && launch.runtime == RuntimeKind::Gvisor)
+        .map(|_| image.as_path());
+    if restore.is_some() {
+        // What runsc kept of the checkpointed container.
+        runsc(
+            dir,
+            launch,
+            cgroup.is_some(),
+            &["delete", "--force", &container_id(dir, launch)],
+        );
+    }
+    let mut command = match sandbox_command(dir, launch, root, cgroup, netns, restore) {
         Ok(c) => c,
-        Err(reason) => return Outcome::Failed { reason },
+        Err(reason) => return Ended::Outcome(Outcome::Failed { reason }),
     };
+    let ran_before = resuming.as_ref().map_or(0, |r| r.ran_ms);
     let started = Instant::now();
     let mut child = match command.spawn() {
         Ok(c) => c,
@@ -413,9 +465,9 @@ fn run(
                 (RuntimeKind::Process, Some(_)) => "chroot",
                 (RuntimeKind::Process, None) => launch.command[0].as_str(),
             };
-            return Outcome::Failed {
+            return Ended::Outcome(Outcome::Failed {
                 reason: format!("could not start {what}: {e}"),
-            };
+            });
         }
     };
     let gvisor = launch.runtime == RuntimeKind::Gvisor;
@@ -450,8 +502,9 @@ fn run(
             stderr_truncated.clone(),
         ));
     }
-    let deadline =
-        (launch.timeout_ms > 0).then(|| started + Duration::from_millis(launch.timeout_ms));
+    // Paused time does not count toward the session limit.
+    let deadline = (launch.timeout_ms > 0)
+        .then(|| started + Duration::from_millis(launch.timeout_ms.saturating_sub(ran_before)));
     let cgroups = cgroup.is_some();
     let pid = child.id();
     let stop = |sig: Signal| {
@@ -472,7 +525,15 @@ fn run(
     };
     // Once set: why it is being stopped, and when SIGKILL follows.
     let mut stopping: Option<(String, Instant)> = None;
-    let started_unix_ms = unix_ms();
+    // Once set: it was paused to disk (its runtime is ending).
+    let mut paused: Option<PauseMode> = None;
+    // The idle limits count from the last call, paused time included.
+    let started_unix_ms = resuming
+        .as_ref()
+        .map_or_else(unix_ms, |r| r.last_activity_unix_ms.max(r.taken_unix_ms));
+    // Auto-pause counts from this run's start at the earliest: a resume is not idle time.
+    let run_started_unix_ms = unix_ms();
+    let mut resume_pending = resuming.is_some();
     let mut next_idle_check = started;
     let status = loop {
         match child.try_wait() {
@@ -480,22 +541,53 @@ fn run(
             Ok(None) => {}
             Err(e) => break Err(e),
         }
-        if !marked_started && runsc_running(dir) {
+        if !marked_started && (!gvisor || runsc_running(dir)) {
             mark_started();
             marked_started = true;
+        }
+        if marked_started && resume_pending {
+            // Restored: the helper listens again, and the image has served.
+            resume_pending = false;
+            checkpoint::wake_helper(dir);
+            checkpoint::resumed(dir);
         }
         let now = Instant::now();
         match &stopping {
             Some((_, kill_at)) if now >= *kill_at => stop(Signal::SIGKILL),
             Some(_) => {}
+            None if paused.is_some() => {}
             None => {
-                let idle = (launch.idle_timeout_ms > 0 && now >= next_idle_check)
-                    .then(|| {
-                        next_idle_check = now + IDLE_CHECK;
-                        idle_past_limit(dir, launch.idle_timeout_ms, started_unix_ms)
-                    })
+                let idle_check = now >= next_idle_check;
+                if idle_check {
+                    next_idle_check = now + IDLE_CHECK;
+                }
+                let idle = (launch.idle_timeout_ms > 0 && idle_check)
+                    .then(|| idle_past_limit(dir, launch.idle_timeout_ms, started_unix_ms))
                     .flatten();
-                if deadline.is_some_and(|d| now >= d) {
+                let auto_pause = launch.auto_pause_idle_ms > 0
+                    && idle_check
+                    && marked_started
+                    && idle_past_limit(dir, launch.auto_pause_idle_ms, run_started_unix_ms)
+                        .is_some();
+                let pause = checkpoint::requested(dir)
+                    .or(auto_pause.then_some(PauseMode::Memory))
+                    .filter(|_| marked_started);
+                if let Some(mode) = pause {
+                    match pause_now(dir, launch, cgroups, mode) {
+                        Ok(()) => {
+                            if mode == PauseMode::FilesystemOnly {
+                                stop(Signal::SIGKILL);
+                            }
+                            paused = Some(mode);
+                        }
+                        Err(why) => {
+                            eprintln!("pause failed; the sandbox keeps running: {why}");
+                            let _ = write_atomic(&dir.join(files::PAUSE_FAILED), why.as_bytes());
+                            let _ = fs::remove_file(dir.join(files::PAUSE));
+                            checkpoint::wake_helper(dir);
+                        }
+                    }
+                } else if deadline.is_some_and(|d| now >= d) {
                     stop(Signal::SIGTERM);
                     stopping = Some((
                         format!(
@@ -525,7 +617,11 @@ fn run(
     for c in copiers {
         let _ = c.join();
     }
-    match (status, stopping) {
+    if let Some(mode) = paused.filter(|_| stopping.is_none()) {
+        let ran_ms = ran_before + started.elapsed().as_millis() as u64;
+        return Ended::Paused { mode, ran_ms };
+    }
+    Ended::Outcome(match (status, stopping) {
         (_, Some((reason, _))) => Outcome::Failed { reason },
         (Ok(status), None) => Outcome::Exited {
             code: status
@@ -536,7 +632,31 @@ fn run(
         (Err(e), None) => Outcome::Failed {
             reason: format!("waiting for the sandbox: {e}"),
         },
+    })
+}
+
+/// Gets the sandbox out of the way of its pause: the helper lets go of its socket, then
+/// (memory mode) `runsc checkpoint` saves it and stops it. Filesystem-only, the caller
+/// stops it; its write layer is what is kept.
+fn pause_now(dir: &Path, launch: &Launch, cgroups: bool, mode: PauseMode) -> Result<(), String> {
+    if launch.runtime != RuntimeKind::Gvisor {
+        return Err("the process runtime cannot checkpoint a sandbox; pause needs gvisor".into());
     }
+    let _ = fs::remove_file(dir.join(files::PAUSE_FAILED));
+    let cut = checkpoint::quiesce_helper(dir)?;
+    if cut > 0 {
+        eprintln!("pausing: {cut} calls in flight were ended");
+    }
+    if mode == PauseMode::Memory {
+        let globals = runsc_globals(dir, launch, cgroups);
+        checkpoint::runsc_checkpoint(
+            dir,
+            &launch.runsc_path,
+            &globals,
+            &container_id(dir, launch),
+        )?;
+    }
+    Ok(())
 }
 
 /// Copies a pipe into a file, keeping at most `cap` bytes; sets `truncated` past the cap

@@ -100,6 +100,86 @@ impl Starter {
         });
     }
 
+    /// Resumes a sandbox paused on this node, in a start slot like a start. One that is
+    /// not paused here (its directory is gone) is recorded as failed; one already running
+    /// again (the assignment delivered twice) is left alone.
+    pub fn resume(&self, launch: Launch) {
+        let id = launch.sandbox_id.clone();
+        if !self
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id.clone())
+        {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let arrived = Instant::now();
+            if let Ok(_slot) = this.slots.acquire().await {
+                let runtime = this.runtime.clone();
+                let (rid, epoch) = (id.clone(), launch.epoch);
+                let resumed =
+                    tokio::task::spawn_blocking(move || runtime.resume(&rid, epoch)).await;
+                match resumed {
+                    Ok(Ok(true)) => {
+                        tracing::info!(sandbox = %id, "sandbox resuming from its snapshot");
+                        this.metrics.starts_in_flight.inc();
+                        this.hold_until_settled(&id).await;
+                        this.metrics.starts_in_flight.dec();
+                        this.metrics
+                            .resume_seconds
+                            .observe(arrived.elapsed().as_secs_f64());
+                    }
+                    Ok(Ok(false))
+                        if this
+                            .runtime
+                            .dir(&id)
+                            .join(crate::runtime::files::LAUNCH)
+                            .exists() => {}
+                    Ok(Ok(false)) => {
+                        this.fail(&launch, "its snapshot is not on this node any more".into())
+                            .await;
+                    }
+                    Ok(Err(e)) => {
+                        this.fail(&launch, format!("the agent could not resume it: {e}"))
+                            .await;
+                    }
+                    Err(e) => {
+                        this.fail(&launch, format!("the agent could not resume it: {e}"))
+                            .await;
+                    }
+                }
+            }
+            this.pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&id);
+        });
+    }
+
+    /// Records at once that a sandbox cannot be started here, and why.
+    pub fn fail_now(&self, launch: Launch, reason: String) {
+        let this = self.clone();
+        tokio::spawn(async move { this.fail(&launch, reason).await });
+    }
+
+    /// Holds the caller's start slot while the runtime boots the sandbox (bounded).
+    async fn hold_until_settled(&self, id: &str) {
+        let deadline = Instant::now() + START_SLOT_LIMIT;
+        loop {
+            let runtime = self.runtime.clone();
+            let check = id.to_owned();
+            let settled = tokio::task::spawn_blocking(move || runtime.start_settled(&check))
+                .await
+                .unwrap_or(true);
+            if settled || Instant::now() > deadline {
+                return;
+            }
+            tokio::time::sleep(START_POLL).await;
+        }
+    }
+
     /// Whether a sandbox is waiting here to start.
     pub fn is_pending(&self, id: &str) -> bool {
         self.pending
@@ -228,18 +308,7 @@ impl Starter {
                 .terminate(&id, Duration::from_secs(10), &reason);
         }
         // Hold the slot while the runtime boots it: that is the costly part of a start.
-        let deadline = Instant::now() + START_SLOT_LIMIT;
-        loop {
-            let runtime = self.runtime.clone();
-            let check = id.clone();
-            let settled = tokio::task::spawn_blocking(move || runtime.start_settled(&check))
-                .await
-                .unwrap_or(true);
-            if settled || Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(START_POLL).await;
-        }
+        self.hold_until_settled(&id).await;
         self.metrics.starts_in_flight.dec();
         self.metrics.starts.with_label_values(&["ok"]).inc();
         self.metrics

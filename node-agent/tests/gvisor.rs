@@ -79,6 +79,7 @@ async fn run(
         sandboxd_dir: None,
         keep_alive: false,
         idle_timeout_ms: 0,
+        auto_pause_idle_ms: 0,
     };
     let dir = f.dir.path().join("sandboxes").join(id);
     std::fs::create_dir_all(&dir).expect("dir");

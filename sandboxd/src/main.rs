@@ -5,16 +5,17 @@
 
 mod exec;
 mod files;
+mod quiesce;
 mod reaper;
 
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use berth_sandboxd::wire::{self, ErrorKind, FromHelper, MAX_CALLS, ToHelper};
 
+use quiesce::Server;
 use reaper::Reaper;
 
 struct Args {
@@ -65,8 +66,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let _ = std::fs::remove_file(&args.socket);
-    let listener = match UnixListener::bind(&args.socket) {
+    let listener = match quiesce::bind(&args.socket) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("berth-sandboxd: cannot listen on {}: {e}", args.socket);
@@ -76,8 +76,15 @@ fn main() -> ExitCode {
     let reaper = Arc::new(Reaper::default());
     let r = reaper.clone();
     std::thread::spawn(move || r.run());
-    let r = reaper.clone();
-    std::thread::spawn(move || serve(listener, r));
+    let server = match Server::new(args.socket.clone()) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            eprintln!("berth-sandboxd: cannot make its wake pipe: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (r, s) = (reaper.clone(), server.clone());
+    std::thread::spawn(move || serve(listener, s, r));
     let Some((program, rest)) = args.command.split_first() else {
         loop {
             std::thread::park();
@@ -107,32 +114,36 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(listener: UnixListener, reaper: Arc<Reaper>) {
-    let calls = Arc::new(AtomicUsize::new(0));
-    for conn in listener.incoming() {
-        let Ok(conn) = conn else { continue };
-        if calls.fetch_add(1, Ordering::SeqCst) >= MAX_CALLS {
-            calls.fetch_sub(1, Ordering::SeqCst);
-            let mut c = conn;
-            let _ = send(
-                &mut c,
-                &FromHelper::Error {
-                    kind: ErrorKind::Busy,
-                    message: format!("the sandbox is serving its maximum of {MAX_CALLS} calls"),
-                },
-            );
-            continue;
+/// Accepts calls, one thread each, until a quiesce; then waits to be woken and listens
+/// again (see [`quiesce`]).
+fn serve(mut listener: UnixListener, server: Arc<Server>, reaper: Arc<Reaper>) {
+    loop {
+        while let Some(conn) = server.accept(&listener) {
+            let Ok(conn) = conn else { continue };
+            let Some(token) = server.admit(&conn) else {
+                let mut c = conn;
+                let _ = send(
+                    &mut c,
+                    &FromHelper::Error {
+                        kind: ErrorKind::Busy,
+                        message: format!("the sandbox is serving its maximum of {MAX_CALLS} calls"),
+                    },
+                );
+                continue;
+            };
+            let (server, reaper) = (server.clone(), reaper.clone());
+            std::thread::spawn(move || {
+                call(conn, &reaper, &server);
+                server.leave(token);
+            });
         }
-        let (calls, reaper) = (calls.clone(), reaper.clone());
-        std::thread::spawn(move || {
-            call(conn, &reaper);
-            calls.fetch_sub(1, Ordering::SeqCst);
-        });
+        drop(listener);
+        listener = server.closed_and_wait_for_wake();
     }
 }
 
 /// Serves one connection: its first frame says what the call is.
-fn call(mut conn: UnixStream, reaper: &Reaper) {
+fn call(mut conn: UnixStream, reaper: &Reaper, server: &Server) {
     let first = match wire::read_frame(&mut conn) {
         Ok(Some(body)) => ToHelper::decode(&body),
         _ => return,
@@ -146,6 +157,7 @@ fn call(mut conn: UnixStream, reaper: &Reaper) {
         }) => files::write(&mut conn, &path, mode, create_parents),
         Ok(ToHelper::ReadFile { path }) => files::read(&mut conn, &path),
         Ok(ToHelper::ListDir { path }) => files::list(&mut conn, &path),
+        Ok(ToHelper::Quiesce) => server.quiesce(&mut conn),
         Ok(other) => {
             let _ = send(
                 &mut conn,

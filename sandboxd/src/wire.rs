@@ -78,7 +78,15 @@ pub enum ToHelper {
         /// Absolute path in the sandbox.
         path: String,
     },
+    /// Get ready for a checkpoint (the shim's call, before `runsc checkpoint`): end every
+    /// other call, stop listening and remove the socket, answer [`FromHelper::Quiesced`] and
+    /// close. gVisor cannot save a sandbox holding a host socket. The helper listens again
+    /// once the wake file ([`WAKE`] in the socket's directory) appears.
+    Quiesce,
 }
+
+/// The file in the socket's directory that tells a quiesced helper to listen again.
+pub const WAKE: &str = "wake";
 
 /// Why a call failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +172,11 @@ pub enum FromHelper {
         entries: Vec<DirEntry>,
         /// How many more there were.
         left_out: u64,
+    },
+    /// Every other call has ended and the socket is gone: the sandbox can be checkpointed.
+    Quiesced {
+        /// Calls that were cut off.
+        ended_calls: u32,
     },
 }
 
@@ -327,6 +340,7 @@ impl ToHelper {
             ToHelper::End => Enc::tag(7).0,
             ToHelper::ReadFile { path } => Enc::tag(8).str(path).0,
             ToHelper::ListDir { path } => Enc::tag(9).str(path).0,
+            ToHelper::Quiesce => Enc::tag(10).0,
         }
     }
 
@@ -373,6 +387,7 @@ impl ToHelper {
             7 => ToHelper::End,
             8 => ToHelper::ReadFile { path: d.str()? },
             9 => ToHelper::ListDir { path: d.str()? },
+            10 => ToHelper::Quiesce,
             t => return Err(invalid(&format!("unknown request tag {t}"))),
         };
         d.done(v)
@@ -452,6 +467,7 @@ impl FromHelper {
                 }
                 e.0
             }
+            FromHelper::Quiesced { ended_calls } => Enc::tag(30).u32(*ended_calls).0,
         }
     }
 
@@ -494,6 +510,9 @@ impl FromHelper {
                     .collect::<io::Result<_>>()?;
                 FromHelper::Entries { entries, left_out }
             }
+            30 => FromHelper::Quiesced {
+                ended_calls: d.u32()?,
+            },
             t => return Err(invalid(&format!("unknown answer tag {t}"))),
         };
         d.done(v)
@@ -526,6 +545,7 @@ mod tests {
             ToHelper::End,
             ToHelper::ReadFile { path: "/x".into() },
             ToHelper::ListDir { path: "/".into() },
+            ToHelper::Quiesce,
         ];
         for r in requests {
             assert_eq!(ToHelper::decode(&r.encode()).expect("decodes"), r);
@@ -560,6 +580,7 @@ mod tests {
                 }],
                 left_out: 2,
             },
+            FromHelper::Quiesced { ended_calls: 3 },
         ];
         for a in answers {
             assert_eq!(FromHelper::decode(&a.encode()).expect("decodes"), a);

@@ -3,6 +3,8 @@
 //! tenant's maximum is refused at create (INVALID_ARGUMENT on `spec.timeout_ms`). The
 //! defaults are Vercel's tiers: 45 minutes by default, at most 5 hours. The leader applies
 //! them before the spec goes into the log, so every replica holds the same resolved spec.
+//! Whether a GPU sandbox may be paused keeping its files only is here too (the leader puts
+//! it in the pause's log entry).
 
 use std::collections::BTreeMap;
 
@@ -25,6 +27,9 @@ pub struct SessionsConfig {
     pub max_timeout_ms: u64,
     /// Idle limit of a sandbox created with `idle_timeout_ms = 0`; 0 = none.
     pub default_idle_timeout_ms: u64,
+    /// Allow pausing a sandbox that holds GPUs by keeping its files only (its processes
+    /// restart on resume): gVisor cannot checkpoint GPU state. Off: such a pause is refused.
+    pub gpu_pause_filesystem_only: bool,
     /// Per-tenant overrides (`[scheduler.sessions.tenants.NAME]`).
     pub tenants: BTreeMap<String, TenantSessions>,
 }
@@ -47,6 +52,7 @@ impl Default for SessionsConfig {
             default_timeout_ms: 45 * 60_000,
             max_timeout_ms: 5 * 3_600_000,
             default_idle_timeout_ms: 0,
+            gpu_pause_filesystem_only: false,
             tenants: BTreeMap::new(),
         }
     }

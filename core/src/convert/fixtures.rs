@@ -47,6 +47,7 @@ pub(super) fn wire_spec() -> pb::SandboxSpec {
         labels: HashMap::from([("team".into(), "ml".into())]),
         keep_alive: true,
         idle_timeout_ms: 30_000,
+        auto_pause_idle_ms: 0,
     }
 }
 

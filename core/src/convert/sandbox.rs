@@ -99,6 +99,12 @@ pub fn sandbox_to_pb_with_gpus(s: &Sandbox, node: Option<&NodeSpec>, revision: u
             status.gpu_uuids = uuids.unwrap_or_default();
         }
     }
+    if let Some(note) = &s.placement_note {
+        status.explanation = Some(pb::PlacementExplanation {
+            summary: note.clone(),
+            ..Default::default()
+        });
+    }
     pb::Sandbox {
         id: s.id.to_string(),
         request_id: s.request_id.clone(),
@@ -259,6 +265,7 @@ mod tests {
             started_ms: Some(3),
             finished_ms: None,
             snapshot: None,
+            placement_note: None,
         };
         let status = sandbox_to_pb(&cpu_only, 4).status.expect("status");
         assert_eq!(

@@ -17,6 +17,7 @@ const SPEC_FIELDS: &[&str] = &[
     "keep_alive",
     "idle_timeout_ms",
     "network",
+    "auto_pause_idle_ms",
 ];
 
 /// Validates and converts a client's spec. Errors: `INVALID_ARGUMENT` whose message names
@@ -122,6 +123,7 @@ fn read_spec(spec: &pb::SandboxSpec, runnable: bool) -> (SandboxSpec, Validator)
         labels: btree(&spec.labels),
         keep_alive: spec.keep_alive,
         idle_timeout_ms: spec.idle_timeout_ms,
+        auto_pause_idle_ms: spec.auto_pause_idle_ms,
     };
     let mut problems = Validator::new();
     model.validate(&mut problems);
@@ -195,6 +197,7 @@ pub fn spec_to_pb(spec: &SandboxSpec) -> pb::SandboxSpec {
         labels: hash(&spec.labels),
         keep_alive: spec.keep_alive,
         idle_timeout_ms: spec.idle_timeout_ms,
+        auto_pause_idle_ms: spec.auto_pause_idle_ms,
     }
 }
 
@@ -283,6 +286,7 @@ mod tests {
                 labels: BTreeMap::from([("team".into(), "ml".into())]),
                 keep_alive: true,
                 idle_timeout_ms: 30_000,
+                auto_pause_idle_ms: 0,
             }
         );
         assert_eq!(spec_to_pb(&spec), wire);
@@ -300,6 +304,7 @@ mod tests {
             started_ms: None,
             finished_ms: None,
             snapshot: None,
+            placement_note: None,
         };
         let out = sandbox_to_pb(&sandbox, 42);
         assert_eq!(out.id, "sbx-0000000007");

@@ -234,10 +234,40 @@ impl Placer {
 
     /// Decides one sandbox against the view, without reserving.
     pub fn place(&self, view: &ClusterView, spec: &SandboxSpec, rng: &mut ChaCha8Rng) -> Decision {
+        self.place_within(view, spec, rng, None)
+    }
+
+    /// Places one sandbox on node `node` if it fits there (and reserves it in the view):
+    /// a resume trying the node that holds its snapshot first. `None` when it does not fit
+    /// or the view has no such node.
+    pub fn place_on(
+        &self,
+        view: &mut ClusterView,
+        spec: &SandboxSpec,
+        node: &str,
+        seed: u64,
+    ) -> Option<Placement> {
+        let index = view.index_of(node)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let placement = self
+            .place_within(view, spec, &mut rng, Some(index))
+            .placement?;
+        view.reserve(spec, &placement);
+        Some(placement)
+    }
+
+    fn place_within(
+        &self,
+        view: &ClusterView,
+        spec: &SandboxSpec,
+        rng: &mut ChaCha8Rng,
+        only: Option<NodeIndex>,
+    ) -> Decision {
         let mut explanation = Explanation::default();
         let ctx = ScoreContext {
             spec,
             typical: &self.typical,
+            only,
         };
         let ranking = Ranking {
             policy: self.policy.component(),
@@ -347,6 +377,9 @@ impl Placer {
         for set in allowed {
             let mut feasible = 0usize;
             for &(_, index) in set.range((ctx.spec.cpu_milli, 0)..) {
+                if ctx.only.is_some_and(|only| only != index) {
+                    continue;
+                }
                 in_range += 1;
                 explanation.nodes_evaluated += 1;
                 let node = view.node(index);
@@ -411,6 +444,9 @@ impl Placer {
                 let mut feasible = 0usize;
                 let mut in_range = 0u32;
                 for &(_, node_index) in range {
+                    if ctx.only.is_some_and(|only| only != node_index) {
+                        continue;
+                    }
                     in_range += 1;
                     explanation.nodes_evaluated += 1;
                     let node = view.node(node_index);

@@ -94,6 +94,8 @@ pub struct ScoreContext<'a> {
     pub spec: &'a SandboxSpec,
     /// The workload fragmentation is measured against.
     pub typical: &'a TypicalWorkload,
+    /// Consider this node alone (a resume trying the node that holds its snapshot).
+    pub only: Option<super::view::NodeIndex>,
 }
 
 /// A node's score and the GPUs the policy would take there.

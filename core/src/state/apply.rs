@@ -205,6 +205,7 @@ impl State {
                 started_ms: None,
                 finished_ms: None,
                 snapshot: None,
+                placement_note: None,
             },
         );
         self.count_state("pending", 1);
@@ -264,6 +265,7 @@ impl State {
             }
         }
         let revision = self.revision;
+        let note = self.affinity_note(id, &placement.node);
         if let Some(sandbox) = self.sandboxes.get_mut(&id) {
             sandbox.binding = Some(Binding {
                 placement: placement.clone(),
@@ -273,6 +275,7 @@ impl State {
             sandbox.state = SandboxState::Scheduled;
             sandbox.scheduled_ms = Some(now_ms);
             sandbox.pending_reason = None;
+            sandbox.placement_note = note;
         }
         self.count_state("pending", -1);
         self.count_state("scheduled", 1);
@@ -349,6 +352,11 @@ impl State {
             self.count_state("running", 1);
             // Restored: the snapshot's holder may let its copy go.
             self.drop_snapshot(id);
+        } else if sandbox.state == SandboxState::Pausing {
+            // The pause failed on the node and the sandbox kept running.
+            sandbox.state = SandboxState::Running;
+            self.count_state("pausing", -1);
+            self.count_state("running", 1);
         }
     }
 

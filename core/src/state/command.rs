@@ -393,7 +393,7 @@ pub enum Rejection {
     /// gVisor cannot checkpoint GPU state, and the filesystem-only pause is off.
     #[error(
         "sandbox {0} holds GPUs, and gVisor cannot checkpoint GPU state (nvproxy has no save/restore); \
-         an operator can allow a filesystem-only pause ([scheduler.pause] gpu_filesystem_only = true), \
+         an operator can allow a filesystem-only pause ([scheduler.sessions] gpu_pause_filesystem_only = true), \
          which keeps its files and restarts its processes on resume"
     )]
     GpuPause(SandboxId),

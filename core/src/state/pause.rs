@@ -3,7 +3,7 @@
 
 use super::State;
 use super::command::Rejection;
-use crate::model::{SandboxId, SandboxState, SnapshotMode, SnapshotRecord};
+use crate::model::{NodeId, NodeStatus, SandboxId, SandboxState, SnapshotMode, SnapshotRecord};
 
 impl State {
     /// A Running sandbox is asked to pause; one already Pausing or Paused is left as it is.
@@ -132,6 +132,42 @@ impl State {
         self.count_state("paused", -1);
         self.count_state("pending", 1);
         Ok(())
+    }
+
+    /// What a resume's bind to `to` says about snapshot affinity, worked out from the state
+    /// before the bind holds anything (so every replica words it alike): a hit, or why the
+    /// node holding the snapshot was not used. `None` for a sandbox with no snapshot.
+    pub(super) fn affinity_note(&self, id: SandboxId, to: &NodeId) -> Option<String> {
+        let sandbox = self.sandboxes.get(&id)?;
+        let snap = sandbox.snapshot.as_ref()?;
+        if snap.node == *to {
+            return Some(format!(
+                "snapshot affinity hit: restored on {to}, the node holding its snapshot"
+            ));
+        }
+        let spec = &sandbox.spec;
+        let why = match self.nodes.get(&snap.node) {
+            None => "that node is gone".to_owned(),
+            Some(r) if r.status != NodeStatus::Ready => {
+                format!("that node is {}", r.status.name())
+            }
+            Some(r)
+                if r.cpu_milli_free() < spec.cpu_milli || r.memory_mib_free() < spec.memory_mib =>
+            {
+                format!(
+                    "that node has {} milli-CPU and {} MiB free, and it needs {} and {}",
+                    r.cpu_milli_free(),
+                    r.memory_mib_free(),
+                    spec.cpu_milli,
+                    spec.memory_mib
+                )
+            }
+            Some(_) => "it does not fit there (its GPUs or constraints)".to_owned(),
+        };
+        Some(format!(
+            "snapshot affinity missed: its snapshot is on {}, and {why}; {to} fetches it",
+            snap.node
+        ))
     }
 
     /// Forgets where a sandbox's snapshot lives (it runs again, or it ended).

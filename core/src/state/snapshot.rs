@@ -16,7 +16,8 @@ const MAGIC: &[u8; 6] = b"BERTH\0";
 // 7: API and join tokens (hashes) joined the state (issue #16).
 // 8: pause (issue #17): Pausing and Paused states, a sandbox's snapshot record, the
 //    snapshots each node holds, and each tenant's paused count.
-const FORMAT_VERSION: u8 = 8;
+// 9: a spec's `auto_pause_idle_ms`.
+const FORMAT_VERSION: u8 = 9;
 /// Formats this build reads.
 const READS: &[u8] = &[FORMAT_VERSION];
 

@@ -136,27 +136,47 @@ impl Planner {
             .iter()
             .position(|s| self.pending_cursor.is_some_and(|c| s.id == c))
             .map_or(0, |i| i + 1);
-        let pending: Vec<(SandboxId, SandboxSpec, Option<String>)> = all
+        let candidates: Vec<&crate::model::Sandbox> = all
             .iter()
             .cycle()
             .skip(start % all.len().max(1))
             .take(self.pending_pass_limit.min(all.len()))
-            .map(|s| (s.id, s.spec.clone(), s.pending_reason.clone()))
+            .copied()
             .collect();
-        self.pending_cursor = pending.last().map(|(id, _, _)| *id);
-        if pending.is_empty() {
+        self.pending_cursor = candidates.last().map(|s| s.id);
+        if candidates.is_empty() {
             return None;
         }
         self.refresh_typical(state);
         let seed = self.seed ^ state.revision();
+        self.ensure_view(state);
+        let mut plan = PendingPlan::default();
+        // A resume tries the node holding its snapshot first (snapshot affinity); the
+        // others, and a resume that does not fit there, are placed as a batch.
+        let mut pending: Vec<(SandboxId, SandboxSpec, Option<String>)> = Vec::new();
+        for s in candidates {
+            let holder = s.snapshot.as_ref().map(|snap| snap.node.as_str());
+            let on_holder = match (holder, self.view.as_mut()) {
+                (Some(node), Some((_, view))) => {
+                    self.placer.place_on(view, &s.spec, node, seed ^ s.id.0)
+                }
+                _ => None,
+            };
+            match on_holder {
+                Some(p) => {
+                    plan.reserved
+                        .push((plan.binds.len(), s.spec.clone(), p.clone()));
+                    plan.binds.push((s.id, p));
+                }
+                None => pending.push((s.id, s.spec.clone(), s.pending_reason.clone())),
+            }
+        }
         let batch: Vec<(SandboxId, &SandboxSpec)> =
             pending.iter().map(|(id, spec, _)| (*id, spec)).collect();
-        self.ensure_view(state);
         let decisions = match self.view.as_mut() {
             Some((_, view)) => self.placer.place_batch(view, &batch, seed),
             None => Vec::new(),
         };
-        let mut plan = PendingPlan::default();
         for ((id, decision), (_, spec, old_reason)) in decisions.into_iter().zip(&pending) {
             match decision.placement {
                 Some(p) => {

@@ -66,6 +66,9 @@ pub(super) fn spec(args: &CreateArgs) -> Result<pb::SandboxSpec, String> {
         idle_timeout_ms: args
             .idle_timeout
             .map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        auto_pause_idle_ms: args
+            .auto_pause
+            .map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
     })
 }
 

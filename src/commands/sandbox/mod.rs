@@ -12,6 +12,7 @@
 //! - `create`: create and follow a sandbox to its exit.
 //! - `exec`: `exec` and `shell`.
 //! - `cp`: files in and out.
+//! - `pause`: waiting out `pause` and `resume`.
 //! - `show`: `list` and `get` output (tables, `key: value`, JSON).
 //! - `parse`: the command line's value parsers.
 
@@ -19,6 +20,7 @@ mod cp;
 mod create;
 mod exec;
 mod parse;
+mod pause;
 pub(crate) mod show;
 
 use std::process::ExitCode;
@@ -56,8 +58,8 @@ enum SandboxCommand {
         /// Only this tenant's sandboxes.
         #[arg(long)]
         tenant: Option<String>,
-        /// Only sandboxes in these states (pending, scheduled, running, unknown, exited,
-        /// failed, lost; comma-separated or repeated).
+        /// Only sandboxes in these states (pending, scheduled, running, pausing, paused,
+        /// unknown, exited, failed, lost; comma-separated or repeated).
         #[arg(long = "state", value_name = "STATE", value_delimiter = ',', value_parser = parse_state)]
         states: Vec<SandboxState>,
         /// Only sandboxes on this node.
@@ -133,6 +135,28 @@ enum SandboxCommand {
         /// Create missing parent directories in the sandbox.
         #[arg(short, long)]
         parents: bool,
+        #[command(flatten)]
+        call: CallTimeout,
+    },
+    /// Pause a running sandbox to its node's disk, memory and files, releasing what it
+    /// holds there; waits until the snapshot is taken (like `docker pause`, but to disk).
+    Pause {
+        /// Sandbox id.
+        id: String,
+        /// Return once the pause is recorded, without waiting for the snapshot.
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        call: CallTimeout,
+    },
+    /// Resume a paused sandbox where it was (its files, processes and memory); waits until
+    /// it runs again.
+    Resume {
+        /// Sandbox id.
+        id: String,
+        /// Return once the resume is recorded, without waiting for it to run.
+        #[arg(long)]
+        no_wait: bool,
         #[command(flatten)]
         call: CallTimeout,
     },
@@ -218,6 +242,10 @@ struct CreateArgs {
     /// the tenant's).
     #[arg(long, value_parser = parse_duration)]
     idle_timeout: Option<Duration>,
+    /// Pause the sandbox to disk (memory and files) after this long without an exec or
+    /// file call, e.g. 30s; `sandbox resume` brings it back. Needs --keep-alive.
+    #[arg(long, value_parser = parse_duration, requires = "keep_alive")]
+    auto_pause: Option<Duration>,
     /// Network: `none` (loopback only, the default) or `egress-all` (anywhere but the
     /// node, other sandboxes and the node's blocked ranges). Inbound is always denied.
     #[arg(long, value_enum, value_name = "MODE", conflicts_with = "allow")]
@@ -253,6 +281,8 @@ pub(crate) fn run(args: &SandboxArgs) -> ExitCode {
         | SandboxCommand::Exec { call, .. }
         | SandboxCommand::Shell { call, .. }
         | SandboxCommand::Cp { call, .. }
+        | SandboxCommand::Pause { call, .. }
+        | SandboxCommand::Resume { call, .. }
         | SandboxCommand::Delete { call, .. } => call.timeout,
     };
     let spec = match &args.command {
@@ -336,6 +366,14 @@ pub(crate) fn run(args: &SandboxArgs) -> ExitCode {
                 src, dst, parents, ..
             } => {
                 return cp::cp(client, cp::parse_place(src), cp::parse_place(dst), *parents).await;
+            }
+            SandboxCommand::Pause { id, no_wait, .. } => {
+                let sandbox = client.pause(id).await?;
+                return pause::settle(client, sandbox, pause::Goal::Paused, *no_wait, json).await;
+            }
+            SandboxCommand::Resume { id, no_wait, .. } => {
+                let sandbox = client.resume(id).await?;
+                return pause::settle(client, sandbox, pause::Goal::Running, *no_wait, json).await;
             }
             SandboxCommand::Delete { id, grace, .. } => {
                 let grace_ms = grace.map_or(0, |g| u64::try_from(g.as_millis()).unwrap_or(0));

@@ -15,8 +15,8 @@ pub(super) fn parse_state(text: &str) -> Result<SandboxState, String> {
         .filter(|s| *s != SandboxState::Unspecified)
         .ok_or_else(|| {
             format!(
-                "{text:?} is not a state: pending, scheduled, running, unknown, exited, failed \
-                 or lost"
+                "{text:?} is not a state: pending, scheduled, running, pausing, paused, unknown, exited, \
+                 failed or lost"
             )
         })
 }

@@ -19,6 +19,7 @@ mod node;
 mod peer;
 mod sandbox;
 mod sandbox_calls;
+mod sandbox_pause;
 mod tokens;
 
 use tonic::Request;

@@ -3,7 +3,7 @@
 //! [`agent_inbound`] records heartbeats and reports, and [`agent_outbound`] pushes
 //! assignments and terminations as applied revisions change.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 
 use tokio::sync::mpsc;
@@ -16,7 +16,7 @@ use berth_proto::pb::v1::node_service_server::NodeService;
 
 use super::{MAX_OBSERVED, NodeApi, only_outcome};
 use crate::convert;
-use crate::model::{NodeStatus, SandboxId, SandboxState};
+use crate::model::{NodeStatus, SandboxId, SandboxState, SnapshotMode};
 use crate::service::liveness::Liveness;
 use crate::service::usage::UsageBook;
 use crate::service::{ServiceError, Store};
@@ -118,23 +118,39 @@ impl<S: Store> NodeService for NodeApi<S> {
         if let ItemOutcome::Rejected(r) = only_outcome(result.outcomes)? {
             return Err(ServiceError::Rejected(r).into());
         }
-        // Running on the agent but not bound to this node in the state: the agent stops them.
-        let running: Vec<String> = register
+        // Running on the agent but not bound to this node in the state, or paused to its
+        // disk but no longer wanted there (deleted, restored elsewhere): the agent stops
+        // them, and a snapshot goes with its sandbox.
+        let held: Vec<(String, bool)> = register
             .running
             .into_iter()
-            .filter(|o| o.state == pb::SandboxState::Running as i32)
-            .map(|o| o.sandbox_id)
+            .filter_map(|o| {
+                let paused = o.state == pb::SandboxState::Paused as i32;
+                (paused || o.state == pb::SandboxState::Running as i32)
+                    .then_some((o.sandbox_id, paused))
+            })
             .collect();
         let lookup = node.clone();
         let (epoch, stop) = self
             .handle
             .read(false, move |v| {
                 let record = v.state.node(&lookup);
-                let bound = |id: &str| {
-                    id.parse::<SandboxId>()
-                        .is_ok_and(|id| record.is_some_and(|r| r.sandboxes.contains(&id)))
+                let wanted = |id: &str, paused: bool| {
+                    id.parse::<SandboxId>().is_ok_and(|id| {
+                        record.is_some_and(|r| {
+                            if paused {
+                                r.snapshots.contains(&id)
+                            } else {
+                                r.sandboxes.contains(&id)
+                            }
+                        })
+                    })
                 };
-                let stop: Vec<String> = running.into_iter().filter(|id| !bound(id)).collect();
+                let stop: Vec<String> = held
+                    .into_iter()
+                    .filter(|(id, paused)| !wanted(id, *paused))
+                    .map(|(id, _)| id)
+                    .collect();
                 (record.map_or(0, |r| r.epoch), stop)
             })
             .await?;
@@ -256,7 +272,110 @@ async fn agent_inbound<S: Store>(
     tracing::info!(node = %node, "agent stream closed");
 }
 
-/// Sends the agent its assignments and terminations as the applied state changes.
+/// What the agent is to be told after one look at its node.
+struct Feed {
+    assign: Vec<pb::AssignSandbox>,
+    pause: Vec<pb::PauseSandbox>,
+    terminate: Vec<SandboxId>,
+    /// Bound here now, with the revision each was bound at (a sandbox bound again after a
+    /// pause is assigned again).
+    bound: BTreeMap<SandboxId, u64>,
+    /// Pausing here now.
+    pausing: BTreeSet<SandboxId>,
+    /// Snapshots held here now.
+    held: BTreeSet<SandboxId>,
+}
+
+/// What the agent was last told.
+#[derive(Default, Clone)]
+struct Told {
+    bound: BTreeMap<SandboxId, u64>,
+    pausing: BTreeSet<SandboxId>,
+    held: BTreeSet<SandboxId>,
+}
+
+/// One look at the node: what to send its agent beyond what it was `told`. `None` when the
+/// node is Down or gone.
+fn feed(state: &crate::state::State, node: &str, told: &Told, epoch: u64) -> Option<Feed> {
+    // A Down node's agent must register again (a stopped or starved agent whose stream
+    // outlived its TTL): end the stream, and the agent reconnects with everything it has,
+    // which brings the node back.
+    let record = state.node(node).filter(|r| r.status != NodeStatus::Down)?;
+    let sandboxes: Vec<&crate::model::Sandbox> = record
+        .sandboxes
+        .iter()
+        .filter_map(|id| state.sandbox(*id))
+        .collect();
+    let bound: BTreeMap<SandboxId, u64> = sandboxes
+        .iter()
+        .filter_map(|s| s.binding.as_ref().map(|b| (s.id, b.bound_revision)))
+        .collect();
+    let assign = sandboxes
+        .iter()
+        .filter(|s| s.state == SandboxState::Scheduled && told.bound.get(&s.id) != bound.get(&s.id))
+        .map(|s| pb::AssignSandbox {
+            sandbox: Some(convert::sandbox_to_pb_with_gpus(
+                s,
+                Some(&record.spec),
+                state.revision(),
+            )),
+            epoch,
+            restore: s.snapshot.as_ref().map(|snap| pb::RestoreFrom {
+                node_id: snap.node.to_string(),
+                bytes: snap.bytes,
+                filesystem_only: snap.mode == SnapshotMode::FilesystemOnly,
+            }),
+        })
+        .collect();
+    let pausing: BTreeSet<SandboxId> = sandboxes
+        .iter()
+        .filter(|s| s.state == SandboxState::Pausing)
+        .map(|s| s.id)
+        .collect();
+    let pause = sandboxes
+        .iter()
+        .filter(|s| s.state == SandboxState::Pausing && !told.pausing.contains(&s.id))
+        .map(|s| pb::PauseSandbox {
+            sandbox_id: s.id.to_string(),
+            filesystem_only: s
+                .binding
+                .as_ref()
+                .is_some_and(|b| !b.placement.gpu_indices.is_empty()),
+        })
+        .collect();
+    let held = record.snapshots.clone();
+    // Gone from the node: deleted, Lost, or its snapshot here is no longer wanted (deleted,
+    // or restored elsewhere). One that ended on its own (Exited, Failed) was reported by
+    // the agent, which keeps its output for `logs`; one paused to this node stays.
+    let ended_on_its_own = |id: &SandboxId| {
+        state.sandbox(*id).is_some_and(|s| {
+            matches!(
+                s.state,
+                SandboxState::Exited { .. } | SandboxState::Failed { .. }
+            )
+        })
+    };
+    let terminate = told
+        .bound
+        .keys()
+        .chain(told.held.iter())
+        .filter(|id| !bound.contains_key(id) && !held.contains(id))
+        .filter(|id| !ended_on_its_own(id))
+        .copied()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    Some(Feed {
+        assign,
+        pause,
+        terminate,
+        bound,
+        pausing,
+        held,
+    })
+}
+
+/// Sends the agent its assignments, pauses and terminations as the applied state changes.
 async fn agent_outbound<S: Store>(
     handle: S,
     node: String,
@@ -264,7 +383,7 @@ async fn agent_outbound<S: Store>(
     tx: mpsc::Sender<Result<pb::SchedulerMessage, Status>>,
 ) {
     let mut revisions = handle.revisions();
-    let mut sent: BTreeSet<SandboxId> = BTreeSet::new();
+    let mut told = Told::default();
     // A replica that stops leading sends the agent on to the new leader: agents heartbeat
     // only to the leader, which is the one that marks silent nodes Down.
     let mut leadership = tokio::time::interval(std::time::Duration::from_millis(250));
@@ -279,80 +398,42 @@ async fn agent_outbound<S: Store>(
             return;
         }
         let lookup = node.clone();
-        let known = sent.clone();
+        let known = told.clone();
         let diff = handle
-            .read(false, move |v| {
-                // A Down node's agent must register again (a stopped or starved agent
-                // whose stream outlived its TTL): end the stream, and the agent
-                // reconnects with everything it has, which brings the node back.
-                if v.state
-                    .node(&lookup)
-                    .is_none_or(|r| r.status == NodeStatus::Down)
-                {
-                    return None;
-                }
-                let bound: BTreeSet<SandboxId> = v
-                    .state
-                    .node(&lookup)
-                    .map(|r| r.sandboxes.clone())
-                    .unwrap_or_default();
-                let assign: Vec<pb::Sandbox> = bound
-                    .iter()
-                    .filter(|id| !known.contains(id))
-                    .filter_map(|id| v.state.sandbox(*id))
-                    .filter(|s| s.state == SandboxState::Scheduled)
-                    .map(|s| {
-                        convert::sandbox_to_pb_with_gpus(
-                            s,
-                            v.state.node(&lookup).map(|n| &n.spec),
-                            v.state.revision(),
-                        )
-                    })
-                    .collect();
-                // Gone from the node: deleted, or Lost. One that ended on its own (Exited,
-                // Failed) was reported by the agent, which keeps its output for `logs`.
-                let terminate: Vec<SandboxId> = known
-                    .iter()
-                    .filter(|id| !bound.contains(id))
-                    .filter(|id| {
-                        !v.state.sandbox(**id).is_some_and(|s| {
-                            matches!(
-                                s.state,
-                                SandboxState::Exited { .. } | SandboxState::Failed { .. }
-                            )
-                        })
-                    })
-                    .copied()
-                    .collect();
-                Some((assign, terminate, bound))
-            })
+            .read(false, move |v| feed(v.state, &lookup, &known, epoch))
             .await;
-        let Ok(Some((assign, terminate, bound))) = diff else {
+        let Ok(Some(feed)) = diff else {
             if matches!(diff, Ok(None)) {
                 tracing::info!(node = %node, "node is down or gone; closing its stream so the agent registers again");
             }
             return;
         };
-        for sandbox in assign {
-            let msg = pb::scheduler_message::Message::Assign(pb::AssignSandbox {
-                sandbox: Some(sandbox),
-                epoch,
-            });
+        let messages = feed
+            .assign
+            .into_iter()
+            .map(pb::scheduler_message::Message::Assign)
+            .chain(
+                feed.pause
+                    .into_iter()
+                    .map(pb::scheduler_message::Message::Pause),
+            )
+            .chain(feed.terminate.into_iter().map(|id| {
+                pb::scheduler_message::Message::Terminate(pb::TerminateSandbox {
+                    sandbox_id: id.to_string(),
+                    reason: "deleted or finished".into(),
+                    grace_ms: 10_000,
+                })
+            }));
+        for msg in messages {
             if tx.send(scheduler_message(msg)).await.is_err() {
                 return;
             }
         }
-        for id in terminate {
-            let msg = pb::scheduler_message::Message::Terminate(pb::TerminateSandbox {
-                sandbox_id: id.to_string(),
-                reason: "deleted or finished".into(),
-                grace_ms: 10_000,
-            });
-            if tx.send(scheduler_message(msg)).await.is_err() {
-                return;
-            }
-        }
-        sent = bound;
+        told = Told {
+            bound: feed.bound,
+            pausing: feed.pausing,
+            held: feed.held,
+        };
         loop {
             tokio::select! {
                 changed = revisions.changed() => {

@@ -233,6 +233,20 @@ impl<S: Store> SandboxService for SandboxApi<S> {
     ) -> Result<Response<pb::ListDirResponse>, Status> {
         self.list_dir_call(request).await
     }
+
+    async fn pause_sandbox(
+        &self,
+        request: Request<pb::PauseSandboxRequest>,
+    ) -> Result<Response<pb::Sandbox>, Status> {
+        self.pause_call(request).await
+    }
+
+    async fn resume_sandbox(
+        &self,
+        request: Request<pb::ResumeSandboxRequest>,
+    ) -> Result<Response<pb::Sandbox>, Status> {
+        self.resume_call(request).await
+    }
 }
 
 impl<S: Store> SandboxApi<S> {

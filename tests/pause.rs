@@ -1,0 +1,217 @@
+//! Pause and resume on `berth dev` (gVisor), through the CLI: a sandbox paused to its
+//! node's disk releases the node and comes back with its files, its processes and their
+//! memory; a pause survives an agent restart; deleting a paused sandbox removes its
+//! snapshot; a GPU sandbox's pause is refused with the reason.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use berth_node_agent::image::testing::TestRegistry;
+
+mod common;
+use common::sandboxes::{create, exec, gvisor_dev, push_busybox, state_of, wait_for_state};
+use common::{Dev, text};
+
+/// The one node these tests run on (a small one: 8 CPUs, one L4).
+const NODE: &str = "gcp-euw4-g2-0";
+
+/// Starts a counter in the sandbox: a shell loop keeping `i` in its memory, writing it to
+/// /tmp/count every 100 ms, its pid in /tmp/pid.
+const COUNTER: &str = "echo kept > /tmp/file; \
+    (i=0; echo $$ > /tmp/pid; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done) \
+    </dev/null >/dev/null 2>&1 &";
+
+/// The node as `node list -o json` shows it.
+fn node_json(dev: &Dev, node: &str) -> serde_json::Value {
+    let out = dev.berth(&["node", "list", "-o", "json"]);
+    let all: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    all.into_iter()
+        .find(|n| n["node_id"] == node)
+        .unwrap_or_default()
+}
+
+fn read(dev: &Dev, id: &str, path: &str) -> String {
+    let out = exec(dev, id, &["cat", path]);
+    assert!(
+        out.status.success(),
+        "cat {path}: {}\n{}",
+        text(&out.stderr),
+        dev.log_tail()
+    );
+    text(&out.stdout).trim().to_owned()
+}
+
+fn count(dev: &Dev, id: &str) -> u64 {
+    read(dev, id, "/tmp/count").parse().unwrap_or(0)
+}
+
+/// Waits until the counter has counted past `n`.
+fn counting_past(dev: &Dev, id: &str, n: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let c = count(dev, id);
+        if c > n || Instant::now() > deadline {
+            return c;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The sandbox's directory under the dev agent of `node`.
+fn sandbox_dir(data: &Path, node: &str, id: &str) -> PathBuf {
+    data.join("agents").join(node).join("sandboxes").join(id)
+}
+
+fn running_sandbox(dev: &Dev, reference: &str) -> String {
+    let id = create(
+        dev,
+        &[
+            "--image",
+            reference,
+            "--keep-alive",
+            "--cpu",
+            "2",
+            "--memory",
+            "256Mi",
+        ],
+    );
+    let (state, reason) = wait_for_state(dev, &id, "running", Duration::from_secs(60));
+    assert_eq!(state, "running", "{reason}\n{}", dev.log_tail());
+    let out = exec(dev, &id, &["sh", "-c", COUNTER]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    id
+}
+
+#[test]
+fn a_paused_sandbox_releases_its_node_and_resumes_with_its_files_processes_and_memory() {
+    let registry = TestRegistry::start().expect("docker-registry (scripts/test installs it)");
+    let reference = push_busybox(&registry, "berth-pause-busybox");
+    let dir = tempfile::tempdir().expect("tmp");
+    let dev = gvisor_dev(dir.path(), &registry, &["--only-node", NODE]);
+    let id = running_sandbox(&dev, &reference);
+    let before = counting_past(&dev, &id, 5);
+    let pid = read(&dev, &id, "/tmp/pid");
+    let held = node_json(&dev, NODE);
+    assert_eq!(held["cpu_milli_allocated"], 2000, "{held}");
+
+    // Pause: the command waits for the snapshot, and the node holds nothing for it.
+    let out = dev.berth(&["sandbox", "pause", &id]);
+    assert!(
+        out.status.success(),
+        "{}{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr),
+        dev.log_tail()
+    );
+    assert!(
+        text(&out.stdout).contains("paused"),
+        "{}",
+        text(&out.stdout)
+    );
+    let (state, reason) = state_of(&dev, &id);
+    assert_eq!(state, "paused", "{reason}");
+    assert!(
+        reason.contains(&format!("paused to node {NODE}")),
+        "{reason}"
+    );
+    let node = node_json(&dev, NODE);
+    assert_eq!(node["cpu_milli_allocated"], 0, "{node}");
+    assert_eq!(node["memory_mib_allocated"], 0, "{node}");
+    let sandbox_dir = sandbox_dir(&dir.path().join("state"), NODE, &id);
+    assert!(
+        sandbox_dir.join("snapshot").is_dir(),
+        "no snapshot in {}",
+        sandbox_dir.display()
+    );
+    // A paused sandbox takes no exec.
+    let out = exec(&dev, &id, &["true"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("paused"),
+        "{}",
+        text(&out.stderr)
+    );
+    let listed = dev.berth(&["sandbox", "list", "--state", "paused"]);
+    assert!(
+        text(&listed.stdout).contains(&id),
+        "{}",
+        text(&listed.stdout)
+    );
+
+    // Resume: the same process, its counter going on from where it was, the file there.
+    let out = dev.berth(&["sandbox", "resume", &id]);
+    assert!(
+        out.status.success(),
+        "{}{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr),
+        dev.log_tail()
+    );
+    assert!(
+        text(&out.stdout).contains("snapshot affinity hit"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(read(&dev, &id, "/tmp/file"), "kept");
+    assert_eq!(
+        read(&dev, &id, "/tmp/pid"),
+        pid,
+        "the counter was restarted"
+    );
+    let after = counting_past(&dev, &id, before);
+    assert!(
+        after > before,
+        "the counter did not go on from {before}: {after}"
+    );
+    assert_eq!(node_json(&dev, NODE)["cpu_milli_allocated"], 2000);
+    assert!(
+        !sandbox_dir.join("snapshot").exists(),
+        "the snapshot outlived the resume"
+    );
+
+    // Paused again and deleted: the snapshot goes from the node's disk.
+    let out = dev.berth(&["sandbox", "pause", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(sandbox_dir.join("snapshot").is_dir());
+    let out = dev.berth(&["sandbox", "delete", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sandbox_dir.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !sandbox_dir.exists(),
+        "a deleted sandbox's snapshot stayed on disk"
+    );
+}
+
+#[test]
+fn a_gpu_sandbox_pause_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let dev = Dev::start(
+        dir.path(),
+        &[
+            "--runtime",
+            "process",
+            "--no-autoscaler",
+            "--only-node",
+            NODE,
+        ],
+    );
+    let id = create(&dev, &["--gpu", "L4", "--keep-alive"]);
+    let (state, reason) = wait_for_state(&dev, &id, "running", Duration::from_secs(60));
+    assert_eq!(state, "running", "{reason}\n{}", dev.log_tail());
+    let out = dev.berth(&["sandbox", "pause", &id]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("FailedPrecondition") || err.contains("failed precondition"),
+        "{err}"
+    );
+    assert!(
+        err.contains("gVisor cannot checkpoint GPU state")
+            && err.contains("gpu_pause_filesystem_only"),
+        "{err}"
+    );
+    assert_eq!(state_of(&dev, &id).0, "running");
+}
