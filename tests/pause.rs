@@ -215,3 +215,82 @@ fn a_gpu_sandbox_pause_is_refused_with_the_reason() {
     );
     assert_eq!(state_of(&dev, &id).0, "running");
 }
+
+#[test]
+fn a_sandbox_resumes_on_another_node_when_its_own_is_cordoned() {
+    let registry = TestRegistry::start().expect("docker-registry (scripts/test installs it)");
+    let reference = push_busybox(&registry, "berth-move-busybox");
+    let dir = tempfile::tempdir().expect("tmp");
+    let (first, second) = ("gcp-euw4-g2-0", "gcp-euw4-g2-1");
+    let dev = gvisor_dev(
+        dir.path(),
+        &registry,
+        &["--only-node", first, "--only-node", second],
+    );
+    let id = running_sandbox(&dev, &reference);
+    let before = counting_past(&dev, &id, 5);
+    let pid = read(&dev, &id, "/tmp/pid");
+    let out = dev.berth(&["sandbox", "get", &id, "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let from = v["status"]["node_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let to = if from == first { second } else { first };
+    let out = dev.berth(&["sandbox", "pause", &id]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stderr),
+        dev.log_tail()
+    );
+
+    // Its node is cordoned: it resumes on the other, fetching the snapshot through the
+    // scheduler, with its files, its process and its count.
+    let out = dev.berth(&["node", "cordon", &from]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = dev.berth(&["sandbox", "resume", &id]);
+    let said = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}\n{}",
+        text(&out.stderr),
+        dev.log_tail()
+    );
+    assert!(said.contains(&format!("running on {to}")), "{said}");
+    assert!(
+        said.contains(&format!(
+            "snapshot affinity missed: its snapshot is on {from}, and that node is cordoned; \
+             {to} fetches it"
+        )),
+        "{said}"
+    );
+    assert_eq!(read(&dev, &id, "/tmp/file"), "kept");
+    assert_eq!(
+        read(&dev, &id, "/tmp/pid"),
+        pid,
+        "the counter was restarted"
+    );
+    let after = counting_past(&dev, &id, before);
+    assert!(after > before, "{before} then {after}");
+    // The leader counted the miss (which replica leads is not known here: sum them).
+    let misses: f64 = (0..3)
+        .map(|i| {
+            let text = common::metrics_at(&format!("127.0.0.1:{}", dev.metrics_port + i));
+            text.lines()
+                .find(|l| l.starts_with("berth_snapshot_affinity_total{result=\"miss\"}"))
+                .and_then(|l| l.split_whitespace().last())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0)
+        })
+        .sum();
+    assert_eq!(misses, 1.0, "berth_snapshot_affinity_total miss");
+
+    // The holder lets its copy go once the sandbox runs elsewhere.
+    let old = sandbox_dir(&dir.path().join("state"), &from, &id);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while old.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!old.exists(), "{} stayed", old.display());
+}

@@ -148,6 +148,9 @@ pub struct NodeSpec {
     pub cached_images: Vec<String>,
     /// Where the node's agent serves its AgentService (logs), `host:port`; empty if none.
     pub agent_address: String,
+    /// What runs sandboxes here (`process`, `gvisor/<runsc version>/<platform>`; empty
+    /// when the agent did not say): snapshots move only between nodes that agree on it.
+    pub runtime: String,
 }
 
 impl NodeSpec {
@@ -172,6 +175,7 @@ impl NodeSpec {
             memory_mib,
             gpus,
             agent_address: String::new(),
+            runtime: String::new(),
             cached_images: Vec::new(),
         }
     }
@@ -232,6 +236,9 @@ impl NodeSpec {
         if !self.agent_address.is_empty() {
             v.address("agent_address", &self.agent_address);
         }
+        v.check(self.runtime.len() <= 128, "runtime", || {
+            format!("is {} bytes; the limit is 128", self.runtime.len())
+        });
     }
 }
 
@@ -666,6 +673,8 @@ pub enum SnapshotMode {
 pub struct SnapshotRecord {
     /// The node holding it.
     pub node: NodeId,
+    /// That node's runtime when it took it ([`NodeSpec::runtime`]): where it may be restored.
+    pub runtime: String,
     /// Its size on that node's disk.
     pub bytes: u64,
     /// When it was recorded (the entry's clock).

@@ -388,3 +388,50 @@ fn release_gives_back_tenant_gpu_usage() {
         "quota freed"
     );
 }
+
+#[test]
+fn a_resume_is_placed_on_the_snapshot_node_or_on_one_with_the_same_runtime() {
+    let runtime = |id: &str, r: &str| {
+        let mut n = gpu_node(id, GpuModel::H100, 1);
+        n.runtime = r.into();
+        n
+    };
+    let state = cluster(vec![
+        runtime("holder", "gvisor/1/ptrace"),
+        runtime("newer", "gvisor/2/ptrace"),
+        runtime("same", "gvisor/1/ptrace"),
+    ]);
+    let placer = placer(PolicyName::Berth, false);
+    let cpu = spec(&[]);
+    let mut view = ClusterView::from_state(&state, 7);
+    let on = placer
+        .place_on(&mut view, &cpu, "holder", 1)
+        .expect("fits the holder");
+    assert_eq!(on.node, "holder");
+    assert!(placer.place_on(&mut view, &cpu, "gone", 1).is_none());
+
+    // With the holder unusable, only the node with the same runtime is a candidate.
+    let mut view = ClusterView::from_state(&state, 7);
+    let decision = placer.place_with_runtime(&mut view, &cpu, "gvisor/1/ptrace", 1);
+    let node = decision.placement.expect("placed").node;
+    assert!(node == "holder" || node == "same", "{node}");
+    assert_eq!(
+        decision
+            .explanation
+            .filtered
+            .get(&Reason::SnapshotIncompatible),
+        Some(&1),
+        "{:?}",
+        decision.explanation
+    );
+    let mut view = ClusterView::from_state(&state, 7);
+    let none = placer.place_with_runtime(&mut view, &cpu, "gvisor/3/ptrace", 1);
+    assert!(none.placement.is_none());
+    assert!(
+        none.explanation
+            .summary()
+            .contains("3 runtime differs from the snapshot's"),
+        "{}",
+        none.explanation.summary()
+    );
+}

@@ -391,12 +391,13 @@ fn spawn_inventory(
     advertised: &str,
     images: ImageStore,
 ) -> watch::Receiver<pb::NodeInventory> {
+    let runtime = inventory::runtime_identity(cfg);
     let build = {
         let cfg = cfg.clone();
         let advertised = advertised.to_owned();
         let images = images.clone();
         move |inv: &inventory::Inventory| {
-            let mut pb = inventory::to_pb(&cfg, inv, &advertised);
+            let mut pb = inventory::to_pb(&cfg, inv, &advertised, &runtime);
             pb.cached_images = images.references(MAX_CACHED_IMAGES_REPORTED);
             pb
         }
@@ -549,7 +550,7 @@ impl Agent {
                         Some(pb::scheduler_message::Message::Assign(assign)) => {
                             let Some(sandbox) = assign.sandbox else { continue };
                             match assign.restore {
-                                Some(from) => self.resume(&sandbox, assign.epoch, &from),
+                                Some(from) => self.resume(&sandbox, assign.epoch, &from, &client),
                                 None if !sent.contains_key(&sandbox.id) => {
                                     self.starter.submit(self.assignments.request_of(&sandbox, assign.epoch));
                                 }
@@ -623,19 +624,27 @@ impl Agent {
         }
     }
 
-    /// Resumes a sandbox from its snapshot: restored here when this node holds it.
-    fn resume(&self, sandbox: &pb::Sandbox, epoch: u64, from: &pb::RestoreFrom) {
-        let request = self.assignments.request_of(sandbox, epoch);
-        if from.node_id != self.cfg.node_id {
-            let reason = format!(
-                "its snapshot is on node {}, and moving snapshots between nodes is not \
-                 supported by this agent",
-                from.node_id
-            );
-            self.starter.fail_now(request.launch, reason);
+    /// Resumes a sandbox from its snapshot: restored here when this node holds it, or
+    /// started from the snapshot fetched (through the scheduler) from the node that does.
+    fn resume(
+        &self,
+        sandbox: &pb::Sandbox,
+        epoch: u64,
+        from: &pb::RestoreFrom,
+        client: &NodeServiceClient<Channel>,
+    ) {
+        let mut request = self.assignments.request_of(sandbox, epoch);
+        if from.node_id == self.cfg.node_id {
+            self.starter.resume(request.launch);
             return;
         }
-        self.starter.resume(request.launch);
+        request.snapshot_from = Some(crate::starter::SnapshotSource {
+            client: client.clone(),
+            node_id: self.cfg.node_id.clone(),
+            holder: from.node_id.clone(),
+            bytes: from.bytes,
+        });
+        self.starter.submit(request);
     }
 
     /// Stops a sandbox wherever it is: waiting to start, or running.
@@ -678,6 +687,7 @@ impl Agent {
                 tracing::warn!(sandbox = %id, reason = %why.trim(), "pause failed; the sandbox keeps running");
                 let mut update = report_of(id, &s.state);
                 update.reason = format!("pause failed: {}", why.trim());
+                update.pause_failed = true;
                 let m = message(pb::agent_message::Message::SandboxStatus(update));
                 if tx.send(m).await.is_err() {
                     return Err(SessionEnd::Broken("the stream closed".into()));

@@ -94,6 +94,7 @@ impl Assignments {
             },
             command: spec.command,
             env: spec.env.into_iter().collect(),
+            snapshot_from: None,
         }
     }
 }

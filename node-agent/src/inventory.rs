@@ -824,9 +824,40 @@ fn register_xid<'nvml>(
 // ---------------------------------------------------------------------------------------
 // Wire form.
 
+/// What runs this node's sandboxes, as snapshot compatibility compares it: `process`, or
+/// `gvisor/<runsc version>/<platform>` (runsc's own `--version` line; a checkpoint image is
+/// restored only by the same runsc on the same platform). Runs `runsc --version` once.
+pub fn runtime_identity(cfg: &AgentConfig) -> String {
+    if cfg.runtime == crate::config::RuntimeKind::Process {
+        return "process".into();
+    }
+    let version = std::process::Command::new(&cfg.runsc_path)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .and_then(|l| l.strip_prefix("runsc version "))
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let mut id = format!("gvisor/{version}/{}", cfg.runsc_platform);
+    id.truncate(128);
+    id
+}
+
 /// The `NodeInventory` the agent registers: identity, placement and price from the config,
 /// resources and GPUs from `inventory`.
-pub fn to_pb(cfg: &AgentConfig, inventory: &Inventory, agent_address: &str) -> pb::NodeInventory {
+/// `runtime` is [`runtime_identity`], read once at start.
+pub fn to_pb(
+    cfg: &AgentConfig,
+    inventory: &Inventory,
+    agent_address: &str,
+    runtime: &str,
+) -> pb::NodeInventory {
     pb::NodeInventory {
         node_id: cfg.node_id.clone(),
         provider: cfg.provider.clone(),
@@ -865,6 +896,7 @@ pub fn to_pb(cfg: &AgentConfig, inventory: &Inventory, agent_address: &str) -> p
         cuda_version: inventory.cuda_version.clone(),
         inventory_source: inventory.source.as_str(),
         agent_address: agent_address.to_owned(),
+        runtime: runtime.to_owned(),
     }
 }
 
@@ -1367,7 +1399,7 @@ mod tests {
             ..static_config("aws-usw2-g4dn-0", "4xt4.toml")
         };
         let inventory = discover(&cfg, &examples()).expect("reads");
-        let wire = to_pb(&cfg, &inventory, "10.0.0.7:7071");
+        let wire = to_pb(&cfg, &inventory, "10.0.0.7:7071", "process");
         assert_eq!(wire.node_id, "aws-usw2-g4dn-0");
         assert_eq!(wire.provider, "aws");
         assert_eq!(wire.region, "us-west-2");
@@ -1404,6 +1436,7 @@ mod tests {
         assert_eq!(wire.inventory_source, inventory.source.as_str());
         assert!(wire.inventory_source.starts_with("static:"));
         assert_eq!(wire.agent_address, "10.0.0.7:7071");
+        assert_eq!(wire.runtime, "process");
         assert!(wire.cached_images.is_empty());
 
         let on_demand = to_pb(
@@ -1413,6 +1446,7 @@ mod tests {
             },
             &inventory,
             "",
+            "process",
         );
         assert_eq!(
             on_demand.capacity_type,

@@ -14,6 +14,7 @@
 //! - [`shim`]: the per-sandbox shim (`berth agent-shim`).
 //! - [`checkpoint`]: pausing a sandbox to disk (`runsc checkpoint`) and resuming it.
 //! - [`runtime`]: the agent's handle on sandbox directories (start, stop, scan, remove).
+//! - [`transfer`]: a paused sandbox's snapshot, sent to or fetched from another node.
 //! - [`starter`]: starting assignments off the session loop, with bounded pulls and starts.
 //! - [`monitor`]: watching the sandboxes off the session loop.
 //! - [`metrics`]: the agent's Prometheus metrics.
@@ -48,6 +49,7 @@ pub mod service;
 pub mod shim;
 pub mod starter;
 pub mod static_inventory;
+pub mod transfer;
 pub mod usage;
 
 pub use config::AgentConfig;

@@ -1,6 +1,8 @@
 //! `AgentService`, which the agent serves to the scheduler replicas: captured output
-//! ([`crate::logs`]) and exec and file calls into its sandboxes ([`crate::calls`]).
+//! ([`crate::logs`]), exec and file calls into its sandboxes ([`crate::calls`]), and the
+//! snapshots of sandboxes paused here ([`crate::transfer`]).
 
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use berth_proto::pb::v1 as pb;
@@ -76,5 +78,14 @@ impl AgentService for AgentApi {
         calls::list_dir(&self.runtime, request.into_inner())
             .await
             .map(Response::new)
+    }
+
+    type ReadSnapshotStream = ReceiverStream<Result<pb::SnapshotData, Status>>;
+
+    async fn read_snapshot(
+        &self,
+        request: Request<pb::ReadSnapshotRequest>,
+    ) -> Result<Response<Self::ReadSnapshotStream>, Status> {
+        crate::transfer::read_snapshot(&self.runtime, request.into_inner()).await
     }
 }

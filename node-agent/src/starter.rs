@@ -14,6 +14,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
+use tonic::transport::Channel;
+
+use berth_proto::pb::v1::node_service_client::NodeServiceClient;
 
 use crate::image::ImageStore;
 use crate::launch::{self, Launch};
@@ -35,6 +38,22 @@ pub struct StartRequest {
     pub command: Vec<String>,
     /// The spec's env.
     pub env: BTreeMap<String, String>,
+    /// A resume onto this node of a sandbox paused on another: its snapshot is fetched
+    /// before the shim starts, and the shim restores it.
+    pub snapshot_from: Option<SnapshotSource>,
+}
+
+/// Where a resumed sandbox's snapshot comes from: the holder, through the scheduler.
+#[derive(Debug, Clone)]
+pub struct SnapshotSource {
+    /// The session's client of the scheduler leader.
+    pub client: NodeServiceClient<Channel>,
+    /// This node.
+    pub node_id: String,
+    /// The node holding it.
+    pub holder: String,
+    /// Its size as the holder reported it.
+    pub bytes: u64,
 }
 
 /// Hands assignments to start tasks (cheap to clone).
@@ -158,12 +177,6 @@ impl Starter {
         });
     }
 
-    /// Records at once that a sandbox cannot be started here, and why.
-    pub fn fail_now(&self, launch: Launch, reason: String) {
-        let this = self.clone();
-        tokio::spawn(async move { this.fail(&launch, reason).await });
-    }
-
     /// Holds the caller's start slot while the runtime boots the sandbox (bounded).
     async fn hold_until_settled(&self, id: &str) {
         let deadline = Instant::now() + START_SLOT_LIMIT;
@@ -224,6 +237,7 @@ impl Starter {
             mut launch,
             command,
             env,
+            snapshot_from,
         } = request;
         let id = launch.sandbox_id.clone();
         let image = if launch.image.is_empty() {
@@ -268,6 +282,27 @@ impl Starter {
         if let Some(image) = &image {
             launch.image_digest = image.digest.clone();
             launch.rootfs = Some(image.rootfs.clone());
+        }
+        if let Some(mut from) = snapshot_from {
+            let dir = self.runtime.dir(&id);
+            let fetched =
+                crate::transfer::fetch(&mut from.client, &id, &from.node_id, from.bytes, &dir)
+                    .await;
+            match fetched {
+                Ok(bytes) => {
+                    tracing::info!(sandbox = %id, holder = %from.holder, bytes, "fetched the snapshot of a sandbox resuming here");
+                }
+                Err(why) => {
+                    self.metrics.starts_queued.dec();
+                    self.images.unpin(&id);
+                    return self
+                        .fail(
+                            &launch,
+                            format!("resuming from node {}: {why}", from.holder),
+                        )
+                        .await;
+                }
+            }
         }
         let Ok(_slot) = self.slots.acquire().await else {
             return;

@@ -205,6 +205,7 @@ pub fn pool(n: usize, seed: u64) -> Vec<NodeSpec> {
                 gpus,
                 agent_address: String::new(),
                 cached_images: Vec::new(),
+                runtime: String::new(),
             }
         })
         .collect()

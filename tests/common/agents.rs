@@ -170,6 +170,13 @@ impl AgentProcess {
         None
     }
 
+    /// Runs the agent's sandboxes under gVisor instead of as plain processes.
+    pub(crate) fn use_gvisor(&self) {
+        let text = std::fs::read_to_string(&self.config).expect("agent config");
+        let text = text.replacen("runtime = \"process\"", "runtime = \"gvisor\"", 1);
+        std::fs::write(&self.config, text).expect("agent config");
+    }
+
     /// The directory of a sandbox in the agent's state.
     pub(crate) fn sandbox_dir(&self, id: &str) -> PathBuf {
         self.state_dir.join("sandboxes").join(id)

@@ -141,5 +141,6 @@ pub(super) fn wire_inventory() -> pb::NodeInventory {
         cuda_version: "12.4".into(),
         inventory_source: "nvml".into(),
         agent_address: "10.0.0.5:7071".into(),
+        runtime: String::new(),
     }
 }

@@ -23,6 +23,7 @@ const INVENTORY_FIELDS: &[&str] = &[
     "cuda_version",
     "inventory_source",
     "agent_address",
+    "runtime",
 ];
 
 /// Validates and converts an agent's inventory (errors: `INVALID_ARGUMENT` naming every bad
@@ -166,6 +167,7 @@ pub fn node_spec_from_pb(
         gpus,
         agent_address: inv.agent_address.clone(),
         cached_images: inv.cached_images.clone(),
+        runtime: inv.runtime.clone(),
     };
     let mut problems = Validator::new();
     spec.validate(&mut problems);
@@ -224,6 +226,7 @@ pub fn node_inventory_to_pb(spec: &NodeSpec) -> pb::NodeInventory {
             .collect(),
         cached_images: spec.cached_images.clone(),
         agent_address: spec.agent_address.clone(),
+        runtime: spec.runtime.clone(),
         ..Default::default()
     }
 }
@@ -469,6 +472,7 @@ mod tests {
                 ],
                 agent_address: "10.0.0.5:7071".into(),
                 cached_images: vec!["python:3.12".into()],
+                runtime: String::new(),
             }
         );
         let back = node_inventory_to_pb(&spec);

@@ -20,6 +20,9 @@ pub fn status_update_from_pb(
         }
     };
     let change = match pb::SandboxState::try_from(u.state) {
+        Ok(pb::SandboxState::Running) if u.pause_failed => Some(StatusChange::PauseFailed {
+            reason: u.reason.clone(),
+        }),
         Ok(pb::SandboxState::Running) => Some(StatusChange::Running),
         Ok(pb::SandboxState::Exited) => Some(StatusChange::Exited { code: u.exit_code }),
         Ok(pb::SandboxState::Failed) => Some(StatusChange::Failed {
@@ -81,6 +84,7 @@ pub fn observed_from_pb(
             at_unix_ms: 0,
             snapshot_bytes: o.snapshot_bytes,
             snapshot_filesystem_only: o.snapshot_filesystem_only,
+            pause_failed: false,
         };
         match status_update_from_pb(node, &report) {
             Ok(update) => {

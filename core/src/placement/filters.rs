@@ -40,6 +40,9 @@ pub enum Reason {
     InsufficientGpuShare,
     /// The tenant's GPU quota for the model would be exceeded.
     TenantGpuQuota,
+    /// A resume's snapshot cannot be restored here: another runtime (runsc version or
+    /// platform) took it.
+    SnapshotIncompatible,
 }
 
 impl Reason {
@@ -59,6 +62,7 @@ impl Reason {
             Reason::InsufficientFreeGpus => "insufficient_free_gpus",
             Reason::InsufficientGpuShare => "insufficient_gpu_share",
             Reason::TenantGpuQuota => "tenant_gpu_quota",
+            Reason::SnapshotIncompatible => "snapshot_incompatible",
         }
     }
 }
@@ -79,6 +83,7 @@ impl fmt::Display for Reason {
             Reason::InsufficientFreeGpus => "not enough free GPUs",
             Reason::InsufficientGpuShare => "no GPU with enough free share",
             Reason::TenantGpuQuota => "tenant GPU quota reached",
+            Reason::SnapshotIncompatible => "runtime differs from the snapshot's",
         })
     }
 }

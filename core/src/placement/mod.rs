@@ -234,7 +234,7 @@ impl Placer {
 
     /// Decides one sandbox against the view, without reserving.
     pub fn place(&self, view: &ClusterView, spec: &SandboxSpec, rng: &mut ChaCha8Rng) -> Decision {
-        self.place_within(view, spec, rng, None)
+        self.place_within(view, spec, rng, None, None)
     }
 
     /// Places one sandbox on node `node` if it fits there (and reserves it in the view):
@@ -250,10 +250,28 @@ impl Placer {
         let index = view.index_of(node)?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let placement = self
-            .place_within(view, spec, &mut rng, Some(index))
+            .place_within(view, spec, &mut rng, Some(index), None)
             .placement?;
         view.reserve(spec, &placement);
         Some(placement)
+    }
+
+    /// Places one sandbox on a node whose runtime is `runtime` (a resume whose snapshot
+    /// moves: a checkpoint image is restored only by the runtime that took it), reserving
+    /// it in the view when it fits.
+    pub fn place_with_runtime(
+        &self,
+        view: &mut ClusterView,
+        spec: &SandboxSpec,
+        runtime: &str,
+        seed: u64,
+    ) -> Decision {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let decision = self.place_within(view, spec, &mut rng, None, Some(runtime));
+        if let Some(placement) = &decision.placement {
+            view.reserve(spec, placement);
+        }
+        decision
     }
 
     fn place_within(
@@ -262,12 +280,14 @@ impl Placer {
         spec: &SandboxSpec,
         rng: &mut ChaCha8Rng,
         only: Option<NodeIndex>,
+        runtime: Option<&str>,
     ) -> Decision {
         let mut explanation = Explanation::default();
         let ctx = ScoreContext {
             spec,
             typical: &self.typical,
             only,
+            runtime,
         };
         let ranking = Ranking {
             policy: self.policy.component(),
@@ -383,7 +403,7 @@ impl Placer {
                 in_range += 1;
                 explanation.nodes_evaluated += 1;
                 let node = view.node(index);
-                if let Err(reason) = self.node_filters(ctx.spec, view, index) {
+                if let Err(reason) = self.node_filters(ctx, view, index) {
                     explanation.count(reason, 1);
                     continue;
                 }
@@ -450,7 +470,7 @@ impl Placer {
                     in_range += 1;
                     explanation.nodes_evaluated += 1;
                     let node = view.node(node_index);
-                    if let Err(reason) = self.node_filters(ctx.spec, view, node_index) {
+                    if let Err(reason) = self.node_filters(ctx, view, node_index) {
                         explanation.count(reason, 1);
                         continue;
                     }
@@ -489,17 +509,20 @@ impl Placer {
         best.into_option()
     }
 
-    /// Ready, inventory constraints, CPU/memory.
+    /// Ready, the snapshot's runtime (a resume), inventory constraints, CPU/memory.
     fn node_filters(
         &self,
-        spec: &SandboxSpec,
+        ctx: &ScoreContext<'_>,
         view: &ClusterView,
         index: NodeIndex,
     ) -> Result<(), Reason> {
         let node = view.node(index);
         filters::check_ready(node)?;
-        filters::check_spec(spec, &node.spec)?;
-        filters::check_cpu_memory(spec, node)
+        if ctx.runtime.is_some_and(|r| r != node.spec.runtime) {
+            return Err(Reason::SnapshotIncompatible);
+        }
+        filters::check_spec(ctx.spec, &node.spec)?;
+        filters::check_cpu_memory(ctx.spec, node)
     }
 
     fn over_gpu_quota(&self, view: &ClusterView, spec: &SandboxSpec, ask: &GpuAsk) -> bool {

@@ -96,6 +96,8 @@ pub struct ScoreContext<'a> {
     pub typical: &'a TypicalWorkload,
     /// Consider this node alone (a resume trying the node that holds its snapshot).
     pub only: Option<super::view::NodeIndex>,
+    /// Consider only nodes with this runtime (a resume restoring a snapshot elsewhere).
+    pub runtime: Option<&'a str>,
 }
 
 /// A node's score and the GPUs the policy would take there.

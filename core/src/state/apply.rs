@@ -316,6 +316,10 @@ impl State {
                 self.mark_running(update.sandbox, now_ms);
                 Ok(())
             }
+            StatusChange::PauseFailed { .. } => {
+                self.pause_failed(update.sandbox);
+                Ok(())
+            }
             StatusChange::Exited { code } => {
                 self.finish(
                     update.sandbox,
@@ -352,11 +356,6 @@ impl State {
             self.count_state("running", 1);
             // Restored: the snapshot's holder may let its copy go.
             self.drop_snapshot(id);
-        } else if sandbox.state == SandboxState::Pausing {
-            // The pause failed on the node and the sandbox kept running.
-            sandbox.state = SandboxState::Running;
-            self.count_state("pausing", -1);
-            self.count_state("running", 1);
         }
     }
 

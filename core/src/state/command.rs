@@ -230,6 +230,11 @@ pub enum StatusChange {
         /// What the snapshot holds.
         mode: crate::model::SnapshotMode,
     },
+    /// Its pause could not be carried out; it runs on.
+    PauseFailed {
+        /// Why, for the record.
+        reason: String,
+    },
 }
 
 /// What one item of a command came to.
@@ -397,4 +402,10 @@ pub enum Rejection {
          which keeps its files and restarts its processes on resume"
     )]
     GpuPause(SandboxId),
+    /// The sandbox's node runs the process runtime, which has no checkpoint.
+    #[error(
+        "sandbox {0} runs on node {1}, whose agent uses the process runtime (no isolation and \
+         no checkpoint); pause needs a gvisor node"
+    )]
+    NoCheckpoint(SandboxId, NodeId),
 }

@@ -79,7 +79,12 @@ impl State {
                 {
                     continue;
                 }
-                Some(StatusChange::Running | StatusChange::Paused { .. }) | None => {}
+                Some(
+                    StatusChange::Running
+                    | StatusChange::Paused { .. }
+                    | StatusChange::PauseFailed { .. },
+                )
+                | None => {}
             }
             let Some(sandbox) = self.sandboxes.get(&id) else {
                 continue;

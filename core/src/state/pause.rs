@@ -34,6 +34,15 @@ impl State {
         if gpus && !gpu_filesystem_only {
             return Err(Rejection::GpuPause(id));
         }
+        if let Some(node) = sandbox.binding.as_ref().map(|b| &b.placement.node) {
+            if self
+                .nodes
+                .get(node)
+                .is_some_and(|r| r.spec.runtime == "process")
+            {
+                return Err(Rejection::NoCheckpoint(id, node.clone()));
+            }
+        }
         sandbox.state = SandboxState::Pausing;
         self.count_state("running", -1);
         self.count_state("pausing", 1);
@@ -75,8 +84,17 @@ impl State {
             return Ok(());
         };
         let node = binding.placement.node;
+        let runtime = self
+            .nodes
+            .get(&node)
+            .map(|r| r.spec.runtime.clone())
+            .unwrap_or_default();
+        let Some(sandbox) = self.sandboxes.get_mut(&id) else {
+            return Ok(());
+        };
         sandbox.state = SandboxState::Paused;
         sandbox.snapshot = Some(SnapshotRecord {
+            runtime,
             node: node.clone(),
             bytes,
             taken_ms: now_ms,
@@ -92,6 +110,19 @@ impl State {
         record.active_sandboxes = record.active_sandboxes.saturating_sub(1);
         record.paused_sandboxes += 1;
         Ok(())
+    }
+
+    /// The node could not take the snapshot and the sandbox kept running: a Pausing
+    /// sandbox is Running again (anything else is left as it is).
+    pub(super) fn pause_failed(&mut self, id: SandboxId) {
+        let Some(sandbox) = self.sandboxes.get_mut(&id) else {
+            return;
+        };
+        if sandbox.state == SandboxState::Pausing {
+            sandbox.state = SandboxState::Running;
+            self.count_state("pausing", -1);
+            self.count_state("running", 1);
+        }
     }
 
     /// A Paused sandbox goes back to Pending with its snapshot; its tenant's concurrency

@@ -6,7 +6,7 @@
 use berth_proto::GpuModel;
 
 use super::*;
-use crate::model::{NodeSpec, SandboxSpec, SandboxState, SnapshotMode};
+use crate::model::{NodeSpec, NodeStatus, SandboxSpec, SandboxState, SnapshotMode};
 use crate::testing::{apply_checked, gpu_node, placement, spec, submit};
 
 /// Node n1 (4 H100s, 8 cores, 16 GiB) running one sandbox of `spec`, bound with `gpus`.
@@ -276,4 +276,134 @@ fn removing_the_node_that_holds_a_snapshot_loses_the_sandbox() {
         &state.sandbox(id).expect("kept").state,
         SandboxState::Lost { reason } if reason.contains("held its snapshot")
     ));
+}
+
+/// A paused sandbox resumed: Pending with its snapshot on n1, where n2 (another node with
+/// room) also is.
+fn resumed_with_a_second_node() -> (State, SandboxId) {
+    let (mut state, id) = running(cpu_only(), &[]);
+    pause(&mut state, id, false);
+    report(&mut state, id, paused_report(4096), 20);
+    let other: NodeSpec = gpu_node("n2", GpuModel::H100, 4);
+    apply_checked(&mut state, &Command::RegisterNode { spec: other }, 21);
+    let resume = Command::ResumeSandboxes { items: vec![id] };
+    apply_checked(&mut state, &resume, 30);
+    (state, id)
+}
+
+fn bind_to(state: &mut State, id: SandboxId, node: &str) {
+    let epoch = state.node(node).expect("node").epoch;
+    let bind = Command::BindSandboxes {
+        items: vec![(id, placement(node, epoch, &[], 0))],
+    };
+    assert_eq!(apply_checked(state, &bind, 31), vec![ItemOutcome::Applied]);
+}
+
+#[test]
+fn a_resume_bind_says_whether_snapshot_affinity_was_hit_and_why_not() {
+    let (mut state, id) = resumed_with_a_second_node();
+    bind_to(&mut state, id, "n1");
+    assert_eq!(
+        state.sandbox(id).expect("kept").placement_note.as_deref(),
+        Some("snapshot affinity hit: restored on n1, the node holding its snapshot")
+    );
+
+    let (mut state, id) = resumed_with_a_second_node();
+    let cordon = Command::SetNodeStatus {
+        node: "n1".into(),
+        status: NodeStatus::Cordoned,
+        reason: "test".into(),
+    };
+    apply_checked(&mut state, &cordon, 30);
+    bind_to(&mut state, id, "n2");
+    assert_eq!(
+        state.sandbox(id).expect("kept").placement_note.as_deref(),
+        Some(
+            "snapshot affinity missed: its snapshot is on n1, and that node is cordoned; n2 \
+             fetches it"
+        )
+    );
+    // It runs on n2: n1 lets its copy go.
+    let items = vec![StatusUpdate {
+        sandbox: id,
+        node: "n2".into(),
+        change: StatusChange::Running,
+    }];
+    apply_checked(&mut state, &Command::UpdateSandboxes { items }, 40);
+    assert!(state.node("n1").expect("n1").snapshots.is_empty());
+    assert!(state.sandbox(id).expect("kept").snapshot.is_none());
+}
+
+#[test]
+fn a_failed_pause_puts_the_sandbox_back_to_running_and_a_plain_report_does_not() {
+    let (mut state, id) = running(cpu_only(), &[]);
+    pause(&mut state, id, false);
+    // An agent re-sending where things stand (after a reconnect) leaves the pause asked.
+    report(&mut state, id, StatusChange::Running, 11);
+    assert_eq!(
+        state.sandbox(id).expect("kept").state,
+        SandboxState::Pausing
+    );
+    let failed = StatusChange::PauseFailed {
+        reason: "runsc checkpoint failed".into(),
+    };
+    assert_eq!(
+        report(&mut state, id, failed, 12),
+        vec![ItemOutcome::Applied]
+    );
+    assert_eq!(
+        state.sandbox(id).expect("kept").state,
+        SandboxState::Running
+    );
+    assert_eq!(state.node("n1").expect("n1").cpu_milli_allocated, 1000);
+}
+
+#[test]
+fn a_sandbox_on_a_process_runtime_node_cannot_pause() {
+    let mut state = State::new();
+    let mut node: NodeSpec = gpu_node("n1", GpuModel::H100, 4);
+    node.runtime = "process".into();
+    apply_checked(&mut state, &Command::RegisterNode { spec: node }, 0);
+    let out = apply_checked(
+        &mut state,
+        &submit("r1", cpu_only(), Some(placement("n1", 1, &[], 0))),
+        1,
+    );
+    let [ItemOutcome::Created { id, .. }] = out[..] else {
+        panic!("{out:?}");
+    };
+    report(&mut state, id, StatusChange::Running, 2);
+    assert_eq!(
+        pause(&mut state, id, false),
+        vec![ItemOutcome::Rejected(Rejection::NoCheckpoint(
+            id,
+            "n1".into()
+        ))]
+    );
+}
+
+#[test]
+fn the_snapshot_records_the_runtime_that_took_it() {
+    let mut state = State::new();
+    let mut node: NodeSpec = gpu_node("n1", GpuModel::H100, 4);
+    node.runtime = "gvisor/0.0~20221219.0/ptrace".into();
+    apply_checked(&mut state, &Command::RegisterNode { spec: node }, 0);
+    let out = apply_checked(
+        &mut state,
+        &submit("r1", cpu_only(), Some(placement("n1", 1, &[], 0))),
+        1,
+    );
+    let [ItemOutcome::Created { id, .. }] = out[..] else {
+        panic!("{out:?}");
+    };
+    report(&mut state, id, StatusChange::Running, 2);
+    pause(&mut state, id, false);
+    report(&mut state, id, paused_report(1), 20);
+    let snap = state
+        .sandbox(id)
+        .expect("kept")
+        .snapshot
+        .clone()
+        .expect("snapshot");
+    assert_eq!(snap.runtime, "gvisor/0.0~20221219.0/ptrace");
 }

@@ -34,6 +34,10 @@ pub struct PendingPlan {
     pub reserved: Reservations,
     /// Sandboxes that still fit nowhere, with a reason that differs from the recorded one.
     pub reasons: Vec<(SandboxId, String)>,
+    /// Resumes placed on the node holding their snapshot.
+    pub affinity_hits: u64,
+    /// Resumes placed elsewhere (their snapshot moves).
+    pub affinity_misses: u64,
 }
 
 /// The leader's placement planning.
@@ -151,24 +155,43 @@ impl Planner {
         let seed = self.seed ^ state.revision();
         self.ensure_view(state);
         let mut plan = PendingPlan::default();
-        // A resume tries the node holding its snapshot first (snapshot affinity); the
-        // others, and a resume that does not fit there, are placed as a batch.
+        // A resume tries the node holding its snapshot first (snapshot affinity), then any
+        // node with the snapshot's runtime; the others are placed as a batch.
         let mut pending: Vec<(SandboxId, SandboxSpec, Option<String>)> = Vec::new();
         for s in candidates {
-            let holder = s.snapshot.as_ref().map(|snap| snap.node.as_str());
-            let on_holder = match (holder, self.view.as_mut()) {
-                (Some(node), Some((_, view))) => {
-                    self.placer.place_on(view, &s.spec, node, seed ^ s.id.0)
-                }
-                _ => None,
+            let (Some(snap), Some((_, view))) = (&s.snapshot, self.view.as_mut()) else {
+                pending.push((s.id, s.spec.clone(), s.pending_reason.clone()));
+                continue;
             };
-            match on_holder {
+            let seed = seed ^ s.id.0;
+            let placement = match self.placer.place_on(view, &s.spec, &snap.node, seed) {
                 Some(p) => {
-                    plan.reserved
-                        .push((plan.binds.len(), s.spec.clone(), p.clone()));
-                    plan.binds.push((s.id, p));
+                    plan.affinity_hits += 1;
+                    Some(p)
                 }
-                None => pending.push((s.id, s.spec.clone(), s.pending_reason.clone())),
+                None => {
+                    let decision =
+                        self.placer
+                            .place_with_runtime(view, &s.spec, &snap.runtime, seed);
+                    if decision.placement.is_none() {
+                        let reason = format!(
+                            "resuming from a snapshot on {}: {}",
+                            snap.node,
+                            decision.explanation.summary()
+                        );
+                        if s.pending_reason.as_deref() != Some(reason.as_str()) {
+                            plan.reasons.push((s.id, reason));
+                        }
+                    } else {
+                        plan.affinity_misses += 1;
+                    }
+                    decision.placement
+                }
+            };
+            if let Some(p) = placement {
+                plan.reserved
+                    .push((plan.binds.len(), s.spec.clone(), p.clone()));
+                plan.binds.push((s.id, p));
             }
         }
         let batch: Vec<(SandboxId, &SandboxSpec)> =

@@ -16,7 +16,8 @@ use crate::state::Command;
 // 5: a spec's `network` is a policy, not a bool.
 // 6: token commands (PutToken, RevokeToken, UseJoinToken) and Rejection::Token.
 // 7: PauseSandboxes, ResumeSandboxes, StatusChange::Paused (issue #17).
-const ENTRY_FORMAT: u8 = 7;
+// 8: a spec's `auto_pause_idle_ms`, a node spec's `runtime`, StatusChange::PauseFailed.
+const ENTRY_FORMAT: u8 = 8;
 const SNAPSHOT_FORMAT: u8 = 1;
 // Membership contexts have had the same shape since entry format 2, so they keep that
 // number: contexts already in a log stay readable.
@@ -176,7 +177,7 @@ mod tests {
         let err = Envelope::decode(&other).err().map(|e| e.to_string());
         assert_eq!(
             err.as_deref(),
-            Some("log entry format 9 is not supported (this build reads 7)")
+            Some("log entry format 9 is not supported (this build reads 8)")
         );
         assert!(Envelope::decode(&bytes[..bytes.len() - 1]).is_err());
         assert!(Envelope::decode(&[]).is_err());

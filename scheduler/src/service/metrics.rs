@@ -66,6 +66,9 @@ pub struct Metrics {
     pub auth_denials: IntCounterVec,
     /// Seconds until this replica's certificate expires (0 when insecure).
     pub cert_expiry_seconds: IntGauge,
+    /// Resumes placed (as leader) on the node holding their snapshot (`hit`) or elsewhere
+    /// (`miss`: the snapshot moves).
+    pub snapshot_affinity: IntCounterVec,
 }
 
 fn histogram(name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
@@ -193,6 +196,11 @@ impl Metrics {
                 "berth_tls_cert_expiry_seconds",
                 "Seconds until this replica's certificate expires (0 when insecure).",
             ),
+            snapshot_affinity: counter_vec(
+                "berth_snapshot_affinity_total",
+                "Resumes placed on the node holding their snapshot (hit) or elsewhere (miss).",
+                "result",
+            ),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -221,6 +229,7 @@ impl Metrics {
             Box::new(m.log_entries_in_memory.clone()),
             Box::new(m.auth_denials.clone()),
             Box::new(m.cert_expiry_seconds.clone()),
+            Box::new(m.snapshot_affinity.clone()),
         ];
         for c in collectors {
             // Each name is registered once, into a fresh registry.

@@ -47,6 +47,8 @@ pub struct Replica<D: Durable> {
     pending: BTreeMap<u64, ProposalId>,
     /// The leader's placement planning (view, in-flight reservations, pending pass).
     planner: Planner,
+    /// Resumes placed on their snapshot's node, and elsewhere (metrics).
+    snapshot_affinity: (u64, u64),
     outstanding_reads: BTreeSet<u64>,
     ready_reads: Vec<(u64, u64)>,
     role: StateRole,
@@ -118,6 +120,7 @@ impl<D: Durable> Replica<D> {
             next_seq: 0,
             pending: BTreeMap::new(),
             planner,
+            snapshot_affinity: (0, 0),
             outstanding_reads: BTreeSet::new(),
             ready_reads: Vec::new(),
             role: StateRole::Follower,
@@ -307,6 +310,8 @@ impl<D: Durable> Replica<D> {
         let Some(plan) = self.planner.plan_pending(&self.state) else {
             return out;
         };
+        self.snapshot_affinity.0 += plan.affinity_hits;
+        self.snapshot_affinity.1 += plan.affinity_misses;
         if !plan.binds.is_empty() {
             let ids: Vec<SandboxId> = plan.binds.iter().map(|(id, _)| *id).collect();
             let command = Command::BindSandboxes { items: plan.binds };
@@ -517,6 +522,12 @@ impl<D: Durable> Replica<D> {
     /// Placements in flight (metrics).
     pub fn inflight_entries(&self) -> usize {
         self.planner.inflight_entries()
+    }
+
+    /// Resumes this replica placed as leader on the node holding their snapshot, and
+    /// elsewhere (metrics).
+    pub fn snapshot_affinity(&self) -> (u64, u64) {
+        self.snapshot_affinity
     }
 }
 

@@ -16,6 +16,7 @@ mod access;
 mod admin;
 mod join;
 mod node;
+mod node_snapshot;
 mod peer;
 mod sandbox;
 mod sandbox_calls;

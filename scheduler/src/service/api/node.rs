@@ -190,10 +190,19 @@ impl<S: Store> NodeService for NodeApi<S> {
     ) -> Result<Response<pb::CertificateResponse>, Status> {
         self.renew_call(request).await
     }
+
+    type FetchSnapshotStream = super::sandbox_calls::Boxed<pb::SnapshotData>;
+
+    async fn fetch_snapshot(
+        &self,
+        request: Request<pb::FetchSnapshotRequest>,
+    ) -> Result<Response<Self::FetchSnapshotStream>, Status> {
+        self.fetch_snapshot_call(request).await
+    }
 }
 
 impl<S: Store> NodeApi<S> {
-    fn node_denied(&self, code: tonic::Code, message: String) -> Status {
+    pub(super) fn node_denied(&self, code: tonic::Code, message: String) -> Status {
         self.denied(crate::service::auth::service::NODE, code, message)
     }
 }

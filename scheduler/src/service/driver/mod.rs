@@ -228,8 +228,17 @@ impl<D: Durable> Driver<D> {
                 next_pending = now + PENDING_PASS;
                 if self.replica.has_pending() {
                     let t = Instant::now();
+                    let before = self.replica.snapshot_affinity();
                     let n = self.replica.schedule_pending(now_ms()).len();
                     slow("the pending-sandbox pass", t);
+                    let after = self.replica.snapshot_affinity();
+                    let affinity = &self.metrics.snapshot_affinity;
+                    affinity
+                        .with_label_values(&["hit"])
+                        .inc_by(after.0 - before.0);
+                    affinity
+                        .with_label_values(&["miss"])
+                        .inc_by(after.1 - before.1);
                     if n > 0 {
                         self.metrics
                             .proposals
