@@ -294,3 +294,70 @@ fn a_sandbox_resumes_on_another_node_when_its_own_is_cordoned() {
     }
     assert!(!old.exists(), "{} stayed", old.display());
 }
+
+#[test]
+fn a_filesystem_only_pause_of_a_gpu_sandbox_keeps_its_files_and_restarts_its_processes() {
+    let registry = TestRegistry::start().expect("docker-registry (scripts/test installs it)");
+    let reference = push_busybox(&registry, "berth-fs-pause-busybox");
+    let dir = tempfile::tempdir().expect("tmp");
+    let dev = gvisor_dev(
+        dir.path(),
+        &registry,
+        &["--only-node", NODE, "--gpu-pause-filesystem-only"],
+    );
+    let id = create(
+        &dev,
+        &[
+            "--image",
+            &reference,
+            "--keep-alive",
+            "--gpu",
+            "L4",
+            "--memory",
+            "256Mi",
+        ],
+    );
+    let (state, reason) = wait_for_state(&dev, &id, "running", Duration::from_secs(60));
+    assert_eq!(state, "running", "{reason}\n{}", dev.log_tail());
+    // On the root filesystem (gVisor's /tmp is memory, which this mode does not keep).
+    let out = exec(
+        &dev,
+        &id,
+        &["sh", "-c", &format!("echo kept > /kept; {COUNTER}")],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    counting_past(&dev, &id, 2);
+    let pid = read(&dev, &id, "/tmp/pid");
+
+    let out = dev.berth(&["sandbox", "pause", &id]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stderr),
+        dev.log_tail()
+    );
+    let (state, reason) = state_of(&dev, &id);
+    assert_eq!(state, "paused");
+    assert!(
+        reason.contains("files only; processes restart on resume"),
+        "{reason}"
+    );
+    assert_eq!(node_json(&dev, NODE)["gpus"][0]["allocated_milli"], 0);
+
+    let out = dev.berth(&["sandbox", "resume", &id]);
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "{said}{}", text(&out.stderr));
+    assert!(said.contains("its processes restart"), "{said}");
+    assert_eq!(read(&dev, &id, "/kept"), "kept");
+    // The counter's shell did not come back: its pid names no process now.
+    let out = exec(
+        &dev,
+        &id,
+        &["sh", "-c", &format!("kill -0 {pid} && echo alive")],
+    );
+    assert!(
+        !text(&out.stdout).contains("alive"),
+        "the old process survived"
+    );
+    assert_eq!(node_json(&dev, NODE)["gpus"][0]["allocated_milli"], 1000);
+}

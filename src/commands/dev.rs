@@ -82,6 +82,10 @@ pub(crate) struct DevArgs {
     /// Run without TLS and without authentication (anyone who reaches a port is an admin).
     #[arg(long)]
     insecure: bool,
+    /// Let GPU sandboxes be paused keeping their files only (their processes restart on
+    /// resume): `[scheduler.sessions] gpu_pause_filesystem_only`.
+    #[arg(long)]
+    gpu_pause_filesystem_only: bool,
 }
 
 /// `--runtime`.
@@ -299,6 +303,7 @@ async fn dev(args: &DevArgs) -> Result<(), String> {
         cfg.liveness.leader_grace_ms = args.node_ttl_ms;
         cfg.liveness.heartbeat_interval_ms = (args.node_ttl_ms / 5).max(50);
         cfg.liveness.node_disconnect_grace_ms = args.node_disconnect_grace_ms;
+        cfg.sessions.gpu_pause_filesystem_only = args.gpu_pause_filesystem_only;
         let running = berth_scheduler::service::start(&cfg)
             .await
             .map_err(|e| format!("replica {}: {e}", i + 1))?;

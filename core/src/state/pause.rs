@@ -171,9 +171,15 @@ impl State {
     pub(super) fn affinity_note(&self, id: SandboxId, to: &NodeId) -> Option<String> {
         let sandbox = self.sandboxes.get(&id)?;
         let snap = sandbox.snapshot.as_ref()?;
+        let restarted = match snap.mode {
+            SnapshotMode::Memory => "",
+            SnapshotMode::FilesystemOnly => {
+                "; a filesystem-only snapshot: its files are restored and its processes restart"
+            }
+        };
         if snap.node == *to {
             return Some(format!(
-                "snapshot affinity hit: restored on {to}, the node holding its snapshot"
+                "snapshot affinity hit: restored on {to}, the node holding its snapshot{restarted}"
             ));
         }
         let spec = &sandbox.spec;
@@ -196,7 +202,7 @@ impl State {
             Some(_) => "it does not fit there (its GPUs or constraints)".to_owned(),
         };
         Some(format!(
-            "snapshot affinity missed: its snapshot is on {}, and {why}; {to} fetches it",
+            "snapshot affinity missed: its snapshot is on {}, and {why}; {to} fetches it{restarted}",
             snap.node
         ))
     }
