@@ -199,7 +199,8 @@ pub async fn run(
         images.clone(),
         metrics.clone(),
         cfg.max_concurrent_starts,
-    );
+    )
+    .nudging(monitor.nudger());
     let inventory = spawn_inventory(&cfg, gpus, inventory, &advertised, images.clone());
     let usage = crate::usage::spawn(
         runtime.clone(),

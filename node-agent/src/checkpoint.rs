@@ -186,8 +186,13 @@ pub fn record_paused(dir: &Path, mode: PauseMode, ran_ms: u64) -> io::Result<Pau
     Ok(record)
 }
 
-/// The sandbox runs again: its image and record go.
-pub fn resumed(dir: &Path) {
-    let _ = fs::remove_dir_all(dir.join(files::SNAPSHOT));
+/// The sandbox runs again: its pause record goes.
+pub fn forget_pause(dir: &Path) {
     let _ = fs::remove_file(dir.join(files::PAUSED));
+}
+
+/// The sandbox runs again (or ended while paused): its image and record go.
+pub fn resumed(dir: &Path) {
+    forget_pause(dir);
+    let _ = fs::remove_dir_all(dir.join(files::SNAPSHOT));
 }

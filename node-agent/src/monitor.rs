@@ -31,6 +31,8 @@ pub type Snapshot = Arc<BTreeMap<String, LocalSandbox>>;
 pub struct Monitor {
     snapshot: watch::Receiver<Snapshot>,
     doomed: Arc<Mutex<BTreeSet<String>>>,
+    /// Wakes the scan early (a start or resume just settled).
+    nudge: Arc<tokio::sync::Notify>,
 }
 
 impl Monitor {
@@ -50,15 +52,20 @@ impl Monitor {
             }
         }
         let (tx, rx) = watch::channel(Arc::new(first));
+        let nudge = Arc::new(tokio::sync::Notify::new());
         let monitor = Monitor {
             snapshot: rx,
             doomed: doomed.clone(),
+            nudge: nudge.clone(),
         };
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(MONITOR_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = nudge.notified() => {}
+                }
                 let last = tx.borrow().clone();
                 let runtime = runtime.clone();
                 let doomed = doomed.clone();
@@ -81,6 +88,11 @@ impl Monitor {
             }
         });
         monitor
+    }
+
+    /// A handle that makes the next scan happen now rather than at the next tick.
+    pub fn nudger(&self) -> Arc<tokio::sync::Notify> {
+        self.nudge.clone()
     }
 
     /// The latest look.

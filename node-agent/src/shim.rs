@@ -542,14 +542,19 @@ fn run(
             Err(e) => break Err(e),
         }
         if !marked_started && (!gvisor || runsc_running(dir)) {
+            if resume_pending {
+                // Restored: the helper listens again, and the pause record goes before
+                // `started` appears, so the agent never sees a running sandbox as paused
+                // (and refuse the next pause); the image goes after.
+                checkpoint::wake_helper(dir);
+                checkpoint::forget_pause(dir);
+            }
             mark_started();
             marked_started = true;
-        }
-        if marked_started && resume_pending {
-            // Restored: the helper listens again, and the image has served.
-            resume_pending = false;
-            checkpoint::wake_helper(dir);
-            checkpoint::resumed(dir);
+            if resume_pending {
+                resume_pending = false;
+                checkpoint::resumed(dir);
+            }
         }
         let now = Instant::now();
         match &stopping {

@@ -67,6 +67,8 @@ pub struct Starter {
     pending: Arc<Mutex<HashSet<String>>>,
     /// Sandboxes the scheduler stopped while they waited.
     cancelled: Arc<Mutex<BTreeMap<String, String>>>,
+    /// Tells the monitor to look now (a start settled: its report need not wait a tick).
+    settled: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Starter {
@@ -84,7 +86,14 @@ impl Starter {
             slots: Arc::new(Semaphore::new(max_starts.max(1))),
             pending: Arc::default(),
             cancelled: Arc::default(),
+            settled: None,
         }
+    }
+
+    /// The same, nudging `monitor` each time a start or resume settles.
+    pub fn nudging(mut self, monitor: Arc<tokio::sync::Notify>) -> Starter {
+        self.settled = Some(monitor);
+        self
     }
 
     /// Starts a sandbox unless it is already here or on its way. Never blocks.
@@ -187,6 +196,9 @@ impl Starter {
                 .await
                 .unwrap_or(true);
             if settled || Instant::now() > deadline {
+                if let Some(n) = &self.settled {
+                    n.notify_one();
+                }
                 return;
             }
             tokio::time::sleep(START_POLL).await;

@@ -37,6 +37,9 @@ pub(crate) enum BenchCommand {
     /// Exec round trips into a long-lived sandbox on `berth dev` (gVisor), through the
     /// leader and a follower, beside bare `runsc exec` into the same sandbox.
     Exec(super::bench_exec::ExecArgs),
+    /// Pause and resume latency by sandbox memory on `berth dev` (gVisor), beside bare
+    /// `runsc checkpoint`/`restore`, `runsc pause`/`resume` and the cgroup freezer.
+    Resume(super::bench_resume::ResumeArgs),
 }
 
 /// Arguments of `berth bench place`.
@@ -95,6 +98,7 @@ impl BenchCommand {
             BenchCommand::Autoscale(args) => super::bench_autoscale::run(&args),
             BenchCommand::Burst(args) => super::bench_burst::run(&args),
             BenchCommand::Exec(args) => super::bench_exec::run(&args),
+            BenchCommand::Resume(args) => super::bench_resume::run(&args),
         }
     }
 }

@@ -78,6 +78,21 @@ pub(crate) fn spawn_dev(
     node_ttl_ms: u64,
     only_nodes: &[String],
 ) -> Result<(Dev, Vec<String>), String> {
+    let args: Vec<String> = only_nodes
+        .iter()
+        .map(|n| format!("--only-node={n}"))
+        .collect();
+    spawn_dev_with(dir, base_port, runtime, node_ttl_ms, &args)
+}
+
+/// As [`spawn_dev`], with `args` added to `berth dev`'s command line.
+pub(crate) fn spawn_dev_with(
+    dir: &std::path::Path,
+    base_port: u16,
+    runtime: &str,
+    node_ttl_ms: u64,
+    args: &[String],
+) -> Result<(Dev, Vec<String>), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let data: PathBuf = dir.join("dev");
     let log = std::fs::File::create(dir.join("dev.log")).map_err(|e| e.to_string())?;
@@ -90,7 +105,7 @@ pub(crate) fn spawn_dev(
         .arg(format!("--runtime={runtime}"))
         .arg(format!("--node-ttl-ms={node_ttl_ms}"))
         .arg("--no-autoscaler")
-        .args(only_nodes.iter().map(|n| format!("--only-node={n}")))
+        .args(args)
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|e| e.to_string())?)
         .stderr(log)

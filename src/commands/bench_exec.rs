@@ -37,14 +37,14 @@ pub(crate) struct ExecArgs {
 
 /// Latencies of one path, in ms.
 #[derive(Debug, Serialize)]
-struct Latency {
-    calls: usize,
-    p50_ms: f64,
-    p99_ms: f64,
-    max_ms: f64,
+pub(super) struct Latency {
+    pub(super) calls: usize,
+    pub(super) p50_ms: f64,
+    pub(super) p99_ms: f64,
+    pub(super) max_ms: f64,
 }
 
-fn latency(mut samples: Vec<Duration>) -> Latency {
+pub(super) fn latency(mut samples: Vec<Duration>) -> Latency {
     samples.sort();
     let at = |q: f64| {
         let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;

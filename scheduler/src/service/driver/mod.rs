@@ -41,6 +41,10 @@ const CONTROL_QUEUE: usize = 16_384;
 pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the leader re-runs placement for pending sandboxes.
 const PENDING_PASS: Duration = Duration::from_millis(100);
+/// The pending pass's cadence for a moment after a resume is asked for.
+const RESUME_PASS: Duration = Duration::from_millis(5);
+/// How long that moment is.
+const RESUME_WINDOW: Duration = Duration::from_millis(500);
 /// How often the invariant catalog is checked against the applied state.
 const INVARIANT_CHECK: Duration = Duration::from_secs(30);
 /// A Raft-thread step this long is logged.
@@ -94,6 +98,8 @@ struct Driver<D: Durable> {
     invariant_violations: u64,
     peers_seen: BTreeMap<u64, String>,
     stopping: bool,
+    /// Until then the pending pass runs every [`RESUME_PASS`] (a resume was asked for).
+    resume_until: Option<Instant>,
 }
 
 /// Starts the Raft thread for `replica`. The transport sends its messages on `runtime`.
@@ -159,6 +165,7 @@ pub fn spawn<D: Durable + Send + 'static>(
                 invariant_violations: 0,
                 peers_seen: BTreeMap::new(),
                 stopping: false,
+                resume_until: None,
             };
             driver.run();
         })
@@ -184,6 +191,9 @@ impl<D: Durable> Driver<D> {
             let mut deadline = next_tick;
             if let Some(started) = self.batch_started {
                 deadline = deadline.min(started + self.cfg.max_batch_wait);
+            }
+            if self.resume_until.is_some() {
+                deadline = deadline.min(next_pending);
             }
             let timeout = deadline.saturating_duration_since(now);
             let creates_open = self.batch_len() < self.cfg.max_batch;
@@ -224,8 +234,12 @@ impl<D: Durable> Driver<D> {
                 self.propose_batch();
                 slow("placing and proposing a create batch", t);
             }
-            if now >= next_pending {
-                next_pending = now + PENDING_PASS;
+            let resuming = self.resume_until.is_some_and(|t| now < t);
+            if !resuming {
+                self.resume_until = None;
+            }
+            if now >= next_pending || resuming {
+                next_pending = now + if resuming { RESUME_PASS } else { PENDING_PASS };
                 if self.replica.has_pending() {
                     let t = Instant::now();
                     let before = self.replica.snapshot_affinity();
@@ -376,6 +390,22 @@ impl<D: Durable> Driver<D> {
         }
     }
 
+    fn propose_command(
+        &mut self,
+        command: Command,
+        reply: tokio::sync::oneshot::Sender<Result<CommandResult, ServiceError>>,
+    ) {
+        match self.replica.propose(command, now_ms()) {
+            Ok(p) => {
+                self.metrics.proposals.with_label_values(&["command"]).inc();
+                self.waiters.insert(p, Waiter::Command(reply));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(ServiceError::from(e)));
+            }
+        }
+    }
+
     fn on_input(&mut self, input: Input) {
         match input {
             Input::Raft(messages) => {
@@ -385,15 +415,14 @@ impl<D: Durable> Driver<D> {
             }
             Input::Unreachable(peer) => self.replica.report_unreachable(peer),
             Input::SnapshotStatus { to, ok } => self.replica.report_snapshot(to, ok),
-            Input::Command { command, reply } => match self.replica.propose(*command, now_ms()) {
-                Ok(p) => {
-                    self.metrics.proposals.with_label_values(&["command"]).inc();
-                    self.waiters.insert(p, Waiter::Command(reply));
+            Input::Command { command, reply } => {
+                if matches!(*command, Command::ResumeSandboxes { .. }) {
+                    // A resume waits on the pending pass: run it at a fine cadence for a
+                    // moment, so the resume is placed as soon as it applies.
+                    self.resume_until = Some(Instant::now() + RESUME_WINDOW);
                 }
-                Err(e) => {
-                    let _ = reply.send(Err(ServiceError::from(e)));
-                }
-            },
+                self.propose_command(*command, reply);
+            }
             Input::Membership { change, reply } => match self.replica.propose_membership(change) {
                 Ok(p) => {
                     self.metrics

@@ -1,0 +1,279 @@
+//! `berth bench resume`: pause and resume latency on `berth dev` (gVisor, started here as a
+//! child on one node, pulling a busybox image from a local `docker-registry`), by sandbox
+//! memory: the sandbox writes that many random bytes into its `/tmp` (gVisor memory), then
+//! it is paused to disk and resumed through the API, each time from
+//! the call to the state the node reports (PAUSED, RUNNING). Beside it, in the same run,
+//! a bare runsc container of the same size ([`super::bench_resume_bare`]): `runsc
+//! checkpoint`/`restore`, and the standby baselines `runsc pause`/`resume` and the cgroup
+//! freezer (berth has no standby tier yet; those rows are what one would cost).
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde::Serialize;
+
+use berth_node_agent::image::ImageProcess;
+use berth_node_agent::image::testing::{self, TestRegistry};
+use berth_proto::pb::v1 as pb;
+use berth_scheduler::service::client::Client;
+
+use super::bench_burst::{dev_client, spawn_dev_with, wait_up};
+use super::bench_exec::{Latency, latency};
+
+const NODE: &str = "gcp-euw4-g2-0";
+/// How often a sandbox's state is polled while it pauses or resumes.
+const POLL: Duration = Duration::from_millis(5);
+
+/// Arguments of `berth bench resume`.
+#[derive(Debug, Args)]
+pub(crate) struct ResumeArgs {
+    /// Sandbox memory sizes to measure, MiB (the first is the target's).
+    #[arg(long, value_delimiter = ',', default_values_t = [16u64, 256])]
+    sizes_mib: Vec<u64>,
+    /// Pause/resume cycles per size through berth.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    count: u32,
+    /// Standby (pause/resume, freezer) cycles of the bare container.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    standby_count: u32,
+    /// First of the ports the dev cluster uses (gRPC +0..3, metrics +10..13, agents +20).
+    #[arg(long, default_value_t = 17_270)]
+    base_port: u16,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct SizeReport {
+    memory_mib: u64,
+    berth_pause: Latency,
+    berth_resume: Latency,
+    bare_runsc_checkpoint: Latency,
+    bare_runsc_restore: Latency,
+    bare_runsc_pause: Latency,
+    bare_runsc_resume: Latency,
+    /// Absent when the cgroup v1 freezer is not available.
+    bare_freezer_freeze: Option<Latency>,
+    bare_freezer_thaw: Option<Latency>,
+}
+
+#[derive(Debug, Serialize)]
+struct ResumeReport {
+    sizes: Vec<SizeReport>,
+    target_checkpoint_resume_p50_ms: f64,
+    target_standby_resume_p50_ms: f64,
+}
+
+pub(crate) fn run(args: &ResumeArgs) -> ExitCode {
+    match super::block_on("bench resume", bench(args)) {
+        Ok(r) => {
+            if args.json {
+                println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            } else {
+                print(&r);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+fn print(r: &ResumeReport) {
+    for s in &r.sizes {
+        println!("{} MiB sandbox (p50 / p99 / max, ms):", s.memory_mib);
+        let mut rows = vec![
+            ("berth pause (to PAUSED)", &s.berth_pause),
+            ("berth resume (to RUNNING)", &s.berth_resume),
+            ("bare runsc checkpoint", &s.bare_runsc_checkpoint),
+            ("bare runsc restore", &s.bare_runsc_restore),
+            ("bare runsc pause", &s.bare_runsc_pause),
+            ("bare runsc resume", &s.bare_runsc_resume),
+        ];
+        if let (Some(f), Some(t)) = (&s.bare_freezer_freeze, &s.bare_freezer_thaw) {
+            rows.push(("bare freezer freeze", f));
+            rows.push(("bare freezer thaw", t));
+        }
+        for (name, l) in rows {
+            println!(
+                "  {name:<27} {:>8.1} {:>8.1} {:>8.1}   ({} calls)",
+                l.p50_ms, l.p99_ms, l.max_ms, l.calls
+            );
+        }
+    }
+    println!(
+        "targets: resume from a checkpoint of about 16 MiB p50 <= {} ms; from standby p50 <= {} ms \
+         (standby is not built in berth yet: the bare rows are its floor)",
+        r.target_checkpoint_resume_p50_ms, r.target_standby_resume_p50_ms
+    );
+}
+
+async fn exec(client: &mut Client, id: &str, script: &str) -> Result<(), String> {
+    use pb::exec_request::Message;
+    let requests = vec![
+        pb::ExecRequest {
+            message: Some(Message::Start(pb::ExecStart {
+                sandbox_id: id.to_owned(),
+                command: vec!["/bin/sh".into(), "-c".into(), script.to_owned()],
+                ..Default::default()
+            })),
+        },
+        pb::ExecRequest {
+            message: Some(Message::StdinClose(true)),
+        },
+    ];
+    let mut svc = client
+        .sandbox_service()
+        .map_err(|s| s.message().to_owned())?;
+    let mut answers = svc
+        .exec(tokio_stream::iter(requests))
+        .await
+        .map_err(|s| format!("exec: {}", s.message()))?
+        .into_inner();
+    let mut stderr = Vec::new();
+    while let Some(m) = answers
+        .message()
+        .await
+        .map_err(|s| s.message().to_owned())?
+    {
+        match m.message {
+            Some(pb::exec_response::Message::Stderr(b)) => stderr.extend_from_slice(&b),
+            Some(pb::exec_response::Message::Exit(e)) => {
+                return (e.exit_code == 0).then_some(()).ok_or_else(|| {
+                    format!(
+                        "{script:?} exited with {}: {}",
+                        e.exit_code,
+                        String::from_utf8_lossy(&stderr).trim()
+                    )
+                });
+            }
+            _ => {}
+        }
+    }
+    Err("the exec stream ended without an exit".into())
+}
+
+/// Polls until sandbox `id` is in `want`; how long since `since`.
+async fn until(
+    client: &mut Client,
+    id: &str,
+    want: pb::SandboxState,
+    since: Instant,
+) -> Result<Duration, String> {
+    loop {
+        let s = client.get(id).await.map_err(|s| s.message().to_owned())?;
+        let status = s.status.unwrap_or_default();
+        if status.state == want as i32 {
+            return Ok(since.elapsed());
+        }
+        if since.elapsed() > Duration::from_secs(120) {
+            return Err(format!(
+                "{id} did not reach {want:?} (it is {}: {})",
+                status.state, status.reason
+            ));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// A running keep-alive sandbox of `image` holding `mib` MiB of random bytes in its memory.
+async fn filled_sandbox(client: &mut Client, image: &str, mib: u64) -> Result<String, String> {
+    let spec = pb::SandboxSpec {
+        tenant: "bench".into(),
+        image: image.to_owned(),
+        keep_alive: true,
+        resources: Some(pb::Resources {
+            cpu_milli: 1000,
+            memory_mib: mib + 256,
+            gpu: None,
+        }),
+        ..Default::default()
+    };
+    let created = client
+        .create(&format!("bench-resume-{mib}"), spec)
+        .await
+        .map_err(|s| format!("create: {}", s.message()))?;
+    let id = created.sandbox.map(|s| s.id).unwrap_or_default();
+    until(client, &id, pb::SandboxState::Running, Instant::now()).await?;
+    // gVisor's /tmp is memory.
+    exec(
+        client,
+        &id,
+        &format!("head -c {mib}m /dev/urandom > /tmp/blob"),
+    )
+    .await?;
+    Ok(id)
+}
+
+async fn bench(args: &ResumeArgs) -> Result<ResumeReport, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let registry = TestRegistry::start().map_err(|e| {
+        format!("{e} (bench resume runs Debian's docker-registry: apt-get install docker-registry)")
+    })?;
+    let image = format!("{}/busybox:1", registry.address);
+    testing::push(
+        &image,
+        vec![testing::busybox_layer("berth-bench-resume").map_err(|e| e.to_string())?],
+        &ImageProcess {
+            cmd: vec!["sh".into()],
+            env: vec!["PATH=/bin".into()],
+            ..ImageProcess::default()
+        },
+    )
+    .await
+    .map_err(|e| format!("pushing the bench image: {e}"))?;
+    let dev_args = vec![
+        format!("--only-node={NODE}"),
+        format!("--insecure-registry={}", registry.address),
+    ];
+    let (_dev, endpoints) = spawn_dev_with(dir.path(), args.base_port, "gvisor", 5_000, &dev_args)?;
+    wait_up(&endpoints, 1, dir.path()).await?;
+    let mut client = dev_client(dir.path(), endpoints).await?;
+    client.deadline = Duration::from_secs(60);
+    let mut sizes = Vec::new();
+    for &mib in &args.sizes_mib {
+        let id = filled_sandbox(&mut client, &image, mib).await?;
+        let (mut pauses, mut resumes) = (Vec::new(), Vec::new());
+        for _ in 0..args.count {
+            let t = Instant::now();
+            client
+                .pause(&id)
+                .await
+                .map_err(|s| s.message().to_owned())?;
+            pauses.push(until(&mut client, &id, pb::SandboxState::Paused, t).await?);
+            let t = Instant::now();
+            client
+                .resume(&id)
+                .await
+                .map_err(|s| s.message().to_owned())?;
+            resumes.push(until(&mut client, &id, pb::SandboxState::Running, t).await?);
+        }
+        exec(&mut client, &id, "test -s /tmp/blob").await?;
+        let _ = client.delete(&id).await;
+        let bare_dir = dir.path().join(format!("bare-{mib}"));
+        let (standby, count) = (args.standby_count, args.count);
+        let bare = tokio::task::spawn_blocking(move || {
+            super::bench_resume_bare::measure(&bare_dir, mib, standby, count)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let some = |v: Vec<Duration>| (!v.is_empty()).then(|| latency(v));
+        sizes.push(SizeReport {
+            memory_mib: mib,
+            berth_pause: latency(pauses),
+            berth_resume: latency(resumes),
+            bare_runsc_checkpoint: latency(bare.checkpoint),
+            bare_runsc_restore: latency(bare.restore),
+            bare_runsc_pause: latency(bare.runsc_pause),
+            bare_runsc_resume: latency(bare.runsc_resume),
+            bare_freezer_freeze: some(bare.freezer_freeze),
+            bare_freezer_thaw: some(bare.freezer_thaw),
+        });
+    }
+    Ok(ResumeReport {
+        sizes,
+        target_checkpoint_resume_p50_ms: 300.0,
+        target_standby_resume_p50_ms: 50.0,
+    })
+}
