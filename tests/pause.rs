@@ -361,3 +361,28 @@ fn a_filesystem_only_pause_of_a_gpu_sandbox_keeps_its_files_and_restarts_its_pro
     );
     assert_eq!(node_json(&dev, NODE)["gpus"][0]["allocated_milli"], 1000);
 }
+
+#[test]
+fn an_idle_sandbox_with_auto_pause_pauses_itself_and_resumes_with_its_memory() {
+    let registry = TestRegistry::start().expect("docker-registry (scripts/test installs it)");
+    let reference = push_busybox(&registry, "berth-auto-pause-busybox");
+    let dir = tempfile::tempdir().expect("tmp");
+    let dev = gvisor_dev(dir.path(), &registry, &["--only-node", NODE]);
+    let id = create(
+        &dev,
+        &["--image", &reference, "--keep-alive", "--auto-pause", "2s"],
+    );
+    let (state, reason) = wait_for_state(&dev, &id, "running", Duration::from_secs(60));
+    assert_eq!(state, "running", "{reason}\n{}", dev.log_tail());
+    let out = exec(&dev, &id, &["sh", "-c", COUNTER]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let before = counting_past(&dev, &id, 3);
+    let pid = read(&dev, &id, "/tmp/pid");
+    // Calls keep it awake; two seconds without one and it pauses itself.
+    let (state, reason) = wait_for_state(&dev, &id, "paused", Duration::from_secs(30));
+    assert_eq!(state, "paused", "{reason}\n{}", dev.log_tail());
+    let out = dev.berth(&["sandbox", "resume", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(read(&dev, &id, "/tmp/pid"), pid);
+    assert!(counting_past(&dev, &id, before) > before);
+}
