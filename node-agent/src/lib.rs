@@ -6,6 +6,7 @@
 //! - [`static_inventory`]: static GPU inventory files (stand-ins for NVML).
 //! - [`inventory`]: the node's GPUs (NVML, or a static file when there is no driver), CPU
 //!   and memory, as the scheduler's `NodeInventory`.
+//! - [`inventory_feed`]: the registered inventory kept fresh off the session loop.
 //! - [`image`]: the image cache (pulls with oci-client, layers unpacked once, LRU).
 //! - [`launch`]: what a sandbox runs, from its spec and its image's config.
 //! - [`bundle`]: a sandbox's overlay root and its OCI runtime bundle.
@@ -38,6 +39,7 @@ pub mod config;
 pub mod identity;
 pub mod image;
 pub mod inventory;
+pub mod inventory_feed;
 pub mod launch;
 pub mod logs;
 pub mod metrics;
