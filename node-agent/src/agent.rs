@@ -36,7 +36,8 @@ use crate::image::{ImageSettings, ImageStore};
 use crate::inventory::{self, GpuSource};
 use crate::metrics::AgentMetrics;
 use crate::monitor::Monitor;
-use crate::runtime::{ExitRecord, LocalState, Outcome, PauseMode, Runtime, unix_ms};
+use crate::reports::{Reports, StreamClosed, message, report_of};
+use crate::runtime::{LocalState, PauseMode, Runtime};
 use crate::service::AgentApi;
 use crate::starter::Starter;
 
@@ -219,7 +220,7 @@ pub async fn run(
         assignments,
         usage,
         tls,
-        pause_failures: Default::default(),
+        reports: Reports::default(),
     };
     tokio::pin!(shutdown);
     let mut endpoint = 0usize;
@@ -279,6 +280,12 @@ enum SessionEnd {
     Broken(String),
 }
 
+impl From<StreamClosed> for SessionEnd {
+    fn from(_: StreamClosed) -> SessionEnd {
+        SessionEnd::Broken("the stream closed".into())
+    }
+}
+
 struct Agent {
     cfg: AgentConfig,
     /// The node's inventory as it should be registered (GPUs, cached images).
@@ -295,8 +302,8 @@ struct Agent {
     usage: watch::Receiver<Vec<pb::SandboxUsage>>,
     /// This node's certificate (`None`: insecure).
     tls: Option<Tls>,
-    /// Sandboxes whose failed pause was reported (once per failure note).
-    pause_failures: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// What was said of failed pauses.
+    reports: Reports,
 }
 
 /// The agent's own server (logs, exec, files) takes only replicas of its cluster: they
@@ -338,55 +345,7 @@ fn channel(address: &str, tls: Option<&Tls>) -> Result<Channel, berth_net::NetEr
     )
 }
 
-fn message(m: pb::agent_message::Message) -> pb::AgentMessage {
-    pb::AgentMessage { message: Some(m) }
-}
-
-/// A sandbox's local state as a status report.
-fn report_of(id: &str, state: &LocalState) -> pb::SandboxStatusUpdate {
-    let mut update = pb::SandboxStatusUpdate {
-        sandbox_id: id.to_owned(),
-        at_unix_ms: unix_ms(),
-        ..Default::default()
-    };
-    let s = match state {
-        LocalState::Running => pb::SandboxState::Running,
-        LocalState::Paused(record) => {
-            update.snapshot_bytes = record.bytes;
-            update.snapshot_filesystem_only = record.mode == PauseMode::FilesystemOnly;
-            pb::SandboxState::Paused
-        }
-        LocalState::Finished(ExitRecord {
-            outcome: Outcome::Exited { code },
-            ..
-        }) => {
-            update.exit_code = *code;
-            pb::SandboxState::Exited
-        }
-        LocalState::Finished(ExitRecord {
-            outcome: Outcome::Failed { reason },
-            ..
-        }) => {
-            update.reason = reason.clone();
-            pb::SandboxState::Failed
-        }
-    };
-    update.state = s as i32;
-    update
-}
-
-fn status_message(id: &str, state: &LocalState) -> pb::AgentMessage {
-    message(pb::agent_message::Message::SandboxStatus(report_of(
-        id, state,
-    )))
-}
-
 impl Agent {
-    /// What a session reports of a sandbox: nothing while it is still starting.
-    fn reportable(s: &crate::runtime::LocalSandbox) -> bool {
-        s.started || s.state != LocalState::Running
-    }
-
     async fn session(&mut self, target: &str) -> SessionEnd {
         let channel = match channel(target, self.tls.as_ref()) {
             Ok(c) => c,
@@ -454,7 +413,12 @@ impl Agent {
         let mut sent: BTreeMap<String, LocalState> = BTreeMap::new();
         let mut snapshots = self.monitor.subscribe();
         let first = snapshots.borrow_and_update().clone();
-        if let Err(end) = self.send_changes(&tx, &first, &mut sent).await {
+        if let Err(end) = self
+            .reports
+            .send_changes(&self.monitor, &tx, &first, &mut sent)
+            .await
+            .map_err(SessionEnd::from)
+        {
             return end;
         }
         let heartbeat_every = Duration::from_millis(ack.heartbeat_interval_ms.clamp(50, 60_000));
@@ -512,7 +476,7 @@ impl Agent {
                         return SessionEnd::Broken("the monitor stopped".into());
                     }
                     let snapshot = snapshots.borrow_and_update().clone();
-                    if let Err(end) = self.send_changes(&tx, &snapshot, &mut sent).await {
+                    if let Err(end) = self.reports.send_changes(&self.monitor, &tx, &snapshot, &mut sent).await.map_err(SessionEnd::from) {
                         return end;
                     }
                 }
@@ -587,59 +551,6 @@ impl Agent {
             tracing::warn!(sandbox = %id, error = %e, "could not stop sandbox");
         }
         self.monitor.doom(id);
-    }
-
-    /// Sends the status of every sandbox whose reportable state changed since `sent`.
-    async fn send_changes(
-        &self,
-        tx: &mpsc::Sender<pb::AgentMessage>,
-        snapshot: &crate::monitor::Snapshot,
-        sent: &mut BTreeMap<String, LocalState>,
-    ) -> Result<(), SessionEnd> {
-        for (id, s) in snapshot.iter() {
-            if s.pause_failed.is_none() {
-                self.pause_failures
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .remove(id);
-            }
-            if let Some(why) = s
-                .pause_failed
-                .as_ref()
-                .filter(|_| !self.monitor.is_doomed(id))
-            {
-                // A failed pause: say it runs, so the scheduler takes it back from Pausing.
-                if !self
-                    .pause_failures
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .insert(id.clone())
-                {
-                    continue;
-                }
-                tracing::warn!(sandbox = %id, reason = %why.trim(), "pause failed; the sandbox keeps running");
-                let mut update = report_of(id, &s.state);
-                update.reason = format!("pause failed: {}", why.trim());
-                update.pause_failed = true;
-                let m = message(pb::agent_message::Message::SandboxStatus(update));
-                if tx.send(m).await.is_err() {
-                    return Err(SessionEnd::Broken("the stream closed".into()));
-                }
-            }
-            if self.monitor.is_doomed(id) || !Self::reportable(s) || sent.get(id) == Some(&s.state)
-            {
-                continue;
-            }
-            if let LocalState::Finished(record) = &s.state {
-                tracing::info!(sandbox = %id, outcome = ?record.outcome, "sandbox ended");
-            }
-            if tx.send(status_message(id, &s.state)).await.is_err() {
-                return Err(SessionEnd::Broken("the stream closed".into()));
-            }
-            sent.insert(id.clone(), s.state.clone());
-        }
-        sent.retain(|id, _| snapshot.contains_key(id));
-        Ok(())
     }
 
     /// Stops every sandbox and waits (bounded) for them to end.

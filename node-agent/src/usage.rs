@@ -73,7 +73,7 @@ pub fn spawn(
                 .iter()
                 .filter(|(_, s)| s.started && s.state == LocalState::Running)
                 .map(|(id, s)| {
-                    let name = crate::shim::container_id(&runtime.dir(id), &s.launch);
+                    let name = crate::shim_command::container_id(&runtime.dir(id), &s.launch);
                     (id.clone(), name)
                 })
                 .collect();
