@@ -22,6 +22,19 @@ const COUNTER: &str = "echo kept > /tmp/file; \
     </dev/null >/dev/null 2>&1 &";
 
 /// The node as `node list -o json` shows it.
+/// Runs `berth ARGS` against `dev`, which must succeed; its stdout.
+fn berth_ok(dev: &Dev, args: &[&str]) -> String {
+    let out = dev.berth(args);
+    assert!(
+        out.status.success(),
+        "berth {args:?}: {}{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr),
+        dev.log_tail()
+    );
+    text(&out.stdout)
+}
+
 fn node_json(dev: &Dev, node: &str) -> serde_json::Value {
     let out = dev.berth(&["node", "list", "-o", "json"]);
     let all: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -58,6 +71,14 @@ fn counting_past(dev: &Dev, id: &str, n: u64) -> u64 {
 }
 
 /// The sandbox's directory under the dev agent of `node`.
+/// After a resume: `/tmp/file` is there, the counter is the process `pid` that was paused,
+/// and it counts past `before`; the count it reached.
+fn same_process_counting_on(dev: &Dev, id: &str, pid: &str, before: u64) -> u64 {
+    assert_eq!(read(dev, id, "/tmp/file"), "kept");
+    assert_eq!(read(dev, id, "/tmp/pid"), pid, "the counter was restarted");
+    counting_past(dev, id, before)
+}
+
 fn sandbox_dir(data: &Path, node: &str, id: &str) -> PathBuf {
     data.join("agents").join(node).join("sandboxes").join(id)
 }
@@ -95,19 +116,8 @@ fn a_paused_sandbox_releases_its_node_and_resumes_with_its_files_processes_and_m
     assert_eq!(held["cpu_milli_allocated"], 2000, "{held}");
 
     // Pause: the command waits for the snapshot, and the node holds nothing for it.
-    let out = dev.berth(&["sandbox", "pause", &id]);
-    assert!(
-        out.status.success(),
-        "{}{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr),
-        dev.log_tail()
-    );
-    assert!(
-        text(&out.stdout).contains("paused"),
-        "{}",
-        text(&out.stdout)
-    );
+    let out = berth_ok(&dev, &["sandbox", "pause", &id]);
+    assert!(out.contains("paused"), "{out}");
     let (state, reason) = state_of(&dev, &id);
     assert_eq!(state, "paused", "{reason}");
     assert!(
@@ -139,26 +149,9 @@ fn a_paused_sandbox_releases_its_node_and_resumes_with_its_files_processes_and_m
     );
 
     // Resume: the same process, its counter going on from where it was, the file there.
-    let out = dev.berth(&["sandbox", "resume", &id]);
-    assert!(
-        out.status.success(),
-        "{}{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr),
-        dev.log_tail()
-    );
-    assert!(
-        text(&out.stdout).contains("snapshot affinity hit"),
-        "{}",
-        text(&out.stdout)
-    );
-    assert_eq!(read(&dev, &id, "/tmp/file"), "kept");
-    assert_eq!(
-        read(&dev, &id, "/tmp/pid"),
-        pid,
-        "the counter was restarted"
-    );
-    let after = counting_past(&dev, &id, before);
+    let out = berth_ok(&dev, &["sandbox", "resume", &id]);
+    assert!(out.contains("snapshot affinity hit"), "{out}");
+    let after = same_process_counting_on(&dev, &id, &pid, before);
     assert!(
         after > before,
         "the counter did not go on from {before}: {after}"
@@ -170,11 +163,9 @@ fn a_paused_sandbox_releases_its_node_and_resumes_with_its_files_processes_and_m
     );
 
     // Paused again and deleted: the snapshot goes from the node's disk.
-    let out = dev.berth(&["sandbox", "pause", &id]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    berth_ok(&dev, &["sandbox", "pause", &id]);
     assert!(sandbox_dir.join("snapshot").is_dir());
-    let out = dev.berth(&["sandbox", "delete", &id]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    berth_ok(&dev, &["sandbox", "delete", &id]);
     let deadline = Instant::now() + Duration::from_secs(20);
     while sandbox_dir.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
@@ -237,26 +228,12 @@ fn a_sandbox_resumes_on_another_node_when_its_own_is_cordoned() {
         .unwrap_or_default()
         .to_owned();
     let to = if from == first { second } else { first };
-    let out = dev.berth(&["sandbox", "pause", &id]);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        text(&out.stderr),
-        dev.log_tail()
-    );
+    berth_ok(&dev, &["sandbox", "pause", &id]);
 
     // Its node is cordoned: it resumes on the other, fetching the snapshot through the
     // scheduler, with its files, its process and its count.
-    let out = dev.berth(&["node", "cordon", &from]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let out = dev.berth(&["sandbox", "resume", &id]);
-    let said = text(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{said}{}\n{}",
-        text(&out.stderr),
-        dev.log_tail()
-    );
+    berth_ok(&dev, &["node", "cordon", &from]);
+    let said = berth_ok(&dev, &["sandbox", "resume", &id]);
     assert!(said.contains(&format!("running on {to}")), "{said}");
     assert!(
         said.contains(&format!(
@@ -265,13 +242,7 @@ fn a_sandbox_resumes_on_another_node_when_its_own_is_cordoned() {
         )),
         "{said}"
     );
-    assert_eq!(read(&dev, &id, "/tmp/file"), "kept");
-    assert_eq!(
-        read(&dev, &id, "/tmp/pid"),
-        pid,
-        "the counter was restarted"
-    );
-    let after = counting_past(&dev, &id, before);
+    let after = same_process_counting_on(&dev, &id, &pid, before);
     assert!(after > before, "{before} then {after}");
     // The leader counted the miss (which replica leads is not known here: sum them).
     let misses: f64 = (0..3)
@@ -329,13 +300,7 @@ fn a_filesystem_only_pause_of_a_gpu_sandbox_keeps_its_files_and_restarts_its_pro
     counting_past(&dev, &id, 2);
     let pid = read(&dev, &id, "/tmp/pid");
 
-    let out = dev.berth(&["sandbox", "pause", &id]);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        text(&out.stderr),
-        dev.log_tail()
-    );
+    berth_ok(&dev, &["sandbox", "pause", &id]);
     let (state, reason) = state_of(&dev, &id);
     assert_eq!(state, "paused");
     assert!(
@@ -381,8 +346,7 @@ fn an_idle_sandbox_with_auto_pause_pauses_itself_and_resumes_with_its_memory() {
     // Calls keep it awake; two seconds without one and it pauses itself.
     let (state, reason) = wait_for_state(&dev, &id, "paused", Duration::from_secs(30));
     assert_eq!(state, "paused", "{reason}\n{}", dev.log_tail());
-    let out = dev.berth(&["sandbox", "resume", &id]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    berth_ok(&dev, &["sandbox", "resume", &id]);
     assert_eq!(read(&dev, &id, "/tmp/pid"), pid);
     assert!(counting_past(&dev, &id, before) > before);
 }

@@ -99,6 +99,20 @@ pub struct ExitRecord {
     pub stderr_truncated: bool,
 }
 
+impl ExitRecord {
+    /// A sandbox that ended now, failed for `reason`, with no output cut.
+    pub fn failed(reason: &str) -> ExitRecord {
+        ExitRecord {
+            outcome: Outcome::Failed {
+                reason: reason.to_owned(),
+            },
+            finished_unix_ms: unix_ms(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+        }
+    }
+}
+
 /// What the agent finds in a sandbox directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LocalState {
@@ -277,14 +291,7 @@ impl Runtime {
     /// Ends a sandbox paused here without resuming it: `exit.json` says why, and its
     /// snapshot is removed (its output and write layer go with the directory later).
     fn end_paused(&self, dir: &Path, reason: &str) -> ExitRecord {
-        let record = ExitRecord {
-            outcome: Outcome::Failed {
-                reason: reason.to_owned(),
-            },
-            finished_unix_ms: unix_ms(),
-            stdout_truncated: false,
-            stderr_truncated: false,
-        };
+        let record = ExitRecord::failed(reason);
         let _ = serde_json::to_vec(&record).map(|b| write_atomic(&dir.join(files::EXIT), &b));
         crate::checkpoint::resumed(dir);
         record
@@ -301,14 +308,7 @@ impl Runtime {
             return Ok(());
         }
         fs::create_dir_all(&dir)?;
-        let record = ExitRecord {
-            outcome: Outcome::Failed {
-                reason: reason.to_owned(),
-            },
-            finished_unix_ms: unix_ms(),
-            stdout_truncated: false,
-            stderr_truncated: false,
-        };
+        let record = ExitRecord::failed(reason);
         write_atomic(
             &dir.join(files::EXIT),
             &serde_json::to_vec(&record).map_err(io::Error::other)?,

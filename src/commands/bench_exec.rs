@@ -99,13 +99,24 @@ pub(crate) fn run(args: &ExecArgs) -> ExitCode {
 }
 
 async fn exec_once(client: &mut Client, id: &str, program: &str) -> Result<Duration, String> {
-    use pb::exec_request::Message;
     let started = Instant::now();
+    exec_to_exit(client, id, vec![program.to_owned()]).await?;
+    Ok(started.elapsed())
+}
+
+/// Runs `command` in sandbox `id` with no stdin, to its exit; an error unless it exits 0
+/// (with its stderr).
+pub(super) async fn exec_to_exit(
+    client: &mut Client,
+    id: &str,
+    command: Vec<String>,
+) -> Result<(), String> {
+    use pb::exec_request::Message;
     let requests = vec![
         pb::ExecRequest {
             message: Some(Message::Start(pb::ExecStart {
                 sandbox_id: id.to_owned(),
-                command: vec![program.to_owned()],
+                command: command.clone(),
                 ..Default::default()
             })),
         },
@@ -121,16 +132,24 @@ async fn exec_once(client: &mut Client, id: &str, program: &str) -> Result<Durat
         .await
         .map_err(|s| format!("exec: {}", s.message()))?
         .into_inner();
+    let mut stderr = Vec::new();
     while let Some(m) = answers
         .message()
         .await
         .map_err(|s| s.message().to_owned())?
     {
-        if let Some(pb::exec_response::Message::Exit(e)) = m.message {
-            if e.exit_code != 0 {
-                return Err(format!("{program} exited with {}", e.exit_code));
+        match m.message {
+            Some(pb::exec_response::Message::Stderr(b)) => stderr.extend_from_slice(&b),
+            Some(pb::exec_response::Message::Exit(e)) => {
+                return (e.exit_code == 0).then_some(()).ok_or_else(|| {
+                    format!(
+                        "{command:?} exited with {}: {}",
+                        e.exit_code,
+                        String::from_utf8_lossy(&stderr).trim()
+                    )
+                });
             }
-            return Ok(started.elapsed());
+            _ => {}
         }
     }
     Err("the exec stream ended without an exit".into())

@@ -109,49 +109,10 @@ fn print(r: &ResumeReport) {
     );
 }
 
+/// Runs a shell script in sandbox `id`, to a zero exit.
 async fn exec(client: &mut Client, id: &str, script: &str) -> Result<(), String> {
-    use pb::exec_request::Message;
-    let requests = vec![
-        pb::ExecRequest {
-            message: Some(Message::Start(pb::ExecStart {
-                sandbox_id: id.to_owned(),
-                command: vec!["/bin/sh".into(), "-c".into(), script.to_owned()],
-                ..Default::default()
-            })),
-        },
-        pb::ExecRequest {
-            message: Some(Message::StdinClose(true)),
-        },
-    ];
-    let mut svc = client
-        .sandbox_service()
-        .map_err(|s| s.message().to_owned())?;
-    let mut answers = svc
-        .exec(tokio_stream::iter(requests))
-        .await
-        .map_err(|s| format!("exec: {}", s.message()))?
-        .into_inner();
-    let mut stderr = Vec::new();
-    while let Some(m) = answers
-        .message()
-        .await
-        .map_err(|s| s.message().to_owned())?
-    {
-        match m.message {
-            Some(pb::exec_response::Message::Stderr(b)) => stderr.extend_from_slice(&b),
-            Some(pb::exec_response::Message::Exit(e)) => {
-                return (e.exit_code == 0).then_some(()).ok_or_else(|| {
-                    format!(
-                        "{script:?} exited with {}: {}",
-                        e.exit_code,
-                        String::from_utf8_lossy(&stderr).trim()
-                    )
-                });
-            }
-            _ => {}
-        }
-    }
-    Err("the exec stream ended without an exit".into())
+    let command = vec!["/bin/sh".into(), "-c".into(), script.to_owned()];
+    super::bench_exec::exec_to_exit(client, id, command).await
 }
 
 /// Polls until sandbox `id` is in `want`; how long since `since`.

@@ -11,8 +11,12 @@ use crate::testing::{apply_checked, gpu_node, placement, spec, submit};
 
 /// Node n1 (4 H100s, 8 cores, 16 GiB) running one sandbox of `spec`, bound with `gpus`.
 fn running(spec: SandboxSpec, gpus: &[u32]) -> (State, SandboxId) {
+    running_on(gpu_node("n1", GpuModel::H100, 4), spec, gpus)
+}
+
+/// Node n1 as `node` says, running one sandbox of `spec`, bound with `gpus`.
+fn running_on(node: NodeSpec, spec: SandboxSpec, gpus: &[u32]) -> (State, SandboxId) {
     let mut state = State::new();
-    let node: NodeSpec = gpu_node("n1", GpuModel::H100, 4);
     apply_checked(&mut state, &Command::RegisterNode { spec: node }, 0);
     let milli = if gpus.is_empty() { 0 } else { 1000 };
     let out = apply_checked(
@@ -360,19 +364,9 @@ fn a_failed_pause_puts_the_sandbox_back_to_running_and_a_plain_report_does_not()
 
 #[test]
 fn a_sandbox_on_a_process_runtime_node_cannot_pause() {
-    let mut state = State::new();
     let mut node: NodeSpec = gpu_node("n1", GpuModel::H100, 4);
     node.runtime = "process".into();
-    apply_checked(&mut state, &Command::RegisterNode { spec: node }, 0);
-    let out = apply_checked(
-        &mut state,
-        &submit("r1", cpu_only(), Some(placement("n1", 1, &[], 0))),
-        1,
-    );
-    let [ItemOutcome::Created { id, .. }] = out[..] else {
-        panic!("{out:?}");
-    };
-    report(&mut state, id, StatusChange::Running, 2);
+    let (mut state, id) = running_on(node, cpu_only(), &[]);
     assert_eq!(
         pause(&mut state, id, false),
         vec![ItemOutcome::Rejected(Rejection::NoCheckpoint(
@@ -384,19 +378,9 @@ fn a_sandbox_on_a_process_runtime_node_cannot_pause() {
 
 #[test]
 fn the_snapshot_records_the_runtime_that_took_it() {
-    let mut state = State::new();
     let mut node: NodeSpec = gpu_node("n1", GpuModel::H100, 4);
     node.runtime = "gvisor/0.0~20221219.0/ptrace".into();
-    apply_checked(&mut state, &Command::RegisterNode { spec: node }, 0);
-    let out = apply_checked(
-        &mut state,
-        &submit("r1", cpu_only(), Some(placement("n1", 1, &[], 0))),
-        1,
-    );
-    let [ItemOutcome::Created { id, .. }] = out[..] else {
-        panic!("{out:?}");
-    };
-    report(&mut state, id, StatusChange::Running, 2);
+    let (mut state, id) = running_on(node, cpu_only(), &[]);
     pause(&mut state, id, false);
     report(&mut state, id, paused_report(1), 20);
     let snap = state

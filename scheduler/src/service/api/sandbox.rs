@@ -27,6 +27,39 @@ const USAGE_FORWARDED: &str = "berth-usage-forwarded";
 const USAGE_FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl<S: Store> SandboxApi<S> {
+    /// Sandbox `id` as `access` may see it: NOT_FOUND when it does not exist or belongs to
+    /// another tenant (which is not told apart, so ids leak nothing).
+    pub(super) async fn visible_sandbox(
+        &self,
+        linear: bool,
+        access: Access,
+        id: SandboxId,
+    ) -> Result<pb::Sandbox, Status> {
+        let found = self
+            .handle
+            .read(linear, move |v| {
+                v.state
+                    .sandbox(id)
+                    .filter(|s| access.covers(&s.spec.tenant))
+                    .map(|s| convert::sandbox_to_pb_in(s, v.state))
+            })
+            .await?;
+        found.ok_or_else(|| ServiceError::NotFound(format!("sandbox {id} does not exist")).into())
+    }
+
+    /// Whether sandbox `id` exists and `access` may see it (a linearizable read).
+    pub(super) async fn covers(&self, access: &Access, id: SandboxId) -> Result<bool, Status> {
+        let access = access.clone();
+        Ok(self
+            .handle
+            .read(true, move |v| {
+                v.state
+                    .sandbox(id)
+                    .is_some_and(|s| access.covers(&s.spec.tenant))
+            })
+            .await?)
+    }
+
     /// A Running sandbox's last reported usage: from the leader's book here, or, on a
     /// follower, asked of the leader (best effort: without an answer, none is shown).
     async fn fill_usage(&self, id: SandboxId, sandbox: &mut pb::Sandbox, forwarded: bool) {
@@ -96,17 +129,7 @@ impl<S: Store> SandboxService for SandboxApi<S> {
         let access = self.sandbox_access(&request).await?;
         let linear = linearizable(&request);
         let id = parse_sandbox_id("sandbox_id", &request.get_ref().sandbox_id)?;
-        let found = self
-            .handle
-            .read(linear, move |v| {
-                v.state
-                    .sandbox(id)
-                    .filter(|s| access.covers(&s.spec.tenant))
-                    .map(|s| convert::sandbox_to_pb_in(s, v.state))
-            })
-            .await?;
-        let mut found =
-            found.ok_or_else(|| ServiceError::NotFound(format!("sandbox {id} does not exist")))?;
+        let mut found = self.visible_sandbox(linear, access, id).await?;
         let forwarded = request.metadata().contains_key(USAGE_FORWARDED);
         self.fill_usage(id, &mut found, forwarded).await;
         Ok(Response::new(found))
@@ -151,15 +174,7 @@ impl<S: Store> SandboxService for SandboxApi<S> {
         let id = parse_sandbox_id("sandbox_id", &request.get_ref().sandbox_id)?;
         if access != Access::Admin {
             // Another tenant's sandbox is answered as a sandbox that does not exist.
-            let covered = self
-                .handle
-                .read(true, move |v| {
-                    v.state
-                        .sandbox(id)
-                        .is_some_and(|s| access.covers(&s.spec.tenant))
-                })
-                .await?;
-            if !covered {
+            if !self.covers(&access, id).await? {
                 return Ok(Response::new(pb::DeleteSandboxResponse { existed: false }));
             }
         }

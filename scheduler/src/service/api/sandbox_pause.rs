@@ -7,7 +7,6 @@ use tonic::{Request, Response, Status};
 use berth_proto::pb::v1 as pb;
 
 use super::{SandboxApi, only_outcome, parse_sandbox_id};
-use crate::convert;
 use crate::model::SandboxId;
 use crate::service::auth::Access;
 use crate::service::{ServiceError, Store};
@@ -42,15 +41,7 @@ impl<S: Store> SandboxApi<S> {
     /// NOT_FOUND unless the caller may see the sandbox (another tenant's is answered as one
     /// that does not exist).
     async fn visible(&self, access: &Access, id: SandboxId) -> Result<(), Status> {
-        let access = access.clone();
-        let seen = self
-            .handle
-            .read(true, move |v| {
-                v.state
-                    .sandbox(id)
-                    .is_some_and(|s| access.covers(&s.spec.tenant))
-            })
-            .await?;
+        let seen = self.covers(access, id).await?;
         if seen {
             Ok(())
         } else {
@@ -69,17 +60,8 @@ impl<S: Store> SandboxApi<S> {
         if let ItemOutcome::Rejected(r) = only_outcome(result.outcomes)? {
             return Err(ServiceError::Rejected(r).into());
         }
-        let found = self
-            .handle
-            .read(false, move |v| {
-                v.state
-                    .sandbox(id)
-                    .filter(|s| access.covers(&s.spec.tenant))
-                    .map(|s| convert::sandbox_to_pb_in(s, v.state))
-            })
-            .await?;
-        found
+        self.visible_sandbox(false, access, id)
+            .await
             .map(Response::new)
-            .ok_or_else(|| ServiceError::NotFound(format!("sandbox {id} does not exist")).into())
     }
 }
