@@ -56,7 +56,7 @@ async fn a_pause_survives_agent_restarts_and_the_process_counts_on() {
 
     // Asked to pause while its agent is away: the pause waits for the agent's return.
     agent.kill();
-    let pausing = client.pause(&id).await.expect("pause");
+    let pausing = client.pause(&id, false).await.expect("pause");
     assert_eq!(state(&pausing), pb::SandboxState::Pausing, "{pausing:?}");
     agent.start();
     let paused = sandbox_in(&mut client, &id, pb::SandboxState::Paused, &agent).await;
@@ -92,7 +92,7 @@ async fn a_pause_survives_agent_restarts_and_the_process_counts_on() {
     assert!(!agent.sandbox_dir(&id).join("snapshot").exists());
 
     // Paused again and deleted: its directory, snapshot included, goes.
-    client.pause(&id).await.expect("pause");
+    client.pause(&id, false).await.expect("pause");
     sandbox_in(&mut client, &id, pb::SandboxState::Paused, &agent).await;
     assert!(client.delete(&id).await.expect("delete"));
     let gone = agent.sandbox_dir(&id);

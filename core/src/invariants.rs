@@ -46,6 +46,9 @@ pub enum Invariant {
     /// Paused sandbox has one and no binding; a snapshot is kept only while Paused or on its
     /// way back (Pending, Scheduled).
     SnapshotIndexConsistent,
+    /// A node's `standby` set (sandboxes whose CPU is not counted) holds exactly its
+    /// Standby sandboxes, and Unknown ones that may have been: all bound there.
+    StandbyIndexConsistent,
 }
 
 /// One broken invariant.
@@ -66,6 +69,7 @@ impl fmt::Display for Violation {
 /// Checks every invariant; returns the violations (empty when all hold).
 pub fn check(state: &State) -> Vec<Violation> {
     let mut out = check_snapshots(state);
+    out.extend(check_standby(state));
     let mut fail = |invariant, detail: String| out.push(Violation { invariant, detail });
 
     // Recount node usage from the bindings of Scheduled/Running sandboxes.
@@ -216,7 +220,9 @@ pub fn check(state: &State) -> Vec<Violation> {
             );
         }
         if let Some(u) = usage.get_mut(p.node.as_str()) {
-            u.cpu = u.cpu.saturating_add(sandbox.spec.cpu_milli);
+            if !node.standby.contains(&sandbox.id) {
+                u.cpu = u.cpu.saturating_add(sandbox.spec.cpu_milli);
+            }
             u.memory = u.memory.saturating_add(sandbox.spec.memory_mib);
             u.count += 1;
             for index in &p.gpu_indices {
@@ -399,6 +405,48 @@ pub fn check(state: &State) -> Vec<Violation> {
                 state.sandboxes.len()
             ),
         );
+    }
+    out
+}
+
+/// [`Invariant::StandbyIndexConsistent`].
+fn check_standby(state: &State) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let mut fail = |detail: String| {
+        out.push(Violation {
+            invariant: Invariant::StandbyIndexConsistent,
+            detail,
+        })
+    };
+    for sandbox in state.sandboxes.values() {
+        if !matches!(sandbox.state, SandboxState::Standby { .. }) {
+            continue;
+        }
+        let listed = sandbox
+            .binding
+            .as_ref()
+            .and_then(|b| state.nodes.get(&b.placement.node))
+            .is_some_and(|r| r.standby.contains(&sandbox.id));
+        if !listed {
+            fail(format!(
+                "{} is on standby and not in its node's set",
+                sandbox.id
+            ));
+        }
+    }
+    for (node, record) in &state.nodes {
+        for id in &record.standby {
+            let fine = record.sandboxes.contains(id)
+                && state.sandboxes.get(id).is_some_and(|s| {
+                    matches!(
+                        s.state,
+                        SandboxState::Standby { .. } | SandboxState::Unknown { .. }
+                    )
+                });
+            if !fine {
+                fail(format!("{node} lists {id} on standby, and it is not"));
+            }
+        }
     }
     out
 }

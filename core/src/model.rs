@@ -562,6 +562,12 @@ pub enum SandboxState {
     /// Checkpointed to its node's disk ([`Sandbox::snapshot`] says where): it holds no CPU,
     /// memory or GPU, and resumes through placement, preferring the snapshot's node.
     Paused,
+    /// Frozen in place (standby): it keeps its memory and GPUs on its node but no CPU (its
+    /// node's `standby` set says so), and resumes there, thawed, in milliseconds.
+    Standby {
+        /// When it was frozen (the entry's clock): `standby_pause_after_ms` counts from here.
+        since_ms: u64,
+    },
 }
 
 impl SandboxState {
@@ -573,7 +579,8 @@ impl SandboxState {
         )
     }
 
-    /// Scheduled, Running or Unknown: holds resources on a node.
+    /// Scheduled, Running, Unknown, Pausing or Standby: holds resources on a node (a
+    /// Standby sandbox its memory and GPUs only).
     pub fn holds_resources(&self) -> bool {
         matches!(
             self,
@@ -581,6 +588,7 @@ impl SandboxState {
                 | SandboxState::Running
                 | SandboxState::Unknown { .. }
                 | SandboxState::Pausing
+                | SandboxState::Standby { .. }
         )
     }
 
@@ -596,6 +604,7 @@ impl SandboxState {
             SandboxState::Unknown { .. } => "unknown",
             SandboxState::Pausing => "pausing",
             SandboxState::Paused => "paused",
+            SandboxState::Standby { .. } => "standby",
         }
     }
 }

@@ -236,10 +236,12 @@ impl Client {
     }
 
     /// Pauses a Running sandbox to its node's disk; answers with it PAUSING (a repeat, or
-    /// a sandbox already paused, answers as it stands).
-    pub async fn pause(&mut self, sandbox_id: &str) -> Result<pb::Sandbox, Status> {
+    /// a sandbox already paused, answers as it stands). With `standby`, it is frozen in
+    /// place instead and answers STANDBY.
+    pub async fn pause(&mut self, sandbox_id: &str, standby: bool) -> Result<pb::Sandbox, Status> {
         let request = pb::PauseSandboxRequest {
             sandbox_id: sandbox_id.to_owned(),
+            standby,
         };
         self.call(|c| {
             let request = request.clone();

@@ -39,6 +39,7 @@ use crate::monitor::Monitor;
 use crate::reports::{Reports, StreamClosed, message, report_of};
 use crate::runtime::{LocalState, PauseMode, Runtime};
 use crate::service::AgentApi;
+use crate::standby::StandbyWorker;
 use crate::starter::Starter;
 
 /// Grace period for sandboxes the scheduler does not know.
@@ -208,9 +209,11 @@ pub async fn run(
         metrics.clone(),
         Duration::from_millis(cfg.usage_interval_ms),
     );
+    let standby = StandbyWorker::spawn(runtime.clone(), monitor.nudger());
     let mut agent = Agent {
         cfg,
         inventory,
+        standby,
         runtime,
         starter,
         monitor,
@@ -304,6 +307,8 @@ struct Agent {
     tls: Option<Tls>,
     /// What was said of failed pauses.
     reports: Reports,
+    /// Freezes and thaws, in order, off the session loop.
+    standby: StandbyWorker,
 }
 
 /// The agent's own server (logs, exec, files) takes only replicas of its cluster: they
@@ -401,7 +406,7 @@ impl Agent {
         tracing::info!(
             scheduler = %target,
             epoch,
-            readopted = local.values().filter(|s| s.state == LocalState::Running).count(),
+            readopted = local.values().filter(|s| s.state.runs()).count(),
             stop = ack.stop_sandbox_ids.len(),
             "registered"
         );
@@ -451,8 +456,23 @@ impl Agent {
                                 None if !sent.contains_key(&sandbox.id) => {
                                     self.starter.submit(self.assignments.request_of(&sandbox, assign.epoch));
                                 }
-                                None => {}
+                                // Assigned again while it is here: on standby, that thaws it,
+                                // and its state is reported afresh now. A freeze and thaw
+                                // quicker than the monitor's look leave it unchanged there,
+                                // and nothing else would report it (the thaw is done, on the
+                                // worker, within milliseconds of the report).
+                                None => {
+                                    self.standby.request(&sandbox.id, false);
+                                    sent.remove(&sandbox.id);
+                                    let now = self.monitor.current();
+                                    if let Err(end) = self.reports.send_changes(&self.monitor, &tx, &now, &mut sent).await.map_err(SessionEnd::from) {
+                                        return end;
+                                    }
+                                }
                             }
+                        }
+                        Some(pb::scheduler_message::Message::Pause(p)) if p.standby => {
+                            self.standby.request(&p.sandbox_id, true);
                         }
                         Some(pb::scheduler_message::Message::Pause(p)) => {
                             let mode = if p.filesystem_only { PauseMode::FilesystemOnly } else { PauseMode::Memory };
@@ -558,7 +578,7 @@ impl Agent {
         let local = self.runtime.scan();
         let running: Vec<&String> = local
             .iter()
-            .filter(|(_, s)| s.state == LocalState::Running)
+            .filter(|(_, s)| s.state.runs())
             .map(|(id, _)| id)
             .collect();
         if running.is_empty() {
@@ -576,7 +596,7 @@ impl Agent {
                 .runtime
                 .scan()
                 .values()
-                .filter(|s| s.state == LocalState::Running)
+                .filter(|s| s.state.runs())
                 .count();
             if still == 0 {
                 return;

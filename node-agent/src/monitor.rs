@@ -46,7 +46,7 @@ impl Monitor {
                 .unwrap_or_default()
         };
         for (id, s) in &first {
-            let live = matches!(s.state, LocalState::Running | LocalState::Paused(_));
+            let live = s.state.runs() || matches!(s.state, LocalState::Paused(_));
             if live && !s.launch.image_digest.is_empty() {
                 images.pin(id, &s.launch.image_digest);
             }

@@ -33,6 +33,7 @@ pub(crate) fn report_of(id: &str, state: &LocalState) -> pb::SandboxStatusUpdate
     };
     let s = match state {
         LocalState::Running => pb::SandboxState::Running,
+        LocalState::Standby => pb::SandboxState::Standby,
         LocalState::Paused(record) => {
             update.snapshot_bytes = record.bytes;
             update.snapshot_filesystem_only = record.mode == PauseMode::FilesystemOnly;

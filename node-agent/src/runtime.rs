@@ -66,6 +66,8 @@ pub mod files {
     pub const SNAPSHOT: &str = "snapshot";
     /// Why the last pause failed (the sandbox kept running).
     pub const PAUSE_FAILED: &str = "pause_failed";
+    /// It is frozen in place (standby), since the Unix ms inside; see [`crate::freezer`].
+    pub const STANDBY: &str = "standby";
 }
 
 pub use crate::checkpoint::{PauseMode, PausedRecord};
@@ -118,10 +120,19 @@ impl ExitRecord {
 pub enum LocalState {
     /// Its shim runs (or is just starting).
     Running,
+    /// Its shim runs and the sandbox is frozen in place ([`crate::freezer`]).
+    Standby,
     /// Paused to this node's disk; no shim runs.
     Paused(PausedRecord),
     /// It ended.
     Finished(ExitRecord),
+}
+
+impl LocalState {
+    /// Its shim runs it: Running, or frozen on standby.
+    pub fn runs(&self) -> bool {
+        matches!(self, LocalState::Running | LocalState::Standby)
+    }
 }
 
 /// A sandbox this node has.
@@ -239,19 +250,24 @@ impl Runtime {
         if !dir.exists() || dir.join(files::TERMINATE).exists() {
             return Ok(());
         }
+        // A frozen sandbox takes no signal: thaw it so it can be stopped.
+        if let Err(e) = self.thaw(id) {
+            tracing::warn!(sandbox = %id, error = %e, "could not thaw a sandbox to stop it");
+        }
         write_atomic(
             &dir.join(files::TERMINATE),
             format!("{}\n{reason}\n", grace.as_millis()).as_bytes(),
         )
     }
 
-    /// Asks a running sandbox's shim to pause it to disk. A sandbox that is not running
-    /// (ended, paused already) is left as it is.
+    /// Asks a running sandbox's shim to pause it to disk (thawed first when it is on
+    /// standby). A sandbox that is not running (ended, paused already) is left as it is.
     pub fn pause(&self, id: &str, mode: PauseMode) -> io::Result<()> {
         if !valid_sandbox_id(id) {
             return Ok(());
         }
         let dir = self.dir(id);
+        self.thaw(id).map_err(io::Error::other)?;
         if !dir.join(files::LAUNCH).exists()
             || dir.join(files::EXIT).exists()
             || dir.join(files::PAUSED).exists()
@@ -262,6 +278,43 @@ impl Runtime {
             &dir.join(files::PAUSE),
             format!("{}\n", mode.as_str()).as_bytes(),
         )
+    }
+
+    /// Freezes a running gVisor sandbox in place (standby). Blocking, a few ms: the agent
+    /// runs it, and [`Runtime::thaw`], in order on one thread ([`crate::standby`]).
+    pub fn standby(&self, id: &str) -> Result<(), String> {
+        let sandbox = self
+            .inspect(id)
+            .ok_or_else(|| format!("sandbox {id} is not on this node"))?;
+        match sandbox.state {
+            LocalState::Standby => return Ok(()),
+            LocalState::Running if sandbox.started => {}
+            _ => return Err(format!("sandbox {id} is not running here")),
+        }
+        let dir = self.dir(id);
+        let cid = crate::shim_command::container_id(&dir, &sandbox.launch);
+        crate::freezer::freeze(&dir, &cid, unix_ms())
+    }
+
+    /// Thaws a sandbox on standby here (a no-op for any other). Blocking, a few ms.
+    pub fn thaw(&self, id: &str) -> Result<(), String> {
+        let dir = self.dir(id);
+        if !valid_sandbox_id(id) || !crate::freezer::is_standby(&dir) {
+            return Ok(());
+        }
+        let launch: Launch = fs::read(dir.join(files::LAUNCH))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| format!("sandbox {id} has no launch record"))?;
+        let cid = crate::shim_command::container_id(&dir, &launch);
+        crate::freezer::thaw(&dir, &cid)
+    }
+
+    /// Notes that a standby failed, so the next report says so (as a failed pause does).
+    pub fn standby_failed(&self, id: &str, why: &str) {
+        if valid_sandbox_id(id) {
+            let _ = write_atomic(&self.dir(id).join(files::PAUSE_FAILED), why.as_bytes());
+        }
     }
 
     /// Resumes a sandbox paused here: a new shim restores it, now under `epoch`. Returns
@@ -336,6 +389,14 @@ impl Runtime {
         // A shim killed before it cleaned up may have left the overlay mounted: never
         // delete through it.
         crate::bundle::unmount_rootfs(&self.dir(id));
+        // Its freezer group, should the shim have ended before its processes did.
+        if let Some(launch) = fs::read(self.dir(id).join(files::LAUNCH))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Launch>(&b).ok())
+        {
+            let dir = self.dir(id);
+            crate::freezer::remove_group(&crate::shim_command::container_id(&dir, &launch));
+        }
         match fs::remove_dir_all(self.dir(id)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -386,6 +447,7 @@ impl Runtime {
             serde_json::from_slice(&fs::read(dir.join(files::LAUNCH)).ok()?).ok()?;
         let state = match read_exit(&dir) {
             Some(record) => LocalState::Finished(record),
+            None if shim_alive(&dir) && crate::freezer::is_standby(&dir) => LocalState::Standby,
             None if shim_alive(&dir) => LocalState::Running,
             None if dir.join(files::PAUSED).exists() => {
                 match crate::checkpoint::read_paused(&dir) {
@@ -408,12 +470,7 @@ impl Runtime {
                         let reason = "its shim exited without recording a result (the node \
                                       rebooted, or the shim was killed)"
                             .to_owned();
-                        let record = ExitRecord {
-                            outcome: Outcome::Failed { reason },
-                            finished_unix_ms: unix_ms(),
-                            stdout_truncated: false,
-                            stderr_truncated: false,
-                        };
+                        let record = ExitRecord::failed(&reason);
                         // Record it, so later scans agree.
                         let _ = serde_json::to_vec(&record)
                             .map(|b| write_atomic(&dir.join(files::EXIT), &b));

@@ -26,6 +26,7 @@ use crate::bundle;
 use crate::cgroups::{self, SandboxCgroup};
 use crate::checkpoint::{self, PauseMode};
 use crate::config::RuntimeKind;
+use crate::freezer;
 use crate::launch::Launch;
 use crate::runtime::{ExitRecord, Outcome, files, read_exit, unix_ms, write_atomic};
 use crate::shim_command::{container_id, runsc, runsc_globals, runsc_running, sandbox_command};
@@ -272,7 +273,7 @@ fn run(
         ));
     }
     // Paused time does not count toward the session limit.
-    let deadline = (launch.timeout_ms > 0)
+    let mut deadline = (launch.timeout_ms > 0)
         .then(|| started + Duration::from_millis(launch.timeout_ms.saturating_sub(ran_before)));
     let cgroups = cgroup.is_some();
     let pid = child.id();
@@ -301,15 +302,30 @@ fn run(
         .as_ref()
         .map_or_else(unix_ms, |r| r.last_activity_unix_ms.max(r.taken_unix_ms));
     // Auto-pause counts from this run's start at the earliest: a resume is not idle time.
-    let run_started_unix_ms = unix_ms();
+    let mut run_started_unix_ms = unix_ms();
     let mut resume_pending = resuming.is_some();
     let mut next_idle_check = started;
+    // On standby (frozen by the agent): time the session limit does not count.
+    let mut was_frozen = false;
+    let mut last_round = Instant::now();
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break Ok(status),
             Ok(None) => {}
             Err(e) => break Err(e),
         }
+        let frozen = gvisor && freezer::is_standby(dir);
+        let round = Instant::now();
+        if frozen {
+            if let Some(d) = deadline.as_mut() {
+                *d += round.saturating_duration_since(last_round);
+            }
+        } else if was_frozen {
+            // Thawed: a resume, which is not idle time for auto-pause.
+            run_started_unix_ms = unix_ms();
+        }
+        was_frozen = frozen;
+        last_round = round;
         if !marked_started && (!gvisor || runsc_running(dir)) {
             if resume_pending {
                 // Restored: the helper listens again, and the pause record goes before
@@ -330,6 +346,23 @@ fn run(
             Some((_, kill_at)) if now >= *kill_at => stop(Signal::SIGKILL),
             Some(_) => {}
             None if paused.is_some() => {}
+            None if frozen => {
+                // Frozen, it cannot be stopped or paused: to stop it (asked to, or idle past
+                // its limit, which counts frozen time), it is thawed, and the next round
+                // stops it.
+                let idle_check = now >= next_idle_check;
+                if idle_check {
+                    next_idle_check = now + IDLE_CHECK;
+                }
+                let idle = launch.idle_timeout_ms > 0
+                    && idle_check
+                    && idle_past_limit(dir, launch.idle_timeout_ms, started_unix_ms).is_some();
+                if idle || dir.join(files::TERMINATE).exists() {
+                    if let Err(e) = freezer::thaw(dir, &container_id(dir, launch)) {
+                        eprintln!("could not thaw the sandbox to stop it: {e}");
+                    }
+                }
+            }
             None => {
                 let idle_check = now >= next_idle_check;
                 if idle_check {
@@ -388,6 +421,9 @@ fn run(
     };
     // Whatever is left of the group goes with it.
     signal(&child, Signal::SIGKILL);
+    if gvisor {
+        freezer::remove_group(&container_id(dir, launch));
+    }
     for c in copiers {
         let _ = c.join();
     }

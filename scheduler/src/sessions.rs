@@ -4,7 +4,8 @@
 //! defaults are Vercel's tiers: 45 minutes by default, at most 5 hours. The leader applies
 //! them before the spec goes into the log, so every replica holds the same resolved spec.
 //! Whether a GPU sandbox may be paused keeping its files only is here too (the leader puts
-//! it in the pause's log entry).
+//! it in the pause's log entry), and how long a sandbox stays on standby before the leader
+//! pauses it to disk.
 
 use std::collections::BTreeMap;
 
@@ -30,6 +31,10 @@ pub struct SessionsConfig {
     /// Allow pausing a sandbox that holds GPUs by keeping its files only (its processes
     /// restart on resume): gVisor cannot checkpoint GPU state. Off: such a pause is refused.
     pub gpu_pause_filesystem_only: bool,
+    /// A sandbox on standby this long (frozen in place, holding its memory) is paused to
+    /// disk, which frees its memory too; 0 = it stays on standby. 15 s by default, as
+    /// Blaxel snapshots an idle sandbox after about 15 s.
+    pub standby_pause_after_ms: u64,
     /// Per-tenant overrides (`[scheduler.sessions.tenants.NAME]`).
     pub tenants: BTreeMap<String, TenantSessions>,
 }
@@ -53,6 +58,7 @@ impl Default for SessionsConfig {
             max_timeout_ms: 5 * 3_600_000,
             default_idle_timeout_ms: 0,
             gpu_pause_filesystem_only: false,
+            standby_pause_after_ms: 15_000,
             tenants: BTreeMap::new(),
         }
     }
@@ -120,6 +126,7 @@ impl SessionsConfig {
             });
         };
         v.nested("sessions", |v| {
+            check(v, "standby_pause_after_ms", self.standby_pause_after_ms);
             check_all(
                 v,
                 self.default_timeout_ms,

@@ -5,7 +5,8 @@
 //! the call to the state the node reports (PAUSED, RUNNING). Beside it, in the same run,
 //! a bare runsc container of the same size ([`super::bench_resume_bare`]): `runsc
 //! checkpoint`/`restore`, and the standby baselines `runsc pause`/`resume` and the cgroup
-//! freezer (berth has no standby tier yet; those rows are what one would cost).
+//! freezer, beside berth's standby tier (frozen in place through the freezer, thawed by a
+//! resume: from the call to RUNNING).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -34,7 +35,7 @@ pub(crate) struct ResumeArgs {
     /// Pause/resume cycles per size through berth.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1_000))]
     count: u32,
-    /// Standby (pause/resume, freezer) cycles of the bare container.
+    /// Standby cycles through berth, and of the bare container (pause/resume, freezer).
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     standby_count: u32,
     /// First of the ports the dev cluster uses (gRPC +0..3, metrics +10..13, agents +20).
@@ -50,6 +51,10 @@ struct SizeReport {
     memory_mib: u64,
     berth_pause: Latency,
     berth_resume: Latency,
+    /// From the standby call until the agent has frozen it.
+    berth_standby: Latency,
+    /// From the resume call until RUNNING, thawed in place.
+    berth_standby_resume: Latency,
     bare_runsc_checkpoint: Latency,
     bare_runsc_restore: Latency,
     bare_runsc_pause: Latency,
@@ -86,6 +91,8 @@ fn print(r: &ResumeReport) {
         let mut rows = vec![
             ("berth pause (to PAUSED)", &s.berth_pause),
             ("berth resume (to RUNNING)", &s.berth_resume),
+            ("berth standby (to frozen)", &s.berth_standby),
+            ("berth standby resume", &s.berth_standby_resume),
             ("bare runsc checkpoint", &s.bare_runsc_checkpoint),
             ("bare runsc restore", &s.bare_runsc_restore),
             ("bare runsc pause", &s.bare_runsc_pause),
@@ -104,7 +111,7 @@ fn print(r: &ResumeReport) {
     }
     println!(
         "targets: resume from a checkpoint of about 16 MiB p50 <= {} ms; from standby p50 <= {} ms \
-         (standby is not built in berth yet: the bare rows are its floor)",
+         (the bare rows are the floor of each)",
         r.target_checkpoint_resume_p50_ms, r.target_standby_resume_p50_ms
     );
 }
@@ -199,7 +206,7 @@ async fn bench(args: &ResumeArgs) -> Result<ResumeReport, String> {
         for _ in 0..args.count {
             let t = Instant::now();
             client
-                .pause(&id)
+                .pause(&id, false)
                 .await
                 .map_err(|s| s.message().to_owned())?;
             pauses.push(until(&mut client, &id, pb::SandboxState::Paused, t).await?);
@@ -209,6 +216,34 @@ async fn bench(args: &ResumeArgs) -> Result<ResumeReport, String> {
                 .await
                 .map_err(|s| s.message().to_owned())?;
             resumes.push(until(&mut client, &id, pb::SandboxState::Running, t).await?);
+        }
+        let frozen = dir
+            .path()
+            .join("dev/agents")
+            .join(NODE)
+            .join("sandboxes")
+            .join(&id)
+            .join("standby");
+        let (mut freezes, mut thaws) = (Vec::new(), Vec::new());
+        for _ in 0..args.standby_count {
+            let t = Instant::now();
+            client
+                .pause(&id, true)
+                .await
+                .map_err(|s| s.message().to_owned())?;
+            while !frozen.exists() {
+                if t.elapsed() > Duration::from_secs(30) {
+                    return Err(format!("{id} was not frozen in 30 s"));
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            freezes.push(t.elapsed());
+            let t = Instant::now();
+            client
+                .resume(&id)
+                .await
+                .map_err(|s| s.message().to_owned())?;
+            thaws.push(until(&mut client, &id, pb::SandboxState::Running, t).await?);
         }
         exec(&mut client, &id, "test -s /tmp/blob").await?;
         let _ = client.delete(&id).await;
@@ -224,6 +259,8 @@ async fn bench(args: &ResumeArgs) -> Result<ResumeReport, String> {
             memory_mib: mib,
             berth_pause: latency(pauses),
             berth_resume: latency(resumes),
+            berth_standby: latency(freezes),
+            berth_standby_resume: latency(thaws),
             bare_runsc_checkpoint: latency(bare.checkpoint),
             bare_runsc_restore: latency(bare.restore),
             bare_runsc_pause: latency(bare.runsc_pause),

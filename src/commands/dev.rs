@@ -86,6 +86,10 @@ pub(crate) struct DevArgs {
     /// resume): `[scheduler.sessions] gpu_pause_filesystem_only`.
     #[arg(long)]
     gpu_pause_filesystem_only: bool,
+    /// How long a sandbox stays on standby before it is paused to disk, e.g. 15s or 1h:
+    /// `[scheduler.sessions] standby_pause_after_ms`.
+    #[arg(long, default_value = "15s", value_parser = super::parse_duration)]
+    standby_pause_after: std::time::Duration,
 }
 
 /// `--runtime`.
@@ -304,6 +308,8 @@ async fn dev(args: &DevArgs) -> Result<(), String> {
         cfg.liveness.heartbeat_interval_ms = (args.node_ttl_ms / 5).max(50);
         cfg.liveness.node_disconnect_grace_ms = args.node_disconnect_grace_ms;
         cfg.sessions.gpu_pause_filesystem_only = args.gpu_pause_filesystem_only;
+        cfg.sessions.standby_pause_after_ms =
+            u64::try_from(args.standby_pause_after.as_millis()).unwrap_or(u64::MAX);
         let running = berth_scheduler::service::start(&cfg)
             .await
             .map_err(|e| format!("replica {}: {e}", i + 1))?;

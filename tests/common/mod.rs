@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses part of it
 
 pub(crate) mod agents;
+pub(crate) mod counter;
 pub(crate) mod sandboxes;
 
 use std::net::TcpListener;

@@ -32,6 +32,7 @@ pub fn status_update_from_pb(
                 u.reason.clone()
             },
         }),
+        Ok(pb::SandboxState::Standby) => Some(StatusChange::Standby),
         Ok(pb::SandboxState::Paused) => Some(StatusChange::Paused {
             bytes: u.snapshot_bytes,
             mode: if u.snapshot_filesystem_only {
@@ -45,7 +46,7 @@ pub fn status_update_from_pb(
                 "state",
                 format!(
                     "must be SANDBOX_STATE_RUNNING, SANDBOX_STATE_EXITED, \
-                     SANDBOX_STATE_FAILED or SANDBOX_STATE_PAUSED, not {}",
+                     SANDBOX_STATE_FAILED, SANDBOX_STATE_PAUSED or SANDBOX_STATE_STANDBY, not {}",
                     enum_value(u.state, pb::SandboxState::as_str_name)
                 ),
             );

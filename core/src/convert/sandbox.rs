@@ -73,6 +73,11 @@ pub fn sandbox_to_pb_with_gpus(s: &Sandbox, node: Option<&NodeSpec>, revision: u
                 status.node_id = snap.node.clone();
             }
         }
+        SandboxState::Standby { .. } => {
+            status.reason =
+                "on standby: frozen in place, holding its memory but no CPU; resume thaws it"
+                    .into();
+        }
         SandboxState::Scheduled | SandboxState::Running | SandboxState::Pausing => {}
     }
     if let Some(binding) = &s.binding {
@@ -126,6 +131,7 @@ pub fn sandbox_state_to_pb(s: &SandboxState) -> pb::SandboxState {
         SandboxState::Unknown { .. } => pb::SandboxState::Unknown,
         SandboxState::Pausing => pb::SandboxState::Pausing,
         SandboxState::Paused => pb::SandboxState::Paused,
+        SandboxState::Standby { .. } => pb::SandboxState::Standby,
     }
 }
 

@@ -41,6 +41,10 @@ impl State {
             Command::ResumeSandboxes { items } => {
                 items.iter().map(|id| outcome(self.resume(*id))).collect()
             }
+            Command::StandbySandboxes { items } => items
+                .iter()
+                .map(|id| outcome(self.standby(*id, now_ms)))
+                .collect(),
             Command::ExpireDisconnected { items } => items
                 .iter()
                 .map(|id| outcome(self.expire_disconnected(*id, now_ms)))
@@ -316,10 +320,12 @@ impl State {
                 self.mark_running(update.sandbox, now_ms);
                 Ok(())
             }
-            StatusChange::PauseFailed { .. } => {
-                self.pause_failed(update.sandbox);
+            StatusChange::PauseFailed { reason } => {
+                self.pause_failed(update.sandbox, reason, now_ms);
                 Ok(())
             }
+            // What it was asked for: it is Standby already (or was since asked otherwise).
+            StatusChange::Standby => Ok(()),
             StatusChange::Exited { code } => {
                 self.finish(
                     update.sandbox,
@@ -417,6 +423,15 @@ impl State {
         if held && release {
             self.release(id);
         }
+        // Off its node for good: no longer counted as on standby there.
+        let node = self
+            .sandboxes
+            .get(&id)
+            .and_then(|s| s.binding.as_ref())
+            .map(|b| b.placement.node.clone());
+        if let Some(record) = node.and_then(|n| self.nodes.get_mut(&n)) {
+            record.standby.remove(&id);
+        }
     }
 
     /// Adds a bound sandbox's resources to its node and tenant.
@@ -453,6 +468,15 @@ impl State {
         if !changed {
             return;
         }
+        // A Standby sandbox's CPU is not counted; off the node, it is no longer Standby.
+        let cpu_milli = if node.standby.contains(&id) {
+            0
+        } else {
+            sandbox.spec.cpu_milli
+        };
+        if !hold {
+            node.standby.remove(&id);
+        }
         let step = |value: u64, amount: u64| {
             if hold {
                 value + amount
@@ -460,7 +484,7 @@ impl State {
                 value.saturating_sub(amount)
             }
         };
-        node.cpu_milli_allocated = step(node.cpu_milli_allocated, sandbox.spec.cpu_milli);
+        node.cpu_milli_allocated = step(node.cpu_milli_allocated, cpu_milli);
         node.memory_mib_allocated = step(node.memory_mib_allocated, sandbox.spec.memory_mib);
         for i in &p.gpu_indices {
             if let Some(used) = node.gpu_milli_allocated.get_mut(*i as usize) {

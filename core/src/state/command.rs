@@ -140,8 +140,15 @@ pub enum Command {
         /// Whether a GPU sandbox may be paused keeping its files only.
         gpu_filesystem_only: bool,
     },
+    /// Put running sandboxes on standby: each is frozen in place, keeping its memory and
+    /// GPUs on its node and giving back its CPU. A resume thaws it there.
+    StandbySandboxes {
+        /// Ids.
+        items: Vec<SandboxId>,
+    },
     /// Resume paused sandboxes: each becomes Pending with its snapshot, and placement
-    /// prefers the snapshot's node.
+    /// prefers the snapshot's node. A Standby sandbox is thawed on its node (Scheduled
+    /// there again) when the node has its CPU free.
     ResumeSandboxes {
         /// Ids.
         items: Vec<SandboxId>,
@@ -167,6 +174,7 @@ impl Command {
             Command::ExpireDisconnected { items } => items.len(),
             Command::PauseSandboxes { items, .. } => items.len(),
             Command::ResumeSandboxes { items } => items.len(),
+            Command::StandbySandboxes { items } => items.len(),
             Command::RegisterAgent { has, .. } => has.len().max(1),
             Command::AutoscalerLease { decisions, .. } => decisions.len().max(1),
             _ => 1,
@@ -223,6 +231,8 @@ pub enum StatusChange {
         /// Why.
         reason: String,
     },
+    /// It is frozen in place (standby), as it was asked to be.
+    Standby,
     /// It was checkpointed to the node's disk (asked to, or after its idle time).
     Paused {
         /// The snapshot's size on disk.
@@ -408,4 +418,20 @@ pub enum Rejection {
          no checkpoint); pause needs a gvisor node"
     )]
     NoCheckpoint(SandboxId, NodeId),
+    /// A Standby sandbox thaws on its own node, which has not the CPU free for it now.
+    #[error(
+        "sandbox {id} is on standby on node {node}, which has {free} milli-CPU free and it \
+         needs {need} to run again; retry when the node has room, or pause it to disk so \
+         it can resume elsewhere"
+    )]
+    NoRoomToThaw {
+        /// Sandbox.
+        id: SandboxId,
+        /// Its node.
+        node: NodeId,
+        /// CPU free there.
+        free: u64,
+        /// CPU it needs.
+        need: u64,
+    },
 }

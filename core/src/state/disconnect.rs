@@ -47,7 +47,10 @@ impl State {
             };
             let was_running = match s.state {
                 // A pause in progress is given up: the sandbox comes back Running.
-                SandboxState::Running | SandboxState::Pausing => true,
+                // So is a standby: its agent's report decides what it is when it returns.
+                SandboxState::Running | SandboxState::Pausing | SandboxState::Standby { .. } => {
+                    true
+                }
                 SandboxState::Scheduled => false,
                 _ => continue,
             };

@@ -27,12 +27,15 @@ mod disconnect;
 mod nodes;
 mod pause;
 pub mod snapshot;
+mod standby;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_disconnect;
 #[cfg(test)]
 mod tests_pause;
+#[cfg(test)]
+mod tests_standby;
 pub mod tokens;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -59,7 +62,7 @@ pub struct NodeRecord {
     pub status_reason: String,
     /// Incremented at every registration.
     pub epoch: u64,
-    /// CPU held by its Scheduled/Running/Unknown sandboxes.
+    /// CPU held by its Scheduled/Running/Unknown/Pausing sandboxes (not Standby ones).
     pub cpu_milli_allocated: u64,
     /// Memory held.
     pub memory_mib_allocated: u64,
@@ -69,6 +72,9 @@ pub struct NodeRecord {
     pub sandboxes: BTreeSet<SandboxId>,
     /// Sandboxes whose snapshot lives on this node (Paused, or resuming from it).
     pub snapshots: BTreeSet<SandboxId>,
+    /// Sandboxes bound here whose CPU is given back (Standby, or Unknown after it): they
+    /// count their memory and GPUs in the allocations, not their CPU.
+    pub standby: BTreeSet<SandboxId>,
 }
 
 impl NodeRecord {

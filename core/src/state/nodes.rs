@@ -40,6 +40,7 @@ impl State {
                     gpu_milli_allocated: vec![0; spec.gpus.len()],
                     sandboxes: Default::default(),
                     snapshots: Default::default(),
+                    standby: Default::default(),
                 },
             );
             return Ok(());
@@ -81,6 +82,7 @@ impl State {
                 }
                 Some(
                     StatusChange::Running
+                    | StatusChange::Standby
                     | StatusChange::Paused { .. }
                     | StatusChange::PauseFailed { .. },
                 )
@@ -89,7 +91,17 @@ impl State {
             let Some(sandbox) = self.sandboxes.get(&id) else {
                 continue;
             };
-            let started = matches!(sandbox.state, SandboxState::Running | SandboxState::Pausing);
+            let started = matches!(
+                sandbox.state,
+                SandboxState::Running | SandboxState::Pausing | SandboxState::Standby { .. }
+            );
+            // On standby, it holds no CPU: as the state says, or as the agent reports of a
+            // sandbox it had running (frozen while the node was away). One on its way back
+            // from standby (Scheduled) is thawed by the assignment the new stream sends.
+            let standby = matches!(sandbox.state, SandboxState::Standby { .. })
+                || (sandbox.state == SandboxState::Running
+                    && report == Some(&StatusChange::Standby));
+            let cpu_needed = if standby { 0 } else { sandbox.spec.cpu_milli };
             if has.is_some() && report.is_none() && started {
                 let reason = format!("the agent on {} restarted without it", spec.id);
                 self.finish(id, SandboxState::Lost { reason }, now_ms, false);
@@ -101,15 +113,25 @@ impl State {
                     b.placement.gpu_indices.iter().all(|i| {
                         node.gpu_milli_free(*i as usize) >= b.placement.gpu_milli_per_gpu
                             && spec.gpus.get(*i as usize).map(|g| &g.model) == b.gpu_model.as_ref()
-                    }) && node.cpu_milli_free() >= sandbox.spec.cpu_milli
+                    }) && node.cpu_milli_free() >= cpu_needed
                         && node.memory_mib_free() >= sandbox.spec.memory_mib
                 }
                 _ => false,
             };
             if fits {
+                if let Some(record) = self.nodes.get_mut(&spec.id) {
+                    if standby {
+                        record.standby.insert(id);
+                    } else {
+                        record.standby.remove(&id);
+                    }
+                }
                 self.hold(id);
                 if report == Some(&StatusChange::Running) {
                     self.mark_running(id, now_ms);
+                }
+                if standby {
+                    self.mark_standby(id, now_ms);
                 }
             } else {
                 let reason = format!(

@@ -6,7 +6,8 @@ use super::command::Rejection;
 use crate::model::{NodeId, NodeStatus, SandboxId, SandboxState, SnapshotMode, SnapshotRecord};
 
 impl State {
-    /// A Running sandbox is asked to pause; one already Pausing or Paused is left as it is.
+    /// A Running (or Standby) sandbox is asked to pause; one already Pausing or Paused is
+    /// left as it is.
     pub(super) fn pause(
         &mut self,
         id: SandboxId,
@@ -16,9 +17,10 @@ impl State {
             .sandboxes
             .get_mut(&id)
             .ok_or(Rejection::UnknownSandbox(id))?;
-        match sandbox.state {
+        let from_standby = match sandbox.state {
             SandboxState::Pausing | SandboxState::Paused => return Ok(()),
-            SandboxState::Running => {}
+            SandboxState::Running => false,
+            SandboxState::Standby { .. } => true,
             _ => {
                 return Err(Rejection::InvalidTransition {
                     id,
@@ -26,7 +28,7 @@ impl State {
                     what: "a pause",
                 });
             }
-        }
+        };
         let gpus = sandbox
             .binding
             .as_ref()
@@ -43,8 +45,17 @@ impl State {
                 return Err(Rejection::NoCheckpoint(id, node.clone()));
             }
         }
+        if from_standby {
+            // Thawed for the checkpoint, so it holds its CPU again while it is taken.
+            self.take_cpu_back(id)?;
+        }
+        let Some(sandbox) = self.sandboxes.get_mut(&id) else {
+            return Ok(());
+        };
+        let before = sandbox.state.name();
         sandbox.state = SandboxState::Pausing;
-        self.count_state("running", -1);
+        sandbox.placement_note = None;
+        self.count_state(before, -1);
         self.count_state("pausing", 1);
         Ok(())
     }
@@ -112,12 +123,17 @@ impl State {
         Ok(())
     }
 
-    /// The node could not take the snapshot and the sandbox kept running: a Pausing
-    /// sandbox is Running again (anything else is left as it is).
-    pub(super) fn pause_failed(&mut self, id: SandboxId) {
+    /// The node could not take the snapshot (or freeze it) and the sandbox kept running: a
+    /// Pausing sandbox is Running again, a Standby one too if its CPU is still free
+    /// (anything else is left as it is).
+    pub(super) fn pause_failed(&mut self, id: SandboxId, reason: &str, now_ms: u64) {
         let Some(sandbox) = self.sandboxes.get_mut(&id) else {
             return;
         };
+        if matches!(sandbox.state, SandboxState::Standby { .. }) {
+            self.standby_failed(id, reason, now_ms);
+            return;
+        }
         if sandbox.state == SandboxState::Pausing {
             sandbox.state = SandboxState::Running;
             self.count_state("pausing", -1);
@@ -134,6 +150,7 @@ impl State {
             .ok_or(Rejection::UnknownSandbox(id))?;
         match sandbox.state {
             SandboxState::Paused => {}
+            SandboxState::Standby { .. } => return self.thaw(id),
             // Running already, or on its way back from a snapshot: a repeat does nothing.
             SandboxState::Running => return Ok(()),
             SandboxState::Pending | SandboxState::Scheduled if sandbox.snapshot.is_some() => {

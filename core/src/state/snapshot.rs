@@ -17,7 +17,8 @@ const MAGIC: &[u8; 6] = b"BERTH\0";
 // 8: pause (issue #17): Pausing and Paused states, a sandbox's snapshot record, the
 //    snapshots each node holds, and each tenant's paused count.
 // 9: a spec's `auto_pause_idle_ms`.
-const FORMAT_VERSION: u8 = 9;
+// 10: standby (issue #17): the Standby state, and each node's standby set.
+const FORMAT_VERSION: u8 = 10;
 /// Formats this build reads.
 const READS: &[u8] = &[FORMAT_VERSION];
 

@@ -15,7 +15,7 @@ fn running(spec: SandboxSpec, gpus: &[u32]) -> (State, SandboxId) {
 }
 
 /// Node n1 as `node` says, running one sandbox of `spec`, bound with `gpus`.
-fn running_on(node: NodeSpec, spec: SandboxSpec, gpus: &[u32]) -> (State, SandboxId) {
+pub(super) fn running_on(node: NodeSpec, spec: SandboxSpec, gpus: &[u32]) -> (State, SandboxId) {
     let mut state = State::new();
     apply_checked(&mut state, &Command::RegisterNode { spec: node }, 0);
     let milli = if gpus.is_empty() { 0 } else { 1000 };
@@ -36,7 +36,12 @@ fn running_on(node: NodeSpec, spec: SandboxSpec, gpus: &[u32]) -> (State, Sandbo
     (state, id)
 }
 
-fn report(state: &mut State, id: SandboxId, change: StatusChange, now_ms: u64) -> Vec<ItemOutcome> {
+pub(super) fn report(
+    state: &mut State,
+    id: SandboxId,
+    change: StatusChange,
+    now_ms: u64,
+) -> Vec<ItemOutcome> {
     let items = vec![StatusUpdate {
         sandbox: id,
         node: "n1".into(),
@@ -45,7 +50,7 @@ fn report(state: &mut State, id: SandboxId, change: StatusChange, now_ms: u64) -
     apply_checked(state, &Command::UpdateSandboxes { items }, now_ms)
 }
 
-fn pause(state: &mut State, id: SandboxId, fs_only: bool) -> Vec<ItemOutcome> {
+pub(super) fn pause(state: &mut State, id: SandboxId, fs_only: bool) -> Vec<ItemOutcome> {
     let cmd = Command::PauseSandboxes {
         items: vec![id],
         gpu_filesystem_only: fs_only,
@@ -60,7 +65,7 @@ fn paused_report(bytes: u64) -> StatusChange {
     }
 }
 
-fn cpu_only() -> SandboxSpec {
+pub(super) fn cpu_only() -> SandboxSpec {
     spec(&[])
 }
 

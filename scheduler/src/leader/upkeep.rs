@@ -35,9 +35,17 @@ impl Planner {
         let holding = |id: &SandboxId| {
             let s = state.sandbox(*id)?;
             let binding = s.binding.as_ref()?;
+            let mut spec = s.spec.clone();
+            // A Standby sandbox holds no CPU, so it has none to give back.
+            if state
+                .node(&binding.placement.node)
+                .is_some_and(|r| r.standby.contains(id))
+            {
+                spec.cpu_milli = 0;
+            }
             s.state
                 .holds_resources()
-                .then(|| (*id, s.spec.clone(), binding.placement.clone()))
+                .then(|| (*id, spec, binding.placement.clone()))
         };
         match command {
             Command::SubmitSandboxes { .. } | Command::BindSandboxes { .. } if mine => {
@@ -46,6 +54,14 @@ impl Planner {
             Command::SetPendingReasons { .. } | Command::ExpireTerminal { .. } => ViewPlan::Nothing,
             Command::DeleteSandboxes { items } | Command::ExpireDisconnected { items } => {
                 ViewPlan::Release(items.iter().filter_map(holding).collect())
+            }
+            // A failed pause or freeze may take CPU back: a rebuild sees it.
+            Command::UpdateSandboxes { items }
+                if items
+                    .iter()
+                    .any(|u| matches!(u.change, StatusChange::PauseFailed { .. })) =>
+            {
+                ViewPlan::Invalidate
             }
             Command::UpdateSandboxes { items } => ViewPlan::Release(
                 items

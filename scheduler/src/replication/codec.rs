@@ -17,7 +17,8 @@ use crate::state::Command;
 // 6: token commands (PutToken, RevokeToken, UseJoinToken) and Rejection::Token.
 // 7: PauseSandboxes, ResumeSandboxes, StatusChange::Paused (issue #17).
 // 8: a spec's `auto_pause_idle_ms`, a node spec's `runtime`, StatusChange::PauseFailed.
-const ENTRY_FORMAT: u8 = 8;
+// 9: StandbySandboxes, StatusChange::Standby, Rejection::NoRoomToThaw.
+const ENTRY_FORMAT: u8 = 9;
 const SNAPSHOT_FORMAT: u8 = 1;
 // Membership contexts have had the same shape since entry format 2, so they keep that
 // number: contexts already in a log stay readable.

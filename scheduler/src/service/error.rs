@@ -99,7 +99,8 @@ fn rejection_code(r: &Rejection) -> tonic::Code {
         Rejection::InvalidSpec(_) => Code::InvalidArgument,
         Rejection::BatchTooLarge(_)
         | Rejection::ConcurrencyQuota { .. }
-        | Rejection::GpuQuota { .. } => Code::ResourceExhausted,
+        | Rejection::GpuQuota { .. }
+        | Rejection::NoRoomToThaw { .. } => Code::ResourceExhausted,
         Rejection::UnknownNode(_) | Rejection::UnknownSandbox(_) => Code::NotFound,
         _ => Code::FailedPrecondition,
     }

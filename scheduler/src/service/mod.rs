@@ -15,6 +15,7 @@ pub mod liveness;
 pub mod local_cluster;
 pub mod metrics;
 pub mod server;
+pub mod standby;
 pub mod store;
 pub mod transport;
 pub mod usage;

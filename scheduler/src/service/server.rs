@@ -44,6 +44,7 @@ pub struct Running {
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     metrics_task: tokio::task::JoinHandle<std::io::Result<()>>,
     liveness_task: tokio::task::JoinHandle<()>,
+    standby_task: tokio::task::JoinHandle<()>,
     raft: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -69,6 +70,7 @@ impl Running {
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.server).await;
         self.metrics_task.abort();
         self.liveness_task.abort();
+        self.standby_task.abort();
         self.handle.shutdown();
         if let Some(raft) = self.raft.take() {
             let _ = tokio::task::spawn_blocking(move || raft.join()).await;
@@ -205,6 +207,11 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<Running, StartError> {
         disconnect_grace: Duration::from_millis(cfg.liveness.node_disconnect_grace_ms),
     });
     let liveness_task = tokio::spawn(liveness::run_checker(handle.clone(), liveness.clone()));
+    let standby_task = tokio::spawn(super::standby::run_pauser(
+        handle.clone(),
+        cfg.sessions.standby_pause_after_ms,
+        cfg.sessions.gpu_pause_filesystem_only,
+    ));
     let services = Services::new(
         handle.clone(),
         cfg.cluster_id.clone(),
@@ -300,6 +307,7 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<Running, StartError> {
         server,
         metrics_task,
         liveness_task,
+        standby_task,
         raft: Some(raft),
     })
 }

@@ -143,6 +143,11 @@ enum SandboxCommand {
     Pause {
         /// Sandbox id.
         id: String,
+        /// Freeze it in place instead (standby): it keeps its memory on its node and gives
+        /// back its CPU, and a resume thaws it there in milliseconds. After the scheduler's
+        /// standby_pause_after_ms it is paused to disk.
+        #[arg(long)]
+        standby: bool,
         /// Return once the pause is recorded, without waiting for the snapshot.
         #[arg(long)]
         no_wait: bool,
@@ -367,9 +372,19 @@ pub(crate) fn run(args: &SandboxArgs) -> ExitCode {
             } => {
                 return cp::cp(client, cp::parse_place(src), cp::parse_place(dst), *parents).await;
             }
-            SandboxCommand::Pause { id, no_wait, .. } => {
-                let sandbox = client.pause(id).await?;
-                return pause::settle(client, sandbox, pause::Goal::Paused, *no_wait, json).await;
+            SandboxCommand::Pause {
+                id,
+                standby,
+                no_wait,
+                ..
+            } => {
+                let sandbox = client.pause(id, *standby).await?;
+                let goal = if *standby {
+                    pause::Goal::Standby
+                } else {
+                    pause::Goal::Paused
+                };
+                return pause::settle(client, sandbox, goal, *no_wait, json).await;
             }
             SandboxCommand::Resume { id, no_wait, .. } => {
                 let sandbox = client.resume(id).await?;

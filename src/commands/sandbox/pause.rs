@@ -25,6 +25,7 @@ const POLL: Duration = Duration::from_millis(50);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Goal {
     Paused,
+    Standby,
     Running,
 }
 
@@ -39,12 +40,15 @@ pub(super) async fn settle(
     let started = Instant::now();
     let target = match goal {
         Goal::Paused => SandboxState::Paused,
+        Goal::Standby => SandboxState::Standby,
         Goal::Running => SandboxState::Running,
     };
     while !no_wait && state(&sandbox) != target && started.elapsed() < SETTLE_LIMIT {
         let s = state(&sandbox);
         let on_the_way = match goal {
             Goal::Paused => s == SandboxState::Pausing,
+            // Recorded at once; the node freezes it as it is told.
+            Goal::Standby => false,
             Goal::Running => matches!(s, SandboxState::Pending | SandboxState::Scheduled),
         };
         if !on_the_way {

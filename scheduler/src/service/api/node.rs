@@ -126,8 +126,9 @@ impl<S: Store> NodeService for NodeApi<S> {
             .into_iter()
             .filter_map(|o| {
                 let paused = o.state == pb::SandboxState::Paused as i32;
-                (paused || o.state == pb::SandboxState::Running as i32)
-                    .then_some((o.sandbox_id, paused))
+                let runs = o.state == pb::SandboxState::Running as i32
+                    || o.state == pb::SandboxState::Standby as i32;
+                (paused || runs).then_some((o.sandbox_id, paused))
             })
             .collect();
         let lookup = node.clone();
@@ -291,6 +292,8 @@ struct Feed {
     bound: BTreeMap<SandboxId, u64>,
     /// Pausing here now.
     pausing: BTreeSet<SandboxId>,
+    /// On standby here now.
+    standby: BTreeSet<SandboxId>,
     /// Snapshots held here now.
     held: BTreeSet<SandboxId>,
 }
@@ -300,6 +303,7 @@ struct Feed {
 struct Told {
     bound: BTreeMap<SandboxId, u64>,
     pausing: BTreeSet<SandboxId>,
+    standby: BTreeSet<SandboxId>,
     held: BTreeSet<SandboxId>,
 }
 
@@ -341,7 +345,7 @@ fn feed(state: &crate::state::State, node: &str, told: &Told, epoch: u64) -> Opt
         .filter(|s| s.state == SandboxState::Pausing)
         .map(|s| s.id)
         .collect();
-    let pause = sandboxes
+    let pause: Vec<pb::PauseSandbox> = sandboxes
         .iter()
         .filter(|s| s.state == SandboxState::Pausing && !told.pausing.contains(&s.id))
         .map(|s| pb::PauseSandbox {
@@ -350,8 +354,22 @@ fn feed(state: &crate::state::State, node: &str, told: &Told, epoch: u64) -> Opt
                 .binding
                 .as_ref()
                 .is_some_and(|b| !b.placement.gpu_indices.is_empty()),
+            standby: false,
         })
         .collect();
+    let standby: BTreeSet<SandboxId> = sandboxes
+        .iter()
+        .filter(|s| matches!(s.state, SandboxState::Standby { .. }))
+        .map(|s| s.id)
+        .collect();
+    let freeze = standby
+        .difference(&told.standby)
+        .map(|id| pb::PauseSandbox {
+            sandbox_id: id.to_string(),
+            filesystem_only: false,
+            standby: true,
+        });
+    let pause: Vec<pb::PauseSandbox> = pause.into_iter().chain(freeze).collect();
     let held = record.snapshots.clone();
     // Gone from the node: deleted, Lost, or its snapshot here is no longer wanted (deleted,
     // or restored elsewhere). One that ended on its own (Exited, Failed) was reported by
@@ -380,6 +398,7 @@ fn feed(state: &crate::state::State, node: &str, told: &Told, epoch: u64) -> Opt
         terminate,
         bound,
         pausing,
+        standby,
         held,
     })
 }
@@ -441,6 +460,7 @@ async fn agent_outbound<S: Store>(
         told = Told {
             bound: feed.bound,
             pausing: feed.pausing,
+            standby: feed.standby,
             held: feed.held,
         };
         loop {

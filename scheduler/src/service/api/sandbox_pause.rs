@@ -20,9 +20,13 @@ impl<S: Store> SandboxApi<S> {
         let access = self.sandbox_access(&request).await?;
         let id = parse_sandbox_id("sandbox_id", &request.get_ref().sandbox_id)?;
         self.visible(&access, id).await?;
-        let command = Command::PauseSandboxes {
-            items: vec![id],
-            gpu_filesystem_only: self.sessions.gpu_pause_filesystem_only,
+        let command = if request.get_ref().standby {
+            Command::StandbySandboxes { items: vec![id] }
+        } else {
+            Command::PauseSandboxes {
+                items: vec![id],
+                gpu_filesystem_only: self.sessions.gpu_pause_filesystem_only,
+            }
         };
         self.propose_for(command, access, id).await
     }
