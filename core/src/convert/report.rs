@@ -161,9 +161,8 @@ mod tests {
         assert_eq!(
             message(&err),
             "sandbox_id: \"12\" is not a sandbox id (sbx-NNNNNNNNNN); \
-         state: must be SANDBOX_STATE_RUNNING, SANDBOX_STATE_EXITED, SANDBOX_STATE_FAILED or \
-         SANDBOX_STATE_PAUSED, \
-         not SANDBOX_STATE_LOST"
+         state: must be SANDBOX_STATE_RUNNING, SANDBOX_STATE_EXITED, SANDBOX_STATE_FAILED, \
+         SANDBOX_STATE_PAUSED or SANDBOX_STATE_STANDBY, not SANDBOX_STATE_LOST"
         );
         let mut unknown = update("sbx-x", pb::SandboxState::Running, 0, "");
         unknown.state = 42;
@@ -204,6 +203,7 @@ mod tests {
                 observed("sbx-0000000003", pb::SandboxState::Failed, 0),
                 observed("nope", pb::SandboxState::Running, 0),
                 observed("sbx-0000000005", pb::SandboxState::Unknown, 0),
+                observed("sbx-0000000006", pb::SandboxState::Standby, 0),
             ],
             "register.running",
         );
@@ -218,13 +218,15 @@ mod tests {
                         reason: "reported failed by node n1".into()
                     }
                 ),
+                (SandboxId(6), StatusChange::Standby),
             ])
         );
         assert_eq!(
             problems.map(|p| p.one_line()).unwrap_or_default(),
             "register.running[3].sandbox_id: \"nope\" is not a sandbox id (sbx-NNNNNNNNNN); \
              register.running[4].state: must be SANDBOX_STATE_RUNNING, SANDBOX_STATE_EXITED, \
-             SANDBOX_STATE_FAILED or SANDBOX_STATE_PAUSED, not SANDBOX_STATE_UNKNOWN"
+             SANDBOX_STATE_FAILED, SANDBOX_STATE_PAUSED or SANDBOX_STATE_STANDBY, not \
+             SANDBOX_STATE_UNKNOWN"
         );
     }
 }

@@ -174,11 +174,14 @@ mod tests {
         let bytes = envelope.encode();
         assert_eq!(Envelope::decode(&bytes).ok(), Some(envelope));
         let mut other = bytes.clone();
-        other[0] = 9;
+        other[0] = ENTRY_FORMAT + 1;
         let err = Envelope::decode(&other).err().map(|e| e.to_string());
         assert_eq!(
-            err.as_deref(),
-            Some("log entry format 9 is not supported (this build reads 8)")
+            err,
+            Some(format!(
+                "log entry format {} is not supported (this build reads {ENTRY_FORMAT})",
+                ENTRY_FORMAT + 1
+            ))
         );
         assert!(Envelope::decode(&bytes[..bytes.len() - 1]).is_err());
         assert!(Envelope::decode(&[]).is_err());
