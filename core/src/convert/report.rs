@@ -170,8 +170,8 @@ mod tests {
         assert_eq!(
             message(&err),
             "sandbox_id: \"sbx-x\" is not a sandbox id (sbx-NNNNNNNNNN); \
-         state: must be SANDBOX_STATE_RUNNING, SANDBOX_STATE_EXITED, SANDBOX_STATE_FAILED or \
-         SANDBOX_STATE_PAUSED, not unknown value 42"
+         state: must be SANDBOX_STATE_RUNNING, SANDBOX_STATE_EXITED, SANDBOX_STATE_FAILED, \
+         SANDBOX_STATE_PAUSED or SANDBOX_STATE_STANDBY, not unknown value 42"
         );
         let err = status_update_from_pb(
             "n1",
@@ -180,8 +180,8 @@ mod tests {
         .expect_err("pending is not reportable");
         assert_eq!(
             message(&err),
-            "state: must be SANDBOX_STATE_RUNNING, SANDBOX_STATE_EXITED, SANDBOX_STATE_FAILED or \
-         SANDBOX_STATE_PAUSED, not SANDBOX_STATE_PENDING"
+            "state: must be SANDBOX_STATE_RUNNING, SANDBOX_STATE_EXITED, SANDBOX_STATE_FAILED, \
+         SANDBOX_STATE_PAUSED or SANDBOX_STATE_STANDBY, not SANDBOX_STATE_PENDING"
         );
     }
 
