@@ -49,11 +49,13 @@ enum Command {
     #[command(subcommand)]
     Sim(SimCommand),
     /// Create, list, inspect and delete sandboxes.
-    Sandbox(crate::commands::sandbox::SandboxArgs),
+    Sandbox(Box<crate::commands::sandbox::SandboxArgs>),
     /// List, cordon and drain nodes.
     Node(crate::commands::node::NodeArgs),
     /// Cluster status and Raft membership.
     Cluster(crate::commands::cluster::ClusterArgs),
+    /// Warm pools: sandboxes kept ready so a matching create is served at once.
+    Pool(crate::commands::pool::PoolArgs),
     /// Create, list and revoke API tokens (tenant and admin).
     Token(crate::commands::token::TokenArgs),
     /// A certificate authority and certificates in files (operators without their own CA).
@@ -92,6 +94,7 @@ impl Cli {
             Command::Node(args) => crate::commands::node::run(&args),
             Command::Cluster(args) => crate::commands::cluster::run(&args),
             Command::Token(args) => crate::commands::token::run(&args),
+            Command::Pool(args) => crate::commands::pool::run(&args),
             Command::Cert(command) => command.run(),
             Command::Bench(command) => command.run(),
         }

@@ -49,6 +49,9 @@ pub enum Invariant {
     /// A node's `standby` set (sandboxes whose CPU is not counted) holds exactly its
     /// Standby sandboxes, and Unknown ones that may have been: all bound there.
     StandbyIndexConsistent,
+    /// A warm pool's `members` are exactly the live sandboxes that name it, each of the
+    /// pool's tenant, and no pool holds more than its size beyond a shrink in flight.
+    PoolIndexConsistent,
 }
 
 /// One broken invariant.
@@ -70,6 +73,7 @@ impl fmt::Display for Violation {
 pub fn check(state: &State) -> Vec<Violation> {
     let mut out = check_snapshots(state);
     out.extend(check_standby(state));
+    out.extend(check_pools(state));
     let mut fail = |invariant, detail: String| out.push(Violation { invariant, detail });
 
     // Recount node usage from the bindings of Scheduled/Running sandboxes.
@@ -491,6 +495,52 @@ fn check_snapshots(state: &State) -> Vec<Violation> {
         fail(format!(
             "snapshots {ids:?} live on {node}, which is not a node"
         ));
+    }
+    out
+}
+
+/// [`Invariant::PoolIndexConsistent`], recounted from the sandboxes.
+fn check_pools(state: &State) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let mut fail = |detail: String| {
+        out.push(Violation {
+            invariant: Invariant::PoolIndexConsistent,
+            detail,
+        })
+    };
+    let mut recount: BTreeMap<&str, Vec<crate::model::SandboxId>> = BTreeMap::new();
+    for sandbox in state.sandboxes.values() {
+        let Some(pool) = &sandbox.pool else { continue };
+        if sandbox.state.is_terminal() {
+            fail(format!("{} ended and is still in pool {pool}", sandbox.id));
+        }
+        match state.pools.get(pool) {
+            Some(r) if r.pool.template.tenant != sandbox.spec.tenant => fail(format!(
+                "{} of tenant {} is in pool {pool} of tenant {}",
+                sandbox.id, sandbox.spec.tenant, r.pool.template.tenant
+            )),
+            Some(_) => recount.entry(pool.as_str()).or_default().push(sandbox.id),
+            None => fail(format!(
+                "{} names pool {pool}, which does not exist",
+                sandbox.id
+            )),
+        }
+    }
+    for (name, record) in &state.pools {
+        let ids = recount.remove(name.as_str()).unwrap_or_default();
+        if !ids.iter().copied().eq(record.members.iter().copied()) {
+            fail(format!(
+                "pool {name}: members {:?} listed, {ids:?} recounted",
+                record.members
+            ));
+        }
+        if record.members.len() > record.pool.size as usize {
+            fail(format!(
+                "pool {name} has {} members; its size is {}",
+                record.members.len(),
+                record.pool.size
+            ));
+        }
     }
     out
 }

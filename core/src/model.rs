@@ -666,6 +666,8 @@ pub struct Sandbox {
     /// What its last bind said beyond the placement: for a resume, whether snapshot
     /// affinity was hit, and why not when it was missed.
     pub placement_note: Option<String>,
+    /// The warm pool it is a member of, until a create claims it.
+    pub pool: Option<String>,
 }
 
 /// How a pause was taken.

@@ -484,6 +484,41 @@ impl Client {
         Ok(r.tokens)
     }
 
+    /// Sets or replaces a warm pool.
+    pub async fn set_warm_pool(
+        &mut self,
+        request: pb::SetWarmPoolRequest,
+    ) -> Result<pb::WarmPool, Status> {
+        self.call(|c| {
+            let request = request.clone();
+            async move { AdminServiceClient::new(c).set_warm_pool(request).await }
+        })
+        .await
+    }
+
+    /// Deletes a warm pool and its unclaimed members.
+    pub async fn delete_warm_pool(&mut self, name: &str) -> Result<(), Status> {
+        self.call(|c| async move {
+            AdminServiceClient::new(c)
+                .delete_warm_pool(pb::DeleteWarmPoolRequest { name: name.into() })
+                .await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Every warm pool, with its ready and warming members.
+    pub async fn list_warm_pools(&mut self) -> Result<Vec<pb::WarmPool>, Status> {
+        let r = self
+            .call(|c| async move {
+                AdminServiceClient::new(c)
+                    .list_warm_pools(pb::ListWarmPoolsRequest {})
+                    .await
+            })
+            .await?;
+        Ok(r.pools)
+    }
+
     /// Removes a replica.
     pub async fn remove_peer(&mut self, peer_id: u64) -> Result<pb::MembershipResponse, Status> {
         self.call(|c| async move {

@@ -296,7 +296,8 @@ impl Runtime {
         crate::freezer::freeze(&dir, &cid, unix_ms())
     }
 
-    /// Thaws a sandbox on standby here (a no-op for any other). Blocking, a few ms.
+    /// Thaws a sandbox on standby here (a no-op for any other) and marks it active.
+    /// Blocking, a few ms.
     pub fn thaw(&self, id: &str) -> Result<(), String> {
         let dir = self.dir(id);
         if !valid_sandbox_id(id) || !crate::freezer::is_standby(&dir) {
@@ -307,7 +308,11 @@ impl Runtime {
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or_else(|| format!("sandbox {id} has no launch record"))?;
         let cid = crate::shim_command::container_id(&dir, &launch);
-        crate::freezer::thaw(&dir, &cid)
+        crate::freezer::thaw(&dir, &cid)?;
+        // A thaw is someone's resume, or a warm pool's sandbox claimed: its idle limit
+        // counts from now, not from before it was frozen.
+        let _ = write_atomic(&dir.join(files::ACTIVITY), unix_ms().to_string().as_bytes());
+        Ok(())
     }
 
     /// Notes that a standby failed, so the next report says so (as a failed pause does).

@@ -24,6 +24,7 @@ pub(crate) mod cert;
 pub(crate) mod cluster;
 pub(crate) mod dev;
 pub(crate) mod node;
+pub(crate) mod pool;
 pub(crate) mod sandbox;
 pub(crate) mod scheduler;
 pub(crate) mod sim;

@@ -419,6 +419,7 @@ mod tests {
                 finished_unix_ms: 20,
                 explanation: None,
                 usage: None,
+                pool: String::new(),
             })
         );
         // Without the node, no UUIDs; with another node, none either.

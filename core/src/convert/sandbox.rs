@@ -104,6 +104,7 @@ pub fn sandbox_to_pb_with_gpus(s: &Sandbox, node: Option<&NodeSpec>, revision: u
             status.gpu_uuids = uuids.unwrap_or_default();
         }
     }
+    status.pool = s.pool.clone().unwrap_or_default();
     if let Some(note) = &s.placement_note {
         status.explanation = Some(pb::PlacementExplanation {
             summary: note.clone(),
@@ -272,6 +273,7 @@ mod tests {
             finished_ms: None,
             snapshot: None,
             placement_note: None,
+            pool: None,
         };
         let status = sandbox_to_pb(&cpu_only, 4).status.expect("status");
         assert_eq!(

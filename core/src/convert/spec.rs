@@ -305,6 +305,7 @@ mod tests {
             finished_ms: None,
             snapshot: None,
             placement_note: None,
+            pool: None,
         };
         let out = sandbox_to_pb(&sandbox, 42);
         assert_eq!(out.id, "sbx-0000000007");

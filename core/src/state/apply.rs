@@ -36,14 +36,31 @@ impl State {
                 gpu_filesystem_only,
             } => items
                 .iter()
-                .map(|id| outcome(self.pause(*id, *gpu_filesystem_only)))
+                .map(|id| {
+                    outcome(
+                        self.not_pooled(*id)
+                            .and_then(|()| self.pause(*id, *gpu_filesystem_only)),
+                    )
+                })
                 .collect(),
-            Command::ResumeSandboxes { items } => {
-                items.iter().map(|id| outcome(self.resume(*id))).collect()
-            }
+            Command::ResumeSandboxes { items } => items
+                .iter()
+                .map(|id| outcome(self.not_pooled(*id).and_then(|()| self.resume(*id))))
+                .collect(),
             Command::StandbySandboxes { items } => items
                 .iter()
-                .map(|id| outcome(self.standby(*id, now_ms)))
+                .map(|id| {
+                    outcome(
+                        self.not_pooled(*id)
+                            .and_then(|()| self.standby(*id, now_ms)),
+                    )
+                })
+                .collect(),
+            Command::SetWarmPool { name, pool } => one(self.set_pool(name, pool)),
+            Command::DeleteWarmPool { name } => one(self.delete_pool(name)),
+            Command::RefillWarmPools { items } => items
+                .iter()
+                .map(|(name, count)| self.refill_pool(name, *count, now_ms))
                 .collect(),
             Command::ExpireDisconnected { items } => items
                 .iter()
@@ -160,7 +177,18 @@ impl State {
         Ok(())
     }
 
+    /// A create: a warm pool's ready member when one serves it, else a new sandbox.
     fn submit(&mut self, item: &Submission, now_ms: u64) -> ItemOutcome {
+        self.submit_as(item, now_ms, true)
+    }
+
+    /// A create; with `may_claim`, a warm pool that serves it is tried first.
+    pub(super) fn submit_as(
+        &mut self,
+        item: &Submission,
+        now_ms: u64,
+        may_claim: bool,
+    ) -> ItemOutcome {
         let key = (item.spec.tenant.clone(), item.request_id.clone());
         if let Some(id) = self.request_ids.get(&key) {
             return ItemOutcome::Duplicate { id: *id };
@@ -180,6 +208,11 @@ impl State {
         });
         if let Err(e) = v.finish() {
             return ItemOutcome::Rejected(Rejection::InvalidSpec(e));
+        }
+        if may_claim {
+            if let Some(claimed) = self.claim(item, now_ms) {
+                return claimed;
+            }
         }
         let tenant = self.tenants.entry(item.spec.tenant.clone()).or_default();
         if let Some(max) = tenant.quota.max_concurrent_sandboxes {
@@ -210,6 +243,7 @@ impl State {
                 finished_ms: None,
                 snapshot: None,
                 placement_note: None,
+                pool: None,
             },
         );
         self.count_state("pending", 1);
@@ -362,10 +396,19 @@ impl State {
             self.count_state("running", 1);
             // Restored: the snapshot's holder may let its copy go.
             self.drop_snapshot(id);
+            self.park_member(id, now_ms);
         }
     }
 
-    fn delete(&mut self, id: SandboxId) -> Result<(), Rejection> {
+    /// Refuses a user's pause, standby or resume of an unclaimed warm-pool member.
+    fn not_pooled(&self, id: SandboxId) -> Result<(), Rejection> {
+        match self.sandboxes.get(&id).and_then(|s| s.pool.as_ref()) {
+            Some(pool) => Err(Rejection::PoolMember(id, pool.clone())),
+            None => Ok(()),
+        }
+    }
+
+    pub(super) fn delete(&mut self, id: SandboxId) -> Result<(), Rejection> {
         let Some(sandbox) = self.sandboxes.get(&id) else {
             return Err(Rejection::UnknownSandbox(id));
         };
@@ -419,6 +462,7 @@ impl State {
             }
         }
         self.drop_snapshot(id);
+        self.leave_pool(id);
         // Without `release` the caller has already taken the sandbox off its node and tenant.
         if held && release {
             self.release(id);

@@ -160,6 +160,24 @@ pub enum Command {
         /// Sandboxes the leader saw past their grace.
         items: Vec<SandboxId>,
     },
+    /// Set or replace a warm pool ([`super::pools`]); members that no longer fit it are
+    /// deleted.
+    SetWarmPool {
+        /// Its name, unique in the cluster.
+        name: String,
+        /// What it keeps.
+        pool: super::pools::WarmPool,
+    },
+    /// Delete a warm pool and its unclaimed members.
+    DeleteWarmPool {
+        /// Its name.
+        name: String,
+    },
+    /// Make new members of warm pools short of their size: pool name and how many.
+    RefillWarmPools {
+        /// Pool and count.
+        items: Vec<(String, u32)>,
+    },
 }
 
 impl Command {
@@ -175,6 +193,7 @@ impl Command {
             Command::PauseSandboxes { items, .. } => items.len(),
             Command::ResumeSandboxes { items } => items.len(),
             Command::StandbySandboxes { items } => items.len(),
+            Command::RefillWarmPools { items } => items.len(),
             Command::RegisterAgent { has, .. } => has.len().max(1),
             Command::AutoscalerLease { decisions, .. } => decisions.len().max(1),
             _ => 1,
@@ -258,6 +277,13 @@ pub enum ItemOutcome {
         bound: bool,
         /// Why its placement was refused, when one was given and refused.
         bind_rejected: Option<Rejection>,
+    },
+    /// A warm pool's ready member was claimed for the create: it existed before it.
+    Claimed {
+        /// The member, now the create's sandbox.
+        id: SandboxId,
+        /// The pool it came from.
+        pool: String,
     },
     /// The request id was seen before; this is the original sandbox.
     Duplicate {
@@ -418,6 +444,12 @@ pub enum Rejection {
          no checkpoint); pause needs a gvisor node"
     )]
     NoCheckpoint(SandboxId, NodeId),
+    /// The sandbox is an unclaimed member of a warm pool: only a matching create takes it.
+    #[error(
+        "sandbox {0} is a member of warm pool {1}, kept warm until a matching create claims it; \
+         delete the pool or change its size instead"
+    )]
+    PoolMember(SandboxId, String),
     /// A Standby sandbox thaws on its own node, which has not the CPU free for it now.
     #[error(
         "sandbox {id} is on standby on node {node}, which has {free} milli-CPU free and it \

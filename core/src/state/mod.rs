@@ -17,6 +17,8 @@
 //!   disconnect grace (a silent node's sandboxes Unknown, then Lost); `pause`: pause and
 //!   resume (Pausing, Paused with a snapshot on a node, back to Pending); `checks`: what an
 //!   entry is checked against (GPU request well formed, fit, constraints).
+//! - [`pools`]: warm pools (members made ahead of demand, kept on standby, claimed
+//!   exactly once by a matching create).
 //! - [`tokens`]: API and join tokens (hashes only; revocation; a join token spent once).
 //! - [`snapshot`]: compact binary snapshot and restore.
 
@@ -26,6 +28,7 @@ pub mod command;
 mod disconnect;
 mod nodes;
 mod pause;
+pub mod pools;
 pub mod snapshot;
 mod standby;
 #[cfg(test)]
@@ -34,6 +37,8 @@ mod tests;
 mod tests_disconnect;
 #[cfg(test)]
 mod tests_pause;
+#[cfg(test)]
+mod tests_pools;
 #[cfg(test)]
 mod tests_standby;
 pub mod tokens;
@@ -125,6 +130,7 @@ pub struct State {
     pub(crate) sandboxes_by_state: BTreeMap<String, u64>,
     pub(crate) autoscaler: AutoscalerRecord,
     pub(crate) tokens: BTreeMap<String, tokens::TokenRecord>,
+    pub(crate) pools: BTreeMap<String, pools::PoolRecord>,
 }
 
 /// Most autoscaler decision lines kept in the replicated state.

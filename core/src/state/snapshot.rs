@@ -18,7 +18,8 @@ const MAGIC: &[u8; 6] = b"BERTH\0";
 //    snapshots each node holds, and each tenant's paused count.
 // 9: a spec's `auto_pause_idle_ms`.
 // 10: standby (issue #17): the Standby state, and each node's standby set.
-const FORMAT_VERSION: u8 = 10;
+// 11: warm pools (issue #17): the pools and each sandbox's pool membership.
+const FORMAT_VERSION: u8 = 11;
 /// Formats this build reads.
 const READS: &[u8] = &[FORMAT_VERSION];
 

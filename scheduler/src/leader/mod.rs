@@ -76,7 +76,7 @@ impl Planner {
     /// Places a batch of creates (submissions with no placement yet) in one pass against
     /// the view and returns them placed where they fit, with the reservations to hand to [`Planner::proposed`] once proposed.
     /// Items the state already has (same tenant and request id) get no placement: they
-    /// deduplicate. `salt` varies the batch's seed.
+    /// deduplicate; nor do items a warm pool serves now. `salt` varies the batch's seed.
     pub fn plan_creates(
         &mut self,
         state: &State,
@@ -85,11 +85,13 @@ impl Planner {
     ) -> (Vec<Submission>, Reservations) {
         self.refresh_typical(state);
         let seed = self.seed ^ state.revision() ^ salt;
+        // A create a warm pool serves is left unplaced: `apply` hands it a ready member.
         let fresh: Vec<usize> = (0..items.len())
             .filter(|&i| {
                 state
                     .by_request_id(&items[i].spec.tenant, &items[i].request_id)
                     .is_none()
+                    && state.pool_for(&items[i].spec).is_none()
             })
             .collect();
         let batch: Vec<(SandboxId, &SandboxSpec)> = fresh

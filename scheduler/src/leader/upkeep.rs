@@ -55,11 +55,13 @@ impl Planner {
             Command::DeleteSandboxes { items } | Command::ExpireDisconnected { items } => {
                 ViewPlan::Release(items.iter().filter_map(holding).collect())
             }
-            // A failed pause or freeze may take CPU back: a rebuild sees it.
+            // A failed pause or freeze may take CPU back, and a warm pool's member reported
+            // running gives its CPU back (it goes on standby): a rebuild sees it.
             Command::UpdateSandboxes { items }
-                if items
-                    .iter()
-                    .any(|u| matches!(u.change, StatusChange::PauseFailed { .. })) =>
+                if items.iter().any(|u| {
+                    matches!(u.change, StatusChange::PauseFailed { .. })
+                        || state.sandbox(u.sandbox).is_some_and(|s| s.pool.is_some())
+                }) =>
             {
                 ViewPlan::Invalidate
             }
@@ -98,6 +100,15 @@ impl Planner {
                         view.release(&spec, &placement);
                     }
                 }
+            }
+            // A claim thawed a warm pool's member, taking its CPU back: a rebuild sees it.
+            ViewPlan::Ours
+                if outcomes
+                    .iter()
+                    .any(|o| matches!(o, ItemOutcome::Claimed { .. })) =>
+            {
+                self.view = None;
+                return;
             }
             ViewPlan::Ours => {
                 for (item, spec, placement) in self.inflight.get(&index).into_iter().flatten() {

@@ -15,7 +15,7 @@ use berth_scheduler::service::client::Client;
 use super::emit;
 use super::show::sandbox_json;
 use super::show::{state, status};
-use super::{CreateArgs, NetworkMode};
+use super::{CreateArgs, NetworkMode, ShapeArgs};
 use crate::exit::EXIT_FAILURE;
 
 /// First and longest pause between polls of a sandbox's state.
@@ -30,6 +30,22 @@ const EXIT_INTERRUPTED: u8 = 130;
 
 /// The spec `create` asks for; an error names the flag at fault.
 pub(super) fn spec(args: &CreateArgs) -> Result<pb::SandboxSpec, String> {
+    let mut spec = shape_spec(&args.shape)?;
+    spec.command = args.command.clone();
+    spec.env = args.env.iter().cloned().collect();
+    spec.labels = args.labels.iter().cloned().collect();
+    spec.keep_alive = args.keep_alive;
+    spec.auto_pause_idle_ms = args.auto_pause.map_or(0, millis);
+    Ok(spec)
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The spec of a sandbox of this shape, running nothing yet; an error names the flag at
+/// fault.
+pub(crate) fn shape_spec(args: &ShapeArgs) -> Result<pb::SandboxSpec, String> {
     let gpu = if args.gpu.is_empty() {
         None
     } else {
@@ -44,8 +60,6 @@ pub(super) fn spec(args: &CreateArgs) -> Result<pb::SandboxSpec, String> {
     Ok(pb::SandboxSpec {
         tenant: args.tenant.clone(),
         image: args.image.clone().unwrap_or_default(),
-        command: args.command.clone(),
-        env: args.env.iter().cloned().collect(),
         resources: Some(pb::Resources {
             cpu_milli: args.cpu,
             memory_mib: args.memory,
@@ -56,24 +70,15 @@ pub(super) fn spec(args: &CreateArgs) -> Result<pb::SandboxSpec, String> {
             regions: args.regions.clone(),
             ..Default::default()
         }),
-        priority: 0,
-        timeout_ms: args
-            .timeout
-            .map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        timeout_ms: args.timeout.map_or(0, millis),
         network: Some(network_policy(args)),
-        labels: args.labels.iter().cloned().collect(),
-        keep_alive: args.keep_alive,
-        idle_timeout_ms: args
-            .idle_timeout
-            .map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
-        auto_pause_idle_ms: args
-            .auto_pause
-            .map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        idle_timeout_ms: args.idle_timeout.map_or(0, millis),
+        ..Default::default()
     })
 }
 
 /// `--network` and `--allow` as the spec's policy.
-fn network_policy(args: &CreateArgs) -> pb::NetworkPolicy {
+fn network_policy(args: &ShapeArgs) -> pb::NetworkPolicy {
     use pb::NetworkMode as Mode;
     let mode = match (args.network, args.allow.is_empty()) {
         (_, false) => Mode::EgressAllow,
@@ -102,12 +107,23 @@ pub(super) async fn create(
     json: bool,
 ) -> Result<ExitCode, Status> {
     let response = client.create(&request_id(), spec).await?;
+    let from_pool = response.from_pool;
     let sandbox = response
         .sandbox
         .ok_or_else(|| Status::internal("the scheduler answered without the sandbox"))?;
+    if !from_pool.is_empty() && !json {
+        let created = sandbox.status.as_ref().map_or(0, |s| s.created_unix_ms);
+        eprintln!(
+            "sandbox {} from warm pool {from_pool} (created {})",
+            sandbox.id,
+            super::show::format_unix_ms(created)
+        );
+    }
     if detach {
         if json {
-            emit(&format!("{}\n", sandbox_json(&sandbox)));
+            let mut value = sandbox_json(&sandbox);
+            value["from_pool"] = serde_json::Value::String(from_pool);
+            emit(&format!("{value}\n"));
         } else {
             emit(&format!("{}\n", sandbox.id));
         }

@@ -18,6 +18,7 @@
 
 mod cp;
 mod create;
+pub(crate) use create::shape_spec;
 mod exec;
 mod parse;
 mod pause;
@@ -207,9 +208,10 @@ fn parse_egress_rule(s: &str) -> Result<pb::EgressRule, String> {
     })
 }
 
-/// `sandbox create` flags.
+/// What a sandbox is made of: resources, where it may run, its image, limits and
+/// network. Shared by `sandbox create` and `pool set` (a pool's template).
 #[derive(Debug, Args)]
-struct CreateArgs {
+pub(crate) struct ShapeArgs {
     /// GPU request, MODEL[!][:COUNT] or MODEL:MILLIm, e.g. H100:2, A100-80GB, any:500m;
     /// several (comma-separated or repeated) are fallbacks in preference order.
     #[arg(long, value_name = "SPEC", value_delimiter = ',', value_parser = parse_gpu_option)]
@@ -236,21 +238,10 @@ struct CreateArgs {
     /// the scheduler says otherwise).
     #[arg(long, value_parser = parse_duration)]
     timeout: Option<Duration>,
-    /// Environment variable (repeatable).
-    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_key_value)]
-    env: Vec<(String, String)>,
-    /// Keep the sandbox running after its command ends, or with no command at all (not
-    /// even the image's), until deleted or a limit ends it: for `exec`, `cp` and `shell`.
-    #[arg(long)]
-    keep_alive: bool,
     /// End the sandbox after this long without an exec or file call, e.g. 10m (default:
     /// the tenant's).
     #[arg(long, value_parser = parse_duration)]
     idle_timeout: Option<Duration>,
-    /// Pause the sandbox to disk (memory and files) after this long without an exec or
-    /// file call, e.g. 30s; `sandbox resume` brings it back. Needs --keep-alive.
-    #[arg(long, value_parser = parse_duration, requires = "keep_alive")]
-    auto_pause: Option<Duration>,
     /// Network: `none` (loopback only, the default) or `egress-all` (anywhere but the
     /// node, other sandboxes and the node's blocked ranges). Inbound is always denied.
     #[arg(long, value_enum, value_name = "MODE", conflicts_with = "allow")]
@@ -259,6 +250,26 @@ struct CreateArgs {
     /// address, with optional TCP/UDP ports, e.g. `10.0.0.0/8` or `1.2.3.4:80,443`.
     #[arg(long, value_name = "CIDR[:PORTS]", value_parser = parse_egress_rule)]
     allow: Vec<pb::EgressRule>,
+}
+
+/// `sandbox create` flags.
+#[derive(Debug, Args)]
+struct CreateArgs {
+    #[command(flatten)]
+    shape: ShapeArgs,
+    /// Environment variable (repeatable).
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    env: Vec<(String, String)>,
+    /// Keep the sandbox running after its command ends, or with no command at all (not
+    /// even the image's), until deleted or a limit ends it: for `exec`, `cp` and `shell`.
+    /// A keep-alive create with no command that matches a warm pool is served by one of
+    /// its sandboxes at once.
+    #[arg(long)]
+    keep_alive: bool,
+    /// Pause the sandbox to disk (memory and files) after this long without an exec or
+    /// file call, e.g. 30s; `sandbox resume` brings it back. Needs --keep-alive.
+    #[arg(long, value_parser = parse_duration, requires = "keep_alive")]
+    auto_pause: Option<Duration>,
     /// Label for listing (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     labels: Vec<(String, String)>,

@@ -100,6 +100,16 @@ pub(super) fn describe(sandbox: &pb::Sandbox, now_ms: u64) -> String {
         ("command", dash(&shell_words(&spec.command))),
         ("network", network_summary(spec.network.as_ref())),
         ("usage", usage_summary(st.usage.as_ref(), now_ms)),
+        (
+            "placement",
+            dash(
+                &st.explanation
+                    .as_ref()
+                    .map(|e| e.summary.clone())
+                    .unwrap_or_default(),
+            ),
+        ),
+        ("warm pool", dash(&st.pool)),
     ];
     lines
         .iter()
@@ -279,7 +289,7 @@ pub(super) fn sandbox_json(sandbox: &pb::Sandbox) -> serde_json::Value {
     })
 }
 
-pub(super) fn spec_json(spec: &pb::SandboxSpec) -> serde_json::Value {
+pub(crate) fn spec_json(spec: &pb::SandboxSpec) -> serde_json::Value {
     let resources = spec.resources.clone().unwrap_or_default();
     let constraints = spec.constraints.clone().unwrap_or_default();
     serde_json::json!({
@@ -337,6 +347,7 @@ pub(super) fn status_json(status: &pb::SandboxStatus) -> serde_json::Value {
         "started_unix_ms": status.started_unix_ms,
         "finished_unix_ms": status.finished_unix_ms,
         "explanation": status.explanation.as_ref().map(explanation_json),
+        "pool": status.pool,
         "usage": status.usage.as_ref().map(|u| serde_json::json!({
             "cpu_milli": u.cpu_milli,
             "memory_bytes": u.memory_bytes,

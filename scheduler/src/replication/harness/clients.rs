@@ -82,7 +82,9 @@ impl Sim {
             Request::Create(items) => {
                 for ((rid, _), outcome) in items.iter().zip(outcomes) {
                     let id = match outcome {
-                        ItemOutcome::Created { id, .. } | ItemOutcome::Duplicate { id } => id,
+                        ItemOutcome::Created { id, .. }
+                        | ItemOutcome::Duplicate { id }
+                        | ItemOutcome::Claimed { id, .. } => id,
                         other => {
                             self.report
                                 .violations

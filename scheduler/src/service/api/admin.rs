@@ -1,5 +1,6 @@
 //! `AdminService`: cluster status, nodes (list, cordon, uncordon, drain, remove), tenant
-//! quotas, membership, and the autoscaler's capacity view and lease.
+//! quotas, membership, and the autoscaler's capacity view and lease (tokens and warm pools
+//! are in `tokens` and `pools`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -386,6 +387,27 @@ impl<S: Store> AdminService for AdminApi<S> {
         request: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
         self.list_tokens_call(request).await
+    }
+
+    async fn set_warm_pool(
+        &self,
+        request: Request<pb::SetWarmPoolRequest>,
+    ) -> Result<Response<pb::WarmPool>, Status> {
+        self.set_warm_pool_call(request).await
+    }
+
+    async fn delete_warm_pool(
+        &self,
+        request: Request<pb::DeleteWarmPoolRequest>,
+    ) -> Result<Response<pb::DeleteWarmPoolResponse>, Status> {
+        self.delete_warm_pool_call(request).await
+    }
+
+    async fn list_warm_pools(
+        &self,
+        request: Request<pb::ListWarmPoolsRequest>,
+    ) -> Result<Response<pb::ListWarmPoolsResponse>, Status> {
+        self.list_warm_pools_call(request).await
     }
 }
 

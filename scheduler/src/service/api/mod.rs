@@ -18,6 +18,7 @@ mod join;
 mod node;
 mod node_snapshot;
 mod peer;
+mod pools;
 mod sandbox;
 mod sandbox_calls;
 mod sandbox_pause;

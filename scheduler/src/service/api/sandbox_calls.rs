@@ -84,6 +84,25 @@ impl<S: Store> SandboxApi<S> {
         running: bool,
         access: &Access,
     ) -> Result<(String, AgentServiceClient<tonic::transport::Channel>), ServiceError> {
+        self.target_of(id, running, access)
+            .await
+            .map(|(address, agent, _)| (address, agent))
+    }
+
+    /// [`Self::agent_of`], with the sandbox's spec env (what its execs start from).
+    async fn target_of(
+        &self,
+        id: SandboxId,
+        running: bool,
+        access: &Access,
+    ) -> Result<
+        (
+            String,
+            AgentServiceClient<tonic::transport::Channel>,
+            BTreeMap<String, String>,
+        ),
+        ServiceError,
+    > {
         let access = access.clone();
         let target = self
             .handle
@@ -107,9 +126,11 @@ impl<S: Store> SandboxApi<S> {
                 };
                 let node = &binding.placement.node;
                 Some(match v.state.node(node) {
-                    Some(r) if !r.spec.agent_address.is_empty() => {
-                        Ok((r.spec.agent_address.clone(), node.to_string()))
-                    }
+                    Some(r) if !r.spec.agent_address.is_empty() => Ok((
+                        r.spec.agent_address.clone(),
+                        node.to_string(),
+                        sandbox.spec.env.clone(),
+                    )),
                     Some(_) => Err(format!("node {node} registered no agent address")),
                     None => Err(format!("node {node} is no longer registered")),
                 })
@@ -124,12 +145,12 @@ impl<S: Store> SandboxApi<S> {
             Some(Err(why)) => return Err(ServiceError::Precondition(why)),
             Some(Ok(found)) => found,
         };
-        let (address, node) = address;
+        let (address, node, env) = address;
         let channel = self
             .agents
             .get_expecting(&address, Some(berth_net::Expect::Node(node)))
             .map_err(|e| ServiceError::Precondition(format!("node agent: {e}")))?;
-        Ok((address, AgentServiceClient::new(channel)))
+        Ok((address, AgentServiceClient::new(channel), env))
     }
 
     pub(super) async fn exec_call(
@@ -147,7 +168,13 @@ impl<S: Store> SandboxApi<S> {
         };
         let id = parse_sandbox_id("start.sandbox_id", &start.sandbox_id)?;
         check_exec(&start).map_err(ServiceError::from)?;
-        let (address, mut agent) = self.agent_of(id, true, &access).await?;
+        let (address, mut agent, env) = self.target_of(id, true, &access).await?;
+        // The sandbox's env under the call's: a warm pool's sandbox was started before its
+        // create gave it an env, so its helper does not hold it.
+        let mut start = start;
+        for (name, value) in env {
+            start.env.entry(name).or_insert(value);
+        }
         let first = pb::ExecRequest {
             message: Some(pb::exec_request::Message::Start(start)),
         };

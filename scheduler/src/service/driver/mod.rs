@@ -531,21 +531,25 @@ impl<D: Durable> Driver<D> {
                 let state = self.replica.state();
                 for (c, outcome) in replies.into_iter().zip(outcomes) {
                     let result = match outcome {
-                        ItemOutcome::Created { id, .. } | ItemOutcome::Duplicate { id } => {
-                            match state.sandbox(id) {
-                                Some(s) => Ok(pb::CreateSandboxResponse {
-                                    sandbox: Some({
-                                        let mut out = convert::sandbox_to_pb_in(s, state);
-                                        out.revision = revision;
-                                        out
-                                    }),
-                                    deduplicated: matches!(outcome, ItemOutcome::Duplicate { .. }),
+                        ItemOutcome::Created { id, .. }
+                        | ItemOutcome::Duplicate { id }
+                        | ItemOutcome::Claimed { id, .. } => match state.sandbox(id) {
+                            Some(s) => Ok(pb::CreateSandboxResponse {
+                                sandbox: Some({
+                                    let mut out = convert::sandbox_to_pb_in(s, state);
+                                    out.revision = revision;
+                                    out
                                 }),
-                                None => Err(ServiceError::NotFound(format!(
-                                    "sandbox {id} was deleted before this answer"
-                                ))),
-                            }
-                        }
+                                deduplicated: matches!(outcome, ItemOutcome::Duplicate { .. }),
+                                from_pool: match &outcome {
+                                    ItemOutcome::Claimed { pool, .. } => pool.clone(),
+                                    _ => String::new(),
+                                },
+                            }),
+                            None => Err(ServiceError::NotFound(format!(
+                                "sandbox {id} was deleted before this answer"
+                            ))),
+                        },
                         ItemOutcome::Rejected(r) => Err(ServiceError::Rejected(r)),
                         ItemOutcome::Applied => {
                             Err(ServiceError::Internal("unexpected outcome".into()))
