@@ -100,3 +100,46 @@ fn a_sandbox_on_standby_long_enough_is_paused_to_disk_and_resumes_from_it() {
     assert!(out.contains("snapshot affinity hit"), "{out}");
     same_process_counting_on(&dev, &id, &pid, before);
 }
+
+#[test]
+fn an_exec_into_an_auto_resume_sandbox_wakes_it_from_standby_and_from_disk() {
+    let registry = TestRegistry::start().expect("docker-registry (scripts/test installs it)");
+    let reference = push_busybox(&registry, "berth-auto-resume-busybox");
+    let dir = tempfile::tempdir().expect("tmp");
+    let dev = gvisor_dev(
+        dir.path(),
+        &registry,
+        &["--only-node", NODE, "--standby-pause-after", "1h"],
+    );
+    let shape = ["--image", &reference, "--keep-alive", "--memory", "128Mi"];
+    let mut args = shape.to_vec();
+    args.push("--auto-resume");
+    let id = common::sandboxes::create(&dev, &args);
+    let plain = common::sandboxes::create(&dev, &shape);
+    for sandbox in [&id, &plain] {
+        let (state, reason) = wait_for_state(&dev, sandbox, "running", Duration::from_secs(60));
+        assert_eq!(state, "running", "{reason}\n{}", dev.log_tail());
+        berth_ok(&dev, &["sandbox", "pause", "--standby", sandbox]);
+    }
+    // Without auto-resume a call is refused, saying how to get one through.
+    let out = exec(&dev, &plain, &["true"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("auto_resume"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(state_of(&dev, &plain).0, "standby");
+
+    // With it, the call thaws the sandbox and runs.
+    let out = exec(&dev, &id, &["sh", "-c", "echo kept > /tmp/file; echo ok"]);
+    assert_eq!(text(&out.stdout).trim(), "ok", "{}", text(&out.stderr));
+    assert_eq!(state_of(&dev, &id).0, "running");
+
+    // From disk too: the call restores it, with its files.
+    berth_ok(&dev, &["sandbox", "pause", &id]);
+    let (state, reason) = wait_for_state(&dev, &id, "paused", Duration::from_secs(30));
+    assert_eq!(state, "paused", "{reason}\n{}", dev.log_tail());
+    assert_eq!(read(&dev, &id, "/tmp/file"), "kept");
+    assert_eq!(state_of(&dev, &id).0, "running");
+}

@@ -382,6 +382,8 @@ pub struct SandboxSpec {
     pub idle_timeout_ms: u64,
     /// Pauses it to disk after this long without an exec or file call; 0 = never.
     pub auto_pause_idle_ms: u64,
+    /// An exec or file call while it is Paused or on Standby resumes it first.
+    pub auto_resume: bool,
 }
 
 impl SandboxSpec {
@@ -408,6 +410,7 @@ impl SandboxSpec {
             keep_alive: false,
             idle_timeout_ms: 0,
             auto_pause_idle_ms: 0,
+            auto_resume: false,
         }
     }
 

@@ -40,6 +40,9 @@ pub(crate) enum BenchCommand {
     /// Pause and resume latency by sandbox memory on `berth dev` (gVisor), beside bare
     /// `runsc checkpoint`/`restore`, `runsc pause`/`resume` and the cgroup freezer.
     Resume(super::bench_resume::ResumeArgs),
+    /// Create-to-running latency of creates served by a warm pool beside cold creates, on
+    /// `berth dev` (gVisor).
+    Pool(super::bench_pool::PoolArgs),
 }
 
 /// Arguments of `berth bench place`.
@@ -99,6 +102,7 @@ impl BenchCommand {
             BenchCommand::Burst(args) => super::bench_burst::run(&args),
             BenchCommand::Exec(args) => super::bench_exec::run(&args),
             BenchCommand::Resume(args) => super::bench_resume::run(&args),
+            BenchCommand::Pool(args) => super::bench_pool::run(&args),
         }
     }
 }

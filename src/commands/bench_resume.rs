@@ -22,9 +22,64 @@ use berth_scheduler::service::client::Client;
 use super::bench_burst::{dev_client, spawn_dev_with, wait_up};
 use super::bench_exec::{Latency, latency};
 
-const NODE: &str = "gcp-euw4-g2-0";
+pub(crate) const NODE: &str = "gcp-euw4-g2-0";
 /// How often a sandbox's state is polled while it pauses or resumes.
 const POLL: Duration = Duration::from_millis(5);
+
+/// `berth dev` on gVisor and one node, started here as a child, pulling a busybox image
+/// (`sh` its cmd) from a local `docker-registry`; the benches' common ground.
+pub(crate) struct BenchDev {
+    /// The busybox image's reference.
+    pub(crate) image: String,
+    /// A client with dev's admin credentials and a 60 s deadline.
+    pub(crate) client: Client,
+    _registry: TestRegistry,
+    _dev: super::bench_burst::Dev,
+}
+
+impl BenchDev {
+    /// Starts the registry (pushing the image with layer `layer`) and dev with `extra`
+    /// arguments on ports from `base_port`, and waits for its node.
+    pub(crate) async fn start(
+        dir: &std::path::Path,
+        base_port: u16,
+        layer: &str,
+        extra: &[String],
+    ) -> Result<BenchDev, String> {
+        let registry = TestRegistry::start().map_err(|e| {
+            format!(
+                "{e} (the bench runs Debian's docker-registry: apt-get install docker-registry)"
+            )
+        })?;
+        let image = format!("{}/busybox:1", registry.address);
+        testing::push(
+            &image,
+            vec![testing::busybox_layer(layer).map_err(|e| e.to_string())?],
+            &ImageProcess {
+                cmd: vec!["sh".into()],
+                env: vec!["PATH=/bin".into()],
+                ..ImageProcess::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("pushing the bench image: {e}"))?;
+        let mut dev_args = vec![
+            format!("--only-node={NODE}"),
+            format!("--insecure-registry={}", registry.address),
+        ];
+        dev_args.extend_from_slice(extra);
+        let (dev, endpoints) = spawn_dev_with(dir, base_port, "gvisor", 5_000, &dev_args)?;
+        wait_up(&endpoints, 1, dir).await?;
+        let mut client = dev_client(dir, endpoints).await?;
+        client.deadline = Duration::from_secs(60);
+        Ok(BenchDev {
+            image,
+            client,
+            _registry: registry,
+            _dev: dev,
+        })
+    }
+}
 
 /// Arguments of `berth bench resume`.
 #[derive(Debug, Args)]
@@ -123,7 +178,7 @@ async fn exec(client: &mut Client, id: &str, script: &str) -> Result<(), String>
 }
 
 /// Polls until sandbox `id` is in `want`; how long since `since`.
-async fn until(
+pub(crate) async fn until(
     client: &mut Client,
     id: &str,
     want: pb::SandboxState,
@@ -176,29 +231,8 @@ async fn filled_sandbox(client: &mut Client, image: &str, mib: u64) -> Result<St
 
 async fn bench(args: &ResumeArgs) -> Result<ResumeReport, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let registry = TestRegistry::start().map_err(|e| {
-        format!("{e} (bench resume runs Debian's docker-registry: apt-get install docker-registry)")
-    })?;
-    let image = format!("{}/busybox:1", registry.address);
-    testing::push(
-        &image,
-        vec![testing::busybox_layer("berth-bench-resume").map_err(|e| e.to_string())?],
-        &ImageProcess {
-            cmd: vec!["sh".into()],
-            env: vec!["PATH=/bin".into()],
-            ..ImageProcess::default()
-        },
-    )
-    .await
-    .map_err(|e| format!("pushing the bench image: {e}"))?;
-    let dev_args = vec![
-        format!("--only-node={NODE}"),
-        format!("--insecure-registry={}", registry.address),
-    ];
-    let (_dev, endpoints) = spawn_dev_with(dir.path(), args.base_port, "gvisor", 5_000, &dev_args)?;
-    wait_up(&endpoints, 1, dir.path()).await?;
-    let mut client = dev_client(dir.path(), endpoints).await?;
-    client.deadline = Duration::from_secs(60);
+    let bench = BenchDev::start(dir.path(), args.base_port, "berth-bench-resume", &[]).await?;
+    let (image, mut client) = (bench.image.clone(), bench.client.clone());
     let mut sizes = Vec::new();
     for &mib in &args.sizes_mib {
         let id = filled_sandbox(&mut client, &image, mib).await?;

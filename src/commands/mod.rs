@@ -18,6 +18,7 @@ pub(crate) mod bench_autoscale;
 pub(crate) mod bench_burst;
 pub(crate) mod bench_create;
 pub(crate) mod bench_exec;
+pub(crate) mod bench_pool;
 pub(crate) mod bench_resume;
 mod bench_resume_bare;
 pub(crate) mod cert;

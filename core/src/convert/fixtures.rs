@@ -48,6 +48,7 @@ pub(super) fn wire_spec() -> pb::SandboxSpec {
         keep_alive: true,
         idle_timeout_ms: 30_000,
         auto_pause_idle_ms: 0,
+        auto_resume: false,
     }
 }
 

@@ -18,6 +18,7 @@ const SPEC_FIELDS: &[&str] = &[
     "idle_timeout_ms",
     "network",
     "auto_pause_idle_ms",
+    "auto_resume",
 ];
 
 /// Validates and converts a client's spec. Errors: `INVALID_ARGUMENT` whose message names
@@ -124,6 +125,7 @@ fn read_spec(spec: &pb::SandboxSpec, runnable: bool) -> (SandboxSpec, Validator)
         keep_alive: spec.keep_alive,
         idle_timeout_ms: spec.idle_timeout_ms,
         auto_pause_idle_ms: spec.auto_pause_idle_ms,
+        auto_resume: spec.auto_resume,
     };
     let mut problems = Validator::new();
     model.validate(&mut problems);
@@ -198,6 +200,7 @@ pub fn spec_to_pb(spec: &SandboxSpec) -> pb::SandboxSpec {
         keep_alive: spec.keep_alive,
         idle_timeout_ms: spec.idle_timeout_ms,
         auto_pause_idle_ms: spec.auto_pause_idle_ms,
+        auto_resume: spec.auto_resume,
     }
 }
 
@@ -287,6 +290,7 @@ mod tests {
                 keep_alive: true,
                 idle_timeout_ms: 30_000,
                 auto_pause_idle_ms: 0,
+                auto_resume: false,
             }
         );
         assert_eq!(spec_to_pb(&spec), wire);

@@ -59,7 +59,8 @@ pub struct PoolRecord {
 impl WarmPool {
     /// Whether a create's spec is what this pool keeps: same tenant, image, resources,
     /// constraints, network policy and limits, and an interactive sandbox (keep-alive, no
-    /// command). Env, labels and priority may differ: the claim applies the create's.
+    /// command). Env, labels, priority and `auto_resume` may differ: the claim applies the
+    /// create's.
     pub fn serves(&self, spec: &SandboxSpec) -> bool {
         let t = &self.template;
         spec.keep_alive
@@ -278,6 +279,7 @@ impl State {
         sandbox.spec.env = item.spec.env.clone();
         sandbox.spec.labels = item.spec.labels.clone();
         sandbox.spec.priority = item.spec.priority;
+        sandbox.spec.auto_resume = item.spec.auto_resume;
         sandbox.pool = None;
         sandbox.placement_note = Some(format!(
             "claimed from warm pool {name} at {now_ms} (created at {})",

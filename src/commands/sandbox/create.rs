@@ -36,6 +36,7 @@ pub(super) fn spec(args: &CreateArgs) -> Result<pb::SandboxSpec, String> {
     spec.labels = args.labels.iter().cloned().collect();
     spec.keep_alive = args.keep_alive;
     spec.auto_pause_idle_ms = args.auto_pause.map_or(0, millis);
+    spec.auto_resume = args.auto_resume;
     Ok(spec)
 }
 

@@ -270,6 +270,10 @@ struct CreateArgs {
     /// file call, e.g. 30s; `sandbox resume` brings it back. Needs --keep-alive.
     #[arg(long, value_parser = parse_duration, requires = "keep_alive")]
     auto_pause: Option<Duration>,
+    /// An exec or file call while the sandbox is paused or on standby resumes it first
+    /// (and waits for it, up to 60 s) instead of being refused. Needs --keep-alive.
+    #[arg(long, requires = "keep_alive")]
+    auto_resume: bool,
     /// Label for listing (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     labels: Vec<(String, String)>,

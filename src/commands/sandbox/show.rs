@@ -322,6 +322,8 @@ pub(crate) fn spec_json(spec: &pb::SandboxSpec) -> serde_json::Value {
         "timeout_ms": spec.timeout_ms,
         "idle_timeout_ms": spec.idle_timeout_ms,
         "keep_alive": spec.keep_alive,
+        "auto_pause_idle_ms": spec.auto_pause_idle_ms,
+        "auto_resume": spec.auto_resume,
         "network": spec.network.as_ref().map(|n| serde_json::json!({
             "mode": enum_label(n.mode, pb::NetworkMode::as_str_name, "NETWORK_MODE_"),
             "allow": n.allow.iter().map(|r| serde_json::json!({

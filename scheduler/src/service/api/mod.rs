@@ -22,6 +22,7 @@ mod pools;
 mod sandbox;
 mod sandbox_calls;
 mod sandbox_pause;
+mod sandbox_target;
 mod tokens;
 
 use tonic::Request;

@@ -12,12 +12,10 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use berth_proto::pb::v1 as pb;
-use berth_proto::pb::v1::agent_service_client::AgentServiceClient;
 use berth_proto::{FieldErrors, Validator};
 
 use super::{SandboxApi, parse_sandbox_id};
-use crate::model::{SandboxId, SandboxState, validate_argv_env};
-use crate::service::auth::Access;
+use crate::model::validate_argv_env;
 use crate::service::{ServiceError, Store};
 
 /// Longest per-exec timeout: a day.
@@ -77,82 +75,6 @@ pub(super) fn upstream(address: &str, s: Status) -> Status {
 }
 
 impl<S: Store> SandboxApi<S> {
-    /// The agent serving sandbox `id`; with `running`, only while the sandbox is Running.
-    pub(super) async fn agent_of(
-        &self,
-        id: SandboxId,
-        running: bool,
-        access: &Access,
-    ) -> Result<(String, AgentServiceClient<tonic::transport::Channel>), ServiceError> {
-        self.target_of(id, running, access)
-            .await
-            .map(|(address, agent, _)| (address, agent))
-    }
-
-    /// [`Self::agent_of`], with the sandbox's spec env (what its execs start from).
-    async fn target_of(
-        &self,
-        id: SandboxId,
-        running: bool,
-        access: &Access,
-    ) -> Result<
-        (
-            String,
-            AgentServiceClient<tonic::transport::Channel>,
-            BTreeMap<String, String>,
-        ),
-        ServiceError,
-    > {
-        let access = access.clone();
-        let target = self
-            .handle
-            .read(false, move |v| {
-                // Another tenant's sandbox reads as no sandbox at all.
-                let sandbox = v
-                    .state
-                    .sandbox(id)
-                    .filter(|s| access.covers(&s.spec.tenant))?;
-                if running && !matches!(sandbox.state, SandboxState::Running) {
-                    return Some(Err(format!(
-                        "sandbox_id: {id} is {}, not running",
-                        sandbox.state.name()
-                    )));
-                }
-                let Some(binding) = &sandbox.binding else {
-                    return Some(Err(format!(
-                        "sandbox_id: {id} has not been placed on a node yet ({})",
-                        sandbox.state.name()
-                    )));
-                };
-                let node = &binding.placement.node;
-                Some(match v.state.node(node) {
-                    Some(r) if !r.spec.agent_address.is_empty() => Ok((
-                        r.spec.agent_address.clone(),
-                        node.to_string(),
-                        sandbox.spec.env.clone(),
-                    )),
-                    Some(_) => Err(format!("node {node} registered no agent address")),
-                    None => Err(format!("node {node} is no longer registered")),
-                })
-            })
-            .await?;
-        let address = match target {
-            None => {
-                return Err(ServiceError::NotFound(format!(
-                    "sandbox_id: no sandbox {id}"
-                )));
-            }
-            Some(Err(why)) => return Err(ServiceError::Precondition(why)),
-            Some(Ok(found)) => found,
-        };
-        let (address, node, env) = address;
-        let channel = self
-            .agents
-            .get_expecting(&address, Some(berth_net::Expect::Node(node)))
-            .map_err(|e| ServiceError::Precondition(format!("node agent: {e}")))?;
-        Ok((address, AgentServiceClient::new(channel), env))
-    }
-
     pub(super) async fn exec_call(
         &self,
         request: Request<Streaming<pb::ExecRequest>>,
