@@ -1,9 +1,9 @@
 //! Filesystem snapshots to images on `berth dev` (gVisor), through the CLI and a real
 //! registry (Debian's `docker-registry`): a sandbox writes a file and deletes one of its
 //! image's, `berth sandbox snapshot` pushes its changes as a new image, and a new sandbox
-//! from the printed reference sees the written file and not the deleted one. A paused
-//! sandbox snapshots too, and a reference outside the tenant's part of the repository is
-//! refused, naming the field.
+//! from the printed reference sees the written file and not the deleted one. Paused and
+//! standby sandboxes snapshot too, and a reference outside the tenant's part of the
+//! repository is refused, naming the field.
 
 use std::time::Duration;
 
@@ -102,6 +102,29 @@ fn a_snapshot_is_an_image_a_new_sandbox_runs_with_the_changes() {
         ],
     );
     assert_eq!(out, "from-first\nsecond\nos-release-gone\n");
+
+    // A Standby sandbox (frozen in place): read as it stands, and left frozen.
+    berth_ok(&dev, &["sandbox", "resume", &id]);
+    let out = exec(&dev, &id, &["sh", "-c", "rm /home/sandbox/second && sync"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    berth_ok(&dev, &["sandbox", "pause", "--standby", &id]);
+    let frozen = berth_ok(&dev, &["sandbox", "snapshot", &id]);
+    let (state, reason) = wait_for_state(&dev, &id, "standby", Duration::from_secs(5));
+    assert_eq!(state, "standby", "{reason}");
+    let out = berth_ok(
+        &dev,
+        &[
+            "sandbox",
+            "create",
+            "--image",
+            frozen.trim(),
+            "--",
+            "sh",
+            "-c",
+            LOOK,
+        ],
+    );
+    assert_eq!(out, "from-first\nos-release-gone\n");
 
     // Refusals name what is wrong.
     let elsewhere = format!("{}/someone-else/x:1", registry.address);
