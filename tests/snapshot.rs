@@ -54,6 +54,21 @@ fn a_snapshot_is_an_image_a_new_sandbox_runs_with_the_changes() {
         ],
     );
     assert_eq!(out, "from-first\nos-release-gone\n");
+    // The base layer was mounted from the base's repository, not uploaded again.
+    let requests = registry.requests();
+    let mounts = requests
+        .iter()
+        .filter(|r| r.starts_with("POST ") && r.contains("mount=sha256") && r.ends_with(" 201"))
+        .count();
+    let uploads = requests
+        .iter()
+        .filter(|r| r.starts_with("PATCH /v2/berth-snapshots/"))
+        .count();
+    assert_eq!(mounts, 1, "{requests:#?}");
+    assert_eq!(
+        uploads, 2,
+        "only the new layer and the config are uploaded: {requests:#?}"
+    );
     // The base image is untouched.
     let out = berth_ok(
         &dev,
