@@ -262,6 +262,25 @@ impl Client {
         .await
     }
 
+    /// Writes a sandbox's filesystem changes as a new image in its node's snapshot
+    /// repository: the phases as they start, then the pushed reference (`reference` empty
+    /// for the default name). Not retried once the stream has begun.
+    pub async fn snapshot(
+        &mut self,
+        sandbox_id: &str,
+        reference: &str,
+    ) -> Result<Streaming<pb::SnapshotSandboxProgress>, Status> {
+        let request = pb::SnapshotSandboxRequest {
+            sandbox_id: sandbox_id.to_owned(),
+            reference: reference.to_owned(),
+        };
+        self.call(|c| {
+            let request = request.clone();
+            async move { SandboxServiceClient::new(c).snapshot_sandbox(request).await }
+        })
+        .await
+    }
+
     /// One page of sandboxes matching the request's filters.
     pub async fn list_sandboxes(
         &mut self,

@@ -39,6 +39,7 @@ use crate::monitor::Monitor;
 use crate::reports::{Reports, StreamClosed, message, report_of};
 use crate::runtime::{LocalState, PauseMode, Runtime};
 use crate::service::AgentApi;
+use crate::snapshot::{SnapshotSettings, Snapshots};
 use crate::standby::StandbyWorker;
 use crate::starter::Starter;
 
@@ -150,6 +151,15 @@ pub async fn run(
         "image_cache_dir {}",
         cfg.image_cache_path().display()
     )))?;
+    let snapshots = Snapshots::new(
+        runtime.clone(),
+        images.clone(),
+        SnapshotSettings {
+            repository: cfg.snapshot_repository.clone(),
+            max_bytes: cfg.snapshot_max_bytes,
+            work_dir: cfg.image_cache_path().join("snapshot-work"),
+        },
+    );
     let mut gpus = GpuSource::open(&cfg, &opts.config_dir);
     let inventory = gpus.read()?;
     let metrics_server = if cfg.metrics_address.is_empty() {
@@ -178,7 +188,7 @@ pub async fn run(
     let server = tokio::spawn(
         berth_net::server(&NetConfig::agent_server())
             .add_service(InterceptedService::new(
-                AgentServiceServer::new(AgentApi::new(runtime.clone())),
+                AgentServiceServer::new(AgentApi::new(runtime.clone(), snapshots)),
                 replicas_only(tls.clone()),
             ))
             .serve_with_incoming_shutdown(berth_net::incoming(listener, tls.clone()), async move {

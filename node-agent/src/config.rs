@@ -72,6 +72,13 @@ pub struct AgentConfig {
     pub max_concurrent_starts: usize,
     /// Registries that need plain HTTP (`insecure`) or credentials.
     pub registries: Vec<RegistryConfig>,
+    /// Where filesystem snapshots (`berth sandbox snapshot`) are pushed, as
+    /// `host[:port]/path`: a sandbox of tenant T becomes `<this>/T/<sandbox id>:<unix ms>`
+    /// (or a name the caller gives under `<this>/T/`). Pushed with the `registries`
+    /// settings of its host. Empty: this node refuses snapshots.
+    pub snapshot_repository: String,
+    /// Most bytes of files (before compression) one snapshot's layer may hold.
+    pub snapshot_max_bytes: u64,
     /// Where the agent serves Prometheus `/metrics`; empty for nowhere, port 0 picks one.
     pub metrics_address: String,
     /// Node labels used by placement constraints.
@@ -202,6 +209,8 @@ impl Default for AgentConfig {
             max_concurrent_pulls: 2,
             max_concurrent_starts: 3,
             registries: Vec::new(),
+            snapshot_repository: String::new(),
+            snapshot_max_bytes: 4 << 30,
             metrics_address: String::new(),
             labels: BTreeMap::new(),
             taints: Vec::new(),
@@ -352,6 +361,29 @@ impl AgentConfig {
                 );
             }
         }
+        if !self.snapshot_repository.is_empty() {
+            v.check(
+                snapshot_repository_ok(&self.snapshot_repository),
+                "snapshot_repository",
+                || {
+                    format!(
+                        "{:?} is not `host[:port]/path` (a registry host, then lowercase \
+                         path components; no tag or digest)",
+                        self.snapshot_repository
+                    )
+                },
+            );
+        }
+        v.check(
+            (1 << 20..=1 << 40).contains(&self.snapshot_max_bytes),
+            "snapshot_max_bytes",
+            || {
+                format!(
+                    "{} is outside 1048576..=1099511627776 (1 MiB to 1 TiB)",
+                    self.snapshot_max_bytes
+                )
+            },
+        );
         if !self.metrics_address.is_empty() {
             let ok = self
                 .metrics_address
@@ -422,6 +454,19 @@ impl AgentConfig {
     }
 }
 
+/// Whether `repository` is `host[:port]/path`: a reference without tag or digest whose
+/// first component is a registry host (what `snapshot_repository` must be).
+pub fn snapshot_repository_ok(repository: &str) -> bool {
+    // A tag is added to check it as a reference would be (`host:port/x` must not read as
+    // `host` tagged `port/x`).
+    matches!(
+        berth_proto::image::ImageReference::parse(&format!("{repository}/t/x:1")),
+        Ok(r) if r.registry.is_some() && r.digest.is_none()
+            && r.tag.as_deref() == Some("1")
+            && repository.split_once('/').is_some_and(|(_, path)| !path.is_empty())
+    )
+}
+
 fn label_ok(key: &str) -> bool {
     (1..=63).contains(&key.len())
         && key
@@ -450,6 +495,43 @@ mod tests {
             InventorySource::NvmlOrStatic("gpus.toml".into())
         );
         assert!(toml::from_str::<AgentConfig>("inventory = \"cuda\"").is_err());
+    }
+
+    #[test]
+    fn snapshot_repositories_name_a_host_and_a_path() {
+        for ok in [
+            "127.0.0.1:5000/snapshots",
+            "registry.example.com/berth/snaps",
+        ] {
+            assert!(snapshot_repository_ok(ok), "{ok}");
+        }
+        for bad in [
+            "snapshots",
+            "127.0.0.1:5000",
+            "127.0.0.1:5000/",
+            "127.0.0.1:5000/Snaps",
+            "127.0.0.1:5000/s:tag",
+            "127.0.0.1:5000/s@sha256:00",
+        ] {
+            assert!(!snapshot_repository_ok(bad), "{bad}");
+        }
+        let config = AgentConfig {
+            node_id: "a".into(),
+            snapshot_repository: "no-host".into(),
+            snapshot_max_bytes: 1,
+            ..AgentConfig::default()
+        };
+        let mut v = Validator::new();
+        config.validate(&mut v, Path::new("/nonexistent"));
+        let fields: Vec<String> = v
+            .finish()
+            .expect_err("bad")
+            .0
+            .into_iter()
+            .map(|e| e.field)
+            .filter(|f| f.starts_with("snapshot"))
+            .collect();
+        assert_eq!(fields, ["snapshot_repository", "snapshot_max_bytes"]);
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! - [`standby`]: the agent's freezes and thaws, in order on one thread.
 //! - [`runtime`]: the agent's handle on sandbox directories (start, stop, scan, remove).
 //! - [`transfer`]: a paused sandbox's snapshot, sent to or fetched from another node.
+//! - [`snapshot`]: a sandbox's filesystem changes pushed as a new image.
 //! - [`starter`]: starting assignments off the session loop, with bounded pulls and starts.
 //! - [`monitor`]: watching the sandboxes off the session loop.
 //! - [`metrics`]: the agent's Prometheus metrics.
@@ -58,6 +59,7 @@ pub mod sandboxd;
 pub mod service;
 pub mod shim;
 pub mod shim_command;
+pub mod snapshot;
 pub mod standby;
 pub mod starter;
 pub mod static_inventory;

@@ -1,6 +1,7 @@
 //! `AgentService`, which the agent serves to the scheduler replicas: captured output
 //! ([`crate::logs`]), exec and file calls into its sandboxes ([`crate::calls`]), and the
-//! snapshots of sandboxes paused here ([`crate::transfer`]).
+//! snapshots of sandboxes paused here ([`crate::transfer`]), and filesystem snapshots pushed
+//! as images ([`crate::snapshot`]).
 
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -11,20 +12,23 @@ use berth_proto::pb::v1::agent_service_server::AgentService;
 use crate::calls::{self, Answers};
 use crate::logs::{LogStream, Logs};
 use crate::runtime::Runtime;
+use crate::snapshot::Snapshots;
 
 /// The service over this node's sandbox directories.
 #[derive(Clone)]
 pub struct AgentApi {
     runtime: Runtime,
     logs: Logs,
+    snapshots: Snapshots,
 }
 
 impl AgentApi {
-    /// Serves the sandboxes of `runtime`.
-    pub fn new(runtime: Runtime) -> AgentApi {
+    /// Serves the sandboxes of `runtime`, taking filesystem snapshots with `snapshots`.
+    pub fn new(runtime: Runtime, snapshots: Snapshots) -> AgentApi {
         AgentApi {
             logs: Logs::new(runtime.clone()),
             runtime,
+            snapshots,
         }
     }
 }
@@ -87,5 +91,17 @@ impl AgentService for AgentApi {
         request: Request<pb::ReadSnapshotRequest>,
     ) -> Result<Response<Self::ReadSnapshotStream>, Status> {
         crate::transfer::read_snapshot(&self.runtime, request.into_inner()).await
+    }
+
+    type SnapshotSandboxStream = crate::snapshot::Progress;
+
+    async fn snapshot_sandbox(
+        &self,
+        request: Request<pb::AgentSnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotSandboxStream>, Status> {
+        self.snapshots
+            .snapshot(request.into_inner())
+            .await
+            .map(Response::new)
     }
 }

@@ -83,6 +83,10 @@ pub enum ToHelper {
     /// close. gVisor cannot save a sandbox holding a host socket. The helper listens again
     /// once the wake file ([`WAKE`] in the socket's directory) appears.
     Quiesce,
+    /// Flush the sandbox's file caches to its root (`sync(2)` inside: gVisor writes the
+    /// dirty pages it caches back to the host files), answered with [`FromHelper::Synced`].
+    /// The agent's call before it reads the write layer for a filesystem snapshot.
+    Sync,
 }
 
 /// The file in the socket's directory that tells a quiesced helper to listen again.
@@ -178,6 +182,8 @@ pub enum FromHelper {
         /// Calls that were cut off.
         ended_calls: u32,
     },
+    /// `sync(2)` returned: what the sandbox wrote is in its root on the host.
+    Synced,
 }
 
 /// A frame: the body behind its length. Bodies are at most [`MAX_FRAME`] (a chunk and a
@@ -341,6 +347,7 @@ impl ToHelper {
             ToHelper::ReadFile { path } => Enc::tag(8).str(path).0,
             ToHelper::ListDir { path } => Enc::tag(9).str(path).0,
             ToHelper::Quiesce => Enc::tag(10).0,
+            ToHelper::Sync => Enc::tag(11).0,
         }
     }
 
@@ -388,6 +395,7 @@ impl ToHelper {
             8 => ToHelper::ReadFile { path: d.str()? },
             9 => ToHelper::ListDir { path: d.str()? },
             10 => ToHelper::Quiesce,
+            11 => ToHelper::Sync,
             t => return Err(invalid(&format!("unknown request tag {t}"))),
         };
         d.done(v)
@@ -468,6 +476,7 @@ impl FromHelper {
                 e.0
             }
             FromHelper::Quiesced { ended_calls } => Enc::tag(30).u32(*ended_calls).0,
+            FromHelper::Synced => Enc::tag(31).0,
         }
     }
 
@@ -513,6 +522,7 @@ impl FromHelper {
             30 => FromHelper::Quiesced {
                 ended_calls: d.u32()?,
             },
+            31 => FromHelper::Synced,
             t => return Err(invalid(&format!("unknown answer tag {t}"))),
         };
         d.done(v)
@@ -546,6 +556,7 @@ mod tests {
             ToHelper::ReadFile { path: "/x".into() },
             ToHelper::ListDir { path: "/".into() },
             ToHelper::Quiesce,
+            ToHelper::Sync,
         ];
         for r in requests {
             assert_eq!(ToHelper::decode(&r.encode()).expect("decodes"), r);
@@ -581,6 +592,7 @@ mod tests {
                 left_out: 2,
             },
             FromHelper::Quiesced { ended_calls: 3 },
+            FromHelper::Synced,
         ];
         for a in answers {
             assert_eq!(FromHelper::decode(&a.encode()).expect("decodes"), a);

@@ -72,6 +72,11 @@ pub(crate) struct DevArgs {
     /// A registry the agents pull from over plain HTTP (e.g. `127.0.0.1:5000`); repeatable.
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     insecure_registries: Vec<String>,
+    /// Where `berth sandbox snapshot` pushes (`host[:port]/path`, the agents'
+    /// `snapshot_repository`); default: `<first --insecure-registry>/berth-snapshots`, or
+    /// none (snapshots refused) without one.
+    #[arg(long, value_name = "HOST[:PORT]/PATH")]
+    snapshot_repository: Option<String>,
     /// Metrics port of the first static agent's `/metrics`; the others use the next ones
     /// (0: each agent takes a free port and logs it).
     #[arg(long, default_value_t = 9190)]
@@ -328,6 +333,20 @@ async fn dev(args: &DevArgs) -> Result<(), String> {
             ..Default::default()
         })
         .collect();
+    let snapshot_repository = args.snapshot_repository.clone().unwrap_or_else(|| {
+        args.insecure_registries
+            .first()
+            .map(|host| format!("{host}/berth-snapshots"))
+            .unwrap_or_default()
+    });
+    if !snapshot_repository.is_empty()
+        && !berth_node_agent::config::snapshot_repository_ok(&snapshot_repository)
+    {
+        return Err(format!(
+            "--snapshot-repository {snapshot_repository:?}: not `host[:port]/path` (a registry \
+             host, then lowercase path components; no tag or digest)"
+        ));
+    }
     for (i, node) in static_nodes.iter().copied().enumerate() {
         let metrics_port = if args.agent_metrics_port == 0 {
             0
@@ -353,6 +372,7 @@ async fn dev(args: &DevArgs) -> Result<(), String> {
             reserved_cpu_milli: 0,
             reserved_memory_mib: 0,
             registries: registries.clone(),
+            snapshot_repository: snapshot_repository.clone(),
             metrics_address: format!("127.0.0.1:{metrics_port}"),
             tls: issue(&format!("node/{}", node.id))?,
             ..AgentConfig::default()

@@ -15,7 +15,20 @@
 //! (the second waits for the first and then finds the image), at most
 //! `max_concurrent_pulls` run at once, and past `image_cache_max_bytes` the least recently
 //! used image no sandbox is using is evicted, with the blobs only it used.
+//!
+//! The other direction, a sandbox's filesystem changes as a new image (filesystem
+//! snapshots): [`layer_diff`] turns its write layer into an OCI layer, and `push` sends the
+//! image plus that layer to a registry.
+//!
+//! # Layout
+//! - `registry`: the registry client (pulls), its credentials and plain-HTTP hosts.
+//! - [`unpack`]: applying layers, whiteouts included.
+//! - [`layer_diff`]: an overlayfs upper directory as an OCI layer.
+//! - `push`: a snapshot image pushed (base layers mounted or uploaded only when missing).
+//! - [`testing`]: busybox images and a real registry for the tests.
 
+pub mod layer_diff;
+mod push;
 mod registry;
 pub mod testing;
 pub mod unpack;
@@ -30,6 +43,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, watch};
 
 use crate::metrics::AgentMetrics;
+pub use push::SnapshotPush;
 pub use registry::{Registry, RegistryConfig};
 
 /// What of an image's config a sandbox runs with.

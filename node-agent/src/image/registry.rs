@@ -1,5 +1,6 @@
 //! Talking to OCI registries: oci-client over rustls, plain HTTP for the registries the
-//! config marks insecure, basic credentials from files the config names.
+//! config marks insecure, basic credentials from files the config names. Pulls are here;
+//! pushes (filesystem snapshots) use the same client and credentials, in [`super::push`].
 
 use std::path::Path;
 
@@ -40,7 +41,7 @@ pub(crate) fn install_crypto() {
 
 /// The registries the agent pulls from.
 pub struct Registry {
-    client: Client,
+    pub(super) client: Client,
     auth: Vec<(String, RegistryAuth)>,
 }
 
@@ -71,7 +72,7 @@ impl Registry {
         Ok(Registry { client, auth })
     }
 
-    fn auth_for(&self, reference: &Reference) -> RegistryAuth {
+    pub(super) fn auth_for(&self, reference: &Reference) -> RegistryAuth {
         let host = reference.resolve_registry();
         self.auth
             .iter()

@@ -236,6 +236,22 @@ impl TestRegistry {
         out
     }
 
+    /// The requests the registry logged, in order, as `METHOD /v2/… STATUS`.
+    pub fn requests(&self) -> Vec<String> {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines()
+            .filter_map(|line| {
+                let at = ["GET", "HEAD", "POST", "PUT", "PATCH"]
+                    .iter()
+                    .find_map(|m| line.find(&format!("\"{m} /v2/")))?;
+                let (request, after) = line[at + 1..].split_once('"')?;
+                let method_path = request.rsplit_once(' ').map_or(request, |(mp, _)| mp);
+                let status = after.split_whitespace().next().unwrap_or("");
+                Some(format!("{method_path} {status}"))
+            })
+            .collect()
+    }
+
     /// Overwrites a stored blob's bytes (its digest stays), as disk corruption would.
     pub fn corrupt_blob(&self, digest: &str) -> io::Result<()> {
         let hex = digest.trim_start_matches("sha256:");

@@ -13,6 +13,7 @@
 //! - `exec`: `exec` and `shell`.
 //! - `cp`: files in and out.
 //! - `pause`: waiting out `pause` and `resume`.
+//! - `snapshot`: the filesystem changes pushed as a new image.
 //! - `show`: `list` and `get` output (tables, `key: value`, JSON).
 //! - `parse`: the command line's value parsers.
 
@@ -23,6 +24,7 @@ mod exec;
 mod parse;
 mod pause;
 pub(crate) mod show;
+mod snapshot;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -166,6 +168,22 @@ enum SandboxCommand {
         #[command(flatten)]
         call: CallTimeout,
     },
+    /// Push a running, standby or paused sandbox's filesystem changes as a new image (its
+    /// image plus one layer) to its node's snapshot repository; prints the reference, which
+    /// `sandbox create --image` takes. Files in /tmp (sandbox memory) are not included.
+    Snapshot {
+        /// Sandbox id.
+        id: String,
+        /// Push to this `REPOSITORY:TAG`, under `<snapshot repository>/<tenant>/` (default:
+        /// `<snapshot repository>/<tenant>/<id>:<unix ms>`).
+        #[arg(long)]
+        reference: Option<String>,
+        /// Print the whole result as JSON (as `-o json`).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        call: CallTimeout,
+    },
     /// Stop a sandbox (if running) and remove it.
     Delete {
         /// Sandbox id.
@@ -303,6 +321,7 @@ pub(crate) fn run(args: &SandboxArgs) -> ExitCode {
         | SandboxCommand::Cp { call, .. }
         | SandboxCommand::Pause { call, .. }
         | SandboxCommand::Resume { call, .. }
+        | SandboxCommand::Snapshot { call, .. }
         | SandboxCommand::Delete { call, .. } => call.timeout,
     };
     let spec = match &args.command {
@@ -404,6 +423,15 @@ pub(crate) fn run(args: &SandboxArgs) -> ExitCode {
             SandboxCommand::Resume { id, no_wait, .. } => {
                 let sandbox = client.resume(id).await?;
                 return pause::settle(client, sandbox, pause::Goal::Running, *no_wait, json).await;
+            }
+            SandboxCommand::Snapshot {
+                id,
+                reference,
+                json: as_json,
+                ..
+            } => {
+                let reference = reference.as_deref().unwrap_or_default();
+                return snapshot::snapshot(client, id, reference, json || *as_json).await;
             }
             SandboxCommand::Delete { id, grace, .. } => {
                 let grace_ms = grace.map_or(0, |g| u64::try_from(g.as_millis()).unwrap_or(0));

@@ -2,7 +2,9 @@
 //! [`sandbox`] (`SandboxService`), [`admin`] (`AdminService`), [`node`] (`NodeService`, the
 //! scheduler's side of the agent stream) and [`peer`] (`Peer`, Raft traffic). They share
 //! one [`Shared`] and the request checks below. Beside them: `access` (a caller resolved to
-//! what it may touch: certificate role, API token), `tokens` (`AdminService`'s token calls)
+//! what it may touch: certificate role, API token), `sandbox_calls`, `sandbox_pause` and
+//! `sandbox_snapshot` (`SandboxService`'s calls into sandboxes, pause and resume, and
+//! filesystem snapshots), `tokens` (`AdminService`'s token calls)
 //! and `join` (`NodeService.Join` and `RenewCertificate`, node certificates signed with the
 //! cluster CA). Which kind of caller reaches each service at all is
 //! [`crate::service::auth`].
@@ -22,6 +24,7 @@ mod pools;
 mod sandbox;
 mod sandbox_calls;
 mod sandbox_pause;
+mod sandbox_snapshot;
 mod sandbox_target;
 mod tokens;
 

@@ -262,6 +262,15 @@ impl<S: Store> SandboxService for SandboxApi<S> {
     ) -> Result<Response<pb::Sandbox>, Status> {
         self.resume_call(request).await
     }
+
+    type SnapshotSandboxStream = Boxed<pb::SnapshotSandboxProgress>;
+
+    async fn snapshot_sandbox(
+        &self,
+        request: Request<pb::SnapshotSandboxRequest>,
+    ) -> Result<Response<Self::SnapshotSandboxStream>, Status> {
+        self.snapshot_call(request).await
+    }
 }
 
 impl<S: Store> SandboxApi<S> {
