@@ -151,6 +151,9 @@ pub struct NodeSpec {
     /// What runs sandboxes here (`process`, `gvisor/<runsc version>/<platform>`; empty
     /// when the agent did not say): snapshots move only between nodes that agree on it.
     pub runtime: String,
+    /// Most bytes of paused sandboxes' snapshots the node keeps on disk; 0 = no budget.
+    /// A pause that would go past it is refused.
+    pub snapshot_budget_bytes: u64,
 }
 
 impl NodeSpec {
@@ -176,6 +179,7 @@ impl NodeSpec {
             gpus,
             agent_address: String::new(),
             runtime: String::new(),
+            snapshot_budget_bytes: 0,
             cached_images: Vec::new(),
         }
     }

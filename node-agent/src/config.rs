@@ -79,6 +79,9 @@ pub struct AgentConfig {
     pub snapshot_repository: String,
     /// Most bytes of files (before compression) one snapshot's layer may hold.
     pub snapshot_max_bytes: u64,
+    /// Most bytes of paused sandboxes' checkpoints (memory image and written files) kept
+    /// in `state_dir`; the scheduler refuses a pause that would go past it. 0 = no budget.
+    pub snapshot_disk_budget_bytes: u64,
     /// Where the agent serves Prometheus `/metrics`; empty for nowhere, port 0 picks one.
     pub metrics_address: String,
     /// Node labels used by placement constraints.
@@ -211,6 +214,7 @@ impl Default for AgentConfig {
             registries: Vec::new(),
             snapshot_repository: String::new(),
             snapshot_max_bytes: 4 << 30,
+            snapshot_disk_budget_bytes: 64 << 30,
             metrics_address: String::new(),
             labels: BTreeMap::new(),
             taints: Vec::new(),

@@ -490,6 +490,7 @@ pub fn to_pb(
         inventory_source: inventory.source.as_str(),
         agent_address: agent_address.to_owned(),
         runtime: runtime.to_owned(),
+        snapshot_budget_bytes: cfg.snapshot_disk_budget_bytes,
     }
 }
 

@@ -206,6 +206,7 @@ pub fn pool(n: usize, seed: u64) -> Vec<NodeSpec> {
                 agent_address: String::new(),
                 cached_images: Vec::new(),
                 runtime: String::new(),
+                snapshot_budget_bytes: 0,
             }
         })
         .collect()

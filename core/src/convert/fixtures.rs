@@ -143,5 +143,6 @@ pub(super) fn wire_inventory() -> pb::NodeInventory {
         inventory_source: "nvml".into(),
         agent_address: "10.0.0.5:7071".into(),
         runtime: String::new(),
+        snapshot_budget_bytes: 0,
     }
 }

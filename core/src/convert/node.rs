@@ -24,6 +24,7 @@ const INVENTORY_FIELDS: &[&str] = &[
     "inventory_source",
     "agent_address",
     "runtime",
+    "snapshot_budget_bytes",
 ];
 
 /// Validates and converts an agent's inventory (errors: `INVALID_ARGUMENT` naming every bad
@@ -168,6 +169,7 @@ pub fn node_spec_from_pb(
         agent_address: inv.agent_address.clone(),
         cached_images: inv.cached_images.clone(),
         runtime: inv.runtime.clone(),
+        snapshot_budget_bytes: inv.snapshot_budget_bytes,
     };
     let mut problems = Validator::new();
     spec.validate(&mut problems);
@@ -227,6 +229,7 @@ pub fn node_inventory_to_pb(spec: &NodeSpec) -> pb::NodeInventory {
         cached_images: spec.cached_images.clone(),
         agent_address: spec.agent_address.clone(),
         runtime: spec.runtime.clone(),
+        snapshot_budget_bytes: spec.snapshot_budget_bytes,
         ..Default::default()
     }
 }
@@ -474,6 +477,7 @@ mod tests {
                 agent_address: "10.0.0.5:7071".into(),
                 cached_images: vec!["python:3.12".into()],
                 runtime: String::new(),
+                snapshot_budget_bytes: 0,
             }
         );
         let back = node_inventory_to_pb(&spec);

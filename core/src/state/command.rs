@@ -444,6 +444,24 @@ pub enum Rejection {
          no checkpoint); pause needs a gvisor node"
     )]
     NoCheckpoint(SandboxId, NodeId),
+    /// A pause would take the node past its snapshot disk budget.
+    #[error(
+        "node {node} holds {used} bytes of snapshots and pauses under way, of its budget of \
+         {budget} ([agent] snapshot_disk_budget_bytes); pausing sandbox {id} needs about {need} \
+         more: resume or delete paused sandboxes there, or raise the budget"
+    )]
+    SnapshotBudget {
+        /// Sandbox.
+        id: SandboxId,
+        /// Its node.
+        node: NodeId,
+        /// Bytes kept and promised there.
+        used: u64,
+        /// This pause's estimate (its memory).
+        need: u64,
+        /// The node's budget.
+        budget: u64,
+    },
     /// The sandbox is an unclaimed member of a warm pool: only a matching create takes it.
     #[error(
         "sandbox {0} is a member of warm pool {1}, kept warm until a matching create claims it; \

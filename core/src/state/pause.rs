@@ -44,6 +44,8 @@ impl State {
             {
                 return Err(Rejection::NoCheckpoint(id, node.clone()));
             }
+            let node = node.clone();
+            self.check_snapshot_budget(id, &node)?;
         }
         if from_standby {
             // Thawed for the checkpoint, so it holds its CPU again while it is taken.
@@ -57,6 +59,44 @@ impl State {
         sandbox.placement_note = None;
         self.count_state(before, -1);
         self.count_state("pausing", 1);
+        Ok(())
+    }
+
+    /// Refuses a pause that would take node `node` past its snapshot disk budget: the
+    /// snapshots it keeps, plus every pause under way there and this one counted at their
+    /// sandboxes' memory size (a checkpoint is about the memory in use, at most the limit).
+    fn check_snapshot_budget(&self, id: SandboxId, node: &str) -> Result<(), Rejection> {
+        let Some(record) = self.nodes.get(node) else {
+            return Ok(());
+        };
+        let budget = record.spec.snapshot_budget_bytes;
+        if budget == 0 {
+            return Ok(());
+        }
+        let memory = |s: &crate::model::Sandbox| s.spec.memory_mib.saturating_mul(1 << 20);
+        let kept: u64 = record
+            .snapshots
+            .iter()
+            .filter_map(|s| self.sandboxes.get(s)?.snapshot.as_ref().map(|r| r.bytes))
+            .sum();
+        let pausing: u64 = record
+            .sandboxes
+            .iter()
+            .filter_map(|s| self.sandboxes.get(s))
+            .filter(|s| s.state == SandboxState::Pausing)
+            .map(memory)
+            .sum();
+        let need = self.sandboxes.get(&id).map_or(0, memory);
+        let used = kept.saturating_add(pausing);
+        if used.saturating_add(need) > budget {
+            return Err(Rejection::SnapshotBudget {
+                id,
+                node: node.to_owned(),
+                used,
+                need,
+                budget,
+            });
+        }
         Ok(())
     }
 

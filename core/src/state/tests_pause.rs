@@ -396,3 +396,37 @@ fn the_snapshot_records_the_runtime_that_took_it() {
         .expect("snapshot");
     assert_eq!(snap.runtime, "gvisor/0.0~20221219.0/ptrace");
 }
+
+#[test]
+fn a_pause_past_the_nodes_snapshot_budget_is_refused_until_room_is_made() {
+    let mut node = NodeSpec::simple("n1", 8000, 16384, vec![]);
+    // Room for one 1 GiB sandbox's checkpoint and a little more.
+    node.snapshot_budget_bytes = (1 << 30) + (256 << 20);
+    let (mut state, first) = running_on(node, cpu_only(), &[]);
+    let epoch = state.node("n1").expect("n1").epoch;
+    let out = apply_checked(
+        &mut state,
+        &submit("r2", cpu_only(), Some(placement("n1", epoch, &[], 0))),
+        3,
+    );
+    let [ItemOutcome::Created { id: second, .. }] = out[..] else {
+        panic!("{out:?}");
+    };
+    report(&mut state, second, StatusChange::Running, 4);
+    // The first pause is under way and promised its memory: no room for the second.
+    assert_eq!(pause(&mut state, first, false), vec![ItemOutcome::Applied]);
+    let out = pause(&mut state, second, false);
+    let [ItemOutcome::Rejected(r @ Rejection::SnapshotBudget { used, need, .. })] = &out[..] else {
+        panic!("{out:?}");
+    };
+    assert_eq!((*used, *need), (1 << 30, 1 << 30));
+    assert!(r.to_string().contains("snapshot_disk_budget_bytes"), "{r}");
+    assert_eq!(
+        state.sandbox(second).expect("kept").state,
+        SandboxState::Running,
+        "a refused pause changes nothing"
+    );
+    // Taken, the first snapshot is its real size (small): now there is room.
+    report(&mut state, first, paused_report(64 << 20), 5);
+    assert_eq!(pause(&mut state, second, false), vec![ItemOutcome::Applied]);
+}

@@ -100,7 +100,8 @@ fn rejection_code(r: &Rejection) -> tonic::Code {
         Rejection::BatchTooLarge(_)
         | Rejection::ConcurrencyQuota { .. }
         | Rejection::GpuQuota { .. }
-        | Rejection::NoRoomToThaw { .. } => Code::ResourceExhausted,
+        | Rejection::NoRoomToThaw { .. }
+        | Rejection::SnapshotBudget { .. } => Code::ResourceExhausted,
         Rejection::UnknownNode(_) | Rejection::UnknownSandbox(_) => Code::NotFound,
         _ => Code::FailedPrecondition,
     }
