@@ -5,7 +5,8 @@
 //! them before the spec goes into the log, so every replica holds the same resolved spec.
 //! Whether a GPU sandbox may be paused keeping its files only is here too (the leader puts
 //! it in the pause's log entry), and how long a sandbox stays on standby before the leader
-//! pauses it to disk.
+//! pauses it to disk, and how long a paused sandbox's snapshot is kept before the leader
+//! ends the sandbox and its node deletes the snapshot.
 
 use std::collections::BTreeMap;
 
@@ -17,6 +18,8 @@ use crate::model::SandboxSpec;
 
 /// Thirty days, the model's bound on both limits.
 const LIMIT_MAX_MS: u64 = 30 * 24 * 3_600_000;
+/// A year, the bound on snapshot retention.
+const RETENTION_MAX_MS: u64 = 365 * 24 * 3_600_000;
 
 /// Session and idle limits.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +38,10 @@ pub struct SessionsConfig {
     /// disk, which frees its memory too; 0 = it stays on standby. 15 s by default, as
     /// Blaxel snapshots an idle sandbox after about 15 s.
     pub standby_pause_after_ms: u64,
+    /// How long a paused sandbox's snapshot is kept on its node's disk; past it the
+    /// sandbox is Failed and the snapshot deleted. 0 = kept until deleted. 7 days by
+    /// default, as Modal keeps memory snapshots; at most 365 days.
+    pub snapshot_retention_ms: u64,
     /// Per-tenant overrides (`[scheduler.sessions.tenants.NAME]`).
     pub tenants: BTreeMap<String, TenantSessions>,
 }
@@ -49,6 +56,8 @@ pub struct TenantSessions {
     pub max_timeout_ms: Option<u64>,
     /// See [`SessionsConfig::default_idle_timeout_ms`].
     pub default_idle_timeout_ms: Option<u64>,
+    /// See [`SessionsConfig::snapshot_retention_ms`].
+    pub snapshot_retention_ms: Option<u64>,
 }
 
 impl Default for SessionsConfig {
@@ -59,6 +68,7 @@ impl Default for SessionsConfig {
             default_idle_timeout_ms: 0,
             gpu_pause_filesystem_only: false,
             standby_pause_after_ms: 15_000,
+            snapshot_retention_ms: 7 * 24 * 3_600_000,
             tenants: BTreeMap::new(),
         }
     }
@@ -81,6 +91,14 @@ impl SessionsConfig {
                 .default_idle_timeout_ms
                 .unwrap_or(self.default_idle_timeout_ms),
         }
+    }
+
+    /// How long `tenant`'s paused sandboxes keep their snapshot; 0 = until deleted.
+    pub fn snapshot_retention_ms(&self, tenant: &str) -> u64 {
+        self.tenants
+            .get(tenant)
+            .and_then(|t| t.snapshot_retention_ms)
+            .unwrap_or(self.snapshot_retention_ms)
     }
 
     /// Fills in the tenant's defaults and refuses a session limit above its maximum.
@@ -125,8 +143,14 @@ impl SessionsConfig {
                 format!("{d} must be 1..={m} (max_timeout_ms) when there is a maximum")
             });
         };
+        let retention = |v: &mut Validator, ms: u64| {
+            v.check(ms <= RETENTION_MAX_MS, "snapshot_retention_ms", || {
+                format!("{ms} is above 365 days ({RETENTION_MAX_MS} ms); 0 keeps snapshots until deleted")
+            });
+        };
         v.nested("sessions", |v| {
             check(v, "standby_pause_after_ms", self.standby_pause_after_ms);
+            retention(v, self.snapshot_retention_ms);
             check_all(
                 v,
                 self.default_timeout_ms,
@@ -142,7 +166,8 @@ impl SessionsConfig {
                             l.default_timeout_ms,
                             l.max_timeout_ms,
                             l.default_idle_timeout_ms,
-                        )
+                        );
+                        retention(v, self.snapshot_retention_ms(name));
                     })
                 });
             }
@@ -197,5 +222,43 @@ mod tests {
                 .to_string()
                 .contains("sessions.default_timeout_ms")
         );
+    }
+
+    #[test]
+    fn snapshot_retention_is_per_tenant_and_bounded() {
+        let mut cfg = SessionsConfig::default();
+        cfg.tenants.insert(
+            "pro".into(),
+            TenantSessions {
+                snapshot_retention_ms: Some(0),
+                ..TenantSessions::default()
+            },
+        );
+        assert_eq!(cfg.snapshot_retention_ms("free"), 7 * 24 * 3_600_000);
+        assert_eq!(cfg.snapshot_retention_ms("pro"), 0, "kept until deleted");
+        let mut v = Validator::new();
+        cfg.validate(&mut v);
+        assert!(v.is_ok());
+
+        cfg.snapshot_retention_ms = RETENTION_MAX_MS + 1;
+        cfg.tenants.insert(
+            "team".into(),
+            TenantSessions {
+                snapshot_retention_ms: Some(u64::MAX),
+                ..TenantSessions::default()
+            },
+        );
+        let mut v = Validator::new();
+        cfg.validate(&mut v);
+        let err = v.finish().expect_err("above a year").to_string();
+        assert!(
+            err.contains("sessions.snapshot_retention_ms: 31536000001 is above 365 days"),
+            "{err}"
+        );
+        assert!(
+            err.contains("sessions.tenants.\"team\".snapshot_retention_ms"),
+            "{err}"
+        );
+        assert!(!err.contains("\"pro\""), "0 is allowed: {err}");
     }
 }

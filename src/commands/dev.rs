@@ -95,6 +95,10 @@ pub(crate) struct DevArgs {
     /// `[scheduler.sessions] standby_pause_after_ms`.
     #[arg(long, default_value = "15s", value_parser = super::parse_duration)]
     standby_pause_after: std::time::Duration,
+    /// How long a paused sandbox's snapshot is kept before the sandbox is failed and the
+    /// snapshot deleted, e.g. 2s or 7d: `[scheduler.sessions] snapshot_retention_ms`.
+    #[arg(long, default_value = "7d", value_parser = super::parse_duration)]
+    snapshot_retention: std::time::Duration,
 }
 
 /// `--runtime`.
@@ -315,6 +319,8 @@ async fn dev(args: &DevArgs) -> Result<(), String> {
         cfg.sessions.gpu_pause_filesystem_only = args.gpu_pause_filesystem_only;
         cfg.sessions.standby_pause_after_ms =
             u64::try_from(args.standby_pause_after.as_millis()).unwrap_or(u64::MAX);
+        cfg.sessions.snapshot_retention_ms =
+            u64::try_from(args.snapshot_retention.as_millis()).unwrap_or(u64::MAX);
         let running = berth_scheduler::service::start(&cfg)
             .await
             .map_err(|e| format!("replica {}: {e}", i + 1))?;

@@ -62,6 +62,10 @@ impl State {
                 .iter()
                 .map(|(name, count)| self.refill_pool(name, *count, now_ms))
                 .collect(),
+            Command::ExpireSnapshots { items } => items
+                .iter()
+                .map(|(id, retention_ms)| outcome(self.expire_snapshot(*id, *retention_ms, now_ms)))
+                .collect(),
             Command::ExpireDisconnected { items } => items
                 .iter()
                 .map(|id| outcome(self.expire_disconnected(*id, now_ms)))

@@ -178,6 +178,14 @@ pub enum Command {
         /// Pool and count.
         items: Vec<(String, u32)>,
     },
+    /// End paused sandboxes whose snapshot is past its tenant's retention (the leader's
+    /// config): each item is a sandbox and the retention in ms the leader used. Each is
+    /// re-checked against this command's time; one no longer Paused (resumed, ended) or
+    /// not that old is refused and stays as it is.
+    ExpireSnapshots {
+        /// Sandbox and the retention it is past.
+        items: Vec<(SandboxId, u64)>,
+    },
 }
 
 impl Command {
@@ -194,6 +202,7 @@ impl Command {
             Command::ResumeSandboxes { items } => items.len(),
             Command::StandbySandboxes { items } => items.len(),
             Command::RefillWarmPools { items } => items.len(),
+            Command::ExpireSnapshots { items } => items.len(),
             Command::RegisterAgent { has, .. } => has.len().max(1),
             Command::AutoscalerLease { decisions, .. } => decisions.len().max(1),
             _ => 1,
@@ -483,5 +492,15 @@ pub enum Rejection {
         free: u64,
         /// CPU it needs.
         need: u64,
+    },
+    /// A snapshot expiry for a sandbox whose snapshot is younger than the retention.
+    #[error("sandbox {id}'s snapshot, taken at {taken_ms} ms, is kept for {retention_ms} ms")]
+    SnapshotKept {
+        /// Sandbox.
+        id: SandboxId,
+        /// When its snapshot was taken.
+        taken_ms: u64,
+        /// The retention asked for (0 = kept forever).
+        retention_ms: u64,
     },
 }

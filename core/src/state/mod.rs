@@ -15,8 +15,9 @@
 //! - `apply`: the transitions of sandboxes, tenants and the autoscaler lease; `nodes`: node
 //!   registration (with an agent's reports), status and removal; `disconnect`: the
 //!   disconnect grace (a silent node's sandboxes Unknown, then Lost); `pause`: pause and
-//!   resume (Pausing, Paused with a snapshot on a node, back to Pending); `checks`: what an
-//!   entry is checked against (GPU request well formed, fit, constraints).
+//!   resume (Pausing, Paused with a snapshot on a node, back to Pending); `retention`:
+//!   paused sandboxes ended once their snapshot is past the tenant's retention; `checks`:
+//!   what an entry is checked against (GPU request well formed, fit, constraints).
 //! - [`pools`]: warm pools (members made ahead of demand, kept on standby, claimed
 //!   exactly once by a matching create).
 //! - [`tokens`]: API and join tokens (hashes only; revocation; a join token spent once).
@@ -29,6 +30,7 @@ mod disconnect;
 mod nodes;
 mod pause;
 pub mod pools;
+mod retention;
 pub mod snapshot;
 mod standby;
 #[cfg(test)]
@@ -39,6 +41,8 @@ mod tests_disconnect;
 mod tests_pause;
 #[cfg(test)]
 mod tests_pools;
+#[cfg(test)]
+mod tests_retention;
 #[cfg(test)]
 mod tests_standby;
 pub mod tokens;

@@ -18,7 +18,8 @@ use crate::state::Command;
 // 7: PauseSandboxes, ResumeSandboxes, StatusChange::Paused (issue #17).
 // 8: a spec's `auto_pause_idle_ms`, a node spec's `runtime`, StatusChange::PauseFailed.
 // 9: StandbySandboxes, StatusChange::Standby, Rejection::NoRoomToThaw.
-// 10: SetWarmPool, DeleteWarmPool, RefillWarmPools (warm pools, issue #17).
+// 10: SetWarmPool, DeleteWarmPool, RefillWarmPools (warm pools, issue #17); ExpireSnapshots
+//     (snapshot retention).
 const ENTRY_FORMAT: u8 = 10;
 const SNAPSHOT_FORMAT: u8 = 1;
 // Membership contexts have had the same shape since entry format 2, so they keep that

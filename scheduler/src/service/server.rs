@@ -45,6 +45,7 @@ pub struct Running {
     metrics_task: tokio::task::JoinHandle<std::io::Result<()>>,
     liveness_task: tokio::task::JoinHandle<()>,
     standby_task: tokio::task::JoinHandle<()>,
+    retention_task: tokio::task::JoinHandle<()>,
     pools_task: tokio::task::JoinHandle<()>,
     raft: Option<std::thread::JoinHandle<()>>,
 }
@@ -72,6 +73,7 @@ impl Running {
         self.metrics_task.abort();
         self.liveness_task.abort();
         self.standby_task.abort();
+        self.retention_task.abort();
         self.pools_task.abort();
         self.handle.shutdown();
         if let Some(raft) = self.raft.take() {
@@ -214,6 +216,10 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<Running, StartError> {
         cfg.sessions.standby_pause_after_ms,
         cfg.sessions.gpu_pause_filesystem_only,
     ));
+    let retention_task = tokio::spawn(super::retention::run_expirer(
+        handle.clone(),
+        cfg.sessions.clone(),
+    ));
     let pools_task = tokio::spawn(super::pools::run_keeper(handle.clone()));
     let services = Services::new(
         handle.clone(),
@@ -311,6 +317,7 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<Running, StartError> {
         metrics_task,
         liveness_task,
         standby_task,
+        retention_task,
         pools_task,
         raft: Some(raft),
     })

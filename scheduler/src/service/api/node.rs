@@ -372,15 +372,18 @@ fn feed(state: &crate::state::State, node: &str, told: &Told, epoch: u64) -> Opt
     let pause: Vec<pb::PauseSandbox> = pause.into_iter().chain(freeze).collect();
     let held = record.snapshots.clone();
     // Gone from the node: deleted, Lost, or its snapshot here is no longer wanted (deleted,
-    // or restored elsewhere). One that ended on its own (Exited, Failed) was reported by
-    // the agent, which keeps its output for `logs`; one paused to this node stays.
+    // restored elsewhere, or past its retention). One that ended on its own (Exited,
+    // Failed) while bound here was reported by the agent, which keeps its output for
+    // `logs`; one paused to this node stays. A snapshot only held here (not bound here at
+    // the last look) did not end on this node: whatever its state, the agent removes it.
     let ended_on_its_own = |id: &SandboxId| {
-        state.sandbox(*id).is_some_and(|s| {
-            matches!(
-                s.state,
-                SandboxState::Exited { .. } | SandboxState::Failed { .. }
-            )
-        })
+        told.bound.contains_key(id)
+            && state.sandbox(*id).is_some_and(|s| {
+                matches!(
+                    s.state,
+                    SandboxState::Exited { .. } | SandboxState::Failed { .. }
+                )
+            })
     };
     let terminate = told
         .bound

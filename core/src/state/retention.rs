@@ -1,0 +1,80 @@
+//! Snapshot retention: a sandbox paused to a node's disk is kept there for its tenant's
+//! `[scheduler.sessions] snapshot_retention_ms`, then ended. The retention is the
+//! leader's config, not replicated state, so the leader picks the sandboxes past it
+//! ([`State::snapshots_older`]) and its entry carries each with the retention it used;
+//! apply re-checks each against the entry's clock, so a sandbox resumed meanwhile stays.
+//! Ending one drops it from its node's `snapshots`, and the node's feed then tells the
+//! agent holding it to remove the snapshot from disk.
+
+use super::State;
+use super::command::Rejection;
+use crate::model::{SandboxId, SandboxState};
+
+impl State {
+    /// Paused sandboxes whose snapshot is older than their tenant's retention at `now_ms`
+    /// (`retention_of(tenant)`, 0 = kept forever), each with the retention it is past, at
+    /// most `limit`. Costs nothing while no sandbox is paused.
+    pub fn snapshots_older(
+        &self,
+        now_ms: u64,
+        retention_of: impl Fn(&str) -> u64,
+        limit: usize,
+    ) -> Vec<(SandboxId, u64)> {
+        if !self.sandboxes_by_state.contains_key("paused") {
+            return Vec::new();
+        }
+        self.nodes
+            .values()
+            .flat_map(|n| n.snapshots.iter())
+            .filter_map(|id| {
+                let s = self.sandboxes.get(id)?;
+                if s.state != SandboxState::Paused {
+                    return None;
+                }
+                let retention = retention_of(&s.spec.tenant);
+                let taken = s.snapshot.as_ref()?.taken_ms;
+                (retention > 0 && taken.saturating_add(retention) <= now_ms)
+                    .then_some((*id, retention))
+            })
+            .take(limit)
+            .collect()
+    }
+
+    /// Ends a Paused sandbox whose snapshot was taken `retention_ms` or more before
+    /// `now_ms`; anything else (resumed, ended, a younger snapshot, retention 0) is
+    /// refused and left as it is.
+    pub(super) fn expire_snapshot(
+        &mut self,
+        id: SandboxId,
+        retention_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), Rejection> {
+        let sandbox = self
+            .sandboxes
+            .get(&id)
+            .ok_or(Rejection::UnknownSandbox(id))?;
+        let taken_ms = match (&sandbox.state, &sandbox.snapshot) {
+            (SandboxState::Paused, Some(snapshot)) => snapshot.taken_ms,
+            _ => {
+                return Err(Rejection::InvalidTransition {
+                    id,
+                    state: sandbox.state.name(),
+                    what: "a snapshot expiry",
+                });
+            }
+        };
+        if retention_ms == 0 || taken_ms.saturating_add(retention_ms) > now_ms {
+            return Err(Rejection::SnapshotKept {
+                id,
+                taken_ms,
+                retention_ms,
+            });
+        }
+        let reason = format!(
+            "its snapshot was kept for {retention_ms} ms ([scheduler.sessions] \
+             snapshot_retention_ms) and deleted"
+        );
+        self.finish(id, SandboxState::Failed { reason }, now_ms, true);
+        Ok(())
+    }
+}
