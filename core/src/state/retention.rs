@@ -5,6 +5,12 @@
 //! apply re-checks each against the entry's clock, so a sandbox resumed meanwhile stays.
 //! Ending one drops it from its node's `snapshots`, and the node's feed then tells the
 //! agent holding it to remove the snapshot from disk.
+//!
+//! The same entry ends a paused sandbox past its own idle limit (`idle_timeout_ms`, in
+//! its replicated spec): paused time counts toward idle, and the shim that enforces the
+//! limit on a running sandbox is not there while it is paused. Idle is counted from the
+//! pause (the agent's report does not carry the last call's time), so the idle time
+//! before the pause is forgiven.
 
 use super::State;
 use super::command::Rejection;
@@ -12,8 +18,8 @@ use crate::model::{SandboxId, SandboxState};
 
 impl State {
     /// Paused sandboxes whose snapshot is older than their tenant's retention at `now_ms`
-    /// (`retention_of(tenant)`, 0 = kept forever), each with the retention it is past, at
-    /// most `limit`. Costs nothing while no sandbox is paused.
+    /// (`retention_of(tenant)`, 0 = kept forever) or than their own idle limit, each with
+    /// its tenant's retention, at most `limit`. Costs nothing while no sandbox is paused.
     pub fn snapshots_older(
         &self,
         now_ms: u64,
@@ -33,8 +39,8 @@ impl State {
                 }
                 let retention = retention_of(&s.spec.tenant);
                 let taken = s.snapshot.as_ref()?.taken_ms;
-                (retention > 0 && taken.saturating_add(retention) <= now_ms)
-                    .then_some((*id, retention))
+                let past = |limit: u64| limit > 0 && taken.saturating_add(limit) <= now_ms;
+                (past(retention) || past(s.spec.idle_timeout_ms)).then_some((*id, retention))
             })
             .take(limit)
             .collect()
@@ -53,6 +59,7 @@ impl State {
             .sandboxes
             .get(&id)
             .ok_or(Rejection::UnknownSandbox(id))?;
+        let idle_ms = sandbox.spec.idle_timeout_ms;
         let taken_ms = match (&sandbox.state, &sandbox.snapshot) {
             (SandboxState::Paused, Some(snapshot)) => snapshot.taken_ms,
             _ => {
@@ -63,6 +70,14 @@ impl State {
                 });
             }
         };
+        if idle_ms > 0 && taken_ms.saturating_add(idle_ms) <= now_ms {
+            let reason = format!(
+                "idle: no exec or file call for {idle_ms} ms while paused (idle_timeout_ms = \
+                 {idle_ms}); its snapshot was deleted"
+            );
+            self.finish(id, SandboxState::Failed { reason }, now_ms, true);
+            return Ok(());
+        }
         if retention_ms == 0 || taken_ms.saturating_add(retention_ms) > now_ms {
             return Err(Rejection::SnapshotKept {
                 id,

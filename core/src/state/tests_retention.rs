@@ -6,7 +6,7 @@ use berth_proto::GpuModel;
 
 use super::tests_pause::{cpu_only, pause, report, running_on};
 use super::*;
-use crate::model::{SandboxState, SnapshotMode};
+use crate::model::{SandboxSpec, SandboxState, SnapshotMode};
 use crate::testing::{apply_checked, gpu_node};
 
 /// A sandbox on n1, paused at 20 ms.
@@ -120,4 +120,33 @@ fn looking_for_old_snapshots_costs_nothing_while_none_is_paused() {
     let (state, _) = running_on(gpu_node("n1", GpuModel::H100, 4), cpu_only(), &[]);
     let older = state.snapshots_older(u64::MAX, |_| panic!("no paused sandbox to ask about"), 10);
     assert!(older.is_empty());
+}
+
+#[test]
+fn a_paused_sandbox_past_its_idle_limit_ends_even_without_a_retention() {
+    let (mut state, id) = running_on(
+        gpu_node("n1", GpuModel::H100, 4),
+        SandboxSpec {
+            idle_timeout_ms: 50,
+            keep_alive: true,
+            ..cpu_only()
+        },
+        &[],
+    );
+    pause(&mut state, id, false);
+    let change = StatusChange::Paused {
+        bytes: 4096,
+        mode: SnapshotMode::Memory,
+    };
+    report(&mut state, id, change, 20);
+    // Paused time counts toward idle: 50 ms after the pause it is due, retention or not.
+    assert!(state.snapshots_older(69, |_| 0, 10).is_empty());
+    assert_eq!(state.snapshots_older(70, |_| 0, 10), vec![(id, 0)]);
+    assert_eq!(expire(&mut state, id, 0, 70), vec![ItemOutcome::Applied]);
+    let s = state.sandbox(id).expect("kept");
+    let SandboxState::Failed { reason } = &s.state else {
+        panic!("{:?}", s.state)
+    };
+    assert!(reason.contains("idle_timeout_ms = 50"), "{reason}");
+    assert!(state.node("n1").expect("n1").snapshots.is_empty());
 }

@@ -18,17 +18,10 @@ const MAX_PER_ENTRY: usize = 1_024;
 /// How often the leader looks.
 const ROUND: Duration = Duration::from_secs(1);
 
-/// Runs on every replica until it stops; acts only while it leads. Returns at once when
-/// no tenant has a retention (every snapshot is kept until deleted).
+/// Runs on every replica until it stops; acts only while it leads. It also ends paused
+/// sandboxes past their own idle limit, so it runs even when no tenant has a retention
+/// (a round costs nothing while no sandbox is paused).
 pub async fn run_expirer<S: Store>(handle: S, sessions: SessionsConfig) {
-    let never = sessions.snapshot_retention_ms == 0
-        && sessions
-            .tenants
-            .values()
-            .all(|t| t.snapshot_retention_ms.unwrap_or(0) == 0);
-    if never {
-        return;
-    }
     let sessions = Arc::new(sessions);
     let mut ticker = tokio::time::interval(ROUND);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
