@@ -525,17 +525,23 @@ mod tests {
             snapshot_max_bytes: 1,
             ..AgentConfig::default()
         };
+        let fields: Vec<String> = bad_fields(&config)
+            .into_iter()
+            .filter(|f| f.starts_with("snapshot"))
+            .collect();
+        assert_eq!(fields, ["snapshot_repository", "snapshot_max_bytes"]);
+    }
+
+    /// The fields `validate` names, in order.
+    fn bad_fields(config: &AgentConfig) -> Vec<String> {
         let mut v = Validator::new();
         config.validate(&mut v, Path::new("/nonexistent"));
-        let fields: Vec<String> = v
-            .finish()
+        v.finish()
             .expect_err("bad")
             .0
             .into_iter()
             .map(|e| e.field)
-            .filter(|f| f.starts_with("snapshot"))
-            .collect();
-        assert_eq!(fields, ["snapshot_repository", "snapshot_max_bytes"]);
+            .collect()
     }
 
     #[test]
@@ -547,17 +553,8 @@ mod tests {
             labels: [("bad key!".to_string(), "v".to_string())].into(),
             ..AgentConfig::default()
         };
-        let mut v = Validator::new();
-        config.validate(&mut v, Path::new("/nonexistent"));
-        let fields: Vec<String> = v
-            .finish()
-            .expect_err("bad")
-            .0
-            .into_iter()
-            .map(|e| e.field)
-            .collect();
         assert_eq!(
-            fields,
+            bad_fields(&config),
             [
                 "node_id",
                 "tls.ca",
