@@ -19,6 +19,7 @@ pub struct Assignments {
     runsc_path: String,
     runsc_platform: String,
     max_output_bytes: u64,
+    snapshot_budget_bytes: u64,
     /// Where berth-sandboxd is installed.
     sandboxd_dir: Option<PathBuf>,
     pool: Cidr,
@@ -35,6 +36,7 @@ impl Assignments {
             runsc_path: cfg.runsc_path.clone(),
             runsc_platform: cfg.runsc_platform.clone(),
             max_output_bytes: cfg.max_output_bytes,
+            snapshot_budget_bytes: cfg.snapshot_disk_budget_bytes,
             sandboxd_dir,
             pool: cfg.network.pool.parse().unwrap_or(Cidr {
                 addr: std::net::Ipv4Addr::new(10, 88, 0, 0),
@@ -91,6 +93,7 @@ impl Assignments {
                 keep_alive: spec.keep_alive,
                 idle_timeout_ms: spec.idle_timeout_ms,
                 auto_pause_idle_ms: spec.auto_pause_idle_ms,
+                snapshot_budget_bytes: self.snapshot_budget_bytes,
             },
             command: spec.command,
             env: spec.env.into_iter().collect(),

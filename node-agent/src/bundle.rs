@@ -226,6 +226,7 @@ mod tests {
             keep_alive: false,
             idle_timeout_ms: 0,
             auto_pause_idle_ms: 0,
+            snapshot_budget_bytes: 0,
         };
         let bundle = write_config(
             tmp.path(),

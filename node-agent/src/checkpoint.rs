@@ -74,6 +74,26 @@ pub fn requested(dir: &Path) -> Option<PauseMode> {
     })
 }
 
+/// Whether a pause of the sandbox in `dir` needing about `need` bytes fits the node's
+/// snapshot budget: the snapshots its siblings in the same state directory hold (their
+/// `paused.json`), plus `need`. A budget of 0 always fits. The scheduler checks the
+/// pauses it asks for; this is for the shim's own automatic pause.
+pub fn fits_budget(dir: &Path, budget: u64, need: u64) -> bool {
+    if budget == 0 {
+        return true;
+    }
+    let Some(Ok(siblings)) = dir.parent().map(fs::read_dir) else {
+        return true;
+    };
+    let kept: u64 = siblings
+        .filter_map(Result::ok)
+        .filter(|e| e.path() != dir)
+        .filter_map(|e| read_paused(&e.path()))
+        .map(|p| p.bytes)
+        .sum();
+    kept.saturating_add(need) <= budget
+}
+
 /// `paused.json`, if the sandbox is paused.
 pub fn read_paused(dir: &Path) -> Option<PausedRecord> {
     serde_json::from_slice(&fs::read(dir.join(files::PAUSED)).ok()?).ok()
@@ -195,4 +215,39 @@ pub fn forget_pause(dir: &Path) {
 pub fn resumed(dir: &Path) {
     forget_pause(dir);
     let _ = fs::remove_dir_all(dir.join(files::SNAPSHOT));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paused_sibling(root: &Path, name: &str, bytes: u64) {
+        let dir = root.join(name);
+        fs::create_dir_all(&dir).expect("dir");
+        let record = PausedRecord {
+            mode: PauseMode::Memory,
+            bytes,
+            taken_unix_ms: 1,
+            ran_ms: 1,
+            last_activity_unix_ms: 1,
+        };
+        let json = serde_json::to_vec(&record).expect("json");
+        fs::write(dir.join(files::PAUSED), json).expect("write");
+    }
+
+    #[test]
+    fn an_automatic_pause_fits_the_budget_only_beside_what_siblings_keep() {
+        let root = tempfile::tempdir().expect("tmp");
+        let me = root.path().join("sbx-0000000009");
+        fs::create_dir_all(&me).expect("dir");
+        paused_sibling(root.path(), "sbx-0000000001", 600);
+        paused_sibling(root.path(), "sbx-0000000002", 300);
+        fs::create_dir_all(root.path().join("sbx-0000000003")).expect("running one");
+        assert!(fits_budget(&me, 1_000, 100));
+        assert!(!fits_budget(&me, 1_000, 101));
+        assert!(fits_budget(&me, 0, u64::MAX), "no budget");
+        // Its own earlier snapshot is not counted twice.
+        paused_sibling(root.path(), "sbx-0000000009", 500);
+        assert!(fits_budget(&me, 1_000, 100));
+    }
 }

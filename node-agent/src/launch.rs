@@ -76,6 +76,10 @@ pub struct Launch {
     /// Pause it to disk after this long without an exec or file call; 0 for never.
     #[serde(default)]
     pub auto_pause_idle_ms: u64,
+    /// The node's snapshot disk budget (`[agent] snapshot_disk_budget_bytes`; 0 = none):
+    /// an automatic pause that would go past it is not taken, and the sandbox runs on.
+    #[serde(default)]
+    pub snapshot_budget_bytes: u64,
 }
 
 impl Launch {

@@ -572,6 +572,7 @@ pub(crate) mod tests {
             keep_alive: false,
             idle_timeout_ms: 0,
             auto_pause_idle_ms: 0,
+            snapshot_budget_bytes: 0,
         }
     }
 

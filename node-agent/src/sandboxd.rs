@@ -9,6 +9,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -16,6 +17,9 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tonic::Status;
 
 use berth_sandboxd::wire::{self, ErrorKind, FromHelper, ToHelper};
+
+/// How long a call waits for a just-started (or just-woken) sandbox's helper to listen.
+const HELPER_STARTING: Duration = Duration::from_secs(3);
 
 /// The helper, statically linked.
 pub const BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/berth-sandboxd"));
@@ -69,7 +73,20 @@ pub struct Receiver(OwnedReadHalf);
 /// Opens a call to the helper of the sandbox in `dir`.
 pub async fn connect(dir: &Path, id: &str) -> Result<(Sender, Receiver), Status> {
     let path = socket(dir);
-    let stream = UnixStream::connect(&path).await.map_err(|e| {
+    // A sandbox is reported running when runsc runs it, a moment before its helper
+    // listens: a call in that moment (or during a resume's wake) waits for it, briefly.
+    let deadline = tokio::time::Instant::now() + HELPER_STARTING;
+    let mut attempt = UnixStream::connect(&path).await;
+    while let Err(e) = &attempt {
+        let starting =
+            e.kind() == io::ErrorKind::NotFound || e.kind() == io::ErrorKind::ConnectionRefused;
+        if !starting || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        attempt = UnixStream::connect(&path).await;
+    }
+    let stream = attempt.map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound || e.kind() == io::ErrorKind::ConnectionRefused {
             Status::failed_precondition(format!(
                 "sandbox_id: {id} has no exec helper listening ({}: {e}); it may still be \

@@ -305,6 +305,8 @@ fn run(
     let mut run_started_unix_ms = unix_ms();
     let mut resume_pending = resuming.is_some();
     let mut next_idle_check = started;
+    // Whether an automatic pause was passed over for the snapshot budget (said once).
+    let mut budget_warned = false;
     // On standby (frozen by the agent): time the session limit does not count.
     let mut was_frozen = false;
     let mut last_round = Instant::now();
@@ -375,7 +377,8 @@ fn run(
                     && idle_check
                     && marked_started
                     && idle_past_limit(dir, launch.auto_pause_idle_ms, run_started_unix_ms)
-                        .is_some();
+                        .is_some()
+                    && auto_pause_fits(dir, launch, &mut budget_warned);
                 let pause = checkpoint::requested(dir)
                     .or(auto_pause.then_some(PauseMode::Memory))
                     .filter(|_| marked_started);
@@ -504,6 +507,23 @@ fn capture(
 
 /// Why the sandbox is idle past its limit, if it is: no exec or file call (the agent's
 /// `activity` file) since `idle_ms` ago, counting from its start.
+/// Whether the node's snapshot budget has room for this sandbox's automatic pause (its
+/// memory limit, as a checkpoint is about the memory in use); says so once when not, and
+/// the sandbox runs on (its idle limit, if any, still ends it).
+fn auto_pause_fits(dir: &Path, launch: &Launch, warned: &mut bool) -> bool {
+    let need = launch.memory_mib.saturating_mul(1 << 20);
+    let fits = checkpoint::fits_budget(dir, launch.snapshot_budget_bytes, need);
+    if !fits && !*warned {
+        eprintln!(
+            "automatic pause not taken: the node's snapshots and this one ({need} bytes) would \
+             pass [agent] snapshot_disk_budget_bytes ({}); the sandbox keeps running",
+            launch.snapshot_budget_bytes
+        );
+        *warned = true;
+    }
+    fits
+}
+
 fn idle_past_limit(dir: &Path, idle_ms: u64, started_unix_ms: u64) -> Option<String> {
     let last = fs::read_to_string(dir.join(files::ACTIVITY))
         .ok()

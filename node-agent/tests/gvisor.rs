@@ -80,6 +80,7 @@ async fn run(
         keep_alive: false,
         idle_timeout_ms: 0,
         auto_pause_idle_ms: 0,
+        snapshot_budget_bytes: 0,
     };
     let dir = f.dir.path().join("sandboxes").join(id);
     std::fs::create_dir_all(&dir).expect("dir");
