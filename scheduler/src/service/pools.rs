@@ -62,18 +62,9 @@ pub fn decide(
 
 /// Runs on every replica until it stops; acts only while it leads.
 pub async fn run_keeper<S: Store>(handle: S) {
-    let mut ticker = tokio::time::interval(ROUND);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rounds = super::leader_rounds::LeaderRounds::every(ROUND);
     let mut history = BTreeMap::new();
-    loop {
-        ticker.tick().await;
-        if handle.fatal().is_some() {
-            return;
-        }
-        if !handle.is_leader() {
-            history.clear();
-            continue;
-        }
+    while rounds.next(&handle).await {
         let Ok(short) = handle.read(false, |v| v.state.pools_short()).await else {
             continue;
         };

@@ -23,16 +23,8 @@ const ROUND: Duration = Duration::from_secs(1);
 /// (a round costs nothing while no sandbox is paused).
 pub async fn run_expirer<S: Store>(handle: S, sessions: SessionsConfig) {
     let sessions = Arc::new(sessions);
-    let mut ticker = tokio::time::interval(ROUND);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticker.tick().await;
-        if handle.fatal().is_some() {
-            return;
-        }
-        if !handle.is_leader() {
-            continue;
-        }
+    let mut rounds = super::leader_rounds::LeaderRounds::every(ROUND);
+    while rounds.next(&handle).await {
         let now = now_ms();
         let of = sessions.clone();
         let Ok(items) = handle

@@ -19,16 +19,8 @@ pub async fn run_pauser<S: Store>(handle: S, after_ms: u64, gpu_filesystem_only:
     if after_ms == 0 {
         return;
     }
-    let mut ticker = tokio::time::interval(ROUND);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticker.tick().await;
-        if handle.fatal().is_some() {
-            return;
-        }
-        if !handle.is_leader() {
-            continue;
-        }
+    let mut rounds = super::leader_rounds::LeaderRounds::every(ROUND);
+    while rounds.next(&handle).await {
         let now = now_ms();
         let Ok(items) = handle
             .read(false, move |v| {
