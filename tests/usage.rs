@@ -14,10 +14,10 @@ use common::text;
 fn a_busy_sandbox_reports_its_memory_and_a_core() {
     let registry = TestRegistry::start().expect("docker-registry (scripts/test installs it)");
     let reference = common::sandboxes::push_busybox(&registry, "berth-usage-busybox");
-    // Agent i serves /metrics on metrics + i.
+    // Agent i of dev's seven serves /metrics on metrics + i; the sandbox may land on any.
     let metrics = (0..200u16)
-        .map(|i| 15_000 + ((std::process::id() as u16 % 200 + i) % 200) * 4)
-        .find(|p| (0..4).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()))
+        .map(|i| 15_000 + ((std::process::id() as u16 % 200 + i) % 200) * 8)
+        .find(|p| (0..7).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()))
         .expect("free metrics ports");
     let dir = tempfile::tempdir().expect("tmp");
     let dev = gvisor_dev(
@@ -63,7 +63,7 @@ fn a_busy_sandbox_reports_its_memory_and_a_core() {
         "cpu {cpu} milli-cores, not near one core"
     );
     // The node totals on the agents' /metrics.
-    let total: f64 = (0..4)
+    let total: f64 = (0..7)
         .map(|i| scrape(metrics + i, "berth_agent_sandbox_memory_bytes"))
         .sum();
     assert!(
