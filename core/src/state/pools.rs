@@ -210,7 +210,13 @@ impl State {
         let room = (record.pool.size as usize).saturating_sub(record.members.len());
         let template = record.pool.template.clone();
         let mut made = 0;
-        for _ in 0..(count as usize).min(room) {
+        let want = (count as usize).min(room);
+        // A request id an earlier pool of the same name left to an ended member is skipped;
+        // the attempts are bounded all the same.
+        for _ in 0..want.saturating_mul(2).saturating_add(16) {
+            if made == want {
+                break;
+            }
             let Some(record) = self.pools.get_mut(name) else {
                 break;
             };
@@ -231,6 +237,7 @@ impl State {
                     }
                     made += 1;
                 }
+                ItemOutcome::Duplicate { .. } => {}
                 ItemOutcome::Rejected(r) if made == 0 => return ItemOutcome::Rejected(r),
                 _ => break,
             }

@@ -355,3 +355,32 @@ fn pools_survive_a_snapshot() {
     let restored = State::restore(&state.snapshot()).expect("restores");
     assert_eq!(restored, state);
 }
+
+#[test]
+fn a_pool_set_again_under_the_same_name_skips_request_ids_its_ended_members_keep() {
+    let mut state = with_pool(2);
+    refill(&mut state, 2, 2);
+    warm_up(&mut state, 3);
+    let ended = *state.pools()["p"].members.first().expect("member");
+    report(
+        &mut state,
+        ended,
+        StatusChange::Failed {
+            reason: "oom".into(),
+        },
+        4,
+    );
+    apply_checked(&mut state, &Command::DeleteWarmPool { name: "p".into() }, 5);
+    let again = Command::SetWarmPool {
+        name: "p".into(),
+        pool: WarmPool {
+            template: template(),
+            size: 2,
+        },
+    };
+    apply_checked(&mut state, &again, 6);
+    // `warm-pool/p/0` still names the ended member: one refill makes both all the same.
+    refill(&mut state, 2, 7);
+    assert_eq!(state.pools()["p"].members.len(), 2);
+    assert!(!state.pools()["p"].members.contains(&ended));
+}
