@@ -139,6 +139,15 @@ fn a_warm_pool_serves_matching_creates_with_sandboxes_made_before_them_and_refil
         ],
     );
     assert_eq!(other["from_pool"], "", "{other}");
+    // Deleted now, not left starting when dev stops (its shim would outlive the test).
+    berth_ok(
+        &dev,
+        &[
+            "sandbox",
+            "delete",
+            other["id"].as_str().unwrap_or_default(),
+        ],
+    );
 
     // Deleting the pool deletes its unclaimed sandboxes; the claimed ones run on.
     berth_ok(&dev, &["pool", "delete", "warm"]);
