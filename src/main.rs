@@ -3,7 +3,7 @@
 //! # Layout
 //! - `cli`: the command line (clap), one subcommand per role or tool.
 //! - `commands`: the subcommands with more than a few lines (`scheduler`, `agent`, `dev`,
-//!   `sandbox`, `node`, `cluster`, `token`, `cert`, `sim`, `bench`), and what the cluster
+//!   `sandbox`, `node`, `cluster`, `pool`, `token`, `cert`, `sim`, `bench`), and what the cluster
 //!   commands share (endpoint flags, the client runner, tables).
 //! - `credentials`: where the cluster commands find their CA, certificate and token.
 //! - `config_file`: reading and validating berth TOML config files.

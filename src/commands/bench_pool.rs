@@ -15,8 +15,8 @@ use serde::Serialize;
 use berth_proto::pb::v1 as pb;
 use berth_scheduler::service::client::Client;
 
+use super::bench_dev::{BenchDev, until};
 use super::bench_exec::{Latency, latency};
-use super::bench_resume::{BenchDev, until};
 
 /// Arguments of `berth bench pool`.
 #[derive(Debug, Args)]

@@ -17,6 +17,7 @@ pub(crate) mod bench;
 pub(crate) mod bench_autoscale;
 pub(crate) mod bench_burst;
 pub(crate) mod bench_create;
+mod bench_dev;
 pub(crate) mod bench_exec;
 pub(crate) mod bench_pool;
 pub(crate) mod bench_resume;

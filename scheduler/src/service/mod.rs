@@ -1,8 +1,9 @@
 //! A scheduler replica as a network service: the Raft thread ([`driver`]), Raft traffic
 //! between replicas ([`transport`]), the tonic services ([`api`], one file per service)
 //! over the [`store`] seam, sandbox watches ([`watch`]), node liveness from agent
-//! heartbeats ([`liveness`]), the warm pools' keeper ([`pools`]), snapshot retention's
-//! clock ([`retention`]), sandboxes' reported CPU and memory use ([`usage`]), who may
+//! heartbeats ([`liveness`]), the leader's clocks on one loop ([`leader_rounds`]): standby
+//! to disk ([`standby`]), the warm pools' keeper ([`pools`]) and snapshot retention
+//! ([`retention`]), sandboxes' reported CPU and memory use ([`usage`]), who may
 //! call which service ([`auth`]), typed errors and their gRPC codes ([`error`]), Prometheus
 //! metrics ([`metrics`]), and the process wiring ([`server`]). [`client`] is the
 //! leader-following client (from berth-net); [`local_cluster`] runs real replica processes

@@ -20,7 +20,7 @@ use crate::state::{Command, ItemOutcome};
 
 /// Longest a call waits for the sandbox it resumed to run (a restore from disk on another
 /// node, with its snapshot fetched, takes seconds).
-pub(super) const AUTO_RESUME_WAIT: Duration = Duration::from_secs(60);
+const AUTO_RESUME_WAIT: Duration = Duration::from_secs(60);
 /// How often the waiting call looks again.
 const POLL: Duration = Duration::from_millis(10);
 
