@@ -41,6 +41,9 @@ enum Command {
     /// Supervise one sandbox (started by the agent; not for direct use).
     #[command(hide = true)]
     AgentShim(crate::commands::agent::ShimArgs),
+    /// Emulate many node agents in one process (for `bench fleet` and tests).
+    #[command(hide = true)]
+    FleetEmulator(crate::commands::fleet_emulator::EmulatorArgs),
     /// Run the autoscaler: hold the lease, buy and release nodes through the providers.
     Autoscaler(crate::commands::autoscaler::AutoscalerArgs),
     /// Run a whole development cluster on this machine (schedulers, agents, autoscaler).
@@ -87,6 +90,7 @@ impl Cli {
             Command::Scheduler(args) => crate::commands::scheduler::run(&args),
             Command::Agent(args) => crate::commands::agent::run(&args),
             Command::AgentShim(args) => crate::commands::agent::shim(&args),
+            Command::FleetEmulator(args) => crate::commands::fleet_emulator::run(&args),
             Command::Autoscaler(args) => crate::commands::autoscaler::run(&args),
             Command::Dev(args) => crate::commands::dev::run(&args),
             Command::Sim(command) => command.run(),

@@ -162,6 +162,11 @@ pub struct LivenessConfig {
     /// registers again within it, what it reports stands. 0 makes them Lost at the TTL.
     /// At most one day.
     pub node_disconnect_grace_ms: u64,
+    /// Heartbeats per second the leader is willing to handle (Nomad's
+    /// `max_heartbeats_per_second`). With more nodes than `heartbeat_interval_ms` allows
+    /// at this rate, a registering agent is given a longer interval (nodes / rate
+    /// seconds), and the TTL grows by the same factor. 0: no limit.
+    pub max_heartbeats_per_second: u64,
 }
 
 /// The etcd backend.
@@ -243,6 +248,7 @@ impl Default for LivenessConfig {
             node_ttl_ms: 10_000,
             leader_grace_ms: 15_000,
             node_disconnect_grace_ms: 60_000,
+            max_heartbeats_per_second: 1_000,
         }
     }
 }

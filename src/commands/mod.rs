@@ -25,6 +25,8 @@ mod bench_resume_bare;
 pub(crate) mod cert;
 pub(crate) mod cluster;
 pub(crate) mod dev;
+pub(crate) mod fleet_emulator;
+mod fleet_stats;
 pub(crate) mod node;
 pub(crate) mod pool;
 pub(crate) mod sandbox;

@@ -117,7 +117,7 @@ impl State {
             .filter(|n| n.status == NodeStatus::Down)
             .flat_map(|n| n.sandboxes.iter())
             .filter(|id| {
-                self.sandboxes.get(id).is_some_and(|s| {
+                self.sandboxes.get(*id).is_some_and(|s| {
                     matches!(s.state, SandboxState::Unknown { lost_after_ms, .. } if lost_after_ms <= now_ms)
                 })
             })

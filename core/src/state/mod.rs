@@ -46,14 +46,19 @@ mod tests_retention;
 #[cfg(test)]
 mod tests_standby;
 pub mod tokens;
+mod tracked;
 
 use std::collections::{BTreeMap, BTreeSet};
+
+use imbl::OrdMap;
 
 use serde::{Deserialize, Serialize};
 
 use berth_proto::GpuModelName;
 
 use crate::model::{NodeId, NodeSpec, NodeStatus, Sandbox, SandboxId, SandboxState, TenantQuota};
+
+pub use tracked::Tracked;
 
 pub use command::{
     Command, ItemOutcome, MAX_DISCONNECT_GRACE_MS, Rejection, StatusChange, StatusUpdate,
@@ -127,14 +132,27 @@ pub struct TenantRecord {
 pub struct State {
     pub(crate) revision: u64,
     pub(crate) next_sandbox_id: u64,
-    pub(crate) nodes: BTreeMap<NodeId, NodeRecord>,
-    pub(crate) sandboxes: BTreeMap<SandboxId, Sandbox>,
-    pub(crate) request_ids: BTreeMap<(String, String), SandboxId>,
+    pub(crate) nodes: Tracked<NodeId, NodeRecord>,
+    pub(crate) sandboxes: Tracked<SandboxId, Sandbox>,
+    pub(crate) request_ids: OrdMap<(String, String), SandboxId>,
     pub(crate) tenants: BTreeMap<String, TenantRecord>,
     pub(crate) sandboxes_by_state: BTreeMap<String, u64>,
     pub(crate) autoscaler: AutoscalerRecord,
     pub(crate) tokens: BTreeMap<String, tokens::TokenRecord>,
     pub(crate) pools: BTreeMap<String, pools::PoolRecord>,
+}
+
+/// What one or more applied entries wrote (see [`State::take_changes`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// The state's revision after them.
+    pub revision: u64,
+    /// Sandboxes written (created, changed or removed), ascending.
+    pub sandboxes: Vec<SandboxId>,
+    /// Of those, the ones no longer in the state, with their tenant.
+    pub removed: Vec<(SandboxId, String)>,
+    /// Nodes whose agents may have news, ascending.
+    pub nodes: Vec<NodeId>,
 }
 
 /// Most autoscaler decision lines kept in the replicated state.
@@ -172,7 +190,7 @@ impl State {
     }
 
     /// Nodes by id.
-    pub fn nodes(&self) -> &BTreeMap<NodeId, NodeRecord> {
+    pub fn nodes(&self) -> &OrdMap<NodeId, NodeRecord> {
         &self.nodes
     }
 
@@ -182,7 +200,7 @@ impl State {
     }
 
     /// Sandboxes by id.
-    pub fn sandboxes(&self) -> &BTreeMap<SandboxId, Sandbox> {
+    pub fn sandboxes(&self) -> &OrdMap<SandboxId, Sandbox> {
         &self.sandboxes
     }
 
@@ -206,6 +224,35 @@ impl State {
     /// Count of sandboxes per state name, kept by `apply` (the invariant checker recounts).
     pub fn sandboxes_by_state(&self) -> &BTreeMap<String, u64> {
         &self.sandboxes_by_state
+    }
+
+    /// What was written since the last call: the sandboxes, and the nodes whose agents may
+    /// have something new to hear (a node written, or the node a written sandbox is bound
+    /// to or holds its snapshot on). Services feed agents and watches from it; a replica
+    /// takes it after every entry it applies.
+    pub fn take_changes(&mut self) -> Changes {
+        let (sandboxes, gone) = self.sandboxes.take_touched();
+        let (mut nodes, _) = self.nodes.take_touched();
+        for id in &sandboxes {
+            if let Some(s) = self.sandboxes.get(id) {
+                if let Some(b) = &s.binding {
+                    nodes.insert(b.placement.node.clone());
+                }
+                if let Some(snap) = &s.snapshot {
+                    nodes.insert(snap.node.clone());
+                }
+            }
+        }
+        Changes {
+            revision: self.revision,
+            sandboxes: sandboxes.into_iter().collect(),
+            removed: gone
+                .into_iter()
+                .filter(|(id, _)| !self.sandboxes.contains_key(id))
+                .map(|(id, s)| (id, s.spec.tenant))
+                .collect(),
+            nodes: nodes.into_iter().collect(),
+        }
     }
 
     /// Pending sandboxes, highest priority first, then oldest first.

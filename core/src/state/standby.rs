@@ -23,7 +23,7 @@ impl State {
             .flat_map(|n| n.standby.iter())
             .filter(|id| {
                 // A warm pool's members stay on standby: that is what the pool is for.
-                self.sandboxes.get(id).is_some_and(|s| {
+                self.sandboxes.get(*id).is_some_and(|s| {
                     s.pool.is_none()
                         && matches!(s.state, SandboxState::Standby { since_ms }
                         if since_ms.saturating_add(after_ms) <= now_ms)

@@ -34,6 +34,26 @@ pub struct LivenessSettings {
     pub leader_grace: Duration,
     /// How long a Down node's sandboxes stay Unknown before they are Lost.
     pub disconnect_grace: Duration,
+    /// Heartbeats per second the leader handles at most (0: no limit).
+    pub max_heartbeats_per_second: u64,
+}
+
+impl LivenessSettings {
+    /// The heartbeat interval for a cluster of `nodes`: the configured one, or longer so
+    /// that `nodes` agents send at most `max_heartbeats_per_second` together.
+    pub fn interval_for(&self, nodes: usize) -> Duration {
+        if self.max_heartbeats_per_second == 0 {
+            return self.heartbeat_interval;
+        }
+        let spread = Duration::from_secs_f64(nodes as f64 / self.max_heartbeats_per_second as f64);
+        self.heartbeat_interval.max(spread)
+    }
+
+    /// The TTL that goes with an interval: the configured TTL, scaled as the interval was.
+    pub fn ttl_for(&self, interval: Duration) -> Duration {
+        let factor = interval.as_secs_f64() / self.heartbeat_interval.as_secs_f64().max(1e-3);
+        self.node_ttl.mul_f64(factor.max(1.0))
+    }
 }
 
 /// Most sandboxes one `ExpireDisconnected` entry loses; more wait for the next tick (one
@@ -45,6 +65,9 @@ const MAX_EXPIRED_PER_ENTRY: usize = 4_096;
 pub struct Liveness {
     settings: LivenessSettings,
     seen: Arc<Mutex<HashMap<String, Instant>>>,
+    /// The longest heartbeat interval handed out (ms): the TTL follows it, so an agent
+    /// told to heartbeat rarely is never judged by a shorter TTL.
+    longest_interval_ms: Arc<AtomicU64>,
     /// The longest silence between two signs of life from one node, in ms.
     max_gap_ms: Arc<AtomicU64>,
 }
@@ -55,8 +78,26 @@ impl Liveness {
         Liveness {
             settings,
             seen: Arc::default(),
+            longest_interval_ms: Arc::new(AtomicU64::new(
+                settings.heartbeat_interval.as_millis() as u64,
+            )),
             max_gap_ms: Arc::default(),
         }
+    }
+
+    /// The interval to hand a registering agent, for a cluster of `nodes` (and remembers
+    /// it, so the TTL covers it).
+    pub fn interval_for(&self, nodes: usize) -> Duration {
+        let interval = self.settings.interval_for(nodes);
+        self.longest_interval_ms
+            .fetch_max(interval.as_millis() as u64, Ordering::Relaxed);
+        interval
+    }
+
+    /// The TTL in force: the configured one, scaled by the longest interval handed out.
+    pub fn ttl(&self) -> Duration {
+        let longest = Duration::from_millis(self.longest_interval_ms.load(Ordering::Relaxed));
+        self.settings.ttl_for(longest)
     }
 
     /// The settings.
@@ -117,13 +158,14 @@ impl Liveness {
         since: Instant,
         now: Instant,
     ) -> Vec<(String, Duration)> {
+        let ttl = self.ttl();
         let seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         candidates
             .iter()
             .filter_map(|node| {
                 let last = seen.get(node).copied().unwrap_or(since).max(since);
                 let silent = now.saturating_duration_since(last);
-                (silent > self.settings.node_ttl).then(|| (node.clone(), silent))
+                (silent > ttl).then(|| (node.clone(), silent))
             })
             .collect()
     }
@@ -179,7 +221,7 @@ pub async fn run_checker<S: Store>(handle: S, liveness: Liveness) {
             let reason = format!(
                 "no heartbeat for {} ms (ttl {} ms)",
                 silent.as_millis(),
-                settings.node_ttl.as_millis()
+                liveness.ttl().as_millis()
             );
             let grace_ms = settings.disconnect_grace.as_millis() as u64;
             tracing::warn!(node = %node, %reason, grace_ms, "marking node down");
@@ -248,7 +290,30 @@ mod tests {
             node_ttl: Duration::from_millis(500),
             leader_grace: Duration::from_millis(500),
             disconnect_grace: Duration::from_millis(1_000),
+            max_heartbeats_per_second: 1_000,
         })
+    }
+
+    #[test]
+    fn a_large_fleet_heartbeats_less_often_and_the_ttl_follows_the_longest_interval() {
+        let l = tracker();
+        // 100 nodes at 100 ms is 1,000/s: the configured interval holds.
+        assert_eq!(l.interval_for(100), Duration::from_millis(100));
+        assert_eq!(l.ttl(), Duration::from_millis(500));
+        // 10,000 nodes at 1,000/s: every node once per 10 s, and the TTL scales by 100.
+        assert_eq!(l.interval_for(10_000), Duration::from_secs(10));
+        assert_eq!(l.ttl(), Duration::from_secs(50));
+        // The fleet shrinks: new agents heartbeat faster, but the TTL still covers the
+        // agents told 10 s.
+        assert_eq!(l.interval_for(10), Duration::from_millis(100));
+        assert_eq!(l.ttl(), Duration::from_secs(50));
+        let start = Instant::now();
+        l.heard_at("slow", start);
+        assert!(l.expired(&["slow".into()], start, start + Duration::from_secs(30)).is_empty());
+        // No limit: the configured interval whatever the size.
+        let mut s = l.settings();
+        s.max_heartbeats_per_second = 0;
+        assert_eq!(s.interval_for(1_000_000), Duration::from_millis(100));
     }
 
     #[test]

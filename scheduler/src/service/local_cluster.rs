@@ -300,6 +300,16 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// The process id of replica `i`, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members[i].child.as_ref().map(Child::id)
+    }
+
+    /// Replica `i`'s data directory (its Raft log and snapshot).
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("data-{}", self.members[i].id))
+    }
+
     /// SIGKILLs replica `i`.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.members[i].child.take() {

@@ -39,6 +39,10 @@ pub struct Metrics {
     pub creates_refused: IntCounterVec,
     /// Creates waiting for the leader's batcher.
     pub create_queue: IntGauge,
+    /// Nodes whose agent streams wait on the change feed.
+    pub feed_nodes: IntGauge,
+    /// Heartbeats received from agents.
+    pub heartbeats: IntCounter,
     /// Sandboxes by state.
     pub sandboxes: IntGaugeVec,
     /// Milli-GPU allocated by model.
@@ -142,6 +146,14 @@ impl Metrics {
                 "berth_create_queue_depth",
                 "Creates waiting for the leader's batcher.",
             ),
+            feed_nodes: gauge(
+                "berth_feed_nodes",
+                "Nodes whose agent streams wait on this replica's change feed.",
+            ),
+            heartbeats: counter(
+                "berth_agent_heartbeats_total",
+                "Heartbeats received from node agents.",
+            ),
             sandboxes: gauge_vec("berth_sandboxes", "Sandboxes by state.", "state"),
             gpu_allocated_milli: gauge_vec(
                 "berth_gpu_allocated_milli",
@@ -216,6 +228,8 @@ impl Metrics {
             Box::new(m.create_seconds.clone()),
             Box::new(m.creates_refused.clone()),
             Box::new(m.create_queue.clone()),
+            Box::new(m.feed_nodes.clone()),
+            Box::new(m.heartbeats.clone()),
             Box::new(m.sandboxes.clone()),
             Box::new(m.gpu_allocated_milli.clone()),
             Box::new(m.gpu_total_milli.clone()),

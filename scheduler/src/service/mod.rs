@@ -13,6 +13,7 @@ pub mod api;
 pub mod auth;
 pub mod driver;
 pub mod error;
+pub mod feed;
 pub mod leader_rounds;
 pub mod liveness;
 pub mod local_cluster;

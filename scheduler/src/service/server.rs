@@ -209,6 +209,7 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<Running, StartError> {
         node_ttl: Duration::from_millis(cfg.liveness.node_ttl_ms),
         leader_grace: Duration::from_millis(cfg.liveness.leader_grace_ms),
         disconnect_grace: Duration::from_millis(cfg.liveness.node_disconnect_grace_ms),
+        max_heartbeats_per_second: cfg.liveness.max_heartbeats_per_second,
     });
     let liveness_task = tokio::spawn(liveness::run_checker(handle.clone(), liveness.clone()));
     let standby_task = tokio::spawn(super::standby::run_pauser(

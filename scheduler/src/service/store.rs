@@ -18,6 +18,7 @@ use berth_proto::pb::v1 as pb;
 
 use super::ServiceError;
 use super::driver::{CommandResult, ReadView, ReplicaHandle};
+use super::feed::ChangeFeed;
 use super::metrics::Metrics;
 use crate::model::SandboxId;
 use crate::replication::MembershipChange;
@@ -52,6 +53,10 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// The replica's metrics.
     fn metrics(&self) -> &Metrics;
 
+    /// What applied entries changed: a wake-up per node and the recent sandbox history.
+    /// A backend publishes into it after applying, before answering.
+    fn feed(&self) -> &ChangeFeed;
+
     /// Creates one sandbox (batched by the leader); answered after commit and apply.
     fn create(
         &self,
@@ -74,7 +79,8 @@ pub trait Store: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), ServiceError>> + Send;
 
     /// Runs `f` against the applied state: linearizable (leader only, after confirming
-    /// leadership) or this replica's state as it is.
+    /// leadership, on the backend's own thread) or this replica's state as last published,
+    /// on the caller's task, without waiting on the backend.
     fn read<T, F>(
         &self,
         linearizable: bool,
@@ -108,6 +114,10 @@ impl Store for ReplicaHandle {
 
     fn metrics(&self) -> &Metrics {
         ReplicaHandle::metrics(self)
+    }
+
+    fn feed(&self) -> &ChangeFeed {
+        ReplicaHandle::feed(self)
     }
 
     fn create(

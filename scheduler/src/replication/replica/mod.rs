@@ -355,6 +355,7 @@ impl<D: Durable> Replica<D> {
             if !rd.snapshot().is_empty() {
                 let snapshot = rd.snapshot().clone();
                 self.install_snapshot(snapshot)?;
+                out.state_replaced = true;
             }
             let committed = rd.take_committed_entries();
             self.apply_entries(committed, &mut out)?;
@@ -464,6 +465,10 @@ impl<D: Durable> Replica<D> {
                         .planner
                         .before_apply(&self.state, &envelope.command, mine);
                     let outcomes = self.state.apply(&envelope.command, envelope.now_ms);
+                    let changes = self.state.take_changes();
+                    if !changes.sandboxes.is_empty() || !changes.nodes.is_empty() {
+                        out.changes.push(changes);
+                    }
                     self.planner
                         .after_apply(&self.state, plan, &outcomes, entry.index);
                     Some((

@@ -121,6 +121,10 @@ pub struct Output {
     pub became_leader: bool,
     /// Whether the leader changed (as seen here).
     pub leader_changed: bool,
+    /// What each applied entry wrote, in order (services feed agents and watches from it).
+    pub changes: Vec<crate::state::Changes>,
+    /// The state was replaced by a snapshot: anything may have changed.
+    pub state_replaced: bool,
 }
 
 /// A membership change.
@@ -148,7 +152,7 @@ pub enum MembershipChange {
 }
 
 /// A replica's role and Raft position, for status and metrics.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RaftStatus {
     /// Raft id.
     pub id: u64,

@@ -132,7 +132,7 @@ impl<S: Store> NodeService for NodeApi<S> {
             })
             .collect();
         let lookup = node.clone();
-        let (epoch, stop) = self
+        let (epoch, stop, nodes) = self
             .handle
             .read(false, move |v| {
                 let record = v.state.node(&lookup);
@@ -152,7 +152,7 @@ impl<S: Store> NodeService for NodeApi<S> {
                     .filter(|(id, paused)| !wanted(id, *paused))
                     .map(|(id, _)| id)
                     .collect();
-                (record.map_or(0, |r| r.epoch), stop)
+                (record.map_or(0, |r| r.epoch), stop, v.state.nodes().len())
             })
             .await?;
         self.liveness.heard_from(&node);
@@ -160,8 +160,7 @@ impl<S: Store> NodeService for NodeApi<S> {
             .send(scheduler_message(
                 pb::scheduler_message::Message::RegisterAck(pb::RegisterAck {
                     epoch,
-                    heartbeat_interval_ms: self.liveness.settings().heartbeat_interval.as_millis()
-                        as u64,
+                    heartbeat_interval_ms: self.liveness.interval_for(nodes).as_millis() as u64,
                     stop_sandbox_ids: stop,
                 }),
             ))
@@ -221,7 +220,10 @@ async fn agent_inbound<S: Store>(
     while let Some(Ok(message)) = inbound.next().await {
         liveness.heard_from(&node);
         let command = match message.message {
-            Some(pb::agent_message::Message::Heartbeat(_)) => continue,
+            Some(pb::agent_message::Message::Heartbeat(_)) => {
+                metrics.heartbeats.inc();
+                continue;
+            }
             Some(pb::agent_message::Message::Usage(report)) => {
                 usage.record(&node, report);
                 continue;
@@ -407,18 +409,24 @@ fn feed(state: &crate::state::State, node: &str, told: &Told, epoch: u64) -> Opt
 }
 
 /// Sends the agent its assignments, pauses and terminations as the applied state changes.
+///
+/// Push, from what apply changed: the stream waits on its node's wake-up in the change
+/// feed, and looks at the node (a read of the applied-state copy, off the Raft thread)
+/// only when an applied entry touched it. Each look diffs the node against what the agent
+/// was last told, so a stream that fell behind (its bounded channel full while the agent
+/// is slow) resyncs on its next look; it never holds up the others or the Raft thread.
 async fn agent_outbound<S: Store>(
     handle: S,
     node: String,
     epoch: u64,
     tx: mpsc::Sender<Result<pb::SchedulerMessage, Status>>,
 ) {
-    let mut revisions = handle.revisions();
+    let mut changes = handle.feed().subscribe(&node);
+    let mut leading = handle.feed().leading();
     let mut told = Told::default();
-    // A replica that stops leading sends the agent on to the new leader: agents heartbeat
-    // only to the leader, which is the one that marks silent nodes Down.
-    let mut leadership = tokio::time::interval(std::time::Duration::from_millis(250));
     loop {
+        // A replica that stops leading sends the agent on to the new leader: agents
+        // heartbeat only to the leader, which is the one that marks silent nodes Down.
         if !handle.is_leader() {
             let (leader_id, leader_address) = handle.leader();
             let msg = pb::scheduler_message::Message::NotLeader(pb::NotLeader {
@@ -428,6 +436,23 @@ async fn agent_outbound<S: Store>(
             let _ = tx.send(scheduler_message(msg)).await;
             return;
         }
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            changed = leading.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+            () = tx.closed() => return,
+        }
+        // Coalesce a burst of entries touching this node into one look.
+        tokio::time::sleep(COALESCE).await;
+        changes.borrow_and_update();
         let lookup = node.clone();
         let known = told.clone();
         let diff = handle
@@ -466,27 +491,8 @@ async fn agent_outbound<S: Store>(
             standby: feed.standby,
             held: feed.held,
         };
-        loop {
-            tokio::select! {
-                changed = revisions.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    break;
-                }
-                _ = leadership.tick() => {
-                    if !handle.is_leader() || tx.is_closed() {
-                        break;
-                    }
-                }
-            }
-        }
-        if tx.is_closed() {
-            return;
-        }
-        // Coalesce bursts of applied entries into one look at the node. Each look is a
-        // closure on the Raft thread, per connected agent and per burst: fine for hundreds of
-        // nodes; thousands want a per-node change feed (a node revision kept by `apply`).
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// Entries touching one node within this window are looked at together.
+const COALESCE: std::time::Duration = std::time::Duration::from_millis(5);

@@ -192,8 +192,9 @@ impl<S: Store> SandboxService for SandboxApi<S> {
         let access = self.sandbox_access(&request).await?;
         self.own_tenant(&access, "tenant", &mut request.get_mut().tenant)?;
         let filter = WatchFilter::from_request(request.get_ref())?;
+        let after = request.get_ref().after_revision;
         let (tx, rx) = mpsc::channel(256);
-        watch::start(self.handle.clone(), &self.watches, filter, tx).await?;
+        watch::start(self.handle.clone(), &self.watches, filter, after, tx).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

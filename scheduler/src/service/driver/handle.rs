@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use crossbeam_channel::{Sender, TrySendError};
 use raft::eraftpb::Message;
 use tokio::sync::{oneshot, watch};
@@ -16,6 +17,7 @@ use berth_proto::pb::v1 as pb;
 use super::COMMIT_TIMEOUT;
 use crate::replication::{MembershipChange, RaftStatus};
 use crate::service::ServiceError;
+use crate::service::feed::ChangeFeed;
 use crate::service::metrics::Metrics;
 use crate::service::transport::PeerFeedback;
 use crate::state::{Command, ItemOutcome, State, Submission};
@@ -96,6 +98,34 @@ pub struct Published {
     pub(super) is_leader: AtomicBool,
     pub(super) peers: RwLock<BTreeMap<u64, String>>,
     pub(super) fatal: Mutex<Option<String>>,
+    /// The applied state as of the last published batch, for reads off the Raft thread.
+    pub(super) applied: ArcSwap<AppliedCopy>,
+    /// What applied entries changed, fanned out to agents' streams and watches.
+    pub(super) feed: ChangeFeed,
+}
+
+/// A copy of what a read sees, taken on the Raft thread after a batch of entries applies
+/// (cheap: the state's big maps are persistent) and read anywhere.
+#[derive(Default)]
+pub(crate) struct AppliedCopy {
+    pub(super) state: State,
+    pub(super) raft: Option<RaftStatus>,
+    pub(super) peers: BTreeMap<u64, String>,
+    pub(super) invariant_violations: u64,
+}
+
+impl AppliedCopy {
+    fn view(&self, id: u64) -> ReadView<'_> {
+        ReadView {
+            state: &self.state,
+            raft: self.raft.clone().unwrap_or(RaftStatus {
+                id,
+                ..RaftStatus::default()
+            }),
+            peers: &self.peers,
+            invariant_violations: self.invariant_violations,
+        }
+    }
 }
 
 /// A cloneable handle to the Raft thread.
@@ -114,6 +144,11 @@ impl ReplicaHandle {
     /// Raft id.
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// What applied entries changed, per node and per sandbox.
+    pub fn feed(&self) -> &ChangeFeed {
+        &self.published.feed
     }
 
     /// Metrics.
@@ -277,9 +312,12 @@ impl ReplicaHandle {
         linearizable: bool,
         f: impl FnOnce(&ReadView<'_>) -> T + Send + 'static,
     ) -> Result<T, ServiceError> {
-        if linearizable {
-            self.require_leader()?;
+        if !linearizable {
+            // Served here from the last published copy: the Raft thread is not involved.
+            let copy = self.published.applied.load();
+            return Ok(f(&copy.view(self.id)));
         }
+        self.require_leader()?;
         let (tx, rx) = oneshot::channel();
         let f: ReadFn = Box::new(move |view| {
             let _ = tx.send(view.map(f));

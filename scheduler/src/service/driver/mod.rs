@@ -32,7 +32,7 @@ use crate::state::{Command, ItemOutcome, Rejection, Submission};
 pub use handle::{
     CommandResult, CreateRequest, DeleteRequest, Published, ReadView, ReplicaHandle, Write,
 };
-use handle::{Input, ReadFn};
+use handle::{AppliedCopy, Input, ReadFn};
 use waiters::{Waiter, fail};
 
 /// Control-queue capacity (Raft traffic, commands, reads).
@@ -486,6 +486,10 @@ impl<D: Durable> Driver<D> {
         // Publish before answering, so a client that got its answer sees the revision and
         // the gauges of the state that answered it (a /metrics scrape right after a create
         // finds the sandbox counted).
+        if out.state_replaced {
+            self.published.feed.replaced(self.replica.state().revision());
+        }
+        self.published.feed.publish(&out.changes);
         if out.entries_applied > 0 || out.leader_changed || out.became_leader {
             self.publish();
         } else {
@@ -593,6 +597,7 @@ impl<D: Durable> Driver<D> {
             .leader
             .store(self.replica.leader(), Ordering::Relaxed);
         self.published.is_leader.store(is_leader, Ordering::Relaxed);
+        self.published.feed.set_leading(is_leader);
         self.metrics.is_leader.set(i64::from(is_leader));
         self.metrics.create_queue.set(self.creates.len() as i64);
     }
@@ -608,7 +613,14 @@ impl<D: Durable> Driver<D> {
         self.metrics.term.set(status.term as i64);
         self.metrics.commit_index.set(status.commit as i64);
         self.metrics.applied_index.set(status.applied as i64);
+        self.metrics.feed_nodes.set(self.published.feed.subscribed_nodes() as i64);
         let state = self.replica.state();
+        self.published.applied.store(Arc::new(AppliedCopy {
+            state: state.clone(),
+            raft: Some(status),
+            peers: self.replica.peers().clone(),
+            invariant_violations: self.invariant_violations,
+        }));
         let _ = self.revisions.send_replace(state.revision());
         for (name, count) in state.sandboxes_by_state() {
             self.metrics

@@ -1,0 +1,168 @@
+//! The state's big maps: persistent and tracked.
+//!
+//! - **Persistent** (imbl's B+ tree with shared nodes): cloning the whole [`State`] costs
+//!   a few pointer copies for these maps, so a replica can hand readers an applied-state
+//!   copy after every batch of entries and serve reads without the Raft thread (see
+//!   `berth_scheduler::service::driver`). A write after such a copy copies only the path
+//!   to what it changes.
+//! - **Tracked**: every key written (`get_mut`, `insert`, `remove`) since the last
+//!   [`Tracked::take_touched`] is remembered, so the service layer can feed each node's
+//!   agent and each watch from what `apply` changed instead of rescanning the state.
+//!
+//! Serialised exactly as the map (the touched set is not state), and compared by the map.
+//!
+//! [`State`]: super::State
+
+use std::borrow::Borrow;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Deref;
+
+use imbl::OrdMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A persistent ordered map that remembers the keys written since the last take.
+#[derive(Debug, Clone)]
+pub struct Tracked<K: Ord + Clone, V: Clone> {
+    map: OrdMap<K, V>,
+    touched: BTreeSet<K>,
+    /// Values removed since the last take (a watch must know whose sandbox went).
+    gone: BTreeMap<K, V>,
+}
+
+impl<K: Ord + Clone, V: Clone> Default for Tracked<K, V> {
+    fn default() -> Self {
+        Tracked {
+            map: OrdMap::new(),
+            touched: BTreeSet::new(),
+            gone: BTreeMap::new(),
+        }
+    }
+}
+
+impl<K: Ord + Clone, V: Clone> Deref for Tracked<K, V> {
+    type Target = OrdMap<K, V>;
+
+    fn deref(&self) -> &OrdMap<K, V> {
+        &self.map
+    }
+}
+
+impl<K: Ord + Clone, V: Clone> Tracked<K, V> {
+    /// The value under `key`, to change; the key counts as touched when it exists.
+    pub fn get_mut<Q>(&mut self, key: &Q) -> Option<&mut V>
+    where
+        K: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        let (k, v) = self.map.get_key_value_mut(key)?;
+        self.touched.insert(k.clone());
+        Some(v)
+    }
+
+    /// Inserts; the key counts as touched.
+    pub fn insert(&mut self, key: K, value: V) -> Option<V> {
+        self.touched.insert(key.clone());
+        self.map.insert(key, value)
+    }
+
+    /// Removes; the key counts as touched when it existed.
+    pub fn remove<Q>(&mut self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        let (k, v) = self.map.remove_with_key(key)?;
+        self.touched.insert(k.clone());
+        self.gone.insert(k, v.clone());
+        Some(v)
+    }
+
+    /// The keys written since the last take, and the values of those removed (a key
+    /// removed and then inserted again is in both).
+    pub fn take_touched(&mut self) -> (BTreeSet<K>, BTreeMap<K, V>) {
+        (
+            std::mem::take(&mut self.touched),
+            std::mem::take(&mut self.gone),
+        )
+    }
+}
+
+impl<'a, K: Ord + Clone, V: Clone> IntoIterator for &'a Tracked<K, V> {
+    type Item = (&'a K, &'a V);
+    type IntoIter = imbl::ordmap::Iter<'a, K, V, imbl::shared_ptr::DefaultSharedPtr>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.map.iter()
+    }
+}
+
+impl<K: Ord + Clone, V: Clone + PartialEq> PartialEq for Tracked<K, V> {
+    fn eq(&self, other: &Self) -> bool {
+        self.map == other.map
+    }
+}
+
+impl<K: Ord + Clone, V: Clone + Eq> Eq for Tracked<K, V> {}
+
+impl<K: Ord + Clone + Serialize, V: Clone + Serialize> Serialize for Tracked<K, V> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        self.map.serialize(ser)
+    }
+}
+
+impl<'de, K, V> Deserialize<'de> for Tracked<K, V>
+where
+    K: Ord + Clone + Deserialize<'de>,
+    V: Clone + Deserialize<'de>,
+{
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        Ok(Tracked {
+            map: OrdMap::deserialize(de)?,
+            touched: BTreeSet::new(),
+            gone: BTreeMap::new(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_are_remembered_until_taken_and_reads_are_not() {
+        let mut m: Tracked<u32, &str> = Tracked::default();
+        m.insert(1, "a");
+        m.insert(2, "b");
+        assert_eq!(m.take_touched().0, BTreeSet::from([1, 2]));
+        assert_eq!(m.get(&1), Some(&"a"));
+        assert!(m.take_touched().0.is_empty(), "a read is not a write");
+        *m.get_mut(&2).unwrap() = "c";
+        assert!(m.get_mut(&7).is_none());
+        assert_eq!(m.remove(&1), Some("a"));
+        assert_eq!(m.remove(&9), None);
+        let (touched, gone) = m.take_touched();
+        assert_eq!(touched, BTreeSet::from([1, 2]));
+        assert_eq!(gone, BTreeMap::from([(1, "a")]));
+    }
+
+    #[test]
+    fn a_copy_does_not_see_later_writes_and_serialises_like_a_btreemap() {
+        let mut m: Tracked<u32, String> = Tracked::default();
+        m.insert(1, "a".into());
+        let copy = m.clone();
+        m.insert(1, "b".into());
+        m.insert(2, "c".into());
+        assert_eq!(copy.get(&1).map(String::as_str), Some("a"));
+        assert_eq!(copy.len(), 1);
+        let plain: std::collections::BTreeMap<u32, String> =
+            m.iter().map(|(k, v)| (*k, v.clone())).collect();
+        assert_eq!(
+            postcard::to_stdvec(&m).unwrap(),
+            postcard::to_stdvec(&plain).unwrap()
+        );
+        let back: Tracked<u32, String> =
+            postcard::from_bytes(&postcard::to_stdvec(&m).unwrap()).unwrap();
+        assert_eq!(back, m);
+        assert!(back.touched.is_empty());
+    }
+}
