@@ -268,7 +268,7 @@ pub async fn run(
         }
         tokio::select! {
             () = &mut shutdown => break,
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(jittered(backoff)) => {}
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
@@ -351,6 +351,14 @@ fn replicas_only(
             )),
         }
     }
+}
+
+/// A wait drawn from [backoff / 2, backoff]: a whole fleet that lost its leader at once
+/// reconnects spread out rather than in one wave.
+fn jittered(backoff: Duration) -> Duration {
+    use std::hash::BuildHasher;
+    let draw = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
+    backoff / 2 + backoff.mul_f64((draw % 1_000) as f64 / 2_000.0)
 }
 
 fn channel(address: &str, tls: Option<&Tls>) -> Result<Channel, berth_net::NetError> {

@@ -43,6 +43,10 @@ pub(crate) enum BenchCommand {
     /// Create-to-running latency of creates served by a warm pool beside cold creates, on
     /// `berth dev` (gVisor).
     Pool(super::bench_pool::PoolArgs),
+    /// The control plane at fleet scale: emulated agents (one connection and certificate
+    /// each), sandboxes filled and held, RSS and CPU per replica, a wiped follower's
+    /// snapshot install, and every agent's re-registration after the leader is killed.
+    Fleet(super::bench_fleet::FleetArgs),
 }
 
 /// Arguments of `berth bench place`.
@@ -103,6 +107,7 @@ impl BenchCommand {
             BenchCommand::Exec(args) => super::bench_exec::run(&args),
             BenchCommand::Resume(args) => super::bench_resume::run(&args),
             BenchCommand::Pool(args) => super::bench_pool::run(&args),
+            BenchCommand::Fleet(args) => super::bench_fleet::run(&args),
         }
     }
 }

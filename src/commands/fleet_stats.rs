@@ -67,6 +67,29 @@ pub(crate) struct Percentiles {
     pub(crate) max_ms: u64,
 }
 
+/// A span of report lines merged: the latencies of every line added.
+#[derive(Debug, Default)]
+pub(crate) struct Span(Vec<u64>);
+
+impl Span {
+    /// Adds one line's window.
+    pub(crate) fn add(&mut self, r: &Report) {
+        if self.0.is_empty() {
+            self.0 = vec![0; BUCKETS];
+        }
+        for (ms, c) in &r.window_buckets {
+            if let Some(b) = self.0.get_mut(*ms as usize) {
+                *b += c;
+            }
+        }
+    }
+
+    /// The percentiles of the span.
+    pub(crate) fn percentiles(&self) -> Percentiles {
+        percentiles(&self.0)
+    }
+}
+
 fn percentiles(counts: &[u64]) -> Percentiles {
     let count: u64 = counts.iter().sum();
     let at = |q: f64| -> u64 {
@@ -108,6 +131,9 @@ pub(crate) struct Report {
     pub(crate) latency: Percentiles,
     /// The same over this line's interval only.
     pub(crate) window: Percentiles,
+    /// This interval's latencies as (ms, count), so a reader can merge any span exactly.
+    #[serde(default)]
+    pub(crate) window_buckets: Vec<(u32, u64)>,
 }
 
 impl Report {
@@ -128,6 +154,12 @@ impl Report {
             exits: get(&c.exits),
             latency: percentiles(&total),
             window: percentiles(&window),
+            window_buckets: window
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| **c > 0)
+                .map(|(ms, c)| (ms as u32, *c))
+                .collect(),
         }
     }
 }
@@ -149,6 +181,11 @@ mod tests {
         assert_eq!(r.latency.p99_ms, 100);
         assert_eq!(r.latency.max_ms, 60_000);
         assert_eq!(r.window, r.latency);
+        let mut span = Span::default();
+        span.add(&r);
+        span.add(&r);
+        assert_eq!(span.percentiles().count, 202);
+        assert_eq!(span.percentiles().p99_ms, 100);
         let again = Report::take(&Counters::default(), &h, Duration::ZERO);
         assert_eq!(again.window.count, 0);
         assert_eq!(again.latency.count, 101);

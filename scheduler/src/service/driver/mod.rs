@@ -490,7 +490,8 @@ impl<D: Durable> Driver<D> {
             self.published.feed.replaced(self.replica.state().revision());
         }
         self.published.feed.publish(&out.changes);
-        if out.entries_applied > 0 || out.leader_changed || out.became_leader {
+        if out.entries_applied > 0 || out.leader_changed || out.became_leader || out.state_replaced
+        {
             self.publish();
         } else {
             self.publish_raft();
