@@ -12,7 +12,8 @@
 //! ([`Report`]). Create → assignment latency is measured at the agent from the sandbox's
 //! `created_unix_ms` (the leader's clock when it proposed the create; same host).
 //! `--slow N` makes the first N agents stop reading their stream after registering, to
-//! show that a stalled agent holds up no one else.
+//! show that a stalled agent holds up no one else. Each agent's node carries the label
+//! `emulator.berth.dev/agent = <index>`.
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -33,6 +34,9 @@ use berth_scheduler::convert;
 use berth_sim::synthetic;
 
 use super::fleet_stats::{Counters, Histogram, Report};
+
+/// The node label carrying an emulated agent's index (0-based).
+pub(crate) const AGENT_LABEL: &str = "emulator.berth.dev/agent";
 
 /// Arguments of `berth fleet-emulator`.
 #[derive(Debug, Args)]
@@ -96,21 +100,16 @@ async fn emulate(args: &EmulatorArgs) -> Result<(), String> {
         ),
         None => None,
     };
+    let pki = pki.map(Arc::new);
     let ramp = Arc::new(tokio::sync::Semaphore::new(args.ramp.max(1)));
     for (i, spec) in specs.into_iter().enumerate() {
-        let tls = match &pki {
-            Some(pki) => {
-                let settings = pki
-                    .issue(&format!("node/{}", spec.id))
-                    .map_err(|e| format!("certificate for {}: {e}", spec.id))?;
-                Tls::load(&settings).map_err(|e| e.to_string())?
-            }
-            None => None,
-        };
-        let agent = Agent {
-            inventory: convert::node_inventory_to_pb(&spec),
+        let mut inventory = convert::node_inventory_to_pb(&spec);
+        // Tests pin sandboxes to one emulated agent by this label.
+        inventory.labels.insert(AGENT_LABEL.into(), i.to_string());
+        let mut agent = Agent {
+            inventory,
             node: spec.id.clone(),
-            tls,
+            tls: None,
             fleet: fleet.clone(),
             held: BTreeMap::new(),
             slow: (i as u64) < args.slow,
@@ -118,7 +117,27 @@ async fn emulate(args: &EmulatorArgs) -> Result<(), String> {
             rng: rand_chacha::ChaCha8Rng::seed_from_u64(args.seed ^ (i as u64).wrapping_mul(0x9e37)),
         };
         let ramp = ramp.clone();
-        tokio::spawn(agent.live(ramp));
+        let pki = pki.clone();
+        tokio::spawn(async move {
+            // Each agent's own certificate, issued on the blocking pool as it starts.
+            if let Some(pki) = pki {
+                let node = agent.node.clone();
+                let issued = tokio::task::spawn_blocking(move || {
+                    let settings = pki.issue(&format!("node/{node}"))?;
+                    Tls::load(&settings).map_err(|e| e.to_string())
+                })
+                .await;
+                match issued {
+                    Ok(Ok(tls)) => agent.tls = tls,
+                    Ok(Err(e)) => {
+                        eprintln!("berth fleet-emulator: certificate for {}: {e}", agent.node);
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
+            agent.live(ramp).await;
+        });
     }
     let started = Instant::now();
     let mut tick = tokio::time::interval(args.report_every);

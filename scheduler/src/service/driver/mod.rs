@@ -185,6 +185,11 @@ impl<D: Durable> Driver<D> {
         let mut next_pending = Instant::now() + PENDING_PASS;
         let mut next_check = Instant::now() + INVARIANT_CHECK;
         let mut next_pool = Instant::now();
+        // The history of changes starts here: a watch resuming from before the state this
+        // replica started with is told it is too old.
+        self.published
+            .feed
+            .replaced(self.replica.state().revision());
         self.publish();
         loop {
             let now = Instant::now();
