@@ -136,7 +136,10 @@ async fn fleet(args: &FleetArgs) -> Result<FleetReport, String> {
     let mut cluster =
         LocalCluster::start(cfg, &dir).map_err(|e| format!("starting the cluster: {e}"))?;
     let Some(_) = cluster.wait_for_leader(Duration::from_secs(20)).await else {
-        return Err(format!("no leader within 20 s:\n{}", cluster.log_tail(0, 20)));
+        return Err(format!(
+            "no leader within 20 s:\n{}",
+            cluster.log_tail(0, 20)
+        ));
     };
     let mut report = FleetReport {
         nodes: args.nodes,
@@ -176,7 +179,10 @@ async fn fleet(args: &FleetArgs) -> Result<FleetReport, String> {
         )
         .await?;
     report.register_all_s = took.as_secs_f64();
-    eprintln!("  all {n} agents registered in {:.1} s", report.register_all_s);
+    eprintln!(
+        "  all {n} agents registered in {:.1} s",
+        report.register_all_s
+    );
 
     let mut client = cluster.client();
     client.deadline = Duration::from_secs(30);
@@ -350,7 +356,10 @@ async fn rejoin(cluster: &mut LocalCluster, report: &mut FleetReport) -> Result<
     let new = cluster
         .add_member()
         .map_err(|e| format!("starting an empty replica: {e}"))?;
-    let (id, address) = (cluster.members[new].id, cluster.members[new].address.clone());
+    let (id, address) = (
+        cluster.members[new].id,
+        cluster.members[new].address.clone(),
+    );
     let mut client = cluster.client();
     client.deadline = Duration::from_secs(30);
     let started = Instant::now();
@@ -399,11 +408,19 @@ async fn failover(
             "re-registering",
             Duration::from_secs(120),
             |r| r.registrations >= before + n && r.connected >= n,
-            |r| format!("{}/{n} re-registered", r.registrations.saturating_sub(before)),
+            |r| {
+                format!(
+                    "{}/{n} re-registered",
+                    r.registrations.saturating_sub(before)
+                )
+            },
         )
         .await?;
     report.failover_reregister_s = Some(took.as_secs_f64());
-    eprintln!("  all agents re-registered {:.1} s after the leader was killed", took.as_secs_f64());
+    eprintln!(
+        "  all agents re-registered {:.1} s after the leader was killed",
+        took.as_secs_f64()
+    );
     // Stay past a heartbeat interval: nothing may be marked down afterwards either.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let new = cluster
@@ -426,7 +443,11 @@ fn print(r: &FleetReport, json: bool) {
     println!(
         "fleet: {} agents ({}), {} live sandboxes, {} replicas",
         r.nodes,
-        if r.tls { "mTLS, one certificate each" } else { "no TLS" },
+        if r.tls {
+            "mTLS, one certificate each"
+        } else {
+            "no TLS"
+        },
         r.sandboxes,
         r.replicas
     );
@@ -437,7 +458,11 @@ fn print(r: &FleetReport, json: bool) {
     );
     println!(
         "  churn (a delete per create at {}/s): {} assigned, p50 {} ms, p99 {} ms; misdelivered {}",
-        r.rate, r.churn_latency.count, r.churn_latency.p50_ms, r.churn_latency.p99_ms, r.misdelivered
+        r.rate,
+        r.churn_latency.count,
+        r.churn_latency.p50_ms,
+        r.churn_latency.p99_ms,
+        r.misdelivered
     );
     println!(
         "  heartbeats handled by the leader: {:.0}/s (one per {:.1} s per node)",

@@ -114,7 +114,9 @@ async fn emulate(args: &EmulatorArgs) -> Result<(), String> {
             held: BTreeMap::new(),
             slow: (i as u64) < args.slow,
             run: args.run,
-            rng: rand_chacha::ChaCha8Rng::seed_from_u64(args.seed ^ (i as u64).wrapping_mul(0x9e37)),
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(
+                args.seed ^ (i as u64).wrapping_mul(0x9e37),
+            ),
         };
         let ramp = ramp.clone();
         let pki = pki.clone();
@@ -181,8 +183,14 @@ impl Agent {
             let target = self.target(attempt);
             attempt += 1;
             let end = self.session(&target, permit).await;
+            if matches!(end, End::Broken) {
+                self.unreachable(&target);
+            }
             first = None;
-            self.fleet.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+            self.fleet
+                .counters
+                .reconnects
+                .fetch_add(1, Ordering::Relaxed);
             // Jitter spreads a whole fleet's reconnection after a leader change.
             let wait = match end {
                 End::NotLeader => Duration::from_millis(self.rng.next_u64() % 1_001),
@@ -195,13 +203,28 @@ impl Agent {
         }
     }
 
+    /// The hinted leader, else the replicas in turn (as a real agent does).
     fn target(&self, attempt: usize) -> String {
-        let hinted = self.fleet.leader.read().map(|l| l.clone()).unwrap_or_default();
-        if !hinted.is_empty() && attempt % 4 != 3 {
+        let hinted = self
+            .fleet
+            .leader
+            .read()
+            .map(|l| l.clone())
+            .unwrap_or_default();
+        if !hinted.is_empty() {
             return hinted;
         }
         let e = &self.fleet.endpoints;
         e[(attempt + self.node.len()) % e.len()].clone()
+    }
+
+    /// `target` could not be reached: forget it as the leader (for every agent).
+    fn unreachable(&self, target: &str) {
+        if let Ok(mut l) = self.fleet.leader.write() {
+            if *l == target {
+                l.clear();
+            }
+        }
     }
 
     async fn session(
@@ -316,7 +339,11 @@ impl Agent {
     }
 
     /// Records an assignment and reports the sandbox Running.
-    async fn assigned(&mut self, tx: &mpsc::Sender<pb::AgentMessage>, a: pb::AssignSandbox) -> bool {
+    async fn assigned(
+        &mut self,
+        tx: &mpsc::Sender<pb::AgentMessage>,
+        a: pb::AssignSandbox,
+    ) -> bool {
         let fleet = self.fleet.clone();
         let counters = &fleet.counters;
         let Some(sandbox) = a.sandbox else {

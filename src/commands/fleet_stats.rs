@@ -141,7 +141,11 @@ impl Report {
     pub(crate) fn take(c: &Counters, h: &Histogram, elapsed: Duration) -> Report {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let total: Vec<u64> = h.total.iter().map(get).collect();
-        let window: Vec<u64> = h.window.iter().map(|a| a.swap(0, Ordering::Relaxed)).collect();
+        let window: Vec<u64> = h
+            .window
+            .iter()
+            .map(|a| a.swap(0, Ordering::Relaxed))
+            .collect();
         Report {
             elapsed_ms: elapsed.as_millis() as u64,
             connected: get(&c.connected),

@@ -163,8 +163,7 @@ impl ChangeFeed {
         }
         let start = h.entries.partition_point(|(r, _, _)| *r <= after);
         // Later entries replace earlier ones: the last word on a sandbox wins.
-        Ok(h
-            .entries
+        Ok(h.entries
             .range(start..)
             .take_while(|(r, _, _)| *r <= upto)
             .map(|(_, id, tenant)| (*id, tenant.clone()))
@@ -199,7 +198,10 @@ mod tests {
         let feed = ChangeFeed::default();
         let mut a = feed.subscribe("a");
         let mut b = feed.subscribe("b");
-        assert!(a.has_changed().unwrap(), "a new subscriber looks once at once");
+        assert!(
+            a.has_changed().unwrap(),
+            "a new subscriber looks once at once"
+        );
         a.borrow_and_update();
         b.borrow_and_update();
         feed.publish(&[change(5, &[1], &["a"])]);

@@ -79,7 +79,7 @@ impl Liveness {
             settings,
             seen: Arc::default(),
             longest_interval_ms: Arc::new(AtomicU64::new(
-                settings.heartbeat_interval.as_millis() as u64,
+                settings.heartbeat_interval.as_millis() as u64
             )),
             max_gap_ms: Arc::default(),
         }
@@ -309,7 +309,10 @@ mod tests {
         assert_eq!(l.ttl(), Duration::from_secs(50));
         let start = Instant::now();
         l.heard_at("slow", start);
-        assert!(l.expired(&["slow".into()], start, start + Duration::from_secs(30)).is_empty());
+        assert!(
+            l.expired(&["slow".into()], start, start + Duration::from_secs(30))
+                .is_empty()
+        );
         // No limit: the configured interval whatever the size.
         let mut s = l.settings();
         s.max_heartbeats_per_second = 0;

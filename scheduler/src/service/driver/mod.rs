@@ -29,10 +29,10 @@ use crate::replication::log_store::Durable;
 use crate::replication::{Applied, ProposalId, Replica};
 use crate::state::{Command, ItemOutcome, Rejection, Submission};
 
+use handle::{AppliedCopy, Input, ReadFn};
 pub use handle::{
     CommandResult, CreateRequest, DeleteRequest, Published, ReadView, ReplicaHandle, Write,
 };
-use handle::{AppliedCopy, Input, ReadFn};
 use waiters::{Waiter, fail};
 
 /// Control-queue capacity (Raft traffic, commands, reads).
@@ -492,7 +492,9 @@ impl<D: Durable> Driver<D> {
         // the gauges of the state that answered it (a /metrics scrape right after a create
         // finds the sandbox counted).
         if out.state_replaced {
-            self.published.feed.replaced(self.replica.state().revision());
+            self.published
+                .feed
+                .replaced(self.replica.state().revision());
         }
         self.published.feed.publish(&out.changes);
         if out.entries_applied > 0 || out.leader_changed || out.became_leader || out.state_replaced
@@ -619,7 +621,9 @@ impl<D: Durable> Driver<D> {
         self.metrics.term.set(status.term as i64);
         self.metrics.commit_index.set(status.commit as i64);
         self.metrics.applied_index.set(status.applied as i64);
-        self.metrics.feed_nodes.set(self.published.feed.subscribed_nodes() as i64);
+        self.metrics
+            .feed_nodes
+            .set(self.published.feed.subscribed_nodes() as i64);
         let state = self.replica.state();
         self.published.applied.store(Arc::new(AppliedCopy {
             state: state.clone(),
