@@ -506,6 +506,11 @@ impl Agent {
                         Some(pb::scheduler_message::Message::NotLeader(nl)) => {
                             return SessionEnd::NotLeader((!nl.leader_address.is_empty()).then_some(nl.leader_address));
                         }
+                        Some(pb::scheduler_message::Message::Heartbeat(h)) => {
+                            // The leader lengthened (or shortened) the interval for the fleet's size.
+                            let every = Duration::from_millis(h.interval_ms.clamp(50, 60_000));
+                            heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                        }
                         Some(pb::scheduler_message::Message::RegisterAck(_)) | None => {}
                     }
                 }

@@ -326,6 +326,13 @@ impl Agent {
                             self.hint(&nl.leader_address);
                             return End::NotLeader;
                         }
+                        Some(pb::scheduler_message::Message::Heartbeat(h)) => {
+                            let every = Duration::from_millis(h.interval_ms.clamp(50, 60_000));
+                            heartbeat = tokio::time::interval_at(
+                                tokio::time::Instant::now() + every,
+                                every,
+                            );
+                        }
                         _ => {}
                     }
                 }

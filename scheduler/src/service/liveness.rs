@@ -68,6 +68,8 @@ pub struct Liveness {
     /// The longest heartbeat interval handed out (ms): the TTL follows it, so an agent
     /// told to heartbeat rarely is never judged by a shorter TTL.
     longest_interval_ms: Arc<AtomicU64>,
+    /// The interval for the fleet's size now; agents' streams pass changes on.
+    interval: Arc<tokio::sync::watch::Sender<Duration>>,
     /// The longest silence between two signs of life from one node, in ms.
     max_gap_ms: Arc<AtomicU64>,
 }
@@ -81,6 +83,7 @@ impl Liveness {
             longest_interval_ms: Arc::new(AtomicU64::new(
                 settings.heartbeat_interval.as_millis() as u64
             )),
+            interval: Arc::new(tokio::sync::watch::channel(settings.heartbeat_interval).0),
             max_gap_ms: Arc::default(),
         }
     }
@@ -91,7 +94,17 @@ impl Liveness {
         let interval = self.settings.interval_for(nodes);
         self.longest_interval_ms
             .fetch_max(interval.as_millis() as u64, Ordering::Relaxed);
+        self.interval.send_if_modified(|now| {
+            let changed = *now != interval;
+            *now = interval;
+            changed
+        });
         interval
+    }
+
+    /// Changes of the interval for the fleet's size (the agents' streams send them on).
+    pub fn interval_changes(&self) -> tokio::sync::watch::Receiver<Duration> {
+        self.interval.subscribe()
     }
 
     /// The TTL in force: the configured one, scaled by the longest interval handed out.
@@ -217,6 +230,8 @@ pub async fn run_checker<S: Store>(handle: S, liveness: Liveness) {
         else {
             continue;
         };
+        // The fleet may have grown or shrunk since the last registration.
+        liveness.interval_for(candidates.len());
         for (node, silent) in liveness.expired(&candidates, since, now) {
             let reason = format!(
                 "no heartbeat for {} ms (ttl {} ms)",
@@ -313,6 +328,11 @@ mod tests {
             l.expired(&["slow".into()], start, start + Duration::from_secs(30))
                 .is_empty()
         );
+        // Streams hear of a change to pass it on to their agents.
+        let mut changes = l.interval_changes();
+        l.interval_for(20_000);
+        assert!(changes.has_changed().unwrap());
+        assert_eq!(*changes.borrow_and_update(), Duration::from_secs(20));
         // No limit: the configured interval whatever the size.
         let mut s = l.settings();
         s.max_heartbeats_per_second = 0;

@@ -47,6 +47,7 @@ pub struct Running {
     standby_task: tokio::task::JoinHandle<()>,
     retention_task: tokio::task::JoinHandle<()>,
     pools_task: tokio::task::JoinHandle<()>,
+    gauges_task: tokio::task::JoinHandle<()>,
     raft: Option<std::thread::JoinHandle<()>>,
     _raft_io: RaftIo,
 }
@@ -110,10 +111,27 @@ impl Running {
         self.standby_task.abort();
         self.retention_task.abort();
         self.pools_task.abort();
+        self.gauges_task.abort();
         self.handle.shutdown();
         if let Some(raft) = self.raft.take() {
             let _ = tokio::task::spawn_blocking(move || raft.join()).await;
         }
+    }
+}
+
+/// Refreshes the pool gauges (nodes by status, GPUs by model: a pass over the nodes) every
+/// second from the applied-state copy, off the Raft thread.
+async fn pool_gauges(handle: ReplicaHandle) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let metrics = handle.metrics().clone();
+        let _ = handle
+            .read(false, move |v| {
+                super::metrics::publish_pool(&metrics, v.state)
+            })
+            .await;
     }
 }
 
@@ -258,6 +276,7 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<Running, StartError> {
         cfg.sessions.clone(),
     ));
     let pools_task = tokio::spawn(super::pools::run_keeper(handle.clone()));
+    let gauges_task = tokio::spawn(pool_gauges(handle.clone()));
     let services = Services::new(
         handle.clone(),
         cfg.cluster_id.clone(),
@@ -356,6 +375,7 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<Running, StartError> {
         standby_task,
         retention_task,
         pools_task,
+        gauges_task,
         raft: Some(raft),
         _raft_io: raft_io,
     })

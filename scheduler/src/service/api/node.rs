@@ -173,7 +173,14 @@ impl<S: Store> NodeService for NodeApi<S> {
             node.clone(),
             inbound,
         ));
-        tokio::spawn(agent_outbound(self.handle.clone(), node, epoch, tx));
+        let intervals = self.liveness.interval_changes();
+        tokio::spawn(agent_outbound(
+            self.handle.clone(),
+            node,
+            epoch,
+            intervals,
+            tx,
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -419,8 +426,11 @@ async fn agent_outbound<S: Store>(
     handle: S,
     node: String,
     epoch: u64,
+    mut intervals: tokio::sync::watch::Receiver<std::time::Duration>,
     tx: mpsc::Sender<Result<pb::SchedulerMessage, Status>>,
 ) {
+    // The register ack carried the interval as it is now.
+    intervals.borrow_and_update();
     let mut changes = handle.feed().subscribe(&node);
     let mut leading = handle.feed().leading();
     let mut told = Told::default();
@@ -444,6 +454,19 @@ async fn agent_outbound<S: Store>(
             }
             changed = leading.changed() => {
                 if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+            changed = intervals.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let interval_ms = intervals.borrow_and_update().as_millis() as u64;
+                let msg = pb::scheduler_message::Message::Heartbeat(pb::HeartbeatSettings {
+                    interval_ms,
+                });
+                if tx.send(scheduler_message(msg)).await.is_err() {
                     return;
                 }
                 continue;

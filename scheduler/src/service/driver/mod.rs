@@ -49,8 +49,6 @@ const RESUME_WINDOW: Duration = Duration::from_millis(500);
 const INVARIANT_CHECK: Duration = Duration::from_secs(30);
 /// A Raft-thread step this long is logged.
 const SLOW_STEP: Duration = Duration::from_millis(20);
-/// How often the pool gauges (a pass over the nodes) are refreshed.
-const POOL_GAUGES: Duration = Duration::from_secs(1);
 
 pub use berth_net::leader::{LEADER_METADATA, READ_MODE_METADATA};
 
@@ -184,7 +182,6 @@ impl<D: Durable> Driver<D> {
         let mut next_tick = Instant::now() + self.cfg.tick;
         let mut next_pending = Instant::now() + PENDING_PASS;
         let mut next_check = Instant::now() + INVARIANT_CHECK;
-        let mut next_pool = Instant::now();
         // The history of changes starts here: a watch resuming from before the state this
         // replica started with is told it is too old.
         self.published
@@ -265,15 +262,6 @@ impl<D: Durable> Driver<D> {
                             .inc_by(n as u64);
                     }
                 }
-            }
-            if now >= next_pool {
-                next_pool = now + POOL_GAUGES;
-                let t = Instant::now();
-                super::metrics::publish_pool(&self.metrics, self.replica.state());
-                slow("refreshing pool gauges", t);
-                self.metrics
-                    .log_entries_in_memory
-                    .set(self.replica.log_len() as i64);
             }
             if now >= next_check {
                 next_check = now + INVARIANT_CHECK;
