@@ -309,10 +309,12 @@ fn parse_throughput(text: &str) -> Option<f64> {
     })
 }
 
-/// The N of "Slowest request took N s" (etcdctl prints seconds with an `s`).
+/// The N of "Slowest request took N s" (PASS) or "Slowest request took too long: Ns"
+/// (FAIL); etcdctl prints seconds with an `s`.
 fn parse_slowest_s(text: &str) -> Option<f64> {
     text.lines().find_map(|line| {
         let after = line.split("Slowest request took ").nth(1)?;
+        let after = after.strip_prefix("too long:").unwrap_or(after);
         after.trim().trim_end_matches('s').parse().ok()
     })
 }
@@ -327,8 +329,8 @@ mod tests {
                     PASS: Slowest request took 0.183548s\nPASS: Stddev is 0.017386s\nPASS\n";
         assert_eq!(parse_throughput(pass), Some(6284.0));
         assert_eq!(parse_slowest_s(pass), Some(0.183548));
-        let fail = "FAIL: Throughput too low: 3120 writes/s\nFAIL: Slowest request took \
-                    1.2s\nFAIL\n";
+        let fail = "FAIL: Throughput too low: 3120 writes/s\nSlowest request took too long: \
+                    1.200000s\nStddev too high: 0.3s\nFAIL\n";
         assert_eq!(parse_throughput(fail), Some(3120.0));
         assert_eq!(parse_slowest_s(fail), Some(1.2));
         assert_eq!(parse_throughput("Error: context deadline exceeded"), None);

@@ -1,5 +1,6 @@
 //! `SandboxService`: create, get, list, delete, watch, and logs proxied to the node agent
-//! (exec and file calls are in `sandbox_calls`).
+//! (the batch creates and deletes are in `sandbox_batch`, over this file's `create_item`
+//! and `delete_item`; exec and file calls are in `sandbox_calls`).
 
 use std::pin::Pin;
 
