@@ -5,7 +5,8 @@
 //! `berth-leader` address moves the client there at once; UNAVAILABLE (a transport error,
 //! or "no leader is known yet" during an election, whose `berth-leader` is empty) moves it
 //! to the next endpoint after a short backoff, until the call's deadline. Creates are safe
-//! to retry because they carry a request id.
+//! to retry because they carry a request id. The batch calls (`create_many`,
+//! `delete_many`) are in `client/batch.rs`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -22,6 +23,8 @@ use berth_proto::pb::v1::node_service_client::NodeServiceClient;
 use berth_proto::pb::v1::sandbox_service_client::SandboxServiceClient;
 
 use crate::NetConfig;
+
+mod batch;
 use crate::tls::{Expect, Tls};
 
 /// Adds `authorization: Bearer TOKEN` to every request when the client has a token.

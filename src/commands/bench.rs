@@ -28,7 +28,11 @@ pub(crate) enum BenchCommand {
     Create(super::bench_create::CreateArgs),
     /// Leader failover: kill -9 the leader of a local cluster N times; time from the kill
     /// to the first acknowledged create.
-    Failover(super::bench_create::FailoverArgs),
+    Failover(super::bench_failover::FailoverArgs),
+    /// etcd's own write benchmark (`etcdctl check perf`, `--load=l` by default) against a
+    /// 3-member etcd on loopback in a temporary directory, for comparison with `bench
+    /// create` on the same machine.
+    EtcdPerf(super::bench_etcd::EtcdPerfArgs),
     /// The time of one autoscaler policy decision for a large fleet and backlog.
     Autoscale(super::bench_autoscale::AutoscaleArgs),
     /// A burst of small sandboxes onto `berth dev` from many clients: nothing may be lost,
@@ -101,7 +105,8 @@ impl BenchCommand {
         match self {
             BenchCommand::Place(args) => place(&args),
             BenchCommand::Create(args) => super::bench_create::run(&args),
-            BenchCommand::Failover(args) => super::bench_create::failover(&args),
+            BenchCommand::Failover(args) => super::bench_failover::failover(&args),
+            BenchCommand::EtcdPerf(args) => super::bench_etcd::run(&args),
             BenchCommand::Autoscale(args) => super::bench_autoscale::run(&args),
             BenchCommand::Burst(args) => super::bench_burst::run(&args),
             BenchCommand::Exec(args) => super::bench_exec::run(&args),

@@ -77,6 +77,47 @@ async fn tenant_tokens_see_only_their_tenant() {
         .into_inner();
     assert_eq!(mine.spec.expect("spec").tenant, "acme");
 
+    // In a batch, an item naming another tenant is refused alone.
+    let batch = sandboxes
+        .create_sandboxes(with_token(
+            pb::CreateSandboxesRequest {
+                items: vec![
+                    pb::CreateSandboxRequest {
+                        request_id: "a-3".into(),
+                        spec: Some(spec("")),
+                    },
+                    pb::CreateSandboxRequest {
+                        request_id: "a-4".into(),
+                        spec: Some(spec("bolt")),
+                    },
+                ],
+            },
+            &a,
+        ))
+        .await
+        .expect("batch")
+        .into_inner();
+    use pb::create_sandbox_result::Result as Item;
+    match &batch.results[..] {
+        [
+            pb::CreateSandboxResult {
+                result: Some(Item::Created(ok)),
+            },
+            pb::CreateSandboxResult {
+                result: Some(Item::Error(denied)),
+            },
+        ] => {
+            let tenant = ok.sandbox.as_ref().and_then(|s| s.spec.as_ref());
+            assert_eq!(tenant.map(|s| s.tenant.as_str()), Some("acme"));
+            assert_eq!(denied.code, Code::PermissionDenied as i32, "{denied:?}");
+            assert_eq!(
+                denied.message,
+                "spec.tenant: \"bolt\" is not the tenant of this token (\"acme\")"
+            );
+        }
+        other => panic!("expected created then denied: {other:?}"),
+    }
+
     // Another tenant's real id reads byte for byte like a random one.
     let random = "sbx-0000099999";
     let theirs = sandboxes
@@ -177,6 +218,23 @@ async fn tenant_tokens_see_only_their_tenant() {
         .expect("delete answers")
         .into_inner();
     assert!(!deleted.existed);
+    let deleted = sandboxes
+        .delete_sandboxes(with_token(
+            pb::DeleteSandboxesRequest {
+                sandbox_ids: vec![id.clone()],
+                grace_ms: 0,
+            },
+            &b,
+        ))
+        .await
+        .expect("batch delete answers")
+        .into_inner();
+    assert_eq!(
+        deleted.results[0].result,
+        Some(pb::delete_sandbox_result::Result::Deleted(
+            pb::DeleteSandboxResponse { existed: false }
+        ))
+    );
     let listed = sandboxes
         .list_sandboxes(with_token(pb::ListSandboxesRequest::default(), &b))
         .await

@@ -2,9 +2,9 @@
 //! [`sandbox`] (`SandboxService`), [`admin`] (`AdminService`), [`node`] (`NodeService`, the
 //! scheduler's side of the agent stream) and [`peer`] (`Peer`, Raft traffic). They share
 //! one [`Shared`] and the request checks below. Beside them: `access` (a caller resolved to
-//! what it may touch: certificate role, API token), `sandbox_calls`, `sandbox_pause` and
-//! `sandbox_snapshot` (`SandboxService`'s calls into sandboxes, pause and resume, and
-//! filesystem snapshots), `tokens` (`AdminService`'s token calls)
+//! what it may touch: certificate role, API token), `sandbox_batch`, `sandbox_calls`,
+//! `sandbox_pause` and `sandbox_snapshot` (`SandboxService`'s batch creates and deletes, its
+//! calls into sandboxes, pause and resume, and filesystem snapshots), `tokens` (`AdminService`'s token calls)
 //! and `join` (`NodeService.Join` and `RenewCertificate`, node certificates signed with the
 //! cluster CA). Which kind of caller reaches each service at all is
 //! [`crate::service::auth`].
@@ -22,6 +22,7 @@ mod node_snapshot;
 mod peer;
 mod pools;
 mod sandbox;
+mod sandbox_batch;
 mod sandbox_calls;
 mod sandbox_pause;
 mod sandbox_snapshot;
@@ -157,7 +158,7 @@ macro_rules! service {
 }
 
 service!(
-    /// `SandboxService`: create, get, list, delete, watch, logs.
+    /// `SandboxService`: create, get, list, delete (one or a batch), watch, logs.
     SandboxApi
 );
 service!(

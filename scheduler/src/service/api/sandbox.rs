@@ -1,5 +1,6 @@
 //! `SandboxService`: create, get, list, delete, watch, and logs proxied to the node agent
-//! (exec and file calls are in `sandbox_calls`).
+//! (the batch creates and deletes are in `sandbox_batch`, over this file's `create_item`
+//! and `delete_item`; exec and file calls are in `sandbox_calls`).
 
 use std::pin::Pin;
 
@@ -105,21 +106,26 @@ impl<S: Store> SandboxApi<S> {
 impl<S: Store> SandboxService for SandboxApi<S> {
     async fn create_sandbox(
         &self,
-        mut request: Request<pb::CreateSandboxRequest>,
+        request: Request<pb::CreateSandboxRequest>,
     ) -> Result<Response<pb::CreateSandboxResponse>, Status> {
         let access = self.sandbox_access(&request).await?;
-        check_create_size(request.get_ref())?;
-        if let Some(spec) = request.get_mut().spec.as_mut() {
-            self.own_tenant(&access, "spec.tenant", &mut spec.tenant)?;
-        }
-        let (request_id, mut spec) =
-            convert::create_request_from_pb(request.get_ref()).map_err(ServiceError::from)?;
-        self.sessions.apply(&mut spec).map_err(ServiceError::from)?;
-        let response = self
-            .handle
-            .create(Submission::new(request_id, spec))
-            .await?;
+        let item = self.create_item(&access, request.into_inner())?;
+        let response = self.handle.create(item).await?;
         Ok(Response::new(response))
+    }
+
+    async fn create_sandboxes(
+        &self,
+        request: Request<pb::CreateSandboxesRequest>,
+    ) -> Result<Response<pb::CreateSandboxesResponse>, Status> {
+        self.create_sandboxes_call(request).await
+    }
+
+    async fn delete_sandboxes(
+        &self,
+        request: Request<pb::DeleteSandboxesRequest>,
+    ) -> Result<Response<pb::DeleteSandboxesResponse>, Status> {
+        self.delete_sandboxes_call(request).await
     }
 
     async fn get_sandbox(
@@ -171,14 +177,9 @@ impl<S: Store> SandboxService for SandboxApi<S> {
         request: Request<pb::DeleteSandboxRequest>,
     ) -> Result<Response<pb::DeleteSandboxResponse>, Status> {
         let access = self.sandbox_access(&request).await?;
-        let id = parse_sandbox_id("sandbox_id", &request.get_ref().sandbox_id)?;
-        if access != Access::Admin {
-            // Another tenant's sandbox is answered as a sandbox that does not exist.
-            if !self.covers(&access, id).await? {
-                return Ok(Response::new(pb::DeleteSandboxResponse { existed: false }));
-            }
-        }
-        let existed = self.handle.delete(id).await?;
+        let existed = self
+            .delete_item(&access, "sandbox_id", &request.get_ref().sandbox_id)
+            .await?;
         Ok(Response::new(pb::DeleteSandboxResponse { existed }))
     }
 
@@ -275,6 +276,44 @@ impl<S: Store> SandboxService for SandboxApi<S> {
 }
 
 impl<S: Store> SandboxApi<S> {
+    /// One create checked as it comes through the door, for CreateSandbox and each item of
+    /// CreateSandboxes alike: the size limit, the tenant (a tenant token's own, or
+    /// PERMISSION_DENIED), every field, then the session defaults. The result is what
+    /// [`Store::create`] takes.
+    pub(super) fn create_item(
+        &self,
+        access: &Access,
+        mut request: pb::CreateSandboxRequest,
+    ) -> Result<Submission, Status> {
+        check_create_size(&request)?;
+        if let Some(spec) = request.spec.as_mut() {
+            self.own_tenant(access, "spec.tenant", &mut spec.tenant)?;
+        }
+        let (request_id, mut spec) =
+            convert::create_request_from_pb(&request).map_err(ServiceError::from)?;
+        self.sessions.apply(&mut spec).map_err(ServiceError::from)?;
+        Ok(Submission::new(request_id, spec))
+    }
+
+    /// One delete, for DeleteSandbox and each id of DeleteSandboxes alike: `value` (the
+    /// request's `field`) must be a sandbox id; another tenant's sandbox is answered as one
+    /// that does not exist. Whether it existed.
+    pub(super) async fn delete_item(
+        &self,
+        access: &Access,
+        field: &str,
+        value: &str,
+    ) -> Result<bool, Status> {
+        let id = parse_sandbox_id(field, value)?;
+        if *access != Access::Admin {
+            // Another tenant's sandbox is answered as a sandbox that does not exist.
+            if !self.covers(access, id).await? {
+                return Ok(false);
+            }
+        }
+        Ok(self.handle.delete(id).await?)
+    }
+
     /// A tenant token acts for its own tenant: an empty `field` (a create's spec, a list or
     /// watch filter) becomes its tenant, another tenant's is refused (and counted).
     fn own_tenant(&self, access: &Access, field: &str, tenant: &mut String) -> Result<(), Status> {
