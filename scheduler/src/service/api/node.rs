@@ -25,8 +25,18 @@ use crate::state::{Command, ItemOutcome, Rejection};
 type SchedulerStream =
     Pin<Box<dyn Stream<Item = Result<pb::SchedulerMessage, Status>> + Send + 'static>>;
 
-fn scheduler_message(m: pb::scheduler_message::Message) -> Result<pb::SchedulerMessage, Status> {
-    Ok(pb::SchedulerMessage { message: Some(m) })
+/// What an agent's outbound channel holds: boxed, because a channel allocates its slots
+/// in blocks of 32 up front and an unboxed message (an assignment carries a whole sandbox)
+/// made that 32 KiB per connected agent, 320 MiB at 10,000 agents.
+type Queued = Box<Result<pb::SchedulerMessage, Status>>;
+
+fn scheduler_message(m: pb::scheduler_message::Message) -> Queued {
+    Box::new(Ok(pb::SchedulerMessage { message: Some(m) }))
+}
+
+/// The response stream over an agent's outbound channel.
+fn outbound_stream(rx: mpsc::Receiver<Queued>) -> SchedulerStream {
+    Box::pin(ReceiverStream::new(rx).map(|m| *m))
 }
 
 #[tonic::async_trait]
@@ -74,7 +84,7 @@ impl<S: Store> NodeService for NodeApi<S> {
                     }),
                 ))
                 .await;
-            return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+            return Ok(Response::new(outbound_stream(rx)));
         }
         let spec = convert::node_spec_from_pb(register.inventory.as_ref(), "register.inventory")
             .map_err(ServiceError::from)?;
@@ -181,7 +191,7 @@ impl<S: Store> NodeService for NodeApi<S> {
             intervals,
             tx,
         ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(outbound_stream(rx)))
     }
 
     async fn join(
@@ -427,7 +437,7 @@ async fn agent_outbound<S: Store>(
     node: String,
     epoch: u64,
     mut intervals: tokio::sync::watch::Receiver<std::time::Duration>,
-    tx: mpsc::Sender<Result<pb::SchedulerMessage, Status>>,
+    tx: mpsc::Sender<Queued>,
 ) {
     // The register ack carried the interval as it is now.
     intervals.borrow_and_update();
