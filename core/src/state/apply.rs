@@ -230,7 +230,7 @@ impl State {
         tenant.active_sandboxes += 1;
         let id = SandboxId(self.next_sandbox_id);
         self.next_sandbox_id += 1;
-        self.request_ids.insert(key, id);
+        self.request_ids.insert(std::sync::Arc::new(key), id);
         self.sandboxes.insert(
             id,
             Sandbox {

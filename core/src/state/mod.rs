@@ -134,7 +134,9 @@ pub struct State {
     pub(crate) next_sandbox_id: u64,
     pub(crate) nodes: Tracked<NodeId, NodeRecord>,
     pub(crate) sandboxes: Tracked<SandboxId, Sandbox>,
-    pub(crate) request_ids: OrdMap<(String, String), SandboxId>,
+    /// (tenant, request id) → sandbox; keys behind `Arc`s so copying a tree node after a
+    /// copy of the state was handed out copies pointers, not strings.
+    pub(crate) request_ids: OrdMap<std::sync::Arc<(String, String)>, SandboxId>,
     pub(crate) tenants: BTreeMap<String, TenantRecord>,
     pub(crate) sandboxes_by_state: BTreeMap<String, u64>,
     pub(crate) autoscaler: AutoscalerRecord,
@@ -190,7 +192,7 @@ impl State {
     }
 
     /// Nodes by id.
-    pub fn nodes(&self) -> &OrdMap<NodeId, NodeRecord> {
+    pub fn nodes(&self) -> &Tracked<NodeId, NodeRecord> {
         &self.nodes
     }
 
@@ -200,7 +202,7 @@ impl State {
     }
 
     /// Sandboxes by id.
-    pub fn sandboxes(&self) -> &OrdMap<SandboxId, Sandbox> {
+    pub fn sandboxes(&self) -> &Tracked<SandboxId, Sandbox> {
         &self.sandboxes
     }
 
@@ -249,7 +251,7 @@ impl State {
             removed: gone
                 .into_iter()
                 .filter(|(id, _)| !self.sandboxes.contains_key(id))
-                .map(|(id, s)| (id, s.spec.tenant))
+                .map(|(id, s)| (id, s.spec.tenant.clone()))
                 .collect(),
             nodes: nodes.into_iter().collect(),
         }

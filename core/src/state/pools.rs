@@ -293,7 +293,7 @@ impl State {
             sandbox.created_ms
         ));
         self.request_ids.remove(&old);
-        self.request_ids.insert(key, id);
+        self.request_ids.insert(std::sync::Arc::new(key), id);
         if let Some(record) = self.pools.get_mut(name) {
             record.members.remove(&id);
             record.claimed += 1;

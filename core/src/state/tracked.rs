@@ -16,6 +16,7 @@
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Deref;
+use std::sync::Arc;
 
 use imbl::OrdMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -23,10 +24,12 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// A persistent ordered map that remembers the keys written since the last take.
 #[derive(Debug, Clone)]
 pub struct Tracked<K: Ord + Clone, V: Clone> {
-    map: OrdMap<K, V>,
+    /// Values behind `Arc`s: copying a tree node after a copy of the map was handed out
+    /// copies pointers, not sandboxes (a node holds up to 64 entries).
+    map: OrdMap<K, Arc<V>>,
     touched: BTreeSet<K>,
     /// Values removed since the last take (a watch must know whose sandbox went).
-    gone: BTreeMap<K, V>,
+    gone: BTreeMap<K, Arc<V>>,
 }
 
 impl<K: Ord + Clone, V: Clone> Default for Tracked<K, V> {
@@ -40,14 +43,41 @@ impl<K: Ord + Clone, V: Clone> Default for Tracked<K, V> {
 }
 
 impl<K: Ord + Clone, V: Clone> Deref for Tracked<K, V> {
-    type Target = OrdMap<K, V>;
+    type Target = OrdMap<K, Arc<V>>;
 
-    fn deref(&self) -> &OrdMap<K, V> {
+    fn deref(&self) -> &OrdMap<K, Arc<V>> {
         &self.map
     }
 }
 
 impl<K: Ord + Clone, V: Clone> Tracked<K, V> {
+    /// The value under `key`.
+    pub fn get<Q>(&self, key: &Q) -> Option<&V>
+    where
+        K: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        self.map.get(key).map(|v| &**v)
+    }
+
+    /// Entries in key order.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&K, &V)> + '_ {
+        self.map.iter().map(|(k, v)| (k, &**v))
+    }
+
+    /// Values in key order.
+    pub fn values(&self) -> impl DoubleEndedIterator<Item = &V> + '_ {
+        self.map.values().map(|v| &**v)
+    }
+
+    /// Entries with keys in `range`, in key order.
+    pub fn range<R>(&self, range: R) -> impl DoubleEndedIterator<Item = (&K, &V)> + '_
+    where
+        R: std::ops::RangeBounds<K>,
+    {
+        self.map.range(range).map(|(k, v)| (k, &**v))
+    }
+
     /// The value under `key`, to change; the key counts as touched when it exists.
     pub fn get_mut<Q>(&mut self, key: &Q) -> Option<&mut V>
     where
@@ -56,13 +86,15 @@ impl<K: Ord + Clone, V: Clone> Tracked<K, V> {
     {
         let (k, v) = self.map.get_key_value_mut(key)?;
         self.touched.insert(k.clone());
-        Some(v)
+        Some(Arc::make_mut(v))
     }
 
     /// Inserts; the key counts as touched.
     pub fn insert(&mut self, key: K, value: V) -> Option<V> {
         self.touched.insert(key.clone());
-        self.map.insert(key, value)
+        self.map
+            .insert(key, Arc::new(value))
+            .map(Arc::unwrap_or_clone)
     }
 
     /// Removes; the key counts as touched when it existed.
@@ -74,12 +106,12 @@ impl<K: Ord + Clone, V: Clone> Tracked<K, V> {
         let (k, v) = self.map.remove_with_key(key)?;
         self.touched.insert(k.clone());
         self.gone.insert(k, v.clone());
-        Some(v)
+        Some(Arc::unwrap_or_clone(v))
     }
 
     /// The keys written since the last take, and the values of those removed (a key
     /// removed and then inserted again is in both).
-    pub fn take_touched(&mut self) -> (BTreeSet<K>, BTreeMap<K, V>) {
+    pub fn take_touched(&mut self) -> (BTreeSet<K>, BTreeMap<K, Arc<V>>) {
         (
             std::mem::take(&mut self.touched),
             std::mem::take(&mut self.gone),
@@ -89,10 +121,10 @@ impl<K: Ord + Clone, V: Clone> Tracked<K, V> {
 
 impl<'a, K: Ord + Clone, V: Clone> IntoIterator for &'a Tracked<K, V> {
     type Item = (&'a K, &'a V);
-    type IntoIter = imbl::ordmap::Iter<'a, K, V, imbl::shared_ptr::DefaultSharedPtr>;
+    type IntoIter = Box<dyn Iterator<Item = (&'a K, &'a V)> + 'a>;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.map.iter()
+        Box::new(self.iter())
     }
 }
 
@@ -106,7 +138,7 @@ impl<K: Ord + Clone, V: Clone + Eq> Eq for Tracked<K, V> {}
 
 impl<K: Ord + Clone + Serialize, V: Clone + Serialize> Serialize for Tracked<K, V> {
     fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
-        self.map.serialize(ser)
+        ser.collect_map(self.map.iter().map(|(k, v)| (k, &**v)))
     }
 }
 
@@ -116,8 +148,9 @@ where
     V: Clone + Deserialize<'de>,
 {
     fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        let plain = BTreeMap::<K, V>::deserialize(de)?;
         Ok(Tracked {
-            map: OrdMap::deserialize(de)?,
+            map: plain.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
             touched: BTreeSet::new(),
             gone: BTreeMap::new(),
         })
@@ -142,7 +175,7 @@ mod tests {
         assert_eq!(m.remove(&9), None);
         let (touched, gone) = m.take_touched();
         assert_eq!(touched, BTreeSet::from([1, 2]));
-        assert_eq!(gone, BTreeMap::from([(1, "a")]));
+        assert_eq!(gone, BTreeMap::from([(1, Arc::new("a"))]));
     }
 
     #[test]
