@@ -4,7 +4,6 @@
 //! cost the leader its leadership, delay a heartbeat — and reports the wall time.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -138,21 +137,9 @@ impl Drop for Dev {
 /// `GET /metrics` of one replica, as name → value (labels dropped, values summed).
 fn scrape(port: u16) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return out;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    for line in text.lines().filter(|l| l.starts_with("berth_")) {
-        let Some((name, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let name = name.split('{').next().unwrap_or(name);
-        if let Ok(v) = value.parse::<f64>() {
-            *out.entry(name.to_owned()).or_insert(0.0) += v;
-        }
+    for (series, v) in super::fleet_probe::scrape(&format!("127.0.0.1:{port}")) {
+        let name = series.split('{').next().unwrap_or(&series).to_owned();
+        *out.entry(name).or_insert(0.0) += v;
     }
     out
 }

@@ -312,28 +312,8 @@ impl Agent {
                 }
                 next = inbound.next(), if !self.slow => {
                     let Some(Ok(m)) = next else { return End::Broken };
-                    match m.message {
-                        Some(pb::scheduler_message::Message::Assign(a)) => {
-                            if !self.assigned(tx, a).await {
-                                return End::Broken;
-                            }
-                        }
-                        Some(pb::scheduler_message::Message::Terminate(t)) => {
-                            self.held.remove(&t.sandbox_id);
-                            counters.terminations.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Some(pb::scheduler_message::Message::NotLeader(nl)) => {
-                            self.hint(&nl.leader_address);
-                            return End::NotLeader;
-                        }
-                        Some(pb::scheduler_message::Message::Heartbeat(h)) => {
-                            let every = Duration::from_millis(h.interval_ms.clamp(50, 60_000));
-                            heartbeat = tokio::time::interval_at(
-                                tokio::time::Instant::now() + every,
-                                every,
-                            );
-                        }
-                        _ => {}
+                    if let Some(end) = self.on_message(tx, m, &mut heartbeat).await {
+                        return end;
                     }
                 }
                 _ = exits.tick(), if self.run.is_some() => {
@@ -342,6 +322,38 @@ impl Agent {
                     }
                 }
             }
+        }
+    }
+
+    /// Handles one message from the scheduler; `Some` ends the session.
+    async fn on_message(
+        &mut self,
+        tx: &mpsc::Sender<pb::AgentMessage>,
+        m: pb::SchedulerMessage,
+        heartbeat: &mut tokio::time::Interval,
+    ) -> Option<End> {
+        match m.message {
+            Some(pb::scheduler_message::Message::Assign(a)) => {
+                (!self.assigned(tx, a).await).then_some(End::Broken)
+            }
+            Some(pb::scheduler_message::Message::Terminate(t)) => {
+                self.held.remove(&t.sandbox_id);
+                self.fleet
+                    .counters
+                    .terminations
+                    .fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Some(pb::scheduler_message::Message::NotLeader(nl)) => {
+                self.hint(&nl.leader_address);
+                Some(End::NotLeader)
+            }
+            Some(pb::scheduler_message::Message::Heartbeat(h)) => {
+                let every = Duration::from_millis(h.interval_ms.clamp(50, 60_000));
+                *heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                None
+            }
+            _ => None,
         }
     }
 

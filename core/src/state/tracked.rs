@@ -169,7 +169,7 @@ mod tests {
         assert_eq!(m.take_touched().0, BTreeSet::from([1, 2]));
         assert_eq!(m.get(&1), Some(&"a"));
         assert!(m.take_touched().0.is_empty(), "a read is not a write");
-        *m.get_mut(&2).unwrap() = "c";
+        *m.get_mut(&2).expect("in the test") = "c";
         assert!(m.get_mut(&7).is_none());
         assert_eq!(m.remove(&1), Some("a"));
         assert_eq!(m.remove(&9), None);
@@ -190,11 +190,12 @@ mod tests {
         let plain: std::collections::BTreeMap<u32, String> =
             m.iter().map(|(k, v)| (*k, v.clone())).collect();
         assert_eq!(
-            postcard::to_stdvec(&m).unwrap(),
-            postcard::to_stdvec(&plain).unwrap()
+            postcard::to_stdvec(&m).expect("in the test"),
+            postcard::to_stdvec(&plain).expect("in the test")
         );
         let back: Tracked<u32, String> =
-            postcard::from_bytes(&postcard::to_stdvec(&m).unwrap()).unwrap();
+            postcard::from_bytes(&postcard::to_stdvec(&m).expect("in the test"))
+                .expect("in the test");
         assert_eq!(back, m);
         assert!(back.touched.is_empty());
     }

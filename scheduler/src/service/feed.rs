@@ -199,41 +199,47 @@ mod tests {
         let mut a = feed.subscribe("a");
         let mut b = feed.subscribe("b");
         assert!(
-            a.has_changed().unwrap(),
+            a.has_changed().expect("sender alive"),
             "a new subscriber looks once at once"
         );
         a.borrow_and_update();
         b.borrow_and_update();
         feed.publish(&[change(5, &[1], &["a"])]);
-        assert!(a.has_changed().unwrap());
-        assert!(!b.has_changed().unwrap(), "b's node was not touched");
+        assert!(a.has_changed().expect("sender alive"));
+        assert!(
+            !b.has_changed().expect("sender alive"),
+            "b's node was not touched"
+        );
         assert_eq!(*a.borrow_and_update(), 5);
         feed.replaced(9);
-        assert!(a.has_changed().unwrap() && b.has_changed().unwrap());
+        assert!(a.has_changed().expect("sender alive") && b.has_changed().expect("sender alive"));
     }
 
     #[test]
     fn history_answers_after_a_revision_each_sandbox_once_and_says_when_too_old() {
         let feed = ChangeFeed::with_capacity(4);
         feed.publish(&[change(1, &[1, 2], &[]), change(2, &[2], &[])]);
-        assert_eq!(ids(feed.changed_since(0, 2).unwrap()), [1, 2]);
-        assert_eq!(ids(feed.changed_since(1, 2).unwrap()), [2]);
-        assert!(feed.changed_since(2, 2).unwrap().is_empty());
+        assert_eq!(ids(feed.changed_since(0, 2).expect("in the test")), [1, 2]);
+        assert_eq!(ids(feed.changed_since(1, 2).expect("in the test")), [2]);
+        assert!(feed.changed_since(2, 2).expect("in the test").is_empty());
         // Past the cap: revision 1's entries go (both, though the cap needed one), and 1
         // becomes the floor.
         feed.publish(&[change(3, &[3, 4], &[])]);
         assert_eq!(feed.changed_since(0, 3), Err(TooOld { floor: 1 }));
-        assert_eq!(ids(feed.changed_since(1, 3).unwrap()), [2, 3, 4]);
-        assert_eq!(ids(feed.changed_since(1, 2).unwrap()), [2]);
+        assert_eq!(
+            ids(feed.changed_since(1, 3).expect("in the test")),
+            [2, 3, 4]
+        );
+        assert_eq!(ids(feed.changed_since(1, 2).expect("in the test")), [2]);
         // A removal carries the tenant, and is the last word on its sandbox.
         let mut gone = change(4, &[3], &[]);
         gone.removed = vec![(SandboxId(3), "t".into())];
         feed.publish(&[gone]);
-        let since = feed.changed_since(2, 4).unwrap();
+        let since = feed.changed_since(2, 4).expect("in the test");
         assert_eq!(since.get(&SandboxId(3)), Some(&Some(Arc::from("t"))));
         assert_eq!(since.get(&SandboxId(4)), Some(&None));
         feed.replaced(10);
         assert_eq!(feed.changed_since(4, 10), Err(TooOld { floor: 10 }));
-        assert!(feed.changed_since(10, 10).unwrap().is_empty());
+        assert!(feed.changed_since(10, 10).expect("in the test").is_empty());
     }
 }

@@ -331,7 +331,7 @@ mod tests {
         // Streams hear of a change to pass it on to their agents.
         let mut changes = l.interval_changes();
         l.interval_for(20_000);
-        assert!(changes.has_changed().unwrap());
+        assert!(changes.has_changed().expect("sender alive"));
         assert_eq!(*changes.borrow_and_update(), Duration::from_secs(20));
         // No limit: the configured interval whatever the size.
         let mut s = l.settings();
