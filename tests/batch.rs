@@ -76,7 +76,7 @@ async fn batch_items_succeed_fail_and_deduplicate_on_their_own() {
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
     assert!(refused.message().starts_with("items:"), "{refused:?}");
     let too_many = vec!["sbx-0000000001".to_owned(); MAX_BATCH_ITEMS + 1];
-    let refused = client.delete_many(too_many, 0).await.expect_err("65 ids");
+    let refused = client.delete_many(too_many).await.expect_err("65 ids");
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
     assert!(refused.message().starts_with("sandbox_ids:"), "{refused:?}");
 
@@ -85,10 +85,12 @@ async fn batch_items_succeed_fail_and_deduplicate_on_their_own() {
     let a = created(0).expect("sandbox").id;
     let b = created(2).expect("sandbox").id;
     let deleted = client
-        .delete_many(
-            vec![a.clone(), b.clone(), "sbx-0000099999".into(), "nope".into()],
-            0,
-        )
+        .delete_many(vec![
+            a.clone(),
+            b.clone(),
+            "sbx-0000099999".into(),
+            "nope".into(),
+        ])
         .await
         .expect("call");
     assert_eq!(deleted.len(), 4);
@@ -98,7 +100,7 @@ async fn batch_items_succeed_fail_and_deduplicate_on_their_own() {
     let bad = deleted[3].as_ref().expect_err("not an id");
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
     assert!(bad.message().starts_with("sandbox_ids[3]:"), "{bad:?}");
-    let twice = client.delete_many(vec![a, b], 0).await.expect("call");
+    let twice = client.delete_many(vec![a, b]).await.expect("call");
     assert!(twice.iter().all(|r| matches!(r, Ok(false))), "{twice:?}");
     let c = created(3).expect("sandbox").id;
     assert!(client.get(&c).await.is_ok(), "the third is untouched");

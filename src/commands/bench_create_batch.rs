@@ -55,7 +55,7 @@ pub(super) async fn run(mut worker: Worker, mut client: Client, batch: usize) ->
         while live.len() > worker.keep {
             let take = (live.len() - worker.keep).min(batch);
             let ids: Vec<String> = live.drain(..take).collect();
-            match client.delete_many(ids, 0).await {
+            match client.delete_many(ids).await {
                 Ok(results) => {
                     for result in results {
                         match result {

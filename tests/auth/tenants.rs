@@ -222,7 +222,6 @@ async fn tenant_tokens_see_only_their_tenant() {
         .delete_sandboxes(with_token(
             pb::DeleteSandboxesRequest {
                 sandbox_ids: vec![id.clone()],
-                grace_ms: 0,
             },
             &b,
         ))

@@ -131,13 +131,11 @@ impl Client {
         Ok(rounds.finish())
     }
 
-    /// Deletes up to [`berth_proto::pb::MAX_BATCH_ITEMS`] sandboxes in one call, giving
-    /// each process `grace_ms` between SIGTERM and SIGKILL (0 = the agent's default): per
-    /// id, in order, whether it existed, or the `Status` DeleteSandbox would have answered.
+    /// Deletes up to [`berth_proto::pb::MAX_BATCH_ITEMS`] sandboxes in one call: per id, in
+    /// order, whether it existed, or the `Status` DeleteSandbox would have answered.
     pub async fn delete_many(
         &mut self,
         sandbox_ids: Vec<String>,
-        grace_ms: u64,
     ) -> Result<Vec<Result<bool, Status>>, Status> {
         let mut rounds = Rounds::new(sandbox_ids.len(), self.deadline);
         let mut round = 0;
@@ -145,7 +143,6 @@ impl Client {
             round += 1;
             let request = pb::DeleteSandboxesRequest {
                 sandbox_ids: todo.iter().map(|&i| sandbox_ids[i].clone()).collect(),
-                grace_ms,
             };
             let answer = self
                 .call(|c| {
