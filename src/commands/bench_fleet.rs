@@ -68,7 +68,10 @@ struct Replica {
     role: &'static str,
     rss_mib: f64,
     cpu_pct: f64,
-    data_mib: f64,
+    /// The Raft log (raft-engine's files).
+    log_mib: f64,
+    /// The latest state snapshot.
+    snapshot_mib: f64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -326,12 +329,16 @@ async fn hold(
             continue;
         };
         let b = sample(*pid);
+        let data = cluster.data_dir(i);
+        let all = dir_bytes(&data);
+        let snapshot = std::fs::metadata(data.join("snapshot")).map_or(0, |m| m.len());
         report.replicas_at_hold.push(Replica {
             id: cluster.members[i].id,
             role: if i == leader { "leader" } else { "follower" },
             rss_mib: b.rss_bytes as f64 / 1_048_576.0,
             cpu_pct: 100.0 * (b.cpu_s - a.cpu_s) / window.as_secs_f64(),
-            data_mib: dir_bytes(&cluster.data_dir(i)) as f64 / 1_048_576.0,
+            log_mib: (all - snapshot) as f64 / 1_048_576.0,
+            snapshot_mib: snapshot as f64 / 1_048_576.0,
         });
     }
     report.emulator_rss_mib = sample(emulator.pid()).rss_bytes as f64 / 1_048_576.0;
@@ -470,8 +477,8 @@ fn print(r: &FleetReport, json: bool) {
     );
     for rep in &r.replicas_at_hold {
         println!(
-            "  replica {} ({}): RSS {:.0} MiB, CPU {:.0} %, Raft log + snapshot {:.0} MiB",
-            rep.id, rep.role, rep.rss_mib, rep.cpu_pct, rep.data_mib
+            "  replica {} ({}): RSS {:.0} MiB, CPU {:.0} %, Raft log {:.0} MiB, snapshot {:.0} MiB",
+            rep.id, rep.role, rep.rss_mib, rep.cpu_pct, rep.log_mib, rep.snapshot_mib
         );
     }
     println!("  emulator RSS {:.0} MiB", r.emulator_rss_mib);
