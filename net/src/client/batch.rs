@@ -94,6 +94,33 @@ impl<T> Rounds<T> {
 }
 
 impl Client {
+    /// Sends `items` in rounds (see the module): `request` makes one call's request from
+    /// the items of a round, `send` makes the call, `results` splits its answer per item.
+    async fn in_rounds<I, Req, Resp, T, Fut>(
+        &mut self,
+        items: &[I],
+        request: impl Fn(Vec<I>) -> Req,
+        send: impl Fn(super::Conn, Req) -> Fut,
+        results: impl Fn(Resp) -> Vec<Result<T, Status>>,
+    ) -> Result<Vec<Result<T, Status>>, Status>
+    where
+        I: Clone,
+        Req: Clone,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        let mut rounds = Rounds::new(items.len(), self.deadline);
+        let mut round = 0;
+        while let Some(todo) = rounds.next_round(round).await {
+            round += 1;
+            let req = request(todo.iter().map(|&i| items[i].clone()).collect());
+            match self.call(|c| send(c, req.clone())).await {
+                Ok(answer) => rounds.record(results(answer)),
+                Err(status) => rounds.fail(status, round == 1)?,
+            }
+        }
+        Ok(rounds.finish())
+    }
+
     /// Creates up to [`berth_proto::pb::MAX_BATCH_ITEMS`] sandboxes in one call, each
     /// idempotent on its own request id: one result per item, in order (an item's error is
     /// the `Status` CreateSandbox would have answered). Err only when the call as a whole
@@ -102,33 +129,23 @@ impl Client {
         &mut self,
         items: Vec<pb::CreateSandboxRequest>,
     ) -> Result<Vec<Result<pb::CreateSandboxResponse, Status>>, Status> {
-        let mut rounds = Rounds::new(items.len(), self.deadline);
-        let mut round = 0;
-        while let Some(todo) = rounds.next_round(round).await {
-            round += 1;
-            let request = pb::CreateSandboxesRequest {
-                items: todo.iter().map(|&i| items[i].clone()).collect(),
-            };
-            let answer = self
-                .call(|c| {
-                    let request = request.clone();
-                    async move { SandboxServiceClient::new(c).create_sandboxes(request).await }
-                })
-                .await;
-            let answer = match answer {
-                Ok(answer) => answer,
-                Err(status) => {
-                    rounds.fail(status, round == 1)?;
-                    continue;
-                }
-            };
-            rounds.record(answer.results.into_iter().map(|r| match r.result {
-                Some(pb::create_sandbox_result::Result::Created(created)) => Ok(created),
-                Some(pb::create_sandbox_result::Result::Error(e)) => Err(item_status(e)),
-                None => Err(missing_result()),
-            }));
-        }
-        Ok(rounds.finish())
+        self.in_rounds(
+            &items,
+            |items| pb::CreateSandboxesRequest { items },
+            |c, request| async move { SandboxServiceClient::new(c).create_sandboxes(request).await },
+            |answer: pb::CreateSandboxesResponse| {
+                answer
+                    .results
+                    .into_iter()
+                    .map(|r| match r.result {
+                        Some(pb::create_sandbox_result::Result::Created(created)) => Ok(created),
+                        Some(pb::create_sandbox_result::Result::Error(e)) => Err(item_status(e)),
+                        None => Err(missing_result()),
+                    })
+                    .collect()
+            },
+        )
+        .await
     }
 
     /// Deletes up to [`berth_proto::pb::MAX_BATCH_ITEMS`] sandboxes in one call: per id, in
@@ -137,32 +154,22 @@ impl Client {
         &mut self,
         sandbox_ids: Vec<String>,
     ) -> Result<Vec<Result<bool, Status>>, Status> {
-        let mut rounds = Rounds::new(sandbox_ids.len(), self.deadline);
-        let mut round = 0;
-        while let Some(todo) = rounds.next_round(round).await {
-            round += 1;
-            let request = pb::DeleteSandboxesRequest {
-                sandbox_ids: todo.iter().map(|&i| sandbox_ids[i].clone()).collect(),
-            };
-            let answer = self
-                .call(|c| {
-                    let request = request.clone();
-                    async move { SandboxServiceClient::new(c).delete_sandboxes(request).await }
-                })
-                .await;
-            let answer = match answer {
-                Ok(answer) => answer,
-                Err(status) => {
-                    rounds.fail(status, round == 1)?;
-                    continue;
-                }
-            };
-            rounds.record(answer.results.into_iter().map(|r| match r.result {
-                Some(pb::delete_sandbox_result::Result::Deleted(d)) => Ok(d.existed),
-                Some(pb::delete_sandbox_result::Result::Error(e)) => Err(item_status(e)),
-                None => Err(missing_result()),
-            }));
-        }
-        Ok(rounds.finish())
+        self.in_rounds(
+            &sandbox_ids,
+            |sandbox_ids| pb::DeleteSandboxesRequest { sandbox_ids },
+            |c, request| async move { SandboxServiceClient::new(c).delete_sandboxes(request).await },
+            |answer: pb::DeleteSandboxesResponse| {
+                answer
+                    .results
+                    .into_iter()
+                    .map(|r| match r.result {
+                        Some(pb::delete_sandbox_result::Result::Deleted(d)) => Ok(d.existed),
+                        Some(pb::delete_sandbox_result::Result::Error(e)) => Err(item_status(e)),
+                        None => Err(missing_result()),
+                    })
+                    .collect()
+            },
+        )
+        .await
     }
 }
