@@ -1,6 +1,8 @@
 //! A scheduler replica as a network service: the Raft thread ([`driver`]), Raft traffic
 //! between replicas ([`transport`]), the tonic services ([`api`], one file per service)
-//! over the [`store`] seam, sandbox watches ([`watch`]), node liveness from agent
+//! over the [`store`] seam, what applied entries changed per node and per sandbox
+//! ([`feed`], which agents' streams and watches follow), sandbox watches ([`watch`]), node
+//! liveness from agent
 //! heartbeats ([`liveness`]), the leader's clocks on one loop ([`leader_rounds`]): standby
 //! to disk ([`standby`]), the warm pools' keeper ([`pools`]) and snapshot retention
 //! ([`retention`]), sandboxes' reported CPU and memory use ([`usage`]), who may
