@@ -7,8 +7,8 @@
 //! `apply` is the single writer. It re-checks every placement against the current state
 //! and refuses what no longer fits (Nomad's plan applier), which is what guarantees that no
 //! CPU, memory or GPU is ever double-allocated, whatever the leader's view was. Iteration is
-//! over `BTreeMap`s only, so two replicas that apply the same commands hold byte-identical
-//! state.
+//! over ordered maps only (`BTreeMap`s, and imbl's persistent ones for the big maps, see
+//! [`Tracked`]), so two replicas that apply the same commands hold byte-identical state.
 //!
 //! # Layout
 //! - [`command`]: commands and per-item outcomes.

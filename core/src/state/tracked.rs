@@ -97,8 +97,9 @@ impl<K: Ord + Clone, V: Clone> Tracked<K, V> {
             .map(Arc::unwrap_or_clone)
     }
 
-    /// Removes; the key counts as touched when it existed.
-    pub fn remove<Q>(&mut self, key: &Q) -> Option<V>
+    /// Removes; the key counts as touched when it existed. The value comes back shared
+    /// with the record of what was removed (no copy of it is made).
+    pub fn remove<Q>(&mut self, key: &Q) -> Option<Arc<V>>
     where
         K: Borrow<Q>,
         Q: Ord + ?Sized,
@@ -106,7 +107,7 @@ impl<K: Ord + Clone, V: Clone> Tracked<K, V> {
         let (k, v) = self.map.remove_with_key(key)?;
         self.touched.insert(k.clone());
         self.gone.insert(k, v.clone());
-        Some(Arc::unwrap_or_clone(v))
+        Some(v)
     }
 
     /// The keys written since the last take, and the values of those removed (a key
@@ -171,7 +172,7 @@ mod tests {
         assert!(m.take_touched().0.is_empty(), "a read is not a write");
         *m.get_mut(&2).expect("in the test") = "c";
         assert!(m.get_mut(&7).is_none());
-        assert_eq!(m.remove(&1), Some("a"));
+        assert_eq!(m.remove(&1).map(|v| *v), Some("a"));
         assert_eq!(m.remove(&9), None);
         let (touched, gone) = m.take_touched();
         assert_eq!(touched, BTreeSet::from([1, 2]));
